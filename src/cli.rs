@@ -1,0 +1,210 @@
+//! Command-line interface: argument definitions and the setup every command
+//! shares (threads, device, model, plan).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::{self, Model, RunOptions};
+use crate::plan::{parse_block_list, Plan, PlanFile};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "scalpel",
+    version,
+    about = "A terminal workbench for LLM block surgery: skip attention/MLP blocks, measure, fit scales.",
+    long_about = "A terminal workbench for LLM block surgery. With no subcommand it opens the workbench \
+                  on the model (the default is SmolLM2-135M-Instruct, fetched and cached on first use)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Perplexity, KL to the base model and top-1 agreement over a text.
+    Eval(EvalArgs),
+    /// Generate text under a plan, streaming it, then report tokens/sec.
+    Generate(GenerateArgs),
+    /// Prefill and decode tokens/sec for the base model and the plan, same run.
+    Bench(BenchArgs),
+    /// Print the model's configuration, identity and block sizes.
+    Info,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF file, Hugging Face model folder, or hub id (org/name). Default: SmolLM2-135M-Instruct.
+    #[arg(long, global = true, env = "SCALPEL_MODEL")]
+    pub model: Option<String>,
+    /// Use only cached files; never touch the network.
+    #[arg(long, global = true, env = "SCALPEL_OFFLINE")]
+    pub offline: bool,
+    /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: physical cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct PlanArgs {
+    /// A saved plan (JSON) to apply.
+    #[arg(long, global = true)]
+    pub plan: Option<PathBuf>,
+    /// Blocks to skip, e.g. attn.10,attn.15,mlp.3 (layers from 0); adds to --plan.
+    #[arg(long, global = true, value_name = "BLOCKS")]
+    pub skip: Option<String>,
+}
+
+/// Which weights the matmuls use.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Quantized for generate/bench when the file is quantized, f32 for eval.
+    Auto,
+    /// Dequantized f32 (bf16 on GPU): exact, matches the PyTorch reference.
+    F32,
+    /// The file's quantized weights (GGUF only): faster decode, ~0.3% PPL drift.
+    Quantized,
+}
+
+impl Weights {
+    /// `prefer_quantized`: what `auto` means for this command.
+    pub fn run_options(self, model: &Model, prefer_quantized: bool) -> Result<RunOptions> {
+        let quantized = match self {
+            Weights::Auto => prefer_quantized && model.has_quantized && model.device().is_cpu(),
+            Weights::F32 => false,
+            Weights::Quantized => {
+                if !model.has_quantized {
+                    bail!("--weights quantized needs a quantized GGUF model");
+                }
+                true
+            }
+        };
+        Ok(RunOptions { quantized, ..RunOptions::FAST })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Text file to evaluate (default: the built-in held-out text, GPL-3).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens per window (non-overlapping, each from an empty cache).
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Skip the base-model passes (no KL / agreement; twice as fast).
+    #[arg(long)]
+    pub no_base: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub prompt: String,
+    /// New tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f64,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Keep going after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 512)]
+    pub prefill: usize,
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    /// Timed runs of each (median and spread are reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Random weights of a known shape instead of --model: llama-8b, llama-1b, smollm2-135m.
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sets the thread count before the first tensor op (candle reads it once).
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // Both candle pools: rayon (f32 matmul) and the quantized kernels.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    Ok(())
+}
+
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal = s.strip_prefix("cuda:").map(str::parse).transpose().context("--device cuda:N needs a number")?;
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this scalpel was built without CUDA; rebuild with `cargo build --release --features cuda`");
+            }
+            Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
+        }
+        other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
+    }
+}
+
+/// Resolves and loads the model with a spinner, reporting where it came from.
+pub fn load_model(args: &ModelArgs) -> Result<Model> {
+    let device = device(&args.device)?;
+    let resolved = model::source::resolve(args.model.as_deref(), args.offline)?;
+    let pb = crate::progress::spinner(&format!("loading {}", resolved.local.path().display()));
+    let m = Model::load(&resolved, &device);
+    pb.finish_and_clear();
+    let m = m?;
+    eprintln!("scalpel: model {} — {}", m.identity, m.origin);
+    Ok(m)
+}
+
+/// The plan from `--plan` and `--skip` together, checked against the model.
+pub fn load_plan(args: &PlanArgs, model: &Model) -> Result<(Plan, Option<PlanFile>)> {
+    let (mut plan, file) = match &args.plan {
+        Some(path) => {
+            let pf = model.load_plan(path)?;
+            (pf.plan.clone(), Some(pf))
+        }
+        None => (Plan::base(), None),
+    };
+    if let Some(list) = &args.skip {
+        plan.skip.extend(parse_block_list(list).context("--skip")?);
+    }
+    model.check_plan(&plan)?;
+    Ok((plan, file))
+}

@@ -1,0 +1,116 @@
+//! Text generation with a KV cache under a plan, timing prefill and decode
+//! separately.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::Serialize;
+
+use crate::model::{KvCache, Model, RunOptions, Scales};
+use crate::plan::Plan;
+
+#[derive(Debug, Clone, Copy)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub seed: u64,
+    pub stop_at_eos: bool,
+    pub run: RunOptions,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenReport {
+    pub prompt_tokens: usize,
+    pub new_tokens: Vec<u32>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_sec: f64,
+    /// Single-token decode steps per second (first token comes from prefill).
+    pub decode_tokens_per_sec: f64,
+}
+
+/// Generates after `prompt`, calling `on_token` with each new id as it comes.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    plan: &Plan,
+    opts: GenOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenReport> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    model.check_plan(plan)?;
+    let max = model.transformer.max_positions();
+    if prompt.len() + opts.max_new_tokens > max {
+        bail!("prompt ({}) plus {} new tokens exceeds the model's {max} positions", prompt.len(), opts.max_new_tokens);
+    }
+    let sampling = if opts.temperature <= 0.0 {
+        Sampling::ArgMax
+    } else {
+        Sampling::All { temperature: opts.temperature }
+    };
+    let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
+    let eos = &model.cfg().eos_token_ids;
+    let mut cache = KvCache::new(model.n_layers());
+    let mut new_tokens = Vec::new();
+
+    let t0 = Instant::now();
+    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let mut next = step(model, &input, 0, &mut cache, plan, opts.run, &mut sampler)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let mut pos = prompt.len();
+    while new_tokens.len() < opts.max_new_tokens {
+        new_tokens.push(next);
+        on_token(next)?;
+        if opts.stop_at_eos && eos.contains(&next) {
+            break;
+        }
+        if new_tokens.len() == opts.max_new_tokens {
+            break;
+        }
+        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        next = step(model, &input, pos, &mut cache, plan, opts.run, &mut sampler)?;
+        pos += 1;
+    }
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    let steps = new_tokens.len().saturating_sub(1);
+    Ok(GenReport {
+        prompt_tokens: prompt.len(),
+        new_tokens,
+        prefill_seconds,
+        decode_seconds,
+        prefill_tokens_per_sec: prompt.len() as f64 / prefill_seconds,
+        decode_tokens_per_sec: if steps > 0 { steps as f64 / decode_seconds } else { 0.0 },
+    })
+}
+
+/// Runs `input` through the model with the cache and samples the next id.
+fn step(
+    model: &Model,
+    input: &Tensor,
+    pos: usize,
+    cache: &mut KvCache,
+    plan: &Plan,
+    run: RunOptions,
+    sampler: &mut LogitsProcessor,
+) -> Result<u32> {
+    let t = input.dim(1)?;
+    let hidden = model.transformer.forward_hidden(input, pos, Some(cache), plan, Scales::FromPlan, run)?;
+    let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+    let logits = model.transformer.logits(&last, run)?.squeeze(0)?;
+    Ok(sampler.sample(&logits)?)
+}
+
+/// Greedy next-token ids for every position (for tests and comparisons).
+pub fn argmax_per_position(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Result<Vec<u32>> {
+    let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let hidden = model.transformer.forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
+    let logits = model.transformer.logits(&hidden.squeeze(0)?, run)?;
+    Ok(logits.argmax(D::Minus1)?.to_vec1()?)
+}

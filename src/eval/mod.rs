@@ -1,0 +1,6 @@
+//! What the user measures: perplexity and agreement with the base model,
+//! generation, and speed.
+
+pub mod bench;
+pub mod generate;
+pub mod perplexity;

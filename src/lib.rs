@@ -1,0 +1,8 @@
+//! scalpel: a workbench for LLM block surgery. Data flows one way:
+//! model files → a model run under a plan → measurements → better plans.
+
+pub mod cli;
+pub mod eval;
+pub mod model;
+pub mod plan;
+pub mod progress;

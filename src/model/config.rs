@@ -1,0 +1,313 @@
+//! Typed hyper-parameters, read from a Hugging Face `config.json` or from
+//! GGUF metadata. Only architectures whose forward pass we implement are
+//! accepted; anything else is refused by name.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The Llama-family variants the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Mistral => "mistral",
+        }
+    }
+
+    fn from_name(name: &str) -> Result<Self> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "llama" | "llamaforcausallm" | "smollm" => Arch::Llama,
+            "qwen2" | "qwen2forcausallm" => Arch::Qwen2,
+            "mistral" | "mistralforcausallm" => Arch::Mistral,
+            other => bail!(
+                "unsupported architecture `{other}`: scalpel runs llama, qwen2 and mistral \
+                 (Llama-family) models"
+            ),
+        })
+    }
+}
+
+/// Llama-3.1 style frequency-dependent RoPE scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// How rotary embeddings pair up dimensions. HF checkpoints rotate the two
+/// halves of each head; llama.cpp's converter permutes q/k so that GGUF
+/// files rotate adjacent pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    Halves,
+    Interleaved,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_layout: RopeLayout,
+    pub max_position_embeddings: usize,
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Whether text should start with BOS (GGUF `add_bos_token`; HF: llama yes).
+    pub add_bos: bool,
+}
+
+impl ModelConfig {
+    /// The RoPE inverse frequencies, with Llama-3.1 scaling applied.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let base = 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64);
+                let Some(s) = self.rope_scaling else {
+                    return base as f32;
+                };
+                let old = s.original_max_position_embeddings as f64;
+                let low_wavelen = old / s.low_freq_factor;
+                let high_wavelen = old / s.high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / base;
+                let f = if wavelen < high_wavelen {
+                    base
+                } else if wavelen > low_wavelen {
+                    base / s.factor
+                } else {
+                    let smooth =
+                        (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * base / s.factor + smooth * base
+                };
+                f as f32
+            })
+            .collect()
+    }
+
+    pub fn gqa_group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Parameter counts of one attention and one MLP block (for FLOP shares).
+    pub fn block_params(&self) -> (usize, usize) {
+        let h = self.hidden_size;
+        let q = self.n_heads * self.head_dim;
+        let kv = self.n_kv_heads * self.head_dim;
+        let attn = h * q + 2 * h * kv + q * h;
+        let mlp = 3 * h * self.intermediate_size;
+        (attn, mlp)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            bail!("model config has zero layers, hidden size or vocabulary");
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "model config has {} attention heads and {} KV heads; heads must be a multiple",
+                self.n_heads,
+                self.n_kv_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("head dimension {} is odd; RoPE needs an even one", self.head_dim);
+        }
+        Ok(())
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let raw: HfConfig = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or(raw.model_type.clone())
+            .context("config.json names no architecture (`architectures` / `model_type`)")?;
+        let arch = Arch::from_name(&arch_name)?;
+        let n_heads = raw.num_attention_heads;
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / n_heads.max(1));
+        let rope_block = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
+        let rope_scaling = match rope_block {
+            Some(r) if r.rope_type.as_deref() == Some("llama3") => Some(Llama3RopeScaling {
+                factor: r.factor.context("llama3 rope scaling without `factor`")?,
+                low_freq_factor: r.low_freq_factor.unwrap_or(1.0),
+                high_freq_factor: r.high_freq_factor.unwrap_or(4.0),
+                original_max_position_embeddings: r
+                    .original_max_position_embeddings
+                    .context("llama3 rope scaling without `original_max_position_embeddings`")?,
+            }),
+            Some(r) if !matches!(r.rope_type.as_deref(), None | Some("default")) => bail!(
+                "RoPE scaling type `{}` is not supported (default and llama3 are)",
+                r.rope_type.as_deref().unwrap_or("?")
+            ),
+            _ => None,
+        };
+        let rope_theta = raw
+            .rope_theta
+            .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0);
+        let eos_token_ids = match raw.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            }
+            _ => vec![],
+        };
+        let sliding_window = if raw.use_sliding_window == Some(false) && arch == Arch::Qwen2 {
+            None
+        } else {
+            raw.sliding_window
+        };
+        let cfg = Self {
+            arch,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            n_layers: raw.num_hidden_layers,
+            n_heads,
+            n_kv_heads: raw.num_key_value_heads.unwrap_or(n_heads),
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rope_theta,
+            rope_scaling,
+            rope_layout: RopeLayout::Halves,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            sliding_window,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids,
+            add_bos: arch != Arch::Qwen2,
+        };
+        if raw.hidden_act.as_deref().is_some_and(|a| a != "silu") {
+            bail!("activation `{}` is not supported (silu is)", raw.hidden_act.unwrap_or_default());
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads GGUF metadata (`general.architecture` and its prefixed keys).
+    pub fn from_gguf(ct: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
+        let md = &ct.metadata;
+        let arch_name = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .context("GGUF file has no `general.architecture`")?
+            .clone();
+        let arch = Arch::from_name(&arch_name)?;
+        let get = |key: &str| md.get(&format!("{arch_name}.{key}"));
+        let get_u = |key: &str| -> Result<usize> {
+            let v = get(key).with_context(|| format!("GGUF metadata lacks `{arch_name}.{key}`"))?;
+            Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from))? as usize)
+        };
+        let get_f = |key: &str| -> Option<f64> {
+            get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+        };
+        let hidden_size = get_u("embedding_length")?;
+        let n_heads = get_u("attention.head_count")?;
+        let head_dim = get_u("rope.dimension_count").unwrap_or(hidden_size / n_heads.max(1));
+        let tokens = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+        let vocab_size = get_u("vocab_size")
+            .ok()
+            .or(tokens.map(|t| t.len()))
+            .context("GGUF metadata gives no vocabulary size")?;
+        let tok_u32 = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        let tok_bool = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
+        let has_output = ct.tensor_infos.contains_key("output.weight");
+        let cfg = Self {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size: get_u("feed_forward_length")?,
+            n_layers: get_u("block_count")?,
+            n_heads,
+            n_kv_heads: get_u("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
+            rope_scaling: None,
+            // llama.cpp's converter permutes llama/mistral q/k into adjacent
+            // pairs; qwen2 keeps the HF halves layout (NEOX rope).
+            rope_layout: if arch == Arch::Qwen2 { RopeLayout::Halves } else { RopeLayout::Interleaved },
+            max_position_embeddings: get_u("context_length").unwrap_or(4096),
+            sliding_window: None,
+            tie_word_embeddings: !has_output,
+            attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            bos_token_id: tok_u32("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: tok_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            add_bos: tok_bool("tokenizer.ggml.add_bos_token").unwrap_or(arch != Arch::Qwen2),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Deserialize)]
+struct HfRope {
+    rope_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<HfRope>,
+    rope_parameters: Option<HfRope>,
+    max_position_embeddings: Option<usize>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let json = r#"{"architectures":["GPTNeoXForCausalLM"],"vocab_size":10,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2}"#;
+        let err = ModelConfig::from_hf_json(json).unwrap_err().to_string();
+        assert!(err.contains("GPTNeoXForCausalLM".to_ascii_lowercase().as_str()), "{err}");
+    }
+}

@@ -1,0 +1,422 @@
+//! The forward pass of a Llama-family decoder under a `Plan`.
+//!
+//! One block implementation, two modes:
+//! - `Mode::Fast`: fused candle ops (rms_norm, softmax_last_dim, rope), for
+//!   evaluation and generation. Optionally quantized matmuls for decode.
+//! - `Mode::Differentiable`: the slow ops that carry gradients
+//!   (`rms_norm_slow`, `softmax`, `rope_slow`), f32 weights, scales as tensors
+//!   (candle `Var`s) so `backward()` reaches them. Tests hold both equal.
+//!
+//! A skipped block is not computed: no matmul, and a skipped attention block
+//! keeps no KV cache entry.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+use super::config::{ModelConfig, RopeLayout};
+use crate::plan::{BlockId, LayerScales, Plan};
+
+/// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
+/// work, and optionally the original quantized weights for fast decode.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub quantized: Option<QMatMul>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor, quantized: bool) -> Result<Tensor> {
+        let y = match (&self.quantized, quantized) {
+            (Some(q), true) => q.forward(x)?,
+            _ => match x.dims() {
+                [b, t, k] => x.reshape((b * t, *k))?.matmul(&self.weight.t()?)?.reshape((
+                    *b,
+                    *t,
+                    self.weight.dim(0)?,
+                ))?,
+                _ => x.broadcast_matmul(&self.weight.t()?)?,
+            },
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub attn: Attention,
+    pub mlp_norm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Per-layer scalars as the forward pass consumes them: plain numbers in
+/// fast mode, tensors of shape `[4]` (b_att, s_att, b_mlp, s_mlp) when
+/// gradients must reach them.
+#[derive(Clone, Copy)]
+pub enum Scales<'a> {
+    FromPlan,
+    Tensors(&'a [Tensor]),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Fast,
+    Differentiable,
+}
+
+/// How to run: mode and whether quantized weights may be used.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub mode: Mode,
+    pub quantized: bool,
+}
+
+impl RunOptions {
+    pub const FAST: Self = Self { mode: Mode::Fast, quantized: false };
+    pub const DIFFERENTIABLE: Self = Self { mode: Mode::Differentiable, quantized: false };
+    pub const QUANTIZED: Self = Self { mode: Mode::Fast, quantized: true };
+}
+
+/// KV cache kept outside the model; a skipped attention layer has `None`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+
+    /// Layers holding a cache entry (for tests and memory reports).
+    pub fn cached_layers(&self) -> Vec<usize> {
+        self.layers.iter().enumerate().filter(|(_, l)| l.is_some()).map(|(i, _)| i).collect()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Sees each computed block's input and output residual stream (for
+/// block-influence importance). Skipped blocks are not reported.
+pub trait BlockObserver {
+    fn observe(&mut self, block: BlockId, input: &Tensor, output: &Tensor) -> Result<()>;
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub embed_quantized: Option<QMatMul>,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// `None` when tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Transformer {
+    pub fn new(
+        cfg: ModelConfig,
+        embed: Tensor,
+        embed_quantized: Option<QMatMul>,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Option<Linear>,
+    ) -> Result<Self> {
+        let device = embed.device().clone();
+        let dtype = embed.dtype();
+        let inv_freq = cfg.rope_inv_freq();
+        let max_pos = cfg.max_position_embeddings.max(4096);
+        let inv = Tensor::new(inv_freq.as_slice(), &device)?;
+        let t = Tensor::arange(0u32, max_pos as u32, &device)?.to_dtype(DType::F32)?;
+        let freqs = t.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            cfg,
+            embed,
+            embed_quantized,
+            layers,
+            norm,
+            lm_head,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Token embeddings, shape (batch, seq, hidden).
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Final-normed hidden states for `ids` (batch, seq) starting at `pos`.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        cache: Option<&mut KvCache>,
+        plan: &Plan,
+        scales: Scales,
+        run: RunOptions,
+    ) -> Result<Tensor> {
+        let x = self.embed_tokens(ids)?;
+        let x = self.run_layers(x, 0..self.n_layers(), pos, cache, plan, scales, run, None)?;
+        self.final_norm(&x, run)
+    }
+
+    pub fn final_norm(&self, x: &Tensor, run: RunOptions) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps, run.mode)
+    }
+
+    /// Runs decoder layers `layers` over the residual stream `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+        plan: &Plan,
+        scales: Scales,
+        run: RunOptions,
+        mut observer: Option<&mut dyn BlockObserver>,
+    ) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if pos + t > self.max_positions() {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's {} positions",
+                pos + t,
+                self.max_positions()
+            );
+        }
+        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
+        for i in layers {
+            let layer = &self.layers[i];
+            let s = LayerScaleValues::new(plan, scales, i)?;
+            // Attention sub-block: x1 = b_att·Attn(norm(x)) + s_att·x
+            let x1 = if plan.skips_attn(i) {
+                s.apply_s_att(&x)?
+            } else {
+                let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, run.mode)?;
+                let cache_slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                let a = self.attention(&layer.attn, &h, pos, cache_slot, mask.as_ref(), run)?;
+                let x1 = (s.apply_b_att(&a)? + s.apply_s_att(&x)?)?;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.observe(BlockId::attn(i), &x, &x1)?;
+                }
+                x1
+            };
+            // MLP sub-block: out = b_mlp·MLP(norm(x1)) + s_mlp·x1
+            x = if plan.skips_mlp(i) {
+                s.apply_s_mlp(&x1)?
+            } else {
+                let h = rms_norm(&x1, &layer.mlp_norm, self.cfg.rms_norm_eps, run.mode)?;
+                let m = mlp(&layer.mlp, &h, run)?;
+                let out = (s.apply_b_mlp(&m)? + s.apply_s_mlp(&x1)?)?;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.observe(BlockId::mlp(i), &x1, &out)?;
+                }
+                out
+            };
+        }
+        Ok(x)
+    }
+
+    /// Logits for hidden states (any leading shape), f32.
+    pub fn logits(&self, hidden: &Tensor, run: RunOptions) -> Result<Tensor> {
+        let logits = match (&self.lm_head, &self.embed_quantized) {
+            (Some(head), _) => head.forward(hidden, run.quantized)?,
+            (None, Some(q)) if run.quantized => q.forward(hidden)?,
+            (None, _) => match hidden.dims() {
+                [b, t, h] => hidden
+                    .reshape((b * t, *h))?
+                    .matmul(&self.embed.t()?)?
+                    .reshape((*b, *t, self.cfg.vocab_size))?,
+                _ => hidden.broadcast_matmul(&self.embed.t()?)?,
+            },
+        };
+        logits.to_dtype(DType::F32)
+    }
+
+    /// Additive causal mask (t, pos + t): 0 where allowed, -inf elsewhere.
+    fn causal_mask(&self, t: usize, pos: usize) -> Result<Tensor> {
+        let total = pos + t;
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let q = pos + i;
+                (0..total).map(move |j| {
+                    if j > q || q - j >= window {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        pos: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: Option<&Tensor>,
+        run: RunOptions,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let q = attn.q.forward(x, run.quantized)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = attn.k.forward(x, run.quantized)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = attn.v.forward(x, run.quantized)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = self.rope(&q.contiguous()?, pos, run.mode)?;
+        let k = self.rope(&k.contiguous()?, pos, run.mode)?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying K/V: fold the group of
+        // query heads that share a KV head into the query length.
+        let group = nh / nkv;
+        let q = q.reshape((b, nkv, group * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, group, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, group * t, total))?,
+            None => scores,
+        };
+        let probs = match run.mode {
+            Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let y = probs.matmul(&v)?; // (b, nkv, group*t, hd)
+        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        attn.o.forward(&y, run.quantized)
+    }
+
+    fn rope(&self, x: &Tensor, pos: usize, mode: Mode) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        use candle_nn::rotary_emb as re;
+        match (self.cfg.rope_layout, mode) {
+            (RopeLayout::Halves, Mode::Fast) => re::rope(x, &cos, &sin),
+            (RopeLayout::Halves, Mode::Differentiable) => re::rope_slow(x, &cos, &sin),
+            (RopeLayout::Interleaved, Mode::Fast) => re::rope_i(x, &cos, &sin),
+            (RopeLayout::Interleaved, Mode::Differentiable) => re::rope_i_slow(x, &cos, &sin),
+        }
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+        Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, weight, eps as f32),
+    }
+}
+
+fn mlp(m: &Mlp, x: &Tensor, run: RunOptions) -> Result<Tensor> {
+    let gate = m.gate.forward(x, run.quantized)?.silu()?;
+    let up = m.up.forward(x, run.quantized)?;
+    m.down.forward(&(gate * up)?, run.quantized)
+}
+
+/// One layer's four scalars, as numbers or as differentiable tensors.
+enum LayerScaleValues {
+    Const(LayerScales),
+    Tensor([Tensor; 4]),
+}
+
+impl LayerScaleValues {
+    fn new(plan: &Plan, scales: Scales, layer: usize) -> Result<Self> {
+        Ok(match scales {
+            Scales::FromPlan => Self::Const(plan.scales_for(layer)),
+            Scales::Tensors(ts) => {
+                let t = &ts[layer];
+                Self::Tensor([t.get(0)?, t.get(1)?, t.get(2)?, t.get(3)?])
+            }
+        })
+    }
+
+    fn apply(&self, idx: usize, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Const(s) => {
+                let v = s.as_array()[idx];
+                if v == 1.0 {
+                    Ok(x.clone())
+                } else {
+                    x.affine(f64::from(v), 0.0)
+                }
+            }
+            Self::Tensor(ts) => x.broadcast_mul(&ts[idx].to_dtype(x.dtype())?),
+        }
+    }
+
+    fn apply_b_att(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(0, x)
+    }
+    fn apply_s_att(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(1, x)
+    }
+    fn apply_b_mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(2, x)
+    }
+    fn apply_s_mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(3, x)
+    }
+}

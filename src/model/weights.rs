@@ -1,0 +1,285 @@
+//! Reading weights from GGUF files and Hugging Face safetensors into the
+//! engine's structs. GGUF tensors are dequantized at load (f32 on CPU, bf16
+//! on GPU) and the quantized originals are kept for fast decode.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use super::config::ModelConfig;
+use super::transformer::{Attention, Layer, Linear, Mlp, Transformer};
+
+/// One tensor as loaded: dense values, plus the quantized original if any.
+pub struct Loaded {
+    pub dense: Tensor,
+    pub quantized: Option<Arc<QTensor>>,
+}
+
+/// Where the weights come from; names are Hugging Face names.
+pub trait WeightSource {
+    fn load(&mut self, hf_name: &str) -> Result<Loaded>;
+    fn contains(&self, hf_name: &str) -> bool;
+}
+
+/// HF name -> GGUF name (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`).
+pub fn gguf_name(hf: &str) -> String {
+    let direct = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(d) = direct {
+        return d.to_string();
+    }
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((layer, tail)) = rest.split_once('.') {
+            let mapped = match tail {
+                "input_layernorm.weight" => "attn_norm.weight",
+                "post_attention_layernorm.weight" => "ffn_norm.weight",
+                "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.o_proj.weight" => "attn_output.weight",
+                "self_attn.q_proj.bias" => "attn_q.bias",
+                "self_attn.k_proj.bias" => "attn_k.bias",
+                "self_attn.v_proj.bias" => "attn_v.bias",
+                "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.down_proj.weight" => "ffn_down.weight",
+                other => other,
+            };
+            return format!("blk.{layer}.{mapped}");
+        }
+    }
+    hf.to_string()
+}
+
+pub struct GgufSource {
+    path: PathBuf,
+    reader: BufReader<File>,
+    pub content: gguf_file::Content,
+    device: Device,
+    dtype: DType,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file_len = file.metadata()?.len();
+        let mut reader = BufReader::new(file);
+        let content = read_gguf_header(&mut reader)
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
+        // A truncated download passes the header but not the data: say so up front.
+        for (name, info) in &content.tensor_infos {
+            let n = info.shape.elem_count();
+            let bytes = n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                bail!(
+                    "{} is truncated: tensor `{name}` ends at byte {end} but the file has {file_len} \
+                     bytes; download it again",
+                    path.display()
+                );
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), reader, content, device: device.clone(), dtype })
+    }
+}
+
+/// candle's GGUF reader trusts length fields; a corrupt file can make it
+/// panic on a huge allocation. Catch that and report a corrupt file.
+fn read_gguf_header(reader: &mut BufReader<File>) -> Result<gguf_file::Content> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(reader)
+    }));
+    match result {
+        Ok(r) => Ok(r?),
+        Err(_) => bail!("the GGUF header is corrupt"),
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn load(&mut self, hf_name: &str) -> Result<Loaded> {
+        let name = gguf_name(hf_name);
+        let q = self
+            .content
+            .tensor(&mut self.reader, &name, &self.device)
+            .with_context(|| format!("cannot read tensor `{name}` from {}", self.path.display()))?;
+        let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
+        let quantized = match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            _ => Some(Arc::new(q)),
+        };
+        Ok(Loaded { dense, quantized })
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        self.content.tensor_infos.contains_key(&gguf_name(hf_name))
+    }
+}
+
+pub struct SafetensorsSource {
+    tensors: candle_core::safetensors::MmapedSafetensors,
+    names: std::collections::HashSet<String>,
+    device: Device,
+    dtype: DType,
+}
+
+impl SafetensorsSource {
+    /// Opens `model.safetensors` or the shards listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; scalpel never writes them while loaded.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .with_context(|| {
+                format!("cannot read the safetensors weights in {} (corrupt or truncated?)", dir.display())
+            })?;
+        let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self { tensors, names, device: device.clone(), dtype })
+    }
+}
+
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    bail!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display())
+}
+
+impl WeightSource for SafetensorsSource {
+    fn load(&mut self, hf_name: &str) -> Result<Loaded> {
+        let t = self
+            .tensors
+            .load(hf_name, &self.device)
+            .with_context(|| format!("cannot read tensor `{hf_name}`"))?;
+        Ok(Loaded { dense: t.to_dtype(self.dtype)?, quantized: None })
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        self.names.contains(hf_name)
+    }
+}
+
+/// Loads every tensor, checks shapes against the config and builds the
+/// transformer. Also returns a content hash over names, shapes and values.
+pub fn build_transformer(cfg: &ModelConfig, src: &mut dyn WeightSource) -> Result<(Transformer, String)> {
+    let mut hasher = Sha256::new();
+    hasher.update(cfg.arch.name());
+    let mut shapes: HashMap<&str, Vec<usize>> = HashMap::new();
+    let h = cfg.hidden_size;
+    let (q_dim, kv_dim) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    shapes.insert("q_proj", vec![q_dim, h]);
+    shapes.insert("k_proj", vec![kv_dim, h]);
+    shapes.insert("v_proj", vec![kv_dim, h]);
+    shapes.insert("o_proj", vec![h, q_dim]);
+    shapes.insert("gate_proj", vec![cfg.intermediate_size, h]);
+    shapes.insert("up_proj", vec![cfg.intermediate_size, h]);
+    shapes.insert("down_proj", vec![h, cfg.intermediate_size]);
+
+    let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
+        if !src.contains(name) {
+            bail!("the weights lack `{name}` (expected for this architecture)");
+        }
+        let t = src.load(name)?;
+        if t.dense.dims() != expect {
+            bail!("tensor `{name}` has shape {:?}, config says {:?}", t.dense.dims(), expect);
+        }
+        hash_tensor(&mut hasher, name, &t.dense)?;
+        Ok(t)
+    };
+
+    let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}");
+        let mut linear = |proj: &str, group: &str, bias: bool| -> Result<Linear> {
+            let w = get(&format!("{p}.{group}.{proj}.weight"), &shapes[proj])?;
+            let bias = if bias {
+                Some(get(&format!("{p}.{group}.{proj}.bias"), &shapes[proj][..1])?.dense)
+            } else {
+                None
+            };
+            Ok(Linear {
+                weight: w.dense,
+                bias,
+                quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
+            })
+        };
+        let ab = cfg.attention_bias;
+        let attn = Attention {
+            q: linear("q_proj", "self_attn", ab)?,
+            k: linear("k_proj", "self_attn", ab)?,
+            v: linear("v_proj", "self_attn", ab)?,
+            o: linear("o_proj", "self_attn", false)?,
+        };
+        let mlp = Mlp {
+            gate: linear("gate_proj", "mlp", false)?,
+            up: linear("up_proj", "mlp", false)?,
+            down: linear("down_proj", "mlp", false)?,
+        };
+        let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?.dense;
+        let mlp_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[h])?.dense;
+        layers.push(Layer { attn_norm, attn, mlp_norm, mlp });
+    }
+    let norm = get("model.norm.weight", &[h])?.dense;
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        let w = get("lm_head.weight", &[cfg.vocab_size, h])?;
+        Some(Linear { weight: w.dense, bias: None, quantized: w.quantized.map(QMatMul::from_arc).transpose()? })
+    };
+    let embed_q = match embed.quantized {
+        Some(q) if cfg.tie_word_embeddings => Some(QMatMul::from_arc(q)?),
+        _ => None,
+    };
+    let t = Transformer::new(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
+    Ok((t, format!("{:x}", hasher.finalize())))
+}
+
+/// Hashes a tensor's name, shape and a strided sample of its values, so the
+/// identity is cheap for big models yet changes when the weights do.
+fn hash_tensor(hasher: &mut Sha256, name: &str, t: &Tensor) -> Result<()> {
+    hasher.update(name.as_bytes());
+    for d in t.dims() {
+        hasher.update((*d as u64).to_le_bytes());
+    }
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let take = n.min(64);
+    let stride = (n / take.max(1)).max(1);
+    let idx: Vec<u32> = (0..take).map(|i| (i * stride) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), t.device())?;
+    let sample: Vec<f32> = flat.index_select(&idx, 0)?.to_dtype(DType::F32)?.to_vec1()?;
+    for v in sample {
+        // Round so the f32 (CPU) and bf16 (GPU) loads of a file agree.
+        hasher.update(half_round(v).to_le_bytes());
+    }
+    Ok(())
+}
+
+fn half_round(v: f32) -> u16 {
+    (v.to_bits() >> 16) as u16 & 0xFFF0
+}

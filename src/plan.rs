@@ -1,0 +1,398 @@
+//! A `Plan` says which attention / MLP blocks are skipped and which per-layer
+//! Hopscotch scalars apply. It is plain data: the forward pass takes it as an
+//! argument, so one set of base weights serves the base model and every
+//! candidate. `PlanFile` is the versioned on-disk form, tied to one model.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Attention or MLP sub-block of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BlockKind {
+    Attn,
+    Mlp,
+}
+
+/// One block, named TransformerLens-style: `attn.10`, `mlp.3` (layers from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockId {
+    pub layer: usize,
+    pub kind: BlockKind,
+}
+
+impl BlockId {
+    pub fn attn(layer: usize) -> Self {
+        Self { layer, kind: BlockKind::Attn }
+    }
+    pub fn mlp(layer: usize) -> Self {
+        Self { layer, kind: BlockKind::Mlp }
+    }
+}
+
+impl fmt::Display for BlockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            BlockKind::Attn => "attn",
+            BlockKind::Mlp => "mlp",
+        };
+        write!(f, "{kind}.{}", self.layer)
+    }
+}
+
+impl FromStr for BlockId {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        // Accept the short form and TransformerLens' `blocks.N.attn` / `blocks.N.mlp`.
+        let (kind, layer) = if let Some(rest) = s.strip_prefix("blocks.") {
+            let (layer, kind) = rest
+                .split_once('.')
+                .with_context(|| format!("block `{s}`: expected blocks.N.attn or blocks.N.mlp"))?;
+            (kind, layer)
+        } else {
+            s.split_once('.')
+                .with_context(|| format!("block `{s}`: expected attn.N or mlp.N (e.g. attn.10)"))?
+        };
+        let kind = match kind {
+            "attn" | "attention" => BlockKind::Attn,
+            "mlp" | "ffn" => BlockKind::Mlp,
+            other => bail!("block `{s}`: unknown block kind `{other}` (use attn or mlp)"),
+        };
+        let layer = layer
+            .parse::<usize>()
+            .with_context(|| format!("block `{s}`: `{layer}` is not a layer number"))?;
+        Ok(Self { layer, kind })
+    }
+}
+
+impl Serialize for BlockId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `attn.10,attn.15,mlp.3` (the `--skip` syntax).
+pub fn parse_block_list(s: &str) -> Result<Vec<BlockId>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// The four Hopscotch scalars of one layer:
+/// `x1 = b_att·Attn(norm(x)) + s_att·x`, `out = b_mlp·MLP(norm(x1)) + s_mlp·x1`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerScales {
+    pub b_att: f32,
+    pub s_att: f32,
+    pub b_mlp: f32,
+    pub s_mlp: f32,
+}
+
+impl LayerScales {
+    pub const IDENTITY: Self = Self { b_att: 1.0, s_att: 1.0, b_mlp: 1.0, s_mlp: 1.0 };
+
+    pub fn is_identity(&self) -> bool {
+        *self == Self::IDENTITY
+    }
+
+    pub fn as_array(&self) -> [f32; 4] {
+        [self.b_att, self.s_att, self.b_mlp, self.s_mlp]
+    }
+
+    pub fn from_array(a: [f32; 4]) -> Self {
+        Self { b_att: a[0], s_att: a[1], b_mlp: a[2], s_mlp: a[3] }
+    }
+}
+
+impl Default for LayerScales {
+    fn default() -> Self {
+        Self::IDENTITY
+    }
+}
+
+/// Which blocks are skipped, plus optional per-layer scales (absent = all 1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    #[serde(default)]
+    pub skip: BTreeSet<BlockId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scales: Option<Vec<LayerScales>>,
+}
+
+impl Plan {
+    pub fn base() -> Self {
+        Self::default()
+    }
+
+    pub fn with_skips(blocks: impl IntoIterator<Item = BlockId>) -> Self {
+        Self { skip: blocks.into_iter().collect(), scales: None }
+    }
+
+    pub fn skips_attn(&self, layer: usize) -> bool {
+        self.skip.contains(&BlockId::attn(layer))
+    }
+
+    pub fn skips_mlp(&self, layer: usize) -> bool {
+        self.skip.contains(&BlockId::mlp(layer))
+    }
+
+    pub fn is_skipped(&self, block: BlockId) -> bool {
+        self.skip.contains(&block)
+    }
+
+    /// Flips one block's skip; returns whether it is now skipped.
+    pub fn toggle(&mut self, block: BlockId) -> bool {
+        if !self.skip.remove(&block) {
+            self.skip.insert(block);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn scales_for(&self, layer: usize) -> LayerScales {
+        self.scales
+            .as_ref()
+            .and_then(|s| s.get(layer).copied())
+            .unwrap_or_default()
+    }
+
+    pub fn has_scales(&self) -> bool {
+        self.scales
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|l| !l.is_identity()))
+    }
+
+    pub fn skipped_attn_layers(&self) -> Vec<usize> {
+        self.skip.iter().filter(|b| b.kind == BlockKind::Attn).map(|b| b.layer).collect()
+    }
+
+    pub fn skipped_mlp_layers(&self) -> Vec<usize> {
+        self.skip.iter().filter(|b| b.kind == BlockKind::Mlp).map(|b| b.layer).collect()
+    }
+
+    /// Checks that every named layer exists and the scales cover the model.
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
+        if let Some(b) = self.skip.iter().find(|b| b.layer >= n_layers) {
+            bail!(
+                "plan skips `{b}`, but the model has only {n_layers} layers (0..={})",
+                n_layers.saturating_sub(1)
+            );
+        }
+        if let Some(scales) = &self.scales {
+            if scales.len() != n_layers {
+                bail!(
+                    "plan has scales for {} layers, but the model has {n_layers}",
+                    scales.len()
+                );
+            }
+            if let Some((i, _)) = scales
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.as_array().iter().any(|v| !v.is_finite()))
+            {
+                bail!("plan has a non-finite scale in layer {i}; refit it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Short human summary: `attn.10 attn.15 (+scales)`.
+    pub fn describe(&self) -> String {
+        let mut s = if self.skip.is_empty() {
+            "base (nothing skipped)".to_string()
+        } else {
+            self.skip.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" ")
+        };
+        if self.has_scales() {
+            s.push_str(" (+scales)");
+        }
+        s
+    }
+}
+
+/// What a plan belongs to. Plans are refused for any other model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub architecture: String,
+    pub n_layers: usize,
+    /// sha256 over the weights' names, shapes and a sample of their values.
+    pub content_hash: String,
+}
+
+impl fmt::Display for ModelIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}, {} layers, hash {})",
+            self.name,
+            self.architecture,
+            self.n_layers,
+            &self.content_hash[..self.content_hash.len().min(12)]
+        )
+    }
+}
+
+pub const PLAN_FORMAT: &str = "scalpel-plan";
+pub const PLAN_VERSION: u32 = 1;
+
+/// The saved form of a plan: versioned, tied to a model, with free-form
+/// metrics and provenance (which command made it, with what settings).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanFile {
+    pub format: String,
+    pub version: u32,
+    pub model: ModelIdentity,
+    #[serde(flatten)]
+    pub plan: Plan,
+    #[serde(default)]
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub provenance: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PlanFile {
+    pub fn new(model: ModelIdentity, plan: Plan) -> Self {
+        let mut provenance = serde_json::Map::new();
+        provenance.insert("tool".into(), format!("scalpel {}", env!("CARGO_PKG_VERSION")).into());
+        Self {
+            format: PLAN_FORMAT.into(),
+            version: PLAN_VERSION,
+            model,
+            plan,
+            metrics: Default::default(),
+            provenance,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read plan file {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        if format != PLAN_FORMAT {
+            bail!("{} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")", path.display());
+        }
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != u64::from(PLAN_VERSION) {
+            bail!(
+                "{} is plan format version {version}; this scalpel reads version {PLAN_VERSION}",
+                path.display()
+            );
+        }
+        serde_json::from_value(value)
+            .with_context(|| format!("{} is a malformed scalpel plan", path.display()))
+    }
+
+    /// Refuses the plan unless it was made for `model`, then validates it.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
+        if self.model.content_hash != model.content_hash
+            || self.model.n_layers != model.n_layers
+        {
+            bail!(
+                "this plan belongs to {}, not to the loaded model {}; \
+                 load that model with --model, or make a new plan for this one",
+                self.model,
+                model
+            );
+        }
+        self.plan.validate(model.n_layers)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut json = serde_json::to_string_pretty(self)?;
+        json.push('\n');
+        write_atomic(path, json.as_bytes())
+    }
+}
+
+/// Writes via a temporary file in the same folder and a rename, so a crash
+/// or a full disk never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_names_round_trip() {
+        for s in ["attn.0", "mlp.29", "attn.10"] {
+            assert_eq!(s.parse::<BlockId>().unwrap().to_string(), s);
+        }
+        assert_eq!("blocks.3.mlp".parse::<BlockId>().unwrap(), BlockId::mlp(3));
+        assert!("attn".parse::<BlockId>().is_err());
+        assert!("conv.3".parse::<BlockId>().is_err());
+        assert!("attn.x".parse::<BlockId>().is_err());
+    }
+
+    #[test]
+    fn skip_list_parses_and_validates() {
+        let plan = Plan::with_skips(parse_block_list("attn.10, attn.15,mlp.3").unwrap());
+        assert_eq!(plan.skipped_attn_layers(), vec![10, 15]);
+        assert_eq!(plan.skipped_mlp_layers(), vec![3]);
+        assert!(plan.validate(30).is_ok());
+        let err = Plan::with_skips([BlockId::attn(99)]).validate(30).unwrap_err();
+        assert!(err.to_string().contains("only 30 layers"), "{err}");
+    }
+
+    #[test]
+    fn toggle_flips() {
+        let mut plan = Plan::base();
+        assert!(plan.toggle(BlockId::attn(2)));
+        assert!(plan.skips_attn(2));
+        assert!(!plan.toggle(BlockId::attn(2)));
+        assert!(plan.skip.is_empty());
+    }
+
+    #[test]
+    fn plan_file_round_trips_and_refuses_other_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let id = ModelIdentity {
+            name: "m".into(),
+            architecture: "llama".into(),
+            n_layers: 4,
+            content_hash: "abc".into(),
+        };
+        let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
+        plan.scales = Some(vec![LayerScales { b_att: 0.5, ..Default::default() }; 4]);
+        PlanFile::new(id.clone(), plan.clone()).save(&path).unwrap();
+        let back = PlanFile::load(&path).unwrap();
+        assert_eq!(back.plan, plan);
+        back.check_model(&id).unwrap();
+        let other = ModelIdentity { content_hash: "zzz".into(), ..id };
+        let err = back.check_model(&other).unwrap_err().to_string();
+        assert!(err.contains("belongs to m"), "{err}");
+    }
+}
