@@ -50,6 +50,11 @@ impl Model {
     /// Opens a resolved model on `device` (f32 on CPU, bf16 on GPU).
     pub fn load(resolved: &Resolved, device: &Device) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        Self::load_as(resolved, device, dtype)
+    }
+
+    /// Opens a model with weights in `dtype` (f64 serves gradient checks).
+    pub fn load_as(resolved: &Resolved, device: &Device, dtype: DType) -> Result<Self> {
         let (cfg, transformer, hash, codec, name) = match &resolved.local {
             LocalModel::Gguf(path) => {
                 let mut src = weights::GgufSource::open(path, device, dtype)?;

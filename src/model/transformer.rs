@@ -262,7 +262,7 @@ impl Transformer {
         Ok(x)
     }
 
-    /// Logits for hidden states (any leading shape), f32.
+    /// Logits for hidden states (any leading shape), at least f32.
     pub fn logits(&self, hidden: &Tensor, run: RunOptions) -> Result<Tensor> {
         let logits = match (&self.lm_head, &self.embed_quantized) {
             (Some(head), _) => head.forward(hidden, run.quantized)?,
@@ -275,7 +275,11 @@ impl Transformer {
                 _ => hidden.broadcast_matmul(&self.embed.t()?)?,
             },
         };
-        logits.to_dtype(DType::F32)
+        // Half-precision logits are upcast for stable log-softmax.
+        match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32),
+            _ => Ok(logits),
+        }
     }
 
     /// Additive causal mask (t, pos + t): 0 where allowed, -inf elsewhere.
