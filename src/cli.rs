@@ -37,6 +37,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print the model's configuration, identity and block sizes.
     Info,
+    /// Download the model (default, or a --model hub id) into the cache and print where it is.
+    Fetch,
 }
 
 #[derive(Args, Debug, Clone)]

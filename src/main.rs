@@ -31,6 +31,12 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Generate(args)) => cmd_generate(&cli.model, &cli.plan, args),
         Some(Command::Bench(args)) => cmd_bench(&cli.model, &cli.plan, args),
         Some(Command::Info) => cmd_info(&cli.model),
+        Some(Command::Fetch) => {
+            let resolved = scalpel::model::source::resolve(cli.model.model.as_deref(), cli.model.offline)?;
+            eprintln!("scalpel: {}", resolved.origin);
+            println!("{}", resolved.local.path().display());
+            Ok(())
+        }
         None => bail!("the interactive workbench is not built yet; see `scalpel --help` for the commands"),
     }
 }
