@@ -91,7 +91,10 @@ impl Weights {
                 true
             }
         };
-        Ok(RunOptions { quantized, ..RunOptions::FAST })
+        Ok(RunOptions {
+            quantized,
+            ..RunOptions::FAST
+        })
     }
 }
 
@@ -164,7 +167,9 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
         // Both candle pools: rayon (f32 matmul) and the quantized kernels.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     Ok(())
 }
@@ -173,7 +178,11 @@ pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ordinal = s.strip_prefix("cuda:").map(str::parse).transpose().context("--device cuda:N needs a number")?;
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .context("--device cuda:N needs a number")?;
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this scalpel was built without CUDA; rebuild with `cargo build --release --features cuda`");
             }

@@ -2,6 +2,7 @@
 //! model files → a model run under a plan → measurements → better plans.
 
 pub mod cli;
+pub mod commands;
 pub mod eval;
 pub mod model;
 pub mod plan;

@@ -27,10 +27,16 @@ pub struct BlockId {
 
 impl BlockId {
     pub fn attn(layer: usize) -> Self {
-        Self { layer, kind: BlockKind::Attn }
+        Self {
+            layer,
+            kind: BlockKind::Attn,
+        }
     }
     pub fn mlp(layer: usize) -> Self {
-        Self { layer, kind: BlockKind::Mlp }
+        Self {
+            layer,
+            kind: BlockKind::Mlp,
+        }
     }
 }
 
@@ -103,7 +109,12 @@ pub struct LayerScales {
 }
 
 impl LayerScales {
-    pub const IDENTITY: Self = Self { b_att: 1.0, s_att: 1.0, b_mlp: 1.0, s_mlp: 1.0 };
+    pub const IDENTITY: Self = Self {
+        b_att: 1.0,
+        s_att: 1.0,
+        b_mlp: 1.0,
+        s_mlp: 1.0,
+    };
 
     pub fn is_identity(&self) -> bool {
         *self == Self::IDENTITY
@@ -114,7 +125,12 @@ impl LayerScales {
     }
 
     pub fn from_array(a: [f32; 4]) -> Self {
-        Self { b_att: a[0], s_att: a[1], b_mlp: a[2], s_mlp: a[3] }
+        Self {
+            b_att: a[0],
+            s_att: a[1],
+            b_mlp: a[2],
+            s_mlp: a[3],
+        }
     }
 }
 
@@ -139,7 +155,10 @@ impl Plan {
     }
 
     pub fn with_skips(blocks: impl IntoIterator<Item = BlockId>) -> Self {
-        Self { skip: blocks.into_iter().collect(), scales: None }
+        Self {
+            skip: blocks.into_iter().collect(),
+            scales: None,
+        }
     }
 
     pub fn skips_attn(&self, layer: usize) -> bool {
@@ -178,11 +197,19 @@ impl Plan {
     }
 
     pub fn skipped_attn_layers(&self) -> Vec<usize> {
-        self.skip.iter().filter(|b| b.kind == BlockKind::Attn).map(|b| b.layer).collect()
+        self.skip
+            .iter()
+            .filter(|b| b.kind == BlockKind::Attn)
+            .map(|b| b.layer)
+            .collect()
     }
 
     pub fn skipped_mlp_layers(&self) -> Vec<usize> {
-        self.skip.iter().filter(|b| b.kind == BlockKind::Mlp).map(|b| b.layer).collect()
+        self.skip
+            .iter()
+            .filter(|b| b.kind == BlockKind::Mlp)
+            .map(|b| b.layer)
+            .collect()
     }
 
     /// Checks that every named layer exists and the scales cover the model.
@@ -216,7 +243,11 @@ impl Plan {
         let mut s = if self.skip.is_empty() {
             "base (nothing skipped)".to_string()
         } else {
-            self.skip.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" ")
+            self.skip
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         if self.has_scales() {
             s.push_str(" (+scales)");
@@ -269,7 +300,10 @@ pub struct PlanFile {
 impl PlanFile {
     pub fn new(model: ModelIdentity, plan: Plan) -> Self {
         let mut provenance = serde_json::Map::new();
-        provenance.insert("tool".into(), format!("scalpel {}", env!("CARGO_PKG_VERSION")).into());
+        provenance.insert(
+            "tool".into(),
+            format!("scalpel {}", env!("CARGO_PKG_VERSION")).into(),
+        );
         Self {
             format: PLAN_FORMAT.into(),
             version: PLAN_VERSION,
@@ -287,7 +321,10 @@ impl PlanFile {
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
         if format != PLAN_FORMAT {
-            bail!("{} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")", path.display());
+            bail!(
+                "{} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")",
+                path.display()
+            );
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         if version != u64::from(PLAN_VERSION) {
@@ -302,9 +339,7 @@ impl PlanFile {
 
     /// Refuses the plan unless it was made for `model`, then validates it.
     pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
-        if self.model.content_hash != model.content_hash
-            || self.model.n_layers != model.n_layers
-        {
+        if self.model.content_hash != model.content_hash || self.model.n_layers != model.n_layers {
             bail!(
                 "this plan belongs to {}, not to the loaded model {}; \
                  load that model with --model, or make a new plan for this one",
@@ -362,7 +397,9 @@ mod tests {
         assert_eq!(plan.skipped_attn_layers(), vec![10, 15]);
         assert_eq!(plan.skipped_mlp_layers(), vec![3]);
         assert!(plan.validate(30).is_ok());
-        let err = Plan::with_skips([BlockId::attn(99)]).validate(30).unwrap_err();
+        let err = Plan::with_skips([BlockId::attn(99)])
+            .validate(30)
+            .unwrap_err();
         assert!(err.to_string().contains("only 30 layers"), "{err}");
     }
 
@@ -386,12 +423,21 @@ mod tests {
             content_hash: "abc".into(),
         };
         let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
-        plan.scales = Some(vec![LayerScales { b_att: 0.5, ..Default::default() }; 4]);
+        plan.scales = Some(vec![
+            LayerScales {
+                b_att: 0.5,
+                ..Default::default()
+            };
+            4
+        ]);
         PlanFile::new(id.clone(), plan.clone()).save(&path).unwrap();
         let back = PlanFile::load(&path).unwrap();
         assert_eq!(back.plan, plan);
         back.check_model(&id).unwrap();
-        let other = ModelIdentity { content_hash: "zzz".into(), ..id };
+        let other = ModelIdentity {
+            content_hash: "zzz".into(),
+            ..id
+        };
         let err = back.check_model(&other).unwrap_err().to_string();
         assert!(err.contains("belongs to m"), "{err}");
     }

@@ -9,36 +9,73 @@ use scalpel::model::{LocalModel, Model, Resolved, RunOptions, Scales};
 use scalpel::plan::{BlockId, Plan};
 
 fn loss(model: &Model, ids: &[u32], plan: &Plan, scales: &[Tensor]) -> Tensor {
-    let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
     let t = &model.transformer;
-    let h = t.forward_hidden(&input, 0, None, plan, Scales::Tensors(scales), RunOptions::DIFFERENTIABLE).unwrap();
-    let logits = t.logits(&h.squeeze(0).unwrap(), RunOptions::DIFFERENTIABLE).unwrap();
+    let h = t
+        .forward_hidden(
+            &input,
+            0,
+            None,
+            plan,
+            Scales::Tensors(scales),
+            RunOptions::DIFFERENTIABLE,
+        )
+        .unwrap();
+    let logits = t
+        .logits(&h.squeeze(0).unwrap(), RunOptions::DIFFERENTIABLE)
+        .unwrap();
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-    logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().mean_all().unwrap().neg().unwrap()
+    logp.gather(&targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap()
 }
 
 #[test]
 fn scale_gradients_match_finite_differences() {
     for name in ["llama", "qwen2"] {
         let dir = common::tiny_dir(name);
-        let resolved = Resolved { local: LocalModel::HfDir(dir), origin: "test".into() };
+        let resolved = Resolved {
+            local: LocalModel::HfDir(dir),
+            origin: "test".into(),
+        };
         // f64 so that central differences are accurate to ~1e-9.
         let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
         let r = common::read_json(common::tiny_dir(name).join("reference.json"));
-        let ids: Vec<u32> = r["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = r["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
         let n = model.n_layers();
         // Non-trivial starting point so every path matters.
-        let init: Vec<[f64; 4]> = (0..n).map(|i| [0.9 + 0.05 * i as f64, 1.1, 0.8, 1.0 - 0.03 * i as f64]).collect();
-        let vars: Vec<Var> = init.iter().map(|s| Var::new(&s[..], &Device::Cpu).unwrap()).collect();
+        let init: Vec<[f64; 4]> = (0..n)
+            .map(|i| [0.9 + 0.05 * i as f64, 1.1, 0.8, 1.0 - 0.03 * i as f64])
+            .collect();
+        let vars: Vec<Var> = init
+            .iter()
+            .map(|s| Var::new(&s[..], &Device::Cpu).unwrap())
+            .collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let grads = loss(&model, &ids, &plan, &tensors).backward().unwrap();
 
         let h = 1e-5;
         let mut nonzero = 0;
+        #[allow(clippy::needless_range_loop)] // `layer` also selects the perturbed scale
         for layer in 0..n {
-            let g: Vec<f64> = grads.get(&tensors[layer]).expect("a gradient for every layer").to_vec1().unwrap();
+            let g: Vec<f64> = grads
+                .get(&tensors[layer])
+                .expect("a gradient for every layer")
+                .to_vec1()
+                .unwrap();
             for k in 0..4 {
                 let at = |delta: f64| {
                     let ts: Vec<Tensor> = (0..n)
@@ -53,7 +90,8 @@ fn scale_gradients_match_finite_differences() {
                     loss(&model, &ids, &plan, &ts).to_scalar::<f64>().unwrap()
                 };
                 let fd = (at(h) - at(-h)) / (2.0 * h);
-                let skipped = (k == 0 && plan.skips_attn(layer)) || (k == 2 && plan.skips_mlp(layer));
+                let skipped =
+                    (k == 0 && plan.skips_attn(layer)) || (k == 2 && plan.skips_mlp(layer));
                 if skipped {
                     // A skipped block's output scale has nothing to scale.
                     assert_eq!(g[k], 0.0, "{name} layer {layer} scale {k}");
@@ -63,13 +101,20 @@ fn scale_gradients_match_finite_differences() {
                 // The final RMSNorm is scale-invariant, so the last layer's
                 // s_mlp has a tiny true gradient; compare absolutely there.
                 let tol = 1e-4 * fd.abs() + 1e-8;
-                assert!((g[k] - fd).abs() < tol, "{name} layer {layer} scale {k}: autograd {} vs finite difference {fd}", g[k]);
+                assert!(
+                    (g[k] - fd).abs() < tol,
+                    "{name} layer {layer} scale {k}: autograd {} vs finite difference {fd}",
+                    g[k]
+                );
                 if fd.abs() > 1e-4 {
                     nonzero += 1;
                 }
             }
         }
         // Most scalars must matter: a silently dropped gradient reads as 0.
-        assert!(nonzero >= 4 * n - 4, "{name}: only {nonzero} non-trivial gradients");
+        assert!(
+            nonzero >= 4 * n - 4,
+            "{name}: only {nonzero} non-trivial gradients"
+        );
     }
 }

@@ -17,7 +17,12 @@ fn skip4() -> Plan {
 
 fn eval_ids() -> Vec<u32> {
     let r = common::read_json(common::shared_dir().join("peers/results/eval_tokens_smollm2.json"));
-    r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -29,7 +34,12 @@ fn tokenizer_reproduces_the_reference_ids() {
     assert_eq!(ids.len(), expected.len());
     assert_eq!(ids, expected);
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let decoded = model.codec().unwrap().decode(&prompt).unwrap();
     assert_eq!(decoded, r["prompt_decoded"].as_str().unwrap());
 }
@@ -38,30 +48,73 @@ fn tokenizer_reproduces_the_reference_ids() {
 fn last_position_top5_and_argmax_match_pytorch() {
     let model = common::smollm2();
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     for run in r["runs"].as_array().unwrap() {
-        let skips: Vec<usize> = run["skip_attn_layers"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let skips: Vec<usize> = run["skip_attn_layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         let plan = Plan::with_skips(skips.iter().map(|&l| BlockId::attn(l)));
-        let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let t = &model.transformer;
-        let h = t.forward_hidden(&input, 0, None, &plan, Scales::FromPlan, RunOptions::FAST).unwrap();
+        let h = t
+            .forward_hidden(&input, 0, None, &plan, Scales::FromPlan, RunOptions::FAST)
+            .unwrap();
         let last = h.squeeze(0).unwrap().get(prompt.len() - 1).unwrap();
-        let logits: Vec<f32> = t.logits(&last.unsqueeze(0).unwrap(), RunOptions::FAST).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = t
+            .logits(&last.unsqueeze(0).unwrap(), RunOptions::FAST)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for entry in run["last_top5"].as_array().unwrap() {
             let id = entry["id"].as_u64().unwrap() as usize;
             let want = entry["logit"].as_f64().unwrap() as f32;
-            assert!((logits[id] - want).abs() < 0.01, "skip {skips:?}: logit[{id}] = {} vs {want}", logits[id]);
+            assert!(
+                (logits[id] - want).abs() < 0.01,
+                "skip {skips:?}: logit[{id}] = {} vs {want}",
+                logits[id]
+            );
         }
         let argmax = argmax_per_position(model, &prompt, &plan, RunOptions::FAST).unwrap();
-        let want: Vec<u32> = run["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = run["argmax_per_position"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(argmax, want, "skip {skips:?}");
     }
 }
 
 fn perplexity(plan: &Plan, run: RunOptions) -> f64 {
     let model = common::smollm2();
-    let opts = EvalOptions { window: 512, compare_base: false, run };
-    evaluate(model, &eval_ids(), plan, opts, &AtomicBool::new(false), |_, _| {}).unwrap().perplexity
+    let opts = EvalOptions {
+        window: 512,
+        compare_base: false,
+        run,
+    };
+    evaluate(
+        model,
+        &eval_ids(),
+        plan,
+        opts,
+        &AtomicBool::new(false),
+        |_, _| {},
+    )
+    .unwrap()
+    .perplexity
 }
 
 #[test]
@@ -69,7 +122,12 @@ fn perplexity_matches_pytorch_within_0_2_percent() {
     for (plan, want) in [(Plan::base(), 22.3452), (skip4(), 32.7714)] {
         let got = perplexity(&plan, RunOptions::FAST);
         let rel = (got - want).abs() / want;
-        assert!(rel < 0.002, "{}: perplexity {got:.4} vs PyTorch {want} ({:.3}%)", plan.describe(), rel * 100.0);
+        assert!(
+            rel < 0.002,
+            "{}: perplexity {got:.4} vs PyTorch {want} ({:.3}%)",
+            plan.describe(),
+            rel * 100.0
+        );
     }
 }
 
@@ -77,13 +135,32 @@ fn perplexity_matches_pytorch_within_0_2_percent() {
 fn differentiable_mode_equals_fast_mode() {
     let model = common::smollm2();
     let ids = &eval_ids()[..96];
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let t = &model.transformer;
     let mut plan = skip4();
-    plan.scales = Some((0..30).map(|i| scalpel::plan::LayerScales { b_att: 0.9, s_att: 1.0 + 0.001 * i as f32, b_mlp: 1.05, s_mlp: 0.99 }).collect());
+    plan.scales = Some(
+        (0..30)
+            .map(|i| scalpel::plan::LayerScales {
+                b_att: 0.9,
+                s_att: 1.0 + 0.001 * i as f32,
+                b_mlp: 1.05,
+                s_mlp: 0.99,
+            })
+            .collect(),
+    );
     let run = |r: RunOptions| -> Vec<f32> {
-        let h = t.forward_hidden(&input, 0, None, &plan, Scales::FromPlan, r).unwrap();
-        t.logits(&h, r).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        let h = t
+            .forward_hidden(&input, 0, None, &plan, Scales::FromPlan, r)
+            .unwrap();
+        t.logits(&h, r)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let diff = common::max_abs_diff(&run(RunOptions::FAST), &run(RunOptions::DIFFERENTIABLE));
     assert!(diff < 1e-3, "fast vs differentiable: max |Δlogit| = {diff}");
@@ -95,16 +172,49 @@ fn quantized_decode_agrees_with_f32() {
     // from f32, as llama.cpp does; the greedy choice stays the same.
     let model = common::smollm2();
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let f32_argmax = argmax_per_position(model, &prompt, &Plan::base(), RunOptions::FAST).unwrap();
     let mut cache = KvCache::new(model.n_layers());
     let t = &model.transformer;
     let mut q_argmax = vec![];
     for (i, id) in prompt.iter().enumerate() {
-        let x = Tensor::new(&[*id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let h = t.forward_hidden(&x, i, Some(&mut cache), &Plan::base(), Scales::FromPlan, RunOptions::QUANTIZED).unwrap();
-        q_argmax.push(t.logits(&h, RunOptions::QUANTIZED).unwrap().flatten_all().unwrap().argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
+        let x = Tensor::new(&[*id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let h = t
+            .forward_hidden(
+                &x,
+                i,
+                Some(&mut cache),
+                &Plan::base(),
+                Scales::FromPlan,
+                RunOptions::QUANTIZED,
+            )
+            .unwrap();
+        q_argmax.push(
+            t.logits(&h, RunOptions::QUANTIZED)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .argmax(D::Minus1)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap(),
+        );
     }
-    let agree = f32_argmax.iter().zip(&q_argmax).filter(|(a, b)| a == b).count();
-    assert!(agree >= 15, "quantized argmax agrees at {agree}/16 positions");
+    let agree = f32_argmax
+        .iter()
+        .zip(&q_argmax)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        agree >= 15,
+        "quantized argmax agrees at {agree}/16 positions"
+    );
 }

@@ -11,22 +11,60 @@ const MODELS: [&str; 4] = ["llama", "llama-tied", "qwen2", "mistral"];
 const TOL: f32 = 1e-4;
 
 fn logits(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Vec<f32> {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let h = model.transformer.forward_hidden(&input, 0, None, plan, Scales::FromPlan, run).unwrap();
-    model.transformer.logits(&h, run).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = model
+        .transformer
+        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)
+        .unwrap();
+    model
+        .transformer
+        .logits(&h, run)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn reference_logits(r: &serde_json::Value, key: &str) -> Vec<f32> {
-    r[key].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect()
+    r[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect()
 }
 
 fn ids(r: &serde_json::Value) -> Vec<u32> {
-    r["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    r["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn skip_plan(r: &serde_json::Value) -> Plan {
-    let layers = |k: &str| r["skip"][k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect::<Vec<_>>();
-    let mut blocks: Vec<BlockId> = layers("skip_attn_layers").into_iter().map(BlockId::attn).collect();
+    let layers = |k: &str| {
+        r["skip"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect::<Vec<_>>()
+    };
+    let mut blocks: Vec<BlockId> = layers("skip_attn_layers")
+        .into_iter()
+        .map(BlockId::attn)
+        .collect();
     blocks.extend(layers("skip_mlp_layers").into_iter().map(BlockId::mlp));
     Plan::with_skips(blocks)
 }
@@ -34,8 +72,16 @@ fn skip_plan(r: &serde_json::Value) -> Plan {
 fn scaled_plan(r: &serde_json::Value, n_layers: usize) -> Plan {
     let s = &r["scaled"];
     let f = |k: &str| s[k].as_f64().unwrap() as f32;
-    let scales = LayerScales { b_att: f("b_att"), s_att: f("s_att"), b_mlp: f("b_mlp"), s_mlp: f("s_mlp") };
-    Plan { skip: Default::default(), scales: Some(vec![scales; n_layers]) }
+    let scales = LayerScales {
+        b_att: f("b_att"),
+        s_att: f("s_att"),
+        b_mlp: f("b_mlp"),
+        s_mlp: f("s_mlp"),
+    };
+    Plan {
+        skip: Default::default(),
+        scales: Some(vec![scales; n_layers]),
+    }
 }
 
 #[test]
@@ -54,7 +100,11 @@ fn logits_match_transformers_for_every_variant() {
             for run in [RunOptions::FAST, RunOptions::DIFFERENTIABLE] {
                 let got = logits(&model, &ids, &plan, run);
                 let diff = common::max_abs_diff(&got, &expected);
-                assert!(diff < TOL, "{name} {key} {:?}: max |Δlogit| = {diff}", run.mode);
+                assert!(
+                    diff < TOL,
+                    "{name} {key} {:?}: max |Δlogit| = {diff}",
+                    run.mode
+                );
             }
         }
     }
@@ -65,10 +115,18 @@ fn rope_frequencies_match_transformers() {
     for name in MODELS {
         let r = common::read_json(common::tiny_dir(name).join("reference.json"));
         let model = common::load_tiny(name);
-        let expected: Vec<f32> = r["rope_inv_freq"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let expected: Vec<f32> = r["rope_inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let got = model.cfg().rope_inv_freq();
         for (g, e) in got.iter().zip(&expected) {
-            assert!((g - e).abs() <= 1e-5 * e.abs().max(1e-3), "{name}: inv_freq {g} vs {e}");
+            assert!(
+                (g - e).abs() <= 1e-5 * e.abs().max(1e-3),
+                "{name}: inv_freq {g} vs {e}"
+            );
         }
     }
 }
@@ -86,13 +144,50 @@ fn incremental_decode_matches_full_sequence() {
         // Prefill 10 tokens, then one token at a time.
         let mut cache = KvCache::new(model.n_layers());
         let t = &model.transformer;
-        let prefill = Tensor::new(&ids[..10], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let h = t.forward_hidden(&prefill, 0, Some(&mut cache), &plan, Scales::FromPlan, RunOptions::FAST).unwrap();
-        let mut got: Vec<f32> = t.logits(&h, RunOptions::FAST).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let prefill = Tensor::new(&ids[..10], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let h = t
+            .forward_hidden(
+                &prefill,
+                0,
+                Some(&mut cache),
+                &plan,
+                Scales::FromPlan,
+                RunOptions::FAST,
+            )
+            .unwrap();
+        let mut got: Vec<f32> = t
+            .logits(&h, RunOptions::FAST)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (i, id) in ids.iter().enumerate().skip(10) {
-            let x = Tensor::new(&[*id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let h = t.forward_hidden(&x, i, Some(&mut cache), &plan, Scales::FromPlan, RunOptions::FAST).unwrap();
-            got.extend(t.logits(&h, RunOptions::FAST).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let x = Tensor::new(&[*id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let h = t
+                .forward_hidden(
+                    &x,
+                    i,
+                    Some(&mut cache),
+                    &plan,
+                    Scales::FromPlan,
+                    RunOptions::FAST,
+                )
+                .unwrap();
+            got.extend(
+                t.logits(&h, RunOptions::FAST)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
         }
         assert_eq!(got.len(), ids.len() * vocab);
         let diff = common::max_abs_diff(&got, &full);

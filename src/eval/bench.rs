@@ -32,9 +32,18 @@ impl Stat {
         let mut sorted = runs.clone();
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len();
-        let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
         runs.shrink_to_fit();
-        Self { median, min: sorted[0], max: sorted[n - 1], runs }
+        Self {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            runs,
+        }
     }
 }
 
@@ -65,34 +74,74 @@ fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Re
     let mut cache = KvCache::new(model.n_layers());
     let input = Tensor::new(&ids[..opts.prefill_tokens], dev)?.unsqueeze(0)?;
     let t0 = Instant::now();
-    let h = model.transformer.forward_hidden(&input, 0, Some(&mut cache), plan, Scales::FromPlan, opts.run)?;
+    let h = model.transformer.forward_hidden(
+        &input,
+        0,
+        Some(&mut cache),
+        plan,
+        Scales::FromPlan,
+        opts.run,
+    )?;
     let last = h.narrow(1, opts.prefill_tokens - 1, 1)?;
-    model.transformer.logits(&last, opts.run)?.to_device(&candle_core::Device::Cpu)?;
+    model
+        .transformer
+        .logits(&last, opts.run)?
+        .to_device(&candle_core::Device::Cpu)?;
     let prefill = opts.prefill_tokens as f64 / t0.elapsed().as_secs_f64();
 
     // Decode continues after a short prompt, as generation does.
     let mut cache = KvCache::new(model.n_layers());
     let prompt = Tensor::new(&ids[..16], dev)?.unsqueeze(0)?;
-    model.transformer.forward_hidden(&prompt, 0, Some(&mut cache), plan, Scales::FromPlan, opts.run)?;
+    model.transformer.forward_hidden(
+        &prompt,
+        0,
+        Some(&mut cache),
+        plan,
+        Scales::FromPlan,
+        opts.run,
+    )?;
     let t1 = Instant::now();
     for i in 0..opts.decode_tokens {
         let tok = Tensor::new(&[ids[16 + i]], dev)?.unsqueeze(0)?;
-        let h = model.transformer.forward_hidden(&tok, 16 + i, Some(&mut cache), plan, Scales::FromPlan, opts.run)?;
+        let h = model.transformer.forward_hidden(
+            &tok,
+            16 + i,
+            Some(&mut cache),
+            plan,
+            Scales::FromPlan,
+            opts.run,
+        )?;
         // The argmax forces the computation (and a device sync on GPU).
-        model.transformer.logits(&h, opts.run)?.argmax(candle_core::D::Minus1)?.to_vec2::<u32>()?;
+        model
+            .transformer
+            .logits(&h, opts.run)?
+            .argmax(candle_core::D::Minus1)?
+            .to_vec2::<u32>()?;
     }
     let decode = opts.decode_tokens as f64 / t1.elapsed().as_secs_f64();
     Ok((prefill, decode))
 }
 
-pub fn bench(model: &Model, plan: &Plan, opts: BenchOptions, mut progress: impl FnMut(usize, usize)) -> Result<BenchReport> {
+pub fn bench(
+    model: &Model,
+    plan: &Plan,
+    opts: BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BenchReport> {
     model.check_plan(plan)?;
     let vocab = model.cfg().vocab_size as u32;
     let n = opts.prefill_tokens.max(16 + opts.decode_tokens);
     // Deterministic pseudo-random ids: content does not change the cost.
-    let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761 + 12_345) % u64::from(vocab)) as u32).collect();
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % u64::from(vocab)) as u32)
+        .collect();
     // One warm-up of each so allocation and caches settle.
-    time_once(model, &Plan::base(), &BenchOptions { runs: 1, ..opts }, &ids)?;
+    time_once(
+        model,
+        &Plan::base(),
+        &BenchOptions { runs: 1, ..opts },
+        &ids,
+    )?;
     time_once(model, plan, &BenchOptions { runs: 1, ..opts }, &ids)?;
     let (mut bp, mut bd, mut pp, mut pd) = (vec![], vec![], vec![], vec![]);
     for r in 0..opts.runs {
@@ -104,12 +153,22 @@ pub fn bench(model: &Model, plan: &Plan, opts: BenchOptions, mut progress: impl 
         pd.push(d);
         progress(r + 1, opts.runs);
     }
-    let base = SpeedReport { prefill_tokens_per_sec: Stat::from(bp), decode_tokens_per_sec: Stat::from(bd) };
-    let pruned = SpeedReport { prefill_tokens_per_sec: Stat::from(pp), decode_tokens_per_sec: Stat::from(pd) };
+    let base = SpeedReport {
+        prefill_tokens_per_sec: Stat::from(bp),
+        decode_tokens_per_sec: Stat::from(bd),
+    };
+    let pruned = SpeedReport {
+        prefill_tokens_per_sec: Stat::from(pp),
+        decode_tokens_per_sec: Stat::from(pd),
+    };
     Ok(BenchReport {
         threads: candle_core::utils::get_num_threads(),
         device: format!("{:?}", model.device().location()),
-        weights: if opts.run.quantized && model.has_quantized { "quantized".into() } else { format!("{:?}", model.transformer.dtype) },
+        weights: if opts.run.quantized && model.has_quantized {
+            "quantized".into()
+        } else {
+            format!("{:?}", model.transformer.dtype)
+        },
         prefill_tokens: opts.prefill_tokens,
         decode_tokens: opts.decode_tokens,
         runs: opts.runs,

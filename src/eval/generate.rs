@@ -46,12 +46,18 @@ pub fn generate(
     model.check_plan(plan)?;
     let max = model.transformer.max_positions();
     if prompt.len() + opts.max_new_tokens > max {
-        bail!("prompt ({}) plus {} new tokens exceeds the model's {max} positions", prompt.len(), opts.max_new_tokens);
+        bail!(
+            "prompt ({}) plus {} new tokens exceeds the model's {max} positions",
+            prompt.len(),
+            opts.max_new_tokens
+        );
     }
     let sampling = if opts.temperature <= 0.0 {
         Sampling::ArgMax
     } else {
-        Sampling::All { temperature: opts.temperature }
+        Sampling::All {
+            temperature: opts.temperature,
+        }
     };
     let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
     let eos = &model.cfg().eos_token_ids;
@@ -86,7 +92,11 @@ pub fn generate(
         prefill_seconds,
         decode_seconds,
         prefill_tokens_per_sec: prompt.len() as f64 / prefill_seconds,
-        decode_tokens_per_sec: if steps > 0 { steps as f64 / decode_seconds } else { 0.0 },
+        decode_tokens_per_sec: if steps > 0 {
+            steps as f64 / decode_seconds
+        } else {
+            0.0
+        },
     })
 }
 
@@ -101,16 +111,26 @@ fn step(
     sampler: &mut LogitsProcessor,
 ) -> Result<u32> {
     let t = input.dim(1)?;
-    let hidden = model.transformer.forward_hidden(input, pos, Some(cache), plan, Scales::FromPlan, run)?;
+    let hidden =
+        model
+            .transformer
+            .forward_hidden(input, pos, Some(cache), plan, Scales::FromPlan, run)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
     let logits = model.transformer.logits(&last, run)?.squeeze(0)?;
     Ok(sampler.sample(&logits)?)
 }
 
 /// Greedy next-token ids for every position (for tests and comparisons).
-pub fn argmax_per_position(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Result<Vec<u32>> {
+pub fn argmax_per_position(
+    model: &Model,
+    ids: &[u32],
+    plan: &Plan,
+    run: RunOptions,
+) -> Result<Vec<u32>> {
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let hidden = model.transformer.forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
+    let hidden = model
+        .transformer
+        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
     let logits = model.transformer.logits(&hidden.squeeze(0)?, run)?;
     Ok(logits.argmax(D::Minus1)?.to_vec1()?)
 }

@@ -26,7 +26,11 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { window: 512, compare_base: true, run: RunOptions::FAST }
+        Self {
+            window: 512,
+            compare_base: true,
+            run: RunOptions::FAST,
+        }
     }
 }
 
@@ -90,7 +94,11 @@ pub fn evaluate(
         );
     }
     if opts.window > model.transformer.max_positions() {
-        bail!("--window {} exceeds the model's {} positions", opts.window, model.transformer.max_positions());
+        bail!(
+            "--window {} exceeds the model's {} positions",
+            opts.window,
+            model.transformer.max_positions()
+        );
     }
     model.check_plan(plan)?;
     let cfg = model.cfg();
@@ -108,22 +116,43 @@ pub fn evaluate(
         }
         let input = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?;
         let t0 = Instant::now();
-        let hidden = model.transformer.forward_hidden(&input, 0, None, plan, Scales::FromPlan, opts.run)?;
+        let hidden =
+            model
+                .transformer
+                .forward_hidden(&input, 0, None, plan, Scales::FromPlan, opts.run)?;
         let hidden = hidden.squeeze(0)?;
         forward_secs += t0.elapsed().as_secs_f64();
         let base_hidden = if compare {
-            let h = model.transformer.forward_hidden(&input, 0, None, &base, Scales::FromPlan, opts.run)?;
+            let h = model.transformer.forward_hidden(
+                &input,
+                0,
+                None,
+                &base,
+                Scales::FromPlan,
+                opts.run,
+            )?;
             Some(h.squeeze(0)?)
         } else {
             None
         };
-        score_window(model, w, &hidden, base_hidden.as_ref(), opts.run, &mut totals, &mut forward_secs)?;
+        score_window(
+            model,
+            w,
+            &hidden,
+            base_hidden.as_ref(),
+            opts.run,
+            &mut totals,
+            &mut forward_secs,
+        )?;
         tokens += w.len();
         progress(wi + 1, wins.len());
     }
     let mean_nll = totals.nll / totals.scored as f64;
     let (kl, agree) = if compare {
-        (totals.kl / totals.scored as f64, totals.agree as f64 / totals.scored as f64)
+        (
+            totals.kl / totals.scored as f64,
+            totals.agree as f64 / totals.scored as f64,
+        )
     } else {
         (0.0, 1.0)
     };
@@ -156,7 +185,9 @@ fn score_window(
     for start in (0..n).step_by(LOGIT_CHUNK) {
         let len = LOGIT_CHUNK.min(n - start);
         let t0 = Instant::now();
-        let logits = model.transformer.logits(&hidden.narrow(0, start, len)?, run)?;
+        let logits = model
+            .transformer
+            .logits(&hidden.narrow(0, start, len)?, run)?;
         *forward_secs += t0.elapsed().as_secs_f64();
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::new(&window[start + 1..start + 1 + len], device)?;
@@ -167,7 +198,9 @@ fn score_window(
         if let Some(bh) = base_hidden {
             let base_logits = model.transformer.logits(&bh.narrow(0, start, len)?, run)?;
             let base_logp = candle_nn::ops::log_softmax(&base_logits, D::Minus1)?;
-            let kl = (base_logp.exp()? * (&base_logp - &logp)?)?.sum_all()?.to_scalar::<f32>()?;
+            let kl = (base_logp.exp()? * (&base_logp - &logp)?)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             totals.kl += f64::from(kl);
             let a: Vec<u32> = base_logits.argmax(D::Minus1)?.to_vec1()?;
             let b: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;

@@ -96,8 +96,8 @@ impl ModelConfig {
                 } else if wavelen > low_wavelen {
                     base / s.factor
                 } else {
-                    let smooth =
-                        (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * base / s.factor + smooth * base
                 };
                 f as f32
@@ -123,15 +123,18 @@ impl ModelConfig {
         if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             bail!("model config has zero layers, hidden size or vocabulary");
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "model config has {} attention heads and {} KV heads; heads must be a multiple",
                 self.n_heads,
                 self.n_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
-            bail!("head dimension {} is odd; RoPE needs an even one", self.head_dim);
+        if !self.head_dim.is_multiple_of(2) {
+            bail!(
+                "head dimension {} is odd; RoPE needs an even one",
+                self.head_dim
+            );
         }
         Ok(())
     }
@@ -169,10 +172,14 @@ impl ModelConfig {
             .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
             .unwrap_or(10_000.0);
         let eos_token_ids = match raw.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         };
         let sliding_window = if raw.use_sliding_window == Some(false) && arch == Arch::Qwen2 {
@@ -202,7 +209,10 @@ impl ModelConfig {
             add_bos: arch != Arch::Qwen2,
         };
         if raw.hidden_act.as_deref().is_some_and(|a| a != "silu") {
-            bail!("activation `{}` is not supported (silu is)", raw.hidden_act.unwrap_or_default());
+            bail!(
+                "activation `{}` is not supported (silu is)",
+                raw.hidden_act.unwrap_or_default()
+            );
         }
         cfg.check()?;
         Ok(cfg)
@@ -228,7 +238,9 @@ impl ModelConfig {
         let hidden_size = get_u("embedding_length")?;
         let n_heads = get_u("attention.head_count")?;
         let head_dim = get_u("rope.dimension_count").unwrap_or(hidden_size / n_heads.max(1));
-        let tokens = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+        let tokens = md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok());
         let vocab_size = get_u("vocab_size")
             .ok()
             .or(tokens.map(|t| t.len()))
@@ -250,7 +262,11 @@ impl ModelConfig {
             rope_scaling: None,
             // llama.cpp's converter permutes llama/mistral q/k into adjacent
             // pairs; qwen2 keeps the HF halves layout (NEOX rope).
-            rope_layout: if arch == Arch::Qwen2 { RopeLayout::Halves } else { RopeLayout::Interleaved },
+            rope_layout: if arch == Arch::Qwen2 {
+                RopeLayout::Halves
+            } else {
+                RopeLayout::Interleaved
+            },
             max_position_embeddings: get_u("context_length").unwrap_or(4096),
             sliding_window: None,
             tie_word_embeddings: !has_output,
@@ -308,6 +324,9 @@ mod tests {
         let json = r#"{"architectures":["GPTNeoXForCausalLM"],"vocab_size":10,"hidden_size":8,
             "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2}"#;
         let err = ModelConfig::from_hf_json(json).unwrap_err().to_string();
-        assert!(err.contains("GPTNeoXForCausalLM".to_ascii_lowercase().as_str()), "{err}");
+        assert!(
+            err.contains("GPTNeoXForCausalLM".to_ascii_lowercase().as_str()),
+            "{err}"
+        );
     }
 }

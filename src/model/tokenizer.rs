@@ -21,14 +21,23 @@ pub struct TextCodec {
 
 impl TextCodec {
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let mut tokenizer =
-            Tokenizer::from_gguf(ct).map_err(|e| anyhow!("cannot build the tokenizer from GGUF metadata: {e}"))?;
-        let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok());
+        let mut tokenizer = Tokenizer::from_gguf(ct)
+            .map_err(|e| anyhow!("cannot build the tokenizer from GGUF metadata: {e}"))?;
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok());
         // llama.cpp's `smollm`/`starcoder` pre-tokenizers split every digit on
         // its own before the GPT-2 regex, as the original tokenizer.json does.
         // candle's GGUF tokenizer falls back to plain GPT-2 for them.
-        if matches!(pre.map(String::as_str), Some("smollm" | "starcoder" | "refact" | "codeshell")) {
-            let seq = Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]);
+        if matches!(
+            pre.map(String::as_str),
+            Some("smollm" | "starcoder" | "refact" | "codeshell")
+        ) {
+            let seq = Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ]);
             tokenizer.with_pre_tokenizer(Some(seq));
         }
         let token_at = |key: &str| -> Option<String> {
@@ -51,12 +60,15 @@ impl TextCodec {
         let path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-        let config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
+        let config: Option<serde_json::Value> =
+            std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
         let field = |k: &str| -> Option<String> {
             let v = config.as_ref()?.get(k)?;
-            v.as_str().map(String::from).or_else(|| v.get("content")?.as_str().map(String::from))
+            v.as_str()
+                .map(String::from)
+                .or_else(|| v.get("content")?.as_str().map(String::from))
         };
         Ok(Self {
             chat_template: field("chat_template"),
@@ -68,7 +80,10 @@ impl TextCodec {
 
     /// Token ids of `text`, without special tokens (BOS is the caller's choice).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -78,7 +93,9 @@ impl TextCodec {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
     }
 
     /// Renders a one-turn chat prompt with the model's template.
@@ -90,16 +107,25 @@ impl TextCodec {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).context("the model's chat template does not parse")?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .context("the model's chat template does not parse")?;
         let ctx = minijinja::context! {
             messages => vec![minijinja::context!{ role => "user", content => user }],
             add_generation_prompt => true,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat")?.render(ctx).context("the model's chat template failed to render")
+        env.get_template("chat")?
+            .render(ctx)
+            .context("the model's chat template failed to render")
     }
 }

@@ -30,11 +30,10 @@ impl Linear {
         let y = match (&self.quantized, quantized) {
             (Some(q), true) => q.forward(x)?,
             _ => match x.dims() {
-                [b, t, k] => x.reshape((b * t, *k))?.matmul(&self.weight.t()?)?.reshape((
-                    *b,
-                    *t,
-                    self.weight.dim(0)?,
-                ))?,
+                [b, t, k] => x
+                    .reshape((b * t, *k))?
+                    .matmul(&self.weight.t()?)?
+                    .reshape((*b, *t, self.weight.dim(0)?))?,
                 _ => x.broadcast_matmul(&self.weight.t()?)?,
             },
         };
@@ -95,9 +94,18 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    pub const FAST: Self = Self { mode: Mode::Fast, quantized: false };
-    pub const DIFFERENTIABLE: Self = Self { mode: Mode::Differentiable, quantized: false };
-    pub const QUANTIZED: Self = Self { mode: Mode::Fast, quantized: true };
+    pub const FAST: Self = Self {
+        mode: Mode::Fast,
+        quantized: false,
+    };
+    pub const DIFFERENTIABLE: Self = Self {
+        mode: Mode::Differentiable,
+        quantized: false,
+    };
+    pub const QUANTIZED: Self = Self {
+        mode: Mode::Fast,
+        quantized: true,
+    };
 }
 
 /// KV cache kept outside the model; a skipped attention layer has `None`.
@@ -108,12 +116,19 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
+        Self {
+            layers: vec![None; n_layers],
+        }
     }
 
     /// Layers holding a cache entry (for tests and memory reports).
     pub fn cached_layers(&self) -> Vec<usize> {
-        self.layers.iter().enumerate().filter(|(_, l)| l.is_some()).map(|(i, _)| i).collect()
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_some())
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub fn bytes(&self) -> usize {
@@ -186,7 +201,9 @@ impl Transformer {
     /// Token embeddings, shape (batch, seq, hidden).
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
     }
 
     /// Final-normed hidden states for `ids` (batch, seq) starting at `pos`.
@@ -229,7 +246,11 @@ impl Transformer {
                 self.max_positions()
             );
         }
-        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
+        let mask = if t > 1 {
+            Some(self.causal_mask(t, pos)?)
+        } else {
+            None
+        };
         for i in layers {
             let layer = &self.layers[i];
             let s = LayerScaleValues::new(plan, scales, i)?;
@@ -313,9 +334,21 @@ impl Transformer {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = attn.q.forward(x, run.quantized)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = attn.k.forward(x, run.quantized)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = attn.v.forward(x, run.quantized)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = attn
+            .q
+            .forward(x, run.quantized)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = attn
+            .k
+            .forward(x, run.quantized)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = attn
+            .v
+            .forward(x, run.quantized)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
         let q = self.rope(&q.contiguous()?, pos, run.mode)?;
         let k = self.rope(&k.contiguous()?, pos, run.mode)?;
         let v = v.contiguous()?;
@@ -349,7 +382,10 @@ impl Transformer {
             Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
         };
         let y = probs.matmul(&v)?; // (b, nkv, group*t, hd)
-        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         attn.o.forward(&y, run.quantized)
     }
 

@@ -90,7 +90,13 @@ impl GgufSource {
                 );
             }
         }
-        Ok(Self { path: path.to_path_buf(), reader, content, device: device.clone(), dtype })
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            content,
+            device: device.clone(),
+            dtype,
+        })
     }
 }
 
@@ -140,10 +146,18 @@ impl SafetensorsSource {
         // SAFETY: the files are memory-mapped read-only; scalpel never writes them while loaded.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .with_context(|| {
-                format!("cannot read the safetensors weights in {} (corrupt or truncated?)", dir.display())
+                format!(
+                    "cannot read the safetensors weights in {} (corrupt or truncated?)",
+                    dir.display()
+                )
             })?;
         let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self { tensors, names, device: device.clone(), dtype })
+        Ok(Self {
+            tensors,
+            names,
+            device: device.clone(),
+            dtype,
+        })
     }
 }
 
@@ -161,12 +175,18 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{} has no weight_map", index.display()))?;
-        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
-    bail!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display())
+    bail!(
+        "{} has neither model.safetensors nor model.safetensors.index.json",
+        dir.display()
+    )
 }
 
 impl WeightSource for SafetensorsSource {
@@ -175,7 +195,10 @@ impl WeightSource for SafetensorsSource {
             .tensors
             .load(hf_name, &self.device)
             .with_context(|| format!("cannot read tensor `{hf_name}`"))?;
-        Ok(Loaded { dense: t.to_dtype(self.dtype)?, quantized: None })
+        Ok(Loaded {
+            dense: t.to_dtype(self.dtype)?,
+            quantized: None,
+        })
     }
 
     fn contains(&self, hf_name: &str) -> bool {
@@ -185,7 +208,10 @@ impl WeightSource for SafetensorsSource {
 
 /// Loads every tensor, checks shapes against the config and builds the
 /// transformer. Also returns a content hash over names, shapes and values.
-pub fn build_transformer(cfg: &ModelConfig, src: &mut dyn WeightSource) -> Result<(Transformer, String)> {
+pub fn build_transformer(
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+) -> Result<(Transformer, String)> {
     let mut hasher = Sha256::new();
     hasher.update(cfg.arch.name());
     let mut shapes: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -205,7 +231,11 @@ pub fn build_transformer(cfg: &ModelConfig, src: &mut dyn WeightSource) -> Resul
         }
         let t = src.load(name)?;
         if t.dense.dims() != expect {
-            bail!("tensor `{name}` has shape {:?}, config says {:?}", t.dense.dims(), expect);
+            bail!(
+                "tensor `{name}` has shape {:?}, config says {:?}",
+                t.dense.dims(),
+                expect
+            );
         }
         hash_tensor(&mut hasher, name, &t.dense)?;
         Ok(t)
@@ -242,14 +272,23 @@ pub fn build_transformer(cfg: &ModelConfig, src: &mut dyn WeightSource) -> Resul
         };
         let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?.dense;
         let mlp_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[h])?.dense;
-        layers.push(Layer { attn_norm, attn, mlp_norm, mlp });
+        layers.push(Layer {
+            attn_norm,
+            attn,
+            mlp_norm,
+            mlp,
+        });
     }
     let norm = get("model.norm.weight", &[h])?.dense;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
         let w = get("lm_head.weight", &[cfg.vocab_size, h])?;
-        Some(Linear { weight: w.dense, bias: None, quantized: w.quantized.map(QMatMul::from_arc).transpose()? })
+        Some(Linear {
+            weight: w.dense,
+            bias: None,
+            quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
+        })
     };
     let embed_q = match embed.quantized {
         Some(q) if cfg.tie_word_embeddings => Some(QMatMul::from_arc(q)?),
@@ -272,7 +311,10 @@ fn hash_tensor(hasher: &mut Sha256, name: &str, t: &Tensor) -> Result<()> {
     let stride = (n / take.max(1)).max(1);
     let idx: Vec<u32> = (0..take).map(|i| (i * stride) as u32).collect();
     let idx = Tensor::new(idx.as_slice(), t.device())?;
-    let sample: Vec<f32> = flat.index_select(&idx, 0)?.to_dtype(DType::F32)?.to_vec1()?;
+    let sample: Vec<f32> = flat
+        .index_select(&idx, 0)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
     for v in sample {
         // Round so the f32 (CPU) and bf16 (GPU) loads of a file agree.
         hasher.update(half_round(v).to_le_bytes());

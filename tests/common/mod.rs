@@ -16,7 +16,8 @@ pub fn shared_dir() -> PathBuf {
 }
 
 pub fn read_json(path: PathBuf) -> serde_json::Value {
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
@@ -26,8 +27,12 @@ pub fn tiny_dir(name: &str) -> PathBuf {
 
 pub fn load_tiny(name: &str) -> Model {
     let dir = tiny_dir(name);
-    let resolved = Resolved { local: LocalModel::HfDir(dir.clone()), origin: "test".into() };
-    Model::load(&resolved, &Device::Cpu).unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
+    let resolved = Resolved {
+        local: LocalModel::HfDir(dir.clone()),
+        origin: "test".into(),
+    };
+    Model::load(&resolved, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
 }
 
 /// The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched through scalpel's own
@@ -43,12 +48,18 @@ pub fn smollm2_path() -> PathBuf {
 pub fn smollm2() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let resolved = Resolved { local: LocalModel::Gguf(smollm2_path()), origin: "test".into() };
+        let resolved = Resolved {
+            local: LocalModel::Gguf(smollm2_path()),
+            origin: "test".into(),
+        };
         Model::load(&resolved, &Device::Cpu).expect("loading SmolLM2")
     })
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -1,0 +1,65 @@
+//! `scalpel bench`: prefill/decode speed of the base model and the plan.
+
+use anyhow::{bail, Result};
+
+use crate::cli::{self, BenchArgs};
+use crate::eval::bench;
+use crate::model::{synthetic, Model};
+use crate::progress;
+
+pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Result<()> {
+    if args.runs == 0 || args.prefill < 1 || args.decode < 1 {
+        bail!("--runs, --prefill and --decode must be at least 1");
+    }
+    let model: Model = match &args.synthetic {
+        Some(shape) => {
+            let device = cli::device(&margs.device)?;
+            let pb = progress::spinner(&format!("building synthetic {shape}"));
+            let m = synthetic::build(shape, &device);
+            pb.finish_and_clear();
+            m?
+        }
+        None => cli::load_model(margs)?,
+    };
+    let (plan, _) = cli::load_plan(pargs, &model)?;
+    let run = args.weights.run_options(&model, true)?;
+    let opts = bench::BenchOptions {
+        prefill_tokens: args.prefill,
+        decode_tokens: args.decode,
+        runs: args.runs,
+        run,
+    };
+    let pb = progress::bar(args.runs, "runs");
+    let report = bench::bench(&model, &plan, opts, |d, _| pb.set_position(d as u64));
+    pb.finish_and_clear();
+    let r = report?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "model {} | device {} | weights {} | {} threads | {} runs (median [min–max])",
+        model.identity.name, r.device, r.weights, r.threads, r.runs
+    );
+    println!("plan  {}", r.plan);
+    println!(
+        "| | prefill {} tok/s | decode {} tok/s |",
+        r.prefill_tokens, r.decode_tokens
+    );
+    println!("|---|---|---|");
+    let row = |name: &str, s: &bench::SpeedReport| {
+        let p = &s.prefill_tokens_per_sec;
+        let d = &s.decode_tokens_per_sec;
+        println!(
+            "| {name} | {:.1} [{:.1}–{:.1}] | {:.1} [{:.1}–{:.1}] |",
+            p.median, p.min, p.max, d.median, d.min, d.max
+        );
+    };
+    row("base", &r.base);
+    row("plan", &r.pruned);
+    println!(
+        "| plan / base | {:.3}× | {:.3}× |",
+        r.prefill_speedup, r.decode_speedup
+    );
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! `scalpel generate`: stream text under a plan, then report tokens/sec.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use crate::cli::{self, GenerateArgs};
+use crate::eval::generate;
+
+pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
+    let model = cli::load_model(margs)?;
+    let (plan, _) = cli::load_plan(pargs, &model)?;
+    let codec = model.codec()?;
+    let prompt_text = if args.chat {
+        codec.chat_prompt(&args.prompt)?
+    } else {
+        args.prompt.clone()
+    };
+    let mut prompt = codec.encode_with_specials(&prompt_text)?;
+    if model.cfg().add_bos && !args.chat {
+        if let Some(bos) = model.cfg().bos_token_id {
+            prompt.insert(0, bos);
+        }
+    }
+    let run = args.weights.run_options(&model, true)?;
+    let opts = generate::GenOptions {
+        max_new_tokens: args.max_tokens,
+        temperature: args.temp,
+        seed: args.seed,
+        stop_at_eos: !args.ignore_eos,
+        run,
+    };
+    // Stream: decode the growing sequence and print what is new, so
+    // multi-byte characters split across tokens come out whole.
+    let mut ids = Vec::new();
+    let mut printed = 0;
+    let mut out = std::io::stdout();
+    if !args.json {
+        print!("{}", args.prompt);
+        out.flush()?;
+    }
+    let report = generate::generate(&model, &prompt, &plan, opts, |tok| {
+        ids.push(tok);
+        if !args.json {
+            let text = codec.decode(&ids)?;
+            if text.len() > printed && text.is_char_boundary(printed) {
+                print!("{}", &text[printed..]);
+                out.flush()?;
+                printed = text.len();
+            }
+        }
+        Ok(())
+    })?;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["text"] = codec.decode(&report.new_tokens)?.into();
+        v["plan"] = plan.describe().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), weights {}, plan {}",
+            report.prefill_tokens_per_sec,
+            report.prompt_tokens,
+            report.decode_tokens_per_sec,
+            report.new_tokens.len(),
+            if run.quantized { "quantized" } else { "f32" },
+            plan.describe()
+        );
+    }
+    Ok(())
+}
