@@ -79,9 +79,22 @@ impl GgufSource {
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
         // A truncated download passes the header but not the data: say so up front.
         for (name, info) in &content.tensor_infos {
-            let n = info.shape.elem_count();
-            let bytes = n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+            let end = elems
+                .map(|n| {
+                    n / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
+                })
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                })
+                .unwrap_or(u64::MAX);
             if end > file_len {
                 bail!(
                     "{} is truncated: tensor `{name}` ends at byte {end} but the file has {file_len} \
