@@ -135,6 +135,13 @@ impl WeightSource for GgufSource {
         let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
         let quantized = match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            // candle has no SIMD CPU kernel for these (a scalar loop runs
+            // instead, ~10x slower): keep the decode copy as Q8_0, which has one
+            // and represents their 16/32 levels per block almost exactly.
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if self.device.is_cpu() => {
+                let f32_weights = q.dequantize(&self.device)?;
+                Some(Arc::new(QTensor::quantize(&f32_weights, GgmlDType::Q8_0)?))
+            }
             _ => Some(Arc::new(q)),
         };
         Ok(Loaded { dense, quantized })
