@@ -3,47 +3,13 @@
 //! scalpel, give the logits of the plan with scales.
 
 mod common;
+mod export_support;
 
 use candle_core::{DType, Device, Tensor};
+use export_support::{plan_with_b_scales, plan_with_scales};
 use scalpel::export::fold::{fold_transformer, unscaled};
 use scalpel::model::{LocalModel, Model, Resolved, RunOptions, Scales, Transformer};
-use scalpel::plan::{BlockId, LayerScales, Plan, PlanFile};
-
-/// A 4-block plan (attention-only, MLP-only and a whole layer) with
-/// hand-set, non-trivial scales on every layer.
-pub fn plan_with_scales(n_layers: usize) -> Plan {
-    let mut plan = Plan::with_skips([
-        BlockId::attn(15),
-        BlockId::mlp(20),
-        BlockId::attn(25),
-        BlockId::mlp(25),
-    ]);
-    plan.scales = Some(
-        (0..n_layers)
-            .map(|i| {
-                let x = i as f32;
-                LayerScales {
-                    b_att: 1.0 + 0.05 * (x * 0.7).sin(),
-                    s_att: 1.0 + 0.03 * (x * 1.3).cos(),
-                    b_mlp: 0.95 + 0.04 * (x * 0.4).cos(),
-                    s_mlp: 1.0 - 0.02 * (x * 0.9).sin(),
-                }
-            })
-            .collect(),
-    );
-    plan
-}
-
-/// The same plan with the residual (s) scales at 1: only b terms, which
-/// fold with no RMSNorm-eps effect at all.
-fn plan_with_b_scales(n_layers: usize) -> Plan {
-    let mut plan = plan_with_scales(n_layers);
-    for s in plan.scales.iter_mut().flatten() {
-        s.s_att = 1.0;
-        s.s_mlp = 1.0;
-    }
-    plan
-}
+use scalpel::plan::{Plan, PlanFile};
 
 /// SmolLM2 in f64, so float rounding does not hide what the fold does.
 fn smollm2_f64() -> &'static Model {
