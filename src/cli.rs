@@ -39,6 +39,64 @@ pub enum Command {
     Info,
     /// Download the model (default, or a --model hub id) into the cache and print where it is.
     Fetch,
+    /// Write the model under a plan as a Nemotron-NAS folder, a llama.cpp GGUF or a mergekit recipe.
+    Export(ExportArgs),
+    /// A self-contained HTML trade-off report (charts + table) comparing plans.
+    Report(ReportArgs),
+}
+
+/// Export targets.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Hugging Face folder, `DeciLMForCausalLM` with `block_configs` (vLLM, SGLang, TensorRT-LLM).
+    Decilm,
+    /// llama.cpp GGUF, architecture `deci` (per-layer head counts).
+    Gguf,
+    /// mergekit passthrough YAML (whole-layer plans only).
+    Mergekit,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output: a folder (decilm) or a file (gguf, mergekit).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// GGUF weight type (e.g. q4_1, q8_0, f16); default: as in the source.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// mergekit: the hub id or folder of the original weights (needed for a GGUF source).
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Do not measure perplexity for the model card / metadata.
+    #[arg(long)]
+    pub no_measure: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Plan files to compare (the base model is always included).
+    #[arg(long, num_args = 1.., required = true)]
+    pub plans: Vec<PathBuf>,
+    /// The HTML file to write (SVG charts are written beside it too).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Text to measure perplexity on (default: the built-in held-out text).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Evaluate at most this many 512-token windows per plan (default: all).
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Timed prefill runs per plan for the speed column.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Replace an existing report.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -207,12 +265,13 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
 
 /// The plan from `--plan` and `--skip` together, checked against the model.
 pub fn load_plan(args: &PlanArgs, model: &Model) -> Result<(Plan, Option<PlanFile>)> {
+    // A pruned export (Nemotron-NAS / deci) runs with its no-op blocks skipped.
     let (mut plan, file) = match &args.plan {
         Some(path) => {
             let pf = model.load_plan(path)?;
-            (pf.plan.clone(), Some(pf))
+            (model.with_implied(&pf.plan), Some(pf))
         }
-        None => (Plan::base(), None),
+        None => (model.implied_plan.clone(), None),
     };
     if let Some(list) = &args.skip {
         plan.skip.extend(parse_block_list(list).context("--skip")?);

@@ -4,6 +4,8 @@
 pub mod cli;
 pub mod commands;
 pub mod eval;
+pub mod export;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod report;

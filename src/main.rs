@@ -25,6 +25,8 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Bench(args)) => commands::bench::run(&cli.model, &cli.plan, args),
         Some(Command::Info) => commands::info::run(&cli.model),
         Some(Command::Fetch) => commands::fetch::run(&cli.model),
+        Some(Command::Export(args)) => commands::export::run(&cli.model, &cli.plan, args),
+        Some(Command::Report(args)) => commands::report::run(&cli.model, args),
         None => anyhow::bail!(
             "the interactive workbench is not built yet; see `scalpel --help` for the commands"
         ),

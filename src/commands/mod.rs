@@ -3,6 +3,8 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod info;
+pub mod report;

@@ -2,8 +2,12 @@
 //! GGUF metadata. Only architectures whose forward pass we implement are
 //! accepted; anything else is refused by name.
 
+use std::collections::BTreeSet;
+
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+
+use crate::plan::BlockId;
 
 /// The Llama-family variants the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +28,9 @@ impl Arch {
 
     fn from_name(name: &str) -> Result<Self> {
         Ok(match name.to_ascii_lowercase().as_str() {
-            "llama" | "llamaforcausallm" | "smollm" => Arch::Llama,
+            // Nemotron-NAS / llama.cpp `deci`: Llama layers, some of them no-ops.
+            "llama" | "llamaforcausallm" | "smollm" | "deci" | "decilmforcausallm"
+            | "nemotron-nas" => Arch::Llama,
             "qwen2" | "qwen2forcausallm" => Arch::Qwen2,
             "mistral" | "mistralforcausallm" => Arch::Mistral,
             other => bail!(
@@ -149,6 +155,7 @@ impl ModelConfig {
             .or(raw.model_type.clone())
             .context("config.json names no architecture (`architectures` / `model_type`)")?;
         let arch = Arch::from_name(&arch_name)?;
+        let deci = raw.block_configs.as_deref().map(deci_shape).transpose()?;
         let n_heads = raw.num_attention_heads;
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / n_heads.max(1));
         let rope_block = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
@@ -191,10 +198,18 @@ impl ModelConfig {
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
+            intermediate_size: match deci {
+                Some(d) => ffn_mult_to_intermediate(d.ffn_mult, raw.hidden_size),
+                None => raw
+                    .intermediate_size
+                    .context("config.json lacks `intermediate_size`")?,
+            },
             n_layers: raw.num_hidden_layers,
             n_heads,
-            n_kv_heads: raw.num_key_value_heads.unwrap_or(n_heads),
+            n_kv_heads: match deci {
+                Some(d) => n_heads / d.n_heads_in_group.max(1),
+                None => raw.num_key_value_heads.unwrap_or(n_heads),
+            },
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
             rope_theta,
@@ -219,6 +234,7 @@ impl ModelConfig {
     }
 
     /// Reads GGUF metadata (`general.architecture` and its prefixed keys).
+    /// For a `deci` file, see also [`deci_noop_blocks_gguf`].
     pub fn from_gguf(ct: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
         let md = &ct.metadata;
         let arch_name = md
@@ -228,9 +244,16 @@ impl ModelConfig {
             .clone();
         let arch = Arch::from_name(&arch_name)?;
         let get = |key: &str| md.get(&format!("{arch_name}.{key}"));
+        // `deci` files give head counts and FFN widths per layer: the engine
+        // runs the widest layer's shape, and narrower layers are no-ops.
         let get_u = |key: &str| -> Result<usize> {
             let v = get(key).with_context(|| format!("GGUF metadata lacks `{arch_name}.{key}`"))?;
-            Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from))? as usize)
+            match v.to_vec() {
+                Ok(items) => Ok(items.iter().filter_map(gguf_uint).max().unwrap_or(0)),
+                Err(_) => gguf_uint(v).with_context(|| {
+                    format!("GGUF metadata `{arch_name}.{key}` is not an integer")
+                }),
+            }
         };
         let get_f = |key: &str| -> Option<f64> {
             get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
@@ -296,7 +319,7 @@ struct HfConfig {
     model_type: Option<String>,
     vocab_size: usize,
     hidden_size: usize,
-    intermediate_size: usize,
+    intermediate_size: Option<usize>,
     num_hidden_layers: usize,
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
@@ -313,6 +336,141 @@ struct HfConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<serde_json::Value>,
+    block_configs: Option<Vec<DeciBlock>>,
+}
+
+/// One entry of a Nemotron-NAS `block_configs` list.
+#[derive(Deserialize, Debug, Clone)]
+pub struct DeciBlock {
+    pub attention: DeciAttention,
+    pub ffn: DeciFfn,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct DeciAttention {
+    #[serde(default)]
+    pub no_op: bool,
+    #[serde(default)]
+    pub replace_with_linear: bool,
+    pub n_heads_in_group: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct DeciFfn {
+    #[serde(default)]
+    pub no_op: bool,
+    #[serde(default)]
+    pub replace_with_linear: bool,
+    pub ffn_mult: Option<f64>,
+}
+
+/// The one attention grouping and FFN width shared by a Nemotron-NAS
+/// model's real blocks (the engine runs uniform layers plus no-ops).
+#[derive(Debug, Clone, Copy)]
+struct DeciShape {
+    n_heads_in_group: usize,
+    ffn_mult: f64,
+}
+
+fn deci_shape(blocks: &[DeciBlock]) -> Result<DeciShape> {
+    if blocks
+        .iter()
+        .any(|b| b.attention.replace_with_linear || b.ffn.replace_with_linear)
+    {
+        bail!("this Nemotron-NAS model replaces blocks with linear layers; scalpel runs only no-op and full blocks");
+    }
+    let mut groups: Vec<usize> = blocks
+        .iter()
+        .filter(|b| !b.attention.no_op)
+        .filter_map(|b| b.attention.n_heads_in_group)
+        .collect();
+    groups.dedup();
+    let mut mults: Vec<f64> = blocks
+        .iter()
+        .filter(|b| !b.ffn.no_op)
+        .filter_map(|b| b.ffn.ffn_mult)
+        .collect();
+    mults.dedup();
+    if groups.len() > 1 || mults.len() > 1 {
+        bail!(
+            "this Nemotron-NAS model has layers of different widths (n_heads_in_group {groups:?},              ffn_mult {mults:?}); scalpel runs models whose real blocks share one shape"
+        );
+    }
+    Ok(DeciShape {
+        n_heads_in_group: groups.first().copied().unwrap_or(1),
+        ffn_mult: mults.first().copied().unwrap_or(0.0),
+    })
+}
+
+/// vLLM's and NVIDIA's rule: `int(2·mult·hidden/3)` rounded up to 256.
+pub fn ffn_mult_to_intermediate(ffn_mult: f64, hidden: usize) -> usize {
+    let raw = (2.0 * ffn_mult * hidden as f64 / 3.0) as usize;
+    raw.div_ceil(256) * 256
+}
+
+/// The blocks a Nemotron-NAS `config.json` marks as no-ops (empty for
+/// other architectures).
+pub fn deci_noop_blocks_hf(text: &str) -> Result<BTreeSet<BlockId>> {
+    let raw: HfConfig = serde_json::from_str(text).context("config.json is not valid JSON")?;
+    let mut out = BTreeSet::new();
+    for (i, b) in raw.block_configs.iter().flatten().enumerate() {
+        if b.attention.no_op {
+            out.insert(BlockId::attn(i));
+        }
+        if b.ffn.no_op {
+            out.insert(BlockId::mlp(i));
+        }
+    }
+    Ok(out)
+}
+
+/// The blocks a llama.cpp `deci` GGUF leaves out: zero attention heads or
+/// a zero FFN width (empty for other architectures). MLPs written as tiny
+/// all-zero FFNs are found from their weights at load.
+pub fn deci_noop_blocks_gguf(
+    ct: &candle_core::quantized::gguf_file::Content,
+) -> Result<BTreeSet<BlockId>> {
+    let mut out = BTreeSet::new();
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok());
+    if arch.map(String::as_str) != Some("deci") {
+        return Ok(out);
+    }
+    let per_layer = |key: &str| -> Vec<usize> {
+        ct.metadata
+            .get(&format!("deci.{key}"))
+            .and_then(|v| v.to_vec().ok())
+            .map(|items| items.iter().map(|v| gguf_uint(v).unwrap_or(0)).collect())
+            .unwrap_or_default()
+    };
+    for (i, heads) in per_layer("attention.head_count").into_iter().enumerate() {
+        if heads == 0 {
+            out.insert(BlockId::attn(i));
+        }
+    }
+    for (i, ff) in per_layer("feed_forward_length").into_iter().enumerate() {
+        if ff == 0 {
+            out.insert(BlockId::mlp(i));
+        }
+    }
+    Ok(out)
+}
+
+fn gguf_uint(v: &candle_core::quantized::gguf_file::Value) -> Option<usize> {
+    use candle_core::quantized::gguf_file::Value as V;
+    Some(match v {
+        V::U8(x) => *x as usize,
+        V::U16(x) => *x as usize,
+        V::U32(x) => *x as usize,
+        V::U64(x) => *x as usize,
+        V::I8(x) => usize::try_from(*x).ok()?,
+        V::I16(x) => usize::try_from(*x).ok()?,
+        V::I32(x) => usize::try_from(*x).ok()?,
+        V::I64(x) => usize::try_from(*x).ok()?,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

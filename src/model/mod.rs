@@ -25,6 +25,9 @@ pub struct Model {
     pub origin: String,
     /// Whether quantized weights are available for fast decode.
     pub has_quantized: bool,
+    /// Blocks the files themselves leave out (a Nemotron-NAS / `deci`
+    /// export): the model is its base plus this plan. Empty otherwise.
+    pub implied_plan: Plan,
 }
 
 impl Model {
@@ -59,7 +62,7 @@ impl Model {
 
     /// Opens a model with weights in `dtype` (f64 serves gradient checks).
     pub fn load_as(resolved: &Resolved, device: &Device, dtype: DType) -> Result<Self> {
-        let (cfg, transformer, hash, codec, name) = match &resolved.local {
+        let (cfg, transformer, hash, codec, name, noops) = match &resolved.local {
             LocalModel::Gguf(path) => {
                 let mut src = weights::GgufSource::open(path, device, dtype)?;
                 let cfg = ModelConfig::from_gguf(&src.content)
@@ -77,31 +80,48 @@ impl Model {
                     .get("general.name")
                     .and_then(|v| v.to_string().ok().cloned())
                     .unwrap_or_else(|| file_stem(path));
-                let (t, hash) = weights::build_transformer(&cfg, &mut src)
+                let noops = config::deci_noop_blocks_gguf(&src.content)?;
+                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
                     .with_context(|| format!("cannot load the weights of {}", path.display()))?;
-                (cfg, t, hash, codec, name)
+                let mut noops = noops;
+                if src
+                    .content
+                    .metadata
+                    .get("general.architecture")
+                    .and_then(|v| v.to_string().ok())
+                    .map(String::as_str)
+                    == Some("deci")
+                {
+                    noops.extend(zero_mlp_blocks(&t)?);
+                }
+                (cfg, t, hash, codec, name, noops)
             }
             LocalModel::HfDir(dir) => {
                 let cfg_path = dir.join("config.json");
                 let text = std::fs::read_to_string(&cfg_path)
                     .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-                let cfg = ModelConfig::from_hf_json(&text)
+                let mut cfg = ModelConfig::from_hf_json(&text)
                     .with_context(|| format!("cannot use {}", cfg_path.display()))?;
+                // An explicit `add_bos_token` (scalpel's exports write one) wins.
+                if let Some(add_bos) = tokenizer_add_bos(dir) {
+                    cfg.add_bos = add_bos;
+                }
+                let noops = config::deci_noop_blocks_hf(&text)?;
                 let mut src = weights::SafetensorsSource::open(dir, device, dtype)?;
-                let (t, hash) = weights::build_transformer(&cfg, &mut src)
+                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
                     .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
                 let codec = if dir.join("tokenizer.json").exists() {
                     Some(TextCodec::from_hf_dir(dir)?)
                 } else {
                     None
                 };
-                (cfg, t, hash, codec, file_stem(dir))
+                (cfg, t, hash, codec, file_stem(dir), noops)
             }
         };
         let has_quantized = transformer
             .layers
-            .first()
-            .is_some_and(|l| l.attn.q.quantized.is_some());
+            .iter()
+            .any(|l| l.attn.q.quantized.is_some() || l.mlp.up.quantized.is_some());
         Ok(Self {
             identity: ModelIdentity {
                 name,
@@ -113,6 +133,7 @@ impl Model {
             codec,
             origin: resolved.origin.clone(),
             has_quantized,
+            implied_plan: Plan::with_skips(noops),
         })
     }
 
@@ -124,10 +145,43 @@ impl Model {
         Ok(pf)
     }
 
+    /// A plan on top of the blocks this model's files already leave out.
+    pub fn with_implied(&self, plan: &Plan) -> Plan {
+        let mut p = plan.clone();
+        p.skip.extend(self.implied_plan.skip.iter().copied());
+        p
+    }
+
     /// Checks an in-memory plan against this model.
     pub fn check_plan(&self, plan: &Plan) -> Result<()> {
         plan.validate(self.n_layers())
     }
+}
+
+fn tokenizer_add_bos(dir: &std::path::Path) -> Option<bool> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("add_bos_token")?.as_bool()
+}
+
+/// MLP blocks whose down projection is all zero (llama.cpp `deci` exports
+/// write a skipped MLP that way): they contribute nothing, so skip them.
+fn zero_mlp_blocks(t: &Transformer) -> Result<Vec<crate::plan::BlockId>> {
+    let mut out = Vec::new();
+    for (i, layer) in t.layers.iter().enumerate() {
+        let max = layer
+            .mlp
+            .down
+            .weight
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if max == 0.0 {
+            out.push(crate::plan::BlockId::mlp(i));
+        }
+    }
+    Ok(out)
 }
 
 fn file_stem(p: &std::path::Path) -> String {

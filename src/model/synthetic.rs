@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{Arch, Llama3RopeScaling, ModelConfig, RopeLayout};
 use super::transformer::{Attention, Layer, Linear, Mlp, Transformer};
 use super::Model;
-use crate::plan::ModelIdentity;
+use crate::plan::{ModelIdentity, Plan};
 
 pub const SHAPES: &[&str] = &["llama-8b", "llama-1b", "smollm2-135m"];
 
@@ -107,5 +107,6 @@ pub fn build(shape: &str, device: &Device) -> Result<Model> {
         },
         origin: format!("synthetic {shape} (random weights)"),
         has_quantized: false,
+        implied_plan: Plan::base(),
     })
 }

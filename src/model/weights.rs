@@ -2,7 +2,7 @@
 //! engine's structs. GGUF tensors are dequantized at load (f32 on CPU, bf16
 //! on GPU) and the quantized originals are kept for fast decode.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::ModelConfig;
 use super::transformer::{Attention, Layer, Linear, Mlp, Transformer};
+use crate::plan::BlockId;
 
 /// One tensor as loaded: dense values, plus the quantized original if any.
 pub struct Loaded {
@@ -26,6 +27,8 @@ pub struct Loaded {
 pub trait WeightSource {
     fn load(&mut self, hf_name: &str) -> Result<Loaded>;
     fn contains(&self, hf_name: &str) -> bool;
+    fn device(&self) -> Device;
+    fn dtype(&self) -> DType;
 }
 
 /// HF name -> GGUF name (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`).
@@ -150,6 +153,14 @@ impl WeightSource for GgufSource {
     fn contains(&self, hf_name: &str) -> bool {
         self.content.tensor_infos.contains_key(&gguf_name(hf_name))
     }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 pub struct SafetensorsSource {
@@ -224,6 +235,14 @@ impl WeightSource for SafetensorsSource {
     fn contains(&self, hf_name: &str) -> bool {
         self.names.contains(hf_name)
     }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 /// Loads every tensor, checks shapes against the config and builds the
@@ -231,6 +250,19 @@ impl WeightSource for SafetensorsSource {
 pub fn build_transformer(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
+) -> Result<(Transformer, String)> {
+    build_transformer_with_noops(cfg, src, &BTreeSet::new())
+}
+
+/// As [`build_transformer`], for a model whose `noops` blocks have no
+/// weights (Nemotron-NAS / `deci`). Those blocks get all-zero weights, which
+/// compute exactly what skipping them does; the caller skips them for speed.
+/// FFN weights narrower than the config's width (llama.cpp exports write a
+/// tiny all-zero FFN for a skipped MLP) are zero-padded, which is exact too.
+pub fn build_transformer_with_noops(
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    noops: &BTreeSet<BlockId>,
 ) -> Result<(Transformer, String)> {
     let mut hasher = Sha256::new();
     hasher.update(cfg.arch.name());
@@ -245,11 +277,30 @@ pub fn build_transformer(
     shapes.insert("up_proj", vec![cfg.intermediate_size, h]);
     shapes.insert("down_proj", vec![h, cfg.intermediate_size]);
 
+    let device = src.device();
     let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
         if !src.contains(name) {
+            if let Some(fill) = noop_placeholder(name, noops) {
+                let dense = match fill {
+                    Placeholder::Zeros => Tensor::zeros(expect, DType::F32, &device)?,
+                    Placeholder::Ones => Tensor::ones(expect, DType::F32, &device)?,
+                }
+                .to_dtype(src.dtype())?;
+                hash_tensor(&mut hasher, name, &dense)?;
+                return Ok(Loaded {
+                    dense,
+                    quantized: None,
+                });
+            }
             bail!("the weights lack `{name}` (expected for this architecture)");
         }
-        let t = src.load(name)?;
+        let mut t = src.load(name)?;
+        if let Some(padded) = pad_narrow_ffn(&t.dense, expect)? {
+            t = Loaded {
+                dense: padded,
+                quantized: None,
+            };
+        }
         if t.dense.dims() != expect {
             bail!(
                 "tensor `{name}` has shape {:?}, config says {:?}",
@@ -316,6 +367,51 @@ pub fn build_transformer(
     };
     let t = Transformer::new(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
     Ok((t, format!("{:x}", hasher.finalize())))
+}
+
+enum Placeholder {
+    Zeros,
+    Ones,
+}
+
+/// What stands in for a missing tensor of a no-op block (norm weights are
+/// ones so the block stays a harmless zero contribution if ever run).
+fn noop_placeholder(hf_name: &str, noops: &BTreeSet<BlockId>) -> Option<Placeholder> {
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (block, fill) = if tail.starts_with("self_attn.") {
+        (BlockId::attn(layer), Placeholder::Zeros)
+    } else if tail == "input_layernorm.weight" {
+        (BlockId::attn(layer), Placeholder::Ones)
+    } else if tail.starts_with("mlp.") {
+        (BlockId::mlp(layer), Placeholder::Zeros)
+    } else if tail == "post_attention_layernorm.weight" {
+        (BlockId::mlp(layer), Placeholder::Ones)
+    } else {
+        return None;
+    };
+    noops.contains(&block).then_some(fill)
+}
+
+/// Zero-pads an FFN weight that is narrower than `expect` along the one
+/// dimension where they differ; `None` when no padding applies.
+fn pad_narrow_ffn(t: &Tensor, expect: &[usize]) -> Result<Option<Tensor>> {
+    let dims = t.dims();
+    if dims.len() != 2 || expect.len() != 2 || dims == expect {
+        return Ok(None);
+    }
+    let (axis, have, want) = if dims[1] == expect[1] {
+        (0, dims[0], expect[0])
+    } else if dims[0] == expect[0] {
+        (1, dims[1], expect[1])
+    } else {
+        return Ok(None);
+    };
+    if have >= want {
+        return Ok(None);
+    }
+    Ok(Some(t.pad_with_zeros(axis, 0, want - have)?))
 }
 
 /// Hashes a tensor's name, shape and a strided sample of its values, so the
