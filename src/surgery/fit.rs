@@ -71,7 +71,7 @@ pub struct FitResult {
 
 /// The fit's state: one `Var` of 4 scalars per layer and the masks that pin
 /// skipped blocks' output scales.
-pub(crate) struct Trainer<'a> {
+pub struct Trainer<'a> {
     model: &'a Model,
     plan: &'a Plan,
     data: &'a TokenSet,
@@ -85,7 +85,7 @@ pub(crate) struct Trainer<'a> {
 }
 
 /// What one epoch did: per-batch mean losses, or a non-finite loss.
-pub(crate) enum EpochOutcome {
+pub enum EpochOutcome {
     Done(Vec<f64>),
     NonFinite,
     Cancelled,
@@ -294,7 +294,7 @@ pub fn fit_scales(
 /// `fit_scales` with the base states already computed (the search and
 /// `compare` fit many plans on the same data).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fit_with_states(
+pub fn fit_with_states(
     model: &Model,
     plan: &Plan,
     data: &TokenSet,
@@ -347,17 +347,16 @@ pub(crate) fn fit_with_states(
                 if cuts > MAX_LR_CUTS {
                     bail!(
                         "the fit's loss stayed non-finite after lowering the learning rate {MAX_LR_CUTS} times \
-                         (now {lr:.1e}); no scales were saved"
+                         (last tried {:.1e}); no scales were saved; try a smaller --lr",
+                        trainer.lr
                     );
                 }
-                let msg = format!(
+                warnings.push(format!(
                     "non-finite loss in epoch {epoch} at lr {:.1e}; restarted the epoch at lr {lr:.1e}",
                     trainer.lr
-                );
-                warnings.push(msg.clone());
+                ));
                 trainer.set_scales(&before)?;
                 trainer.reset_optimizer(lr)?;
-                let _ = msg;
                 continue;
             }
             EpochOutcome::Done(losses) => {

@@ -478,7 +478,7 @@ fn screen(
 /// Exact: the mean of the epoch's per-batch training losses (the reference's
 /// score). Default: the calibration loss after the refit. A non-finite loss
 /// lowers the learning rate and retries.
-pub(crate) fn refit_candidate(
+pub fn refit_candidate(
     model: &Model,
     plan: &Plan,
     data: &TokenSet,
