@@ -21,6 +21,7 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     };
     opts.include_mlp = args.include_mlp;
     opts.checkpoint = Some(args.out.clone());
+    opts.validate(model.n_layers())?;
     if args.resume {
         if !args.out.exists() {
             bail!(

@@ -89,6 +89,34 @@ impl SearchOptions {
         o
     }
 
+    fn kinds(&self) -> &'static [BlockKind] {
+        if self.include_mlp {
+            &[BlockKind::Attn, BlockKind::Mlp]
+        } else {
+            &[BlockKind::Attn]
+        }
+    }
+
+    /// Refuses settings that cannot run on a model of `n_layers` (call it
+    /// before generating data, so a typo fails at once).
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
+        let available = n_layers * self.kinds().len();
+        if self.blocks == 0 {
+            bail!("--blocks must be at least 1");
+        }
+        if self.blocks > available {
+            bail!(
+                "--blocks {} is more than the model's {available} candidate blocks ({n_layers} layers{})",
+                self.blocks,
+                if self.include_mlp { ", attention and MLP" } else { ", attention only" }
+            );
+        }
+        if self.shortlist == 0 {
+            bail!("--shortlist must be at least 1");
+        }
+        Ok(())
+    }
+
     /// What must match for a checkpoint to be resumed.
     fn fingerprint(&self) -> serde_json::Value {
         serde_json::json!({
@@ -187,29 +215,9 @@ pub fn search(
 ) -> Result<SearchResult> {
     let t_all = Instant::now();
     let n = model.n_layers();
-    let kinds: &[BlockKind] = if opts.include_mlp {
-        &[BlockKind::Attn, BlockKind::Mlp]
-    } else {
-        &[BlockKind::Attn]
-    };
+    opts.validate(n)?;
+    let kinds = opts.kinds();
     let available = n * kinds.len();
-    if opts.blocks == 0 {
-        bail!("--blocks must be at least 1");
-    }
-    if opts.blocks > available {
-        bail!(
-            "--blocks {} is more than the model's {available} candidate blocks ({n} layers{})",
-            opts.blocks,
-            if opts.include_mlp {
-                ", attention and MLP"
-            } else {
-                ", attention only"
-            }
-        );
-    }
-    if opts.shortlist == 0 {
-        bail!("--shortlist must be at least 1");
-    }
     let mut steps = opts.resume_from.clone();
     if steps.len() > opts.blocks {
         steps.truncate(opts.blocks);
