@@ -27,6 +27,10 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Fetch) => commands::fetch::run(&cli.model),
         Some(Command::Export(args)) => commands::export::run(&cli.model, &cli.plan, args),
         Some(Command::Report(args)) => commands::report::run(&cli.model, args),
+        Some(Command::Importance(args)) => commands::importance::run(&cli.model, &cli.plan, args),
+        Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
+        Some(Command::Search(args)) => commands::search::run(&cli.model, args),
+        Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
         None => anyhow::bail!(
             "the interactive workbench is not built yet; see `scalpel --help` for the commands"
         ),

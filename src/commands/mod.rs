@@ -2,9 +2,14 @@
 //! itself lives in the library modules.
 
 pub mod bench;
+pub mod compare;
 pub mod eval;
 pub mod export;
 pub mod fetch;
+pub mod fit;
 pub mod generate;
+pub mod importance;
 pub mod info;
 pub mod report;
+pub mod search;
+pub mod surgery_common;
