@@ -7,3 +7,4 @@ pub mod eval;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod tui;

@@ -25,8 +25,6 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Bench(args)) => commands::bench::run(&cli.model, &cli.plan, args),
         Some(Command::Info) => commands::info::run(&cli.model),
         Some(Command::Fetch) => commands::fetch::run(&cli.model),
-        None => anyhow::bail!(
-            "the interactive workbench is not built yet; see `scalpel --help` for the commands"
-        ),
+        None => scalpel::tui::run(&cli.model, &cli.plan),
     }
 }
