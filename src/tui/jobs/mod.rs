@@ -16,6 +16,8 @@ use crate::model::{Model, RunOptions};
 pub const WINDOW: usize = 256;
 /// Held-out windows: short, so a re-evaluation takes seconds on a laptop CPU.
 pub const HELDOUT_WINDOWS: usize = 2;
+/// Calibration tokens for importance and search: one pass per candidate block.
+pub const CALIBRATION_TOKENS: usize = 128;
 
 /// The token sets and settings every job shares.
 pub struct Setup {
@@ -35,7 +37,7 @@ impl Setup {
     pub fn for_model(model: &Model) -> Result<Self> {
         let ids = model.codec()?.encode(DEFAULT_EVAL_TEXT)?;
         let held = WINDOW * HELDOUT_WINDOWS;
-        if ids.len() < held + WINDOW {
+        if ids.len() < held + CALIBRATION_TOKENS {
             bail!("the built-in evaluation text is too short for this tokenizer");
         }
         let quantized = model.has_quantized && model.device().is_cpu();
@@ -45,11 +47,11 @@ impl Setup {
         };
         Ok(Self {
             heldout: ids[..held].to_vec(),
-            calibration: ids[ids.len() - WINDOW..].to_vec(),
+            calibration: ids[ids.len() - CALIBRATION_TOKENS..].to_vec(),
             window: WINDOW,
             bench: BenchOptions {
-                prefill_tokens: 64,
-                decode_tokens: 16,
+                prefill_tokens: 32,
+                decode_tokens: 8,
                 runs: 3,
                 run,
             },

@@ -4,7 +4,7 @@
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
 use ratatui::symbols::Marker;
-use ratatui::text::Line;
+use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, Paragraph, Wrap};
 use ratatui::Frame;
 
@@ -16,10 +16,15 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         ChartY::Perplexity => "PPL",
     };
     let x_name = match app.chart_x {
-        ChartX::BlocksSkipped => "blocks skipped",
-        ChartX::DecodeSpeedup => "decode speed-up",
+        ChartX::BlocksSkipped => "skipped",
+        ChartX::DecodeSpeedup => "decode ×",
     };
-    let title = format!(" {y_name} vs {x_name} ");
+    let title = Line::from(vec![
+        Span::raw(format!(" {y_name} vs {x_name} · ")),
+        Span::styled("⠒search ", Style::new().fg(Color::Magenta)),
+        Span::styled("•yours ", Style::new().fg(Color::Cyan)),
+        Span::styled("█now ", Style::new().fg(Color::Yellow)),
+    ]);
     let search = app.chart_points(Origin::Search);
     let user = app.chart_points(Origin::User);
     let current: Vec<(f64, f64)> = app
@@ -105,6 +110,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     };
     let chart = Chart::new(datasets)
         .block(Block::bordered().title(title))
+        .legend_position(None)
         .x_axis(
             Axis::default()
                 .bounds([x0, x1])

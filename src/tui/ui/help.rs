@@ -14,7 +14,8 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "Block grid",
         &[
-            ("←↓↑→ hjkl", "move between blocks (mouse: click a cell)"),
+            ("←↓↑→ hjkl", "move between blocks"),
+            ("click", "select a block; click again or right-click: skip"),
             ("0 / $", "first / last layer"),
             ("space enter", "skip or restore the block (re-evaluates)"),
             ("c", "clear: back to the base model"),

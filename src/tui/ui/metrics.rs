@@ -13,19 +13,27 @@ use crate::tui::app::{App, EvalStage};
 const DIM: Style = Style::new().fg(Color::DarkGray);
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
-    let panel = Block::bordered().title(" metrics · held-out ");
-    let inner = panel.inner(area);
-    frame.render_widget(panel, area);
-
     let record = app.current_record();
     let quality = record.and_then(|r| r.quality);
     let speed = record.and_then(|r| r.speed);
     let base = app.base_quality;
     let pending = app.current_eval().map(|e| e.stage);
     let is_base = app.plan().skip.is_empty() && !app.plan().has_scales();
+    let title = match pending {
+        Some(EvalStage::Quality { done, total }) if total > 0 => {
+            format!(" metrics · evaluating… {done}/{total} ")
+        }
+        Some(EvalStage::Quality { .. }) => " metrics · evaluating… ".to_string(),
+        Some(EvalStage::Speed) => " metrics · measuring speed… ".to_string(),
+        None => " metrics · held-out ".to_string(),
+    };
+    let panel = Block::bordered().title(title);
+    let inner = panel.inner(area);
+    frame.render_widget(panel, area);
+    // "…" while a number is being measured, "—" when nothing is under way.
     let wait = |what: &str| match pending {
-        Some(EvalStage::Quality { .. }) if what == "q" => "evaluating…",
-        Some(EvalStage::Quality { .. }) | Some(EvalStage::Speed) if what == "s" => "measuring…",
+        Some(EvalStage::Quality { .. }) => "…",
+        Some(EvalStage::Speed) if what == "s" => "…",
         _ => "—",
     };
 
@@ -54,7 +62,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
                 "top-1",
                 "100%".into(),
                 format!("{:.1}%", q.top1 * 100.0),
-                format!("{:+.1}", (q.top1 - 1.0) * 100.0),
+                format!("{:+.1}pt", (q.top1 - 1.0) * 100.0),
                 q.top1 < 1.0,
             ));
         }
@@ -82,8 +90,11 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
             lines.push(row_ratio("decode", s.base_decode, s.plan_decode));
         }
         None => {
-            lines.push(row(["prefill", "tok/s", wait("s"), ""], Style::new()));
-            lines.push(row(["decode", "tok/s", wait("s"), ""], Style::new()));
+            lines.push(row(
+                ["prefill", wait("s"), wait("s"), "tok/s"],
+                Style::new(),
+            ));
+            lines.push(row(["decode", wait("s"), wait("s"), "tok/s"], Style::new()));
         }
     }
     let (params, flops) = app.info.skipped_shares(app.plan());

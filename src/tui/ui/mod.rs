@@ -120,6 +120,7 @@ fn draw_title(frame: &mut Frame, area: Rect, app: &App) {
         Some(EvalStage::Speed) => "measuring speed…".to_string(),
         None => String::new(),
     };
+    let name: String = app.info.identity.name.chars().take(28).collect();
     let mut spans = vec![
         Span::styled(
             " scalpel ",
@@ -129,9 +130,7 @@ fn draw_title(frame: &mut Frame, area: Rect, app: &App) {
                 .add_modifier(Modifier::BOLD),
         ),
         Span::raw(format!(
-            " {} · {} layers · plan {}/{}: {} skipped",
-            app.info.identity.name,
-            app.info.n_layers,
+            " {name} · plan {}/{} · {} skipped",
             app.at + 1,
             app.history.len(),
             plan.skip.len()
