@@ -19,7 +19,7 @@ use super::ui;
 use super::worker::Worker;
 
 /// Redraw period when nothing happens.
-pub const TICK: Duration = Duration::from_millis(50);
+pub const TICK: Duration = Duration::from_millis(33);
 
 /// Frame and key timestamps (ms since start) for latency tests.
 struct FrameLog {
