@@ -39,6 +39,129 @@ pub enum Command {
     Info,
     /// Download the model (default, or a --model hub id) into the cache and print where it is.
     Fetch,
+    /// Per-block importance: Δloss when skipped alone, and block influence (1 − cos).
+    Importance(ImportanceArgs),
+    /// Fit the Hopscotch scales (4 per layer) of a plan, weights frozen.
+    Fit(FitArgs),
+    /// Greedy Hopscotch search for the attention blocks to skip, then the final fit.
+    Search(SearchArgs),
+    /// Hopscotch against training-free selections at k = 1..K, on held-out data.
+    Compare(CompareArgs),
+}
+
+/// Calibration and held-out data, shared by the surgery commands.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Calibration text file (default: the built-in prompts answered by the base model).
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Held-out text file (default: the built-in held-out prompts answered by the base model).
+    #[arg(long, value_name = "FILE")]
+    pub eval_text: Option<PathBuf>,
+    /// Calibration prompts answered (self-generated data).
+    #[arg(long, default_value_t = 32)]
+    pub calib_samples: usize,
+    /// Held-out prompts answered (self-generated data).
+    #[arg(long, default_value_t = 32)]
+    pub heldout_samples: usize,
+    /// Longest answer generated per prompt, in tokens.
+    #[arg(long, default_value_t = 96)]
+    pub max_answer_tokens: usize,
+}
+
+/// Scale-fitting settings, shared by fit, search (its final fit) and compare.
+#[derive(Args, Debug, Clone)]
+pub struct FitSettings {
+    /// Epochs over the calibration data (the best held-out epoch is kept).
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f64,
+    /// Loss: kl = distillation from the base model's distribution; ce = cross-entropy on the data (reference).
+    #[arg(long, value_enum, default_value = "kl")]
+    pub loss: crate::surgery::objective::LossKind,
+    /// Sequences per Adam step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportanceArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Plan file to write the importance table into (default: the --plan file, if any).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FitArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub fit: FitSettings,
+    /// Where to write the fitted plan (default: overwrite the --plan file).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// Attention blocks to skip.
+    #[arg(long)]
+    pub blocks: usize,
+    #[arg(long, default_value = "hopscotch-plan.json")]
+    pub out: PathBuf,
+    /// Continue the search saved in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Also consider MLP blocks (an extension beyond the paper).
+    #[arg(long)]
+    pub include_mlp: bool,
+    /// Follow the reference literally: every candidate refitted from 1 (1 epoch, lr 1e-2), final fit 10 epochs at lr 3e-3.
+    #[arg(long)]
+    pub exact: bool,
+    /// Default mode: candidates refitted per step after the cheap screen.
+    #[arg(long, default_value_t = 4)]
+    pub shortlist: usize,
+    /// Adam steps' batch size in the per-candidate refits.
+    #[arg(long, default_value_t = 4)]
+    pub refit_batch_size: usize,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub fit: FitSettings,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Block counts to compare: `1..8` or `8` (the same).
+    #[arg(long)]
+    pub blocks: String,
+    /// A search plan from `scalpel search --blocks K` (K at least the largest k) to reuse instead of searching.
+    #[arg(long)]
+    pub search_plan: Option<PathBuf>,
+    /// Also measure on this prose text (default: the built-in GPL-3 text, first --prose-tokens tokens).
+    #[arg(long)]
+    pub prose: Option<PathBuf>,
+    #[arg(long, default_value_t = 2048)]
+    pub prose_tokens: usize,
+    /// Seed of the random selection.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub fit: FitSettings,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,4 +7,5 @@ pub mod eval;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod surgery;
 pub mod tui;

@@ -25,6 +25,10 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Bench(args)) => commands::bench::run(&cli.model, &cli.plan, args),
         Some(Command::Info) => commands::info::run(&cli.model),
         Some(Command::Fetch) => commands::fetch::run(&cli.model),
+        Some(Command::Importance(args)) => commands::importance::run(&cli.model, &cli.plan, args),
+        Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
+        Some(Command::Search(args)) => commands::search::run(&cli.model, args),
+        Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
         None => scalpel::tui::run(&cli.model, &cli.plan),
     }
 }

@@ -2,7 +2,12 @@
 //! itself lives in the library modules.
 
 pub mod bench;
+pub mod compare;
 pub mod eval;
 pub mod fetch;
+pub mod fit;
 pub mod generate;
+pub mod importance;
 pub mod info;
+pub mod search;
+pub mod surgery_common;

@@ -2,5 +2,6 @@
 //! generation, and speed.
 
 pub mod bench;
+pub mod data;
 pub mod generate;
 pub mod perplexity;

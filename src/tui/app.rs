@@ -172,6 +172,7 @@ pub enum EvalStage {
 pub enum JobKind {
     Importance,
     Search { k: usize },
+    Fit,
 }
 
 impl JobKind {
@@ -179,6 +180,7 @@ impl JobKind {
         match self {
             JobKind::Importance => "importance".into(),
             JobKind::Search { k } => format!("search K={k}"),
+            JobKind::Fit => "fit scales".into(),
         }
     }
 }
@@ -328,8 +330,8 @@ pub enum Request {
     },
     Search {
         k: usize,
-        from: Plan,
     },
+    Fit(Plan),
     CancelJob,
 }
 
@@ -371,6 +373,8 @@ pub enum Update {
     },
     /// The search chose a block: its plan becomes the current one.
     SearchStep(Plan),
+    /// A fit finished: the plan with its scales becomes the current one.
+    Fitted(Plan),
     JobFinished(String),
     JobFailed(String),
     JobCancelled,
@@ -620,20 +624,36 @@ impl App {
             self.set_status("a background job is running; Esc cancels it", true);
             return vec![];
         }
-        let free = self.info.n_blocks() - self.plan().skip.len();
-        if k == 0 || k > free {
-            self.set_status(format!("K must be between 1 and {free}"), true);
+        // The search skips attention blocks, starting from the base model.
+        let most = self.info.n_layers;
+        if k == 0 || k > most {
+            self.set_status(format!("K must be between 1 and {most}"), true);
             return vec![];
         }
         self.job = Some(LongJob::new(JobKind::Search { k }, self.now));
+        self.set_status(format!("{}: {k} blocks", self.info.search_name), false);
+        vec![Request::Search { k }]
+    }
+
+    /// Fits Hopscotch scales for the current plan in the background.
+    pub fn start_fit(&mut self) -> Vec<Request> {
+        if self.job.is_some() {
+            self.set_status("a background job is running; Esc cancels it", true);
+            return vec![];
+        }
+        if self.plan().skip.is_empty() {
+            self.set_status(
+                "skip some blocks first: scales make up for skipped blocks",
+                true,
+            );
+            return vec![];
+        }
+        self.job = Some(LongJob::new(JobKind::Fit, self.now));
         self.set_status(
-            format!("{} for {k} more blocks", self.info.search_name),
+            format!("fitting scales for {}", self.plan().describe()),
             false,
         );
-        vec![Request::Search {
-            k,
-            from: self.plan().clone(),
-        }]
+        vec![Request::Fit(self.plan().clone())]
     }
 
     pub fn cancel_job(&mut self) -> Vec<Request> {
@@ -746,6 +766,10 @@ impl App {
                 self.history.push(plan);
                 self.at = self.history.len() - 1;
                 self.dirty = true;
+            }
+            Update::Fitted(plan) => {
+                self.record_mut(&plan, Origin::User);
+                return self.push_plan(plan);
             }
             Update::JobFinished(summary) => {
                 let was_search = self.search_running();
@@ -924,7 +948,7 @@ mod tests {
         let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
         assert_eq!(app.start_search(99), vec![]);
         let reqs = app.start_search(2);
-        assert!(matches!(reqs[0], Request::Search { k: 2, .. }));
+        assert_eq!(reqs, vec![Request::Search { k: 2 }]);
         assert!(app.toggle_cursor().is_empty());
         assert!(app.status.as_ref().unwrap().error);
         app.apply(Update::SearchStep(Plan::with_skips([BlockId::mlp(1)])));

@@ -56,6 +56,7 @@ fn normal_key(app: &mut App, key: KeyEvent, ctrl: bool) -> Vec<Request> {
                 open_input(app, InputKind::SearchK, "4".into());
             }
         }
+        KeyCode::Char('F') => return app.start_fit(),
         KeyCode::Esc => {
             if app.job.is_none() {
                 app.set_status("no background job to cancel", false);
@@ -122,6 +123,7 @@ fn history_key(app: &mut App, key: KeyEvent, selected: usize) -> Vec<Request> {
 fn input_key(app: &mut App, key: KeyEvent, kind: InputKind, mut text: String) -> Vec<Request> {
     let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
     match key.code {
+        KeyCode::Char('F') => return app.start_fit(),
         KeyCode::Esc => {
             app.mode = Mode::Normal;
             return vec![];

@@ -4,12 +4,12 @@
 //! `AsyncSingleJob`), long jobs (importance, search; Esc cancels) and
 //! generation (latest wins). Requests go in; `Update`s come out on a channel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{BlockScores, JobKind, Origin, Quality, Request, Side, Update};
+use super::app::{JobKind, Origin, Quality, Request, Side, Update};
 use super::jobs::{self, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
@@ -99,7 +99,8 @@ impl<J: Send + 'static> Lane<J> {
 
 enum LongJob {
     Importance,
-    Search { k: usize, from: Plan },
+    Search { k: usize },
+    Fit(Plan),
 }
 
 struct GenJob {
@@ -158,7 +159,8 @@ impl Worker {
         let c = ctx.clone();
         let long = Lane::spawn("scalpel-long", move |job: LongJob, cancel| match job {
             LongJob::Importance => importance(&c, cancel),
-            LongJob::Search { k, from } => search(&c, k, from, cancel),
+            LongJob::Search { k } => search(&c, k, cancel),
+            LongJob::Fit(plan) => fit(&c, plan, cancel),
         });
         let c = ctx;
         let gen = Lane::spawn("scalpel-gen", move |job: GenJob, cancel| {
@@ -172,7 +174,8 @@ impl Worker {
         match req {
             Request::Evaluate(plan) => self.eval.submit(plan, true),
             Request::Generate { prompt, plan } => self.gen.submit(GenJob { prompt, plan }, true),
-            Request::Search { k, from } => self.long.submit(LongJob::Search { k, from }, false),
+            Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
+            Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
             Request::CancelJob => self.long.cancel(),
         }
     }
@@ -272,44 +275,22 @@ fn importance(c: &Ctx, cancel: &AtomicBool) {
         return;
     }
     c.send(Update::JobStarted(JobKind::Importance));
-    let mut all: BTreeMap<_, BlockScores> = BTreeMap::new();
-    match jobs::importance::influence(&c.model, &c.setup.calibration) {
-        Ok(map) => {
-            for (block, v) in map {
-                let scores = BlockScores {
-                    delta_loss: None,
-                    influence: Some(v),
-                };
-                all.entry(block).or_default().merge(scores);
-                c.send(Update::Importance { block, scores });
-            }
-        }
-        Err(e) => {
-            c.send(Update::JobFailed(format!("block influence: {e:#}")));
-            return;
-        }
-    }
-    let r = jobs::importance::delta_loss(
-        &c.model,
-        &c.setup.calibration,
-        cancel,
-        |block, d, done, total| {
-            let scores = BlockScores {
-                delta_loss: Some(d),
-                influence: None,
-            };
-            all.entry(block).or_default().merge(scores);
-            c.send(Update::Importance { block, scores });
-            c.send(Update::JobProgress {
-                done,
-                total,
-                loss: None,
-                detail: format!("Δloss of {block}"),
-            });
-        },
-    );
+    let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
+        c.send(Update::JobProgress {
+            done,
+            total,
+            loss: None,
+            detail: format!("{done}/{total} calibration sequences"),
+        })
+    });
     match r {
-        Ok(()) => {
+        Ok(all) => {
+            for (block, scores) in &all {
+                c.send(Update::Importance {
+                    block: *block,
+                    scores: *scores,
+                });
+            }
             let saved = jobs::importance::save_cache(&path, hash, &calib_desc, &all);
             c.send(Update::JobFinished(match saved {
                 Ok(()) => "importance scored and cached".into(),
@@ -321,26 +302,11 @@ fn importance(c: &Ctx, cancel: &AtomicBool) {
     }
 }
 
-fn search(c: &Ctx, k: usize, from: Plan, cancel: &AtomicBool) {
+/// Measures a plan on the held-out text for the chart (search steps, fits).
+fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
     let never = AtomicBool::new(false);
-    let r = jobs::search::greedy(
-        &c.model,
-        &c.setup.calibration,
-        &from,
-        k,
-        cancel,
-        |p| {
-            c.send(Update::JobProgress {
-                done: p.done,
-                total: p.total,
-                loss: p.best_loss,
-                detail: format!("step {}/{k}", p.step),
-            })
-        },
-        |plan, _loss| {
-            c.send(Update::SearchStep(plan.clone()));
-            // Every step is measured on held-out text for the chart.
-            let q = jobs::eval::quality(&c.model, &c.setup, plan, &never, |_, _| {})?;
+    match jobs::eval::quality(&c.model, &c.setup, plan, &never, |_, _| {}) {
+        Ok(q) => {
             c.cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -348,18 +314,74 @@ fn search(c: &Ctx, k: usize, from: Plan, cancel: &AtomicBool) {
             c.send(Update::Quality {
                 plan: plan.clone(),
                 quality: q,
-                origin: Origin::Search,
+                origin,
             });
-            Ok(())
-        },
-    );
+        }
+        Err(e) => c.send(Update::EvalFailed {
+            plan: plan.clone(),
+            error: format!("{e:#}"),
+        }),
+    }
+}
+
+fn search(c: &Ctx, k: usize, cancel: &AtomicBool) {
+    let r = jobs::search::hopscotch(&c.model, &c.setup, k, cancel, |e| match e {
+        jobs::search::Event::Progress {
+            done,
+            total,
+            loss,
+            detail,
+        } => c.send(Update::JobProgress {
+            done,
+            total,
+            loss,
+            detail,
+        }),
+        jobs::search::Event::Chosen(plan) => {
+            c.send(Update::SearchStep(plan.clone()));
+            measure(c, &plan, Origin::Search);
+        }
+    });
     match r {
-        Ok(plan) => c.send(Update::JobFinished(format!(
-            "search done: {}",
-            plan.describe()
-        ))),
+        Ok(res) => {
+            // The final plan carries the fitted scales (or the last step's, if cancelled).
+            c.send(Update::SearchStep(res.plan.clone()));
+            measure(c, &res.plan, Origin::Search);
+            if res.cancelled {
+                c.send(Update::JobCancelled);
+            } else {
+                c.send(Update::JobFinished(format!(
+                    "search done: {}",
+                    res.plan.describe()
+                )));
+            }
+        }
         Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
         Err(e) => c.send(Update::JobFailed(format!("search: {e:#}"))),
+    }
+}
+
+fn fit(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
+    let epochs = jobs::fit::options().epochs;
+    let r = jobs::fit::fit(&c.model, &c.setup, &plan, cancel, |e| {
+        c.send(Update::JobProgress {
+            done: e.epoch,
+            total: epochs,
+            loss: Some(e.heldout_loss),
+            detail: format!("epoch {}/{epochs}", e.epoch),
+        })
+    });
+    match r {
+        Ok(res) if res.cancelled => c.send(Update::JobCancelled),
+        Ok(res) => {
+            c.send(Update::Fitted(res.plan.clone()));
+            c.send(Update::JobFinished(format!(
+                "scales fitted (best epoch {}, validation KL {:.4})",
+                res.best_epoch, res.best_heldout_loss
+            )));
+        }
+        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
+        Err(e) => c.send(Update::JobFailed(format!("fit: {e:#}"))),
     }
 }
 

@@ -42,18 +42,3 @@ pub fn speed(model: &Model, setup: &Setup, plan: &Plan) -> Result<Speed> {
         plan_decode: r.pruned.decode_tokens_per_sec.median,
     })
 }
-
-/// Mean NLL of `plan` on `ids` as one window (no base pass): the search's loss.
-pub fn calibration_nll(
-    model: &Model,
-    ids: &[u32],
-    plan: &Plan,
-    cancel: &AtomicBool,
-) -> Result<f64> {
-    let opts = EvalOptions {
-        window: ids.len(),
-        compare_base: false,
-        run: RunOptions::FAST,
-    };
-    Ok(evaluate(model, ids, plan, opts, cancel, |_, _| {})?.mean_nll)
-}

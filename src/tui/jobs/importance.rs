@@ -1,85 +1,41 @@
-//! Per-block importance on the calibration window, with the engine alone:
-//! block influence (1 − cos between a block's input and output residual
-//! stream, one pass) and Δloss (calibration NLL with that block alone
-//! skipped, minus the base NLL; one pass per block). Cached per model.
+//! Block importance from the `surgery` engine (Δloss and block influence on
+//! the calibration set), cached per model so the next start is instant.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::eval::calibration_nll;
-use crate::model::transformer::BlockObserver;
-use crate::model::{Model, RunOptions, Scales};
-use crate::plan::{write_atomic, BlockId, Plan};
+use super::Setup;
+use crate::model::Model;
+use crate::plan::{write_atomic, BlockId};
+use crate::surgery::importance::compute_importance;
 use crate::tui::app::BlockScores;
 
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
-/// Mean 1 − cos(input, output) over positions, per computed block.
-struct Influence(BTreeMap<BlockId, f64>);
-
-impl BlockObserver for Influence {
-    fn observe(
-        &mut self,
-        block: BlockId,
-        input: &Tensor,
-        output: &Tensor,
-    ) -> candle_core::Result<()> {
-        let dot = (input * output)?.sum(D::Minus1)?;
-        let norms =
-            (input.sqr()?.sum(D::Minus1)?.sqrt()? * output.sqr()?.sum(D::Minus1)?.sqrt()?)?;
-        let cos = (dot / norms)?
-            .mean_all()?
-            .to_dtype(candle_core::DType::F64)?;
-        self.0.insert(block, 1.0 - cos.to_scalar::<f64>()?);
-        Ok(())
-    }
-}
-
-pub fn influence(model: &Model, ids: &[u32]) -> Result<BTreeMap<BlockId, f64>> {
-    let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let x = model.transformer.embed_tokens(&input)?;
-    let mut obs = Influence(BTreeMap::new());
-    model.transformer.run_layers(
-        x,
-        0..model.n_layers(),
-        0,
-        None,
-        &Plan::base(),
-        Scales::FromPlan,
-        RunOptions::FAST,
-        Some(&mut obs),
-    )?;
-    Ok(obs.0)
-}
-
-/// Calls `on_block` with each block's Δloss as soon as it is measured.
-pub fn delta_loss(
+pub fn compute(
     model: &Model,
-    ids: &[u32],
+    setup: &Setup,
     cancel: &AtomicBool,
-    mut on_block: impl FnMut(BlockId, f64, usize, usize),
-) -> Result<()> {
-    let base = calibration_nll(model, ids, &Plan::base(), cancel)?;
-    let blocks = all_blocks(model.n_layers());
-    for (i, b) in blocks.iter().enumerate() {
-        if cancel.load(Ordering::Relaxed) {
-            bail!("cancelled");
-        }
-        let nll = calibration_nll(model, ids, &Plan::with_skips([*b]), cancel)?;
-        on_block(*b, nll - base, i + 1, blocks.len());
-    }
-    Ok(())
-}
-
-pub fn all_blocks(n_layers: usize) -> Vec<BlockId> {
-    (0..n_layers)
-        .flat_map(|l| [BlockId::attn(l), BlockId::mlp(l)])
-        .collect()
+    progress: impl FnMut(usize, usize),
+) -> Result<BTreeMap<BlockId, BlockScores>> {
+    let imp = compute_importance(model, &setup.calibration, cancel, progress)?;
+    Ok(imp
+        .blocks
+        .iter()
+        .map(|b| {
+            (
+                b.block,
+                BlockScores {
+                    delta_loss: Some(b.delta_loss),
+                    influence: Some(b.block_influence),
+                },
+            )
+        })
+        .collect())
 }
 
 #[derive(Serialize, Deserialize)]

@@ -1,71 +1,90 @@
-//! Greedy skip search on the engine alone: at each step, skip the one more
-//! block whose removal raises the calibration loss least. This is
-//! Hopscotch's selection rule without its scale fitting.
+//! The Hopscotch search (the `surgery` engine), reported as progress the
+//! workbench can show: candidates refitted of all, live loss, each chosen block.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
-use super::eval::calibration_nll;
-use super::importance::all_blocks;
+use super::Setup;
 use crate::model::Model;
 use crate::plan::Plan;
+use crate::surgery::hopscotch::{search, SearchEvent, SearchOptions, SearchResult};
+use crate::surgery::objective::LossKind;
 
-pub const NAME: &str = "greedy skip search (calibration Δloss, no scale fitting)";
+pub const NAME: &str = "Hopscotch search (attention blocks, KL, scales refitted)";
 
-pub struct Progress {
-    pub done: usize,
-    pub total: usize,
-    pub best_loss: Option<f64>,
-    pub step: usize,
+pub enum Event {
+    Progress {
+        done: usize,
+        total: usize,
+        loss: Option<f64>,
+        detail: String,
+    },
+    /// A block was chosen: the skips so far (their refitted scales come with the final plan).
+    Chosen(Plan),
 }
 
-/// Adds `k` blocks to `from`, calling `on_step` with each chosen plan.
-pub fn greedy(
+/// Skips `k` attention blocks from the base model, then fits the final scales.
+pub fn hopscotch(
     model: &Model,
-    calibration: &[u32],
-    from: &Plan,
+    setup: &Setup,
     k: usize,
     cancel: &AtomicBool,
-    mut on_progress: impl FnMut(Progress),
-    mut on_step: impl FnMut(&Plan, f64) -> Result<()>,
-) -> Result<Plan> {
-    let mut plan = from.clone();
-    let free = all_blocks(model.n_layers())
-        .into_iter()
-        .filter(|b| !plan.is_skipped(*b))
-        .count();
-    if k == 0 || k > free {
-        bail!("K must be between 1 and {free}");
-    }
-    let total: usize = (0..k).map(|s| free - s).sum();
-    let mut done = 0;
-    for step in 1..=k {
-        let mut best: Option<(crate::plan::BlockId, f64)> = None;
-        for b in all_blocks(model.n_layers()) {
-            if plan.is_skipped(b) {
-                continue;
-            }
-            if cancel.load(Ordering::Relaxed) {
-                bail!("cancelled");
-            }
-            let mut candidate = plan.clone();
-            candidate.skip.insert(b);
-            let nll = calibration_nll(model, calibration, &candidate, cancel)?;
-            if best.is_none_or(|(_, l)| nll < l) {
-                best = Some((b, nll));
-            }
-            done += 1;
-            on_progress(Progress {
+    mut on: impl FnMut(Event),
+) -> Result<SearchResult> {
+    let opts = SearchOptions::new(k, LossKind::Kl);
+    let (mut done, mut total) = (0, 0);
+    let mut chosen = Vec::new();
+    search(
+        model,
+        &setup.calibration,
+        &setup.validation,
+        &opts,
+        cancel,
+        |e| match e {
+            SearchEvent::Preparing => on(Event::Progress {
                 done,
                 total,
-                best_loss: best.map(|(_, l)| l),
+                loss: None,
+                detail: "base states".into(),
+            }),
+            SearchEvent::Resumed { .. } => {}
+            SearchEvent::Screening {
                 step,
-            });
-        }
-        let (b, loss) = best.expect("at least one free block");
-        plan.skip.insert(b);
-        on_step(&plan, loss)?;
-    }
-    Ok(plan)
+                done: d,
+                total: t,
+            } => on(Event::Progress {
+                done,
+                total,
+                loss: None,
+                detail: format!("step {step}/{k} screen {d}/{t}"),
+            }),
+            SearchEvent::Candidate {
+                step,
+                block,
+                loss,
+                done: d,
+                total: t,
+                ..
+            } => {
+                (done, total) = (*d, *t);
+                on(Event::Progress {
+                    done,
+                    total,
+                    loss: Some(*loss),
+                    detail: format!("step {step}/{k} refit {block}"),
+                })
+            }
+            SearchEvent::StepDone { chosen: b, .. } => {
+                chosen.push(*b);
+                on(Event::Chosen(Plan::with_skips(chosen.iter().copied())))
+            }
+            SearchEvent::Fitting(epoch) => on(Event::Progress {
+                done,
+                total,
+                loss: Some(epoch.heldout_loss),
+                detail: format!("final fit, epoch {}", epoch.epoch),
+            }),
+        },
+    )
 }

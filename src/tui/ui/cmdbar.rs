@@ -27,6 +27,7 @@ pub fn keys(app: &App) -> Vec<(&'static str, &'static str)> {
                 ("hjkl", "move"),
                 ("u", "undo"),
                 ("S", "search"),
+                ("F", "fit"),
                 ("p", "generate"),
                 ("s", "save"),
                 ("o", "open"),

@@ -31,10 +31,11 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     (
-        "Search",
+        "Search and fit",
         &[
-            ("S", "search K more blocks to skip (asks for K)"),
-            ("Esc", "cancel the running search or scoring"),
+            ("S", "Hopscotch: skip K attention blocks (asks K)"),
+            ("F", "fit Hopscotch scales for the current plan"),
+            ("Esc", "cancel the running search, fit or scoring"),
         ],
     ),
     (

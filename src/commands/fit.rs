@@ -1,0 +1,84 @@
+//! `scalpel fit`: fit a plan's scales; Ctrl-C keeps the best epoch so far.
+
+use anyhow::{bail, Result};
+
+use super::surgery_common as common;
+use crate::cli::{self, FitArgs};
+use crate::plan::PlanFile;
+use crate::surgery::fit::fit_scales;
+
+pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Result<()> {
+    let Some(out) = args.out.clone().or_else(|| pargs.plan.clone()) else {
+        bail!("fit needs a plan: --plan FILE (and/or --skip BLOCKS with --out FILE)");
+    };
+    let cancel = common::cancel_on_ctrl_c();
+    let model = cli::load_model(margs)?;
+    let (plan, file) = cli::load_plan(pargs, &model)?;
+    if plan.skip.is_empty() {
+        bail!("the plan skips no block; there is nothing for the scales to compensate");
+    }
+    let calib = common::calibration(&model, &args.data, &cancel)?;
+    let heldout = common::heldout(&model, &args.data, &cancel)?;
+    let opts = common::fit_options(&args.fit);
+    eprintln!(
+        "scalpel: fitting {} ({} loss, lr {}, {} epochs)",
+        plan.describe(),
+        opts.loss,
+        opts.lr,
+        opts.epochs
+    );
+    let result = fit_scales(&model, &plan, &calib, &heldout, &opts, &cancel, |e| {
+        if e.epoch == 0 {
+            eprintln!(
+                "epoch 0 (unfitted)  held-out {} {:.5}",
+                opts.loss, e.heldout_loss
+            );
+        } else {
+            eprintln!(
+                "epoch {:<3} train {:.5}  held-out {:.5}  ({:.1}s){}",
+                e.epoch,
+                e.train_loss,
+                e.heldout_loss,
+                e.seconds,
+                e.note
+                    .as_deref()
+                    .map(|n| format!("  [{n}]"))
+                    .unwrap_or_default()
+            );
+        }
+    })?;
+    for w in &result.warnings {
+        eprintln!("scalpel: warning: {w}");
+    }
+    let mut pf = file.unwrap_or_else(|| PlanFile::new(model.identity.clone(), plan.clone()));
+    pf.plan = result.plan.clone();
+    pf.metrics
+        .insert("fit_history".into(), serde_json::to_value(&result.history)?);
+    pf.metrics
+        .insert("fit_best_epoch".into(), result.best_epoch.into());
+    pf.provenance.insert(
+        "fit".into(),
+        serde_json::json!({"loss": opts.loss, "lr": opts.lr, "epochs": opts.epochs,
+            "batch_size": opts.batch_size, "calibration": calib.source, "heldout": heldout.source,
+            "cancelled": result.cancelled}),
+    );
+    pf.save(&out)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&pf)?);
+    } else {
+        println!(
+            "best epoch {} (held-out {} {:.5}, unfitted {:.5}){}; plan written to {}",
+            result.best_epoch,
+            opts.loss,
+            result.best_heldout_loss,
+            result.history[0].heldout_loss,
+            if result.cancelled {
+                " — cancelled, best so far kept"
+            } else {
+                ""
+            },
+            out.display()
+        );
+    }
+    Ok(())
+}

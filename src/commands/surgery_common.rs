@@ -1,0 +1,84 @@
+//! Setup shared by importance, fit, search and compare: the data sets (with
+//! progress bars), Ctrl-C as a cancel flag, and fit settings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use crate::cli::{DataArgs, FitSettings};
+use crate::eval::data::{self, DataOptions, TokenSet};
+use crate::model::Model;
+use crate::progress;
+use crate::surgery::fit::FitOptions;
+
+/// A flag set by the first Ctrl-C, so long jobs stop cleanly and keep what
+/// they have; a second Ctrl-C exits at once.
+pub fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nscalpel: stopping after the current sequence (Ctrl-C again to quit now)");
+    });
+    flag
+}
+
+pub fn fit_options(s: &FitSettings) -> FitOptions {
+    FitOptions {
+        epochs: s.epochs,
+        lr: s.lr,
+        loss: s.loss,
+        batch_size: s.batch_size,
+        init: None,
+    }
+}
+
+fn options(args: &DataArgs, text: Option<&std::path::Path>, samples: usize) -> DataOptions {
+    DataOptions {
+        text_file: text.map(Into::into),
+        samples,
+        max_answer_tokens: args.max_answer_tokens,
+        cache_dir: None,
+    }
+}
+
+/// Calibration data, generating (and caching) it with a progress bar if needed.
+pub fn calibration(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Result<TokenSet> {
+    let pb = progress::bar(args.calib_samples, "calibration");
+    let opts = options(args, args.calib.as_deref(), args.calib_samples);
+    let set = data::calibration_set(model, &opts, cancel, |d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64)
+    });
+    pb.finish_and_clear();
+    let set = set?;
+    eprintln!(
+        "scalpel: calibration data: {} — {} sequences, {} scored tokens",
+        set.source,
+        set.sequences.len(),
+        set.scored_tokens()
+    );
+    Ok(set)
+}
+
+/// Held-out data, likewise.
+pub fn heldout(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Result<TokenSet> {
+    let pb = progress::bar(args.heldout_samples, "held-out");
+    let opts = options(args, args.eval_text.as_deref(), args.heldout_samples);
+    let set = data::heldout_set(model, &opts, cancel, |d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64)
+    });
+    pb.finish_and_clear();
+    let set = set?;
+    eprintln!(
+        "scalpel: held-out data: {} — {} sequences, {} scored tokens",
+        set.source,
+        set.sequences.len(),
+        set.scored_tokens()
+    );
+    Ok(set)
+}

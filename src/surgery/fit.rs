@@ -1,0 +1,398 @@
+//! Hopscotch scale fitting: Adam (no weight decay) on the four scalars of
+//! every layer, model weights frozen (plain tensors, so no gradient is even
+//! computed for them). A skipped attention block's `b_att` is held at 0 by a
+//! mask, so it gets no gradient. Held-out loss after each epoch; the best
+//! epoch, the unfitted start included, is what is returned.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+
+use super::objective::{forward_full, mean_loss, sequence_loss, BaseStates, LossKind};
+use crate::eval::data::TokenSet;
+use crate::model::{Model, RunOptions, Scales};
+use crate::plan::{LayerScales, Plan};
+
+/// How many times a non-finite loss may cut the learning rate before giving up.
+const MAX_LR_CUTS: usize = 3;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitOptions {
+    pub epochs: usize,
+    pub lr: f64,
+    pub loss: LossKind,
+    /// Sequences per Adam step (gradients summed over them).
+    pub batch_size: usize,
+    /// Starting scales (`None`: all 1, as the reference).
+    #[serde(skip)]
+    pub init: Option<Vec<LayerScales>>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 4,
+            lr: 1e-2,
+            loss: LossKind::Kl,
+            batch_size: 4,
+            init: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitEpoch {
+    /// 0 is the starting point, before any step.
+    pub epoch: usize,
+    /// Mean of this epoch's per-batch training losses (NaN for epoch 0).
+    pub train_loss: f64,
+    pub heldout_loss: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    /// A warning raised during this epoch (non-finite loss, lr lowered).
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitResult {
+    /// The input plan with the best epoch's scales.
+    pub plan: Plan,
+    pub history: Vec<FitEpoch>,
+    pub best_epoch: usize,
+    pub best_heldout_loss: f64,
+    pub cancelled: bool,
+    pub warnings: Vec<String>,
+}
+
+/// The fit's state: one `Var` of 4 scalars per layer and the masks that pin
+/// skipped blocks' output scales.
+pub(crate) struct Trainer<'a> {
+    model: &'a Model,
+    plan: &'a Plan,
+    data: &'a TokenSet,
+    base: Option<&'a BaseStates>,
+    kind: LossKind,
+    batch_size: usize,
+    vars: Vec<Var>,
+    masks: Vec<Tensor>,
+    adam: AdamW,
+    pub lr: f64,
+}
+
+/// What one epoch did: per-batch mean losses, or a non-finite loss.
+pub(crate) enum EpochOutcome {
+    Done(Vec<f64>),
+    NonFinite,
+    Cancelled,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        model: &'a Model,
+        plan: &'a Plan,
+        data: &'a TokenSet,
+        base: Option<&'a BaseStates>,
+        opts: &FitOptions,
+    ) -> Result<Self> {
+        if opts.batch_size == 0 {
+            bail!("the fit's batch size must be at least 1");
+        }
+        if !(opts.lr.is_finite() && opts.lr > 0.0) {
+            bail!("--lr must be a positive number");
+        }
+        if opts.loss == LossKind::Kl && base.is_none() {
+            bail!("the KL loss needs the base model's states");
+        }
+        let n = model.n_layers();
+        let init = opts
+            .init
+            .clone()
+            .unwrap_or_else(|| vec![LayerScales::IDENTITY; n]);
+        if init.len() != n {
+            bail!(
+                "starting scales cover {} layers, the model has {n}",
+                init.len()
+            );
+        }
+        let dev = model.device();
+        let mut vars = Vec::with_capacity(n);
+        let mut masks = Vec::with_capacity(n);
+        for (l, s) in init.iter().enumerate() {
+            let mut a = s.as_array();
+            let pinned = plan.skips_attn(l);
+            if pinned {
+                a[0] = 0.0;
+            }
+            vars.push(Var::new(&a[..], dev)?);
+            let m = [if pinned { 0f32 } else { 1.0 }, 1.0, 1.0, 1.0];
+            masks.push(Tensor::new(&m[..], dev)?);
+        }
+        let adam = new_adam(&vars, opts.lr)?;
+        Ok(Self {
+            model,
+            plan,
+            data,
+            base,
+            kind: opts.loss,
+            batch_size: opts.batch_size,
+            vars,
+            masks,
+            adam,
+            lr: opts.lr,
+        })
+    }
+
+    /// The current scales as plain numbers.
+    pub fn scales(&self) -> Result<Vec<LayerScales>> {
+        self.vars
+            .iter()
+            .zip(&self.masks)
+            .map(|(v, m)| {
+                let a: Vec<f32> = (v.as_tensor() * m)?.to_vec1()?;
+                Ok(LayerScales::from_array([a[0], a[1], a[2], a[3]]))
+            })
+            .collect()
+    }
+
+    pub fn set_scales(&mut self, scales: &[LayerScales]) -> Result<()> {
+        for (v, s) in self.vars.iter().zip(scales) {
+            v.set(&Tensor::new(&s.as_array()[..], self.model.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Restarts Adam at a (lower) learning rate, moments cleared.
+    pub fn reset_optimizer(&mut self, lr: f64) -> Result<()> {
+        self.lr = lr;
+        self.adam = new_adam(&self.vars, lr)?;
+        Ok(())
+    }
+
+    /// The plan with the current scales.
+    pub fn plan_with_scales(&self) -> Result<Plan> {
+        let mut p = self.plan.clone();
+        p.scales = Some(self.scales()?);
+        Ok(p)
+    }
+
+    /// One pass over the data, one Adam step per batch.
+    pub fn epoch(&mut self, cancel: &AtomicBool) -> Result<EpochOutcome> {
+        let mut batch_losses = Vec::new();
+        let data = self.data;
+        let mut index = 0;
+        for batch in data.sequences.chunks(self.batch_size) {
+            let tokens: usize = batch.iter().map(|s| s.scored()).sum();
+            let mut grads = GradStore::default();
+            let mut loss_sum = 0.0f64;
+            for seq in batch {
+                if cancel.load(Ordering::Relaxed) {
+                    return Ok(EpochOutcome::Cancelled);
+                }
+                let scaled: Vec<Tensor> = self
+                    .vars
+                    .iter()
+                    .zip(&self.masks)
+                    .map(|(v, m)| v.as_tensor() * m)
+                    .collect::<candle_core::Result<_>>()?;
+                let run = RunOptions::DIFFERENTIABLE;
+                let h = forward_full(self.model, seq, self.plan, Scales::Tensors(&scaled), run)?;
+                let b = self.base.map(|b| &b.hidden[index]);
+                let loss =
+                    (sequence_loss(self.model, seq, &h, b, self.kind, run)? / tokens as f64)?;
+                loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                let g = loss.backward()?;
+                for v in &self.vars {
+                    if let Some(gv) = g.get(v.as_tensor()) {
+                        let sum = match grads.remove(v.as_tensor()) {
+                            Some(prev) => (prev + gv)?,
+                            None => gv.clone(),
+                        };
+                        grads.insert(v.as_tensor(), sum);
+                    }
+                }
+                index += 1;
+            }
+            if !loss_sum.is_finite() || !grads_finite(&grads, &self.vars)? {
+                return Ok(EpochOutcome::NonFinite);
+            }
+            self.adam.step(&grads)?;
+            if !self
+                .scales()?
+                .iter()
+                .all(|s| s.as_array().iter().all(|x| x.is_finite()))
+            {
+                return Ok(EpochOutcome::NonFinite);
+            }
+            batch_losses.push(loss_sum);
+        }
+        Ok(EpochOutcome::Done(batch_losses))
+    }
+}
+
+fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
+    // torch.optim.Adam: no weight decay (candle's AdamW defaults to 0.01).
+    let params = ParamsAdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    Ok(AdamW::new(vars.to_vec(), params)?)
+}
+
+fn grads_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let a: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
+            if a.iter().any(|x| !x.is_finite()) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Fits the scales of `plan` on `data`, keeping the epoch with the lowest
+/// held-out loss. `on_epoch` sees epoch 0 (the start) and every epoch after.
+/// Cancelling returns the best scales so far with `cancelled` set.
+pub fn fit_scales(
+    model: &Model,
+    plan: &Plan,
+    data: &TokenSet,
+    heldout: &TokenSet,
+    opts: &FitOptions,
+    cancel: &AtomicBool,
+    mut on_epoch: impl FnMut(&FitEpoch),
+) -> Result<FitResult> {
+    model.check_plan(plan)?;
+    let (base, held_base) = match opts.loss {
+        LossKind::Kl => (
+            Some(BaseStates::compute(model, data, cancel)?),
+            Some(BaseStates::compute(model, heldout, cancel)?),
+        ),
+        LossKind::Ce => (None, None),
+    };
+    fit_with_states(
+        model,
+        plan,
+        data,
+        base.as_ref(),
+        heldout,
+        held_base.as_ref(),
+        opts,
+        cancel,
+        &mut on_epoch,
+    )
+}
+
+/// `fit_scales` with the base states already computed (the search and
+/// `compare` fit many plans on the same data).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit_with_states(
+    model: &Model,
+    plan: &Plan,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    heldout: &TokenSet,
+    held_base: Option<&BaseStates>,
+    opts: &FitOptions,
+    cancel: &AtomicBool,
+    on_epoch: &mut dyn FnMut(&FitEpoch),
+) -> Result<FitResult> {
+    let mut trainer = Trainer::new(model, plan, data, base, opts)?;
+    let heldout_loss = |p: &Plan| {
+        mean_loss(
+            model,
+            heldout,
+            held_base,
+            p,
+            opts.loss,
+            &AtomicBool::new(false),
+        )
+    };
+    let t0 = Instant::now();
+    let start = trainer.plan_with_scales()?;
+    let first = FitEpoch {
+        epoch: 0,
+        train_loss: f64::NAN,
+        heldout_loss: heldout_loss(&start)?,
+        lr: opts.lr,
+        seconds: t0.elapsed().as_secs_f64(),
+        note: None,
+    };
+    on_epoch(&first);
+    let mut best = (0usize, first.heldout_loss, start);
+    let mut history = vec![first];
+    let mut warnings = Vec::new();
+    let mut cuts = 0;
+    let mut epoch = 1;
+    let mut cancelled = false;
+    while epoch <= opts.epochs {
+        let t = Instant::now();
+        let before = trainer.scales()?;
+        match trainer.epoch(cancel)? {
+            EpochOutcome::Cancelled => {
+                cancelled = true;
+                break;
+            }
+            EpochOutcome::NonFinite => {
+                cuts += 1;
+                let lr = trainer.lr / 10.0;
+                if cuts > MAX_LR_CUTS {
+                    bail!(
+                        "the fit's loss stayed non-finite after lowering the learning rate {MAX_LR_CUTS} times \
+                         (now {lr:.1e}); no scales were saved"
+                    );
+                }
+                let msg = format!(
+                    "non-finite loss in epoch {epoch} at lr {:.1e}; restarted the epoch at lr {lr:.1e}",
+                    trainer.lr
+                );
+                warnings.push(msg.clone());
+                trainer.set_scales(&before)?;
+                trainer.reset_optimizer(lr)?;
+                let _ = msg;
+                continue;
+            }
+            EpochOutcome::Done(losses) => {
+                let p = trainer.plan_with_scales()?;
+                let e = FitEpoch {
+                    epoch,
+                    train_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+                    heldout_loss: heldout_loss(&p)?,
+                    lr: trainer.lr,
+                    seconds: t.elapsed().as_secs_f64(),
+                    note: warnings
+                        .last()
+                        .filter(|_| {
+                            cuts > 0
+                                && history
+                                    .last()
+                                    .is_some_and(|h: &FitEpoch| h.lr != trainer.lr)
+                        })
+                        .cloned(),
+                };
+                on_epoch(&e);
+                if e.heldout_loss < best.1 {
+                    best = (epoch, e.heldout_loss, p);
+                }
+                history.push(e);
+                epoch += 1;
+            }
+        }
+    }
+    Ok(FitResult {
+        plan: best.2,
+        history,
+        best_epoch: best.0,
+        best_heldout_loss: best.1,
+        cancelled,
+        warnings,
+    })
+}

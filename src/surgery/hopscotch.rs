@@ -1,0 +1,591 @@
+//! The Hopscotch greedy search: at each step every remaining attention block
+//! (and MLP block with `include_mlp`) is tried with the scales refitted, the
+//! one with the lowest calibration loss is skipped; then a final fit.
+//!
+//! Two modes:
+//! - exact: the reference literally — each candidate refitted from scales 1
+//!   for one epoch of Adam at lr 1e-2, scored by the mean of that epoch's
+//!   per-batch training losses; every candidate, every step.
+//! - default: the residual stream entering every layer is cached per step,
+//!   so trying a candidate at layer i reruns only layers i.. with the
+//!   current scales (a cheap screen); only the `shortlist` best screened
+//!   candidates are refitted, warm-started from the previous step's scales,
+//!   and scored by their calibration loss after the refit.
+//!
+//! Each finished step is written to the checkpoint file, so an interrupted
+//! search resumes where it stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
+use super::objective::{forward_from, input_ids, mean_loss, sequence_loss, BaseStates, LossKind};
+use crate::eval::data::TokenSet;
+use crate::model::{Model, RunOptions, Scales};
+use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchOptions {
+    /// Blocks to skip in total.
+    pub blocks: usize,
+    pub include_mlp: bool,
+    pub exact: bool,
+    pub loss: LossKind,
+    /// Default mode: candidates refitted per step after the screen.
+    pub shortlist: usize,
+    /// The per-candidate refit (exact mode uses the reference's settings).
+    pub refit: FitOptions,
+    pub final_fit: FitOptions,
+    /// Where each finished step is written (a plan file).
+    #[serde(skip)]
+    pub checkpoint: Option<PathBuf>,
+    /// Steps already done (from `load_checkpoint`), continued from.
+    #[serde(skip)]
+    pub resume_from: Vec<SearchStep>,
+}
+
+impl SearchOptions {
+    /// The default mode's settings for `blocks` with the given loss.
+    pub fn new(blocks: usize, loss: LossKind) -> Self {
+        Self {
+            blocks,
+            include_mlp: false,
+            exact: false,
+            loss,
+            shortlist: 4,
+            refit: FitOptions {
+                epochs: 1,
+                lr: 1e-2,
+                loss,
+                batch_size: 4,
+                init: None,
+            },
+            final_fit: FitOptions {
+                loss,
+                ..FitOptions::default()
+            },
+            checkpoint: None,
+            resume_from: Vec::new(),
+        }
+    }
+
+    /// The reference's settings: every candidate refitted from 1 for one
+    /// epoch at lr 1e-2; final fit from 1 at lr 3e-3.
+    pub fn exact(blocks: usize, loss: LossKind, batch_size: usize) -> Self {
+        let mut o = Self::new(blocks, loss);
+        o.exact = true;
+        o.refit.batch_size = batch_size;
+        o.final_fit = FitOptions {
+            epochs: 10,
+            lr: 3e-3,
+            loss,
+            batch_size,
+            init: None,
+        };
+        o
+    }
+
+    /// What must match for a checkpoint to be resumed.
+    fn fingerprint(&self) -> serde_json::Value {
+        serde_json::json!({
+            "include_mlp": self.include_mlp,
+            "exact": self.exact,
+            "loss": self.loss,
+            "shortlist": self.shortlist,
+            "refit": {"epochs": self.refit.epochs, "lr": self.refit.lr, "batch_size": self.refit.batch_size},
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CandidateScore {
+    pub block: BlockId,
+    /// Default mode: loss with the current scales and no refit.
+    pub screen_loss: Option<f64>,
+    /// Loss after the refit (exact mode: mean training loss of the epoch).
+    pub refit_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchStep {
+    /// 1-based.
+    pub step: usize,
+    pub chosen: BlockId,
+    pub loss: f64,
+    /// The refitted scales of the chosen candidate (the next step starts here).
+    pub scales: Vec<LayerScales>,
+    pub candidates: Vec<CandidateScore>,
+    pub seconds: f64,
+    pub screen_seconds: f64,
+    pub refit_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum SearchEvent {
+    /// The calibration and held-out base states are being computed.
+    Preparing,
+    /// Steps taken from the checkpoint.
+    Resumed {
+        steps: usize,
+    },
+    /// Default mode: `done` of `total` sequences screened.
+    Screening {
+        step: usize,
+        done: usize,
+        total: usize,
+    },
+    /// A candidate's refit finished.
+    Candidate {
+        step: usize,
+        block: BlockId,
+        loss: f64,
+        done: usize,
+        total: usize,
+        eta_secs: f64,
+    },
+    StepDone {
+        step: usize,
+        chosen: BlockId,
+        loss: f64,
+        seconds: f64,
+    },
+    Fitting(FitEpoch),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchTimings {
+    pub base_states: f64,
+    pub screen: f64,
+    pub refit: f64,
+    pub final_fit: f64,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchResult {
+    /// The skips and the final fit's scales.
+    pub plan: Plan,
+    pub steps: Vec<SearchStep>,
+    /// `None` when cancelled before the final fit began.
+    pub fit: Option<FitResult>,
+    pub cancelled: bool,
+    pub timings: SearchTimings,
+}
+
+/// Runs (or continues) the search.
+pub fn search(
+    model: &Model,
+    data: &TokenSet,
+    heldout: &TokenSet,
+    opts: &SearchOptions,
+    cancel: &AtomicBool,
+    mut on_event: impl FnMut(&SearchEvent),
+) -> Result<SearchResult> {
+    let t_all = Instant::now();
+    let n = model.n_layers();
+    let kinds: &[BlockKind] = if opts.include_mlp {
+        &[BlockKind::Attn, BlockKind::Mlp]
+    } else {
+        &[BlockKind::Attn]
+    };
+    let available = n * kinds.len();
+    if opts.blocks == 0 {
+        bail!("--blocks must be at least 1");
+    }
+    if opts.blocks > available {
+        bail!(
+            "--blocks {} is more than the model's {available} candidate blocks ({n} layers{})",
+            opts.blocks,
+            if opts.include_mlp {
+                ", attention and MLP"
+            } else {
+                ", attention only"
+            }
+        );
+    }
+    if opts.shortlist == 0 {
+        bail!("--shortlist must be at least 1");
+    }
+    let mut steps = opts.resume_from.clone();
+    if steps.len() > opts.blocks {
+        steps.truncate(opts.blocks);
+    }
+    if !steps.is_empty() {
+        on_event(&SearchEvent::Resumed { steps: steps.len() });
+    }
+    on_event(&SearchEvent::Preparing);
+    let t = Instant::now();
+    let (base, held_base) = match opts.loss {
+        LossKind::Kl => (
+            Some(BaseStates::compute(model, data, cancel)?),
+            Some(BaseStates::compute(model, heldout, cancel)?),
+        ),
+        LossKind::Ce => (None, None),
+    };
+    let mut timings = SearchTimings {
+        base_states: t.elapsed().as_secs_f64(),
+        screen: 0.0,
+        refit: 0.0,
+        final_fit: 0.0,
+        total: 0.0,
+    };
+    // ETA: seconds per refitted candidate so far, times those left.
+    let per_step = |k: usize| {
+        if opts.exact {
+            available - k
+        } else {
+            opts.shortlist.min(available - k)
+        }
+    };
+    let total_candidates: usize = (0..opts.blocks).map(per_step).sum();
+    let mut done_candidates: usize = (0..steps.len()).map(per_step).sum();
+    let first_done = done_candidates;
+    let t_search = Instant::now();
+
+    while steps.len() < opts.blocks {
+        let k = steps.len();
+        let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
+        let scales = steps
+            .last()
+            .map(|s| s.scales.clone())
+            .unwrap_or_else(|| vec![LayerScales::IDENTITY; n]);
+        plan.scales = Some(scales.clone());
+        let candidates: Vec<BlockId> = (0..n)
+            .flat_map(|l| kinds.iter().map(move |&kind| BlockId { layer: l, kind }))
+            .filter(|b| !plan.is_skipped(*b))
+            .collect();
+        let t_step = Instant::now();
+
+        // Which candidates get a refit, with their screen losses.
+        let (shortlist, mut scores) = if opts.exact {
+            let scores: Vec<CandidateScore> = candidates
+                .iter()
+                .map(|&block| CandidateScore {
+                    block,
+                    screen_loss: None,
+                    refit_loss: None,
+                })
+                .collect();
+            (candidates.clone(), scores)
+        } else {
+            let screened = screen(
+                model,
+                data,
+                base.as_ref(),
+                &plan,
+                &candidates,
+                opts.loss,
+                cancel,
+                |d, t| {
+                    on_event(&SearchEvent::Screening {
+                        step: k + 1,
+                        done: d,
+                        total: t,
+                    })
+                },
+            );
+            let screened = match screened {
+                Ok(s) => s,
+                Err(_) if cancel.load(Ordering::Relaxed) => {
+                    return finish_cancelled(model, steps, timings, t_all, opts);
+                }
+                Err(e) => return Err(e),
+            };
+            let mut order: Vec<usize> = (0..candidates.len()).collect();
+            order.sort_by(|&a, &b| screened[a].total_cmp(&screened[b]));
+            let short: Vec<BlockId> = order
+                .iter()
+                .take(opts.shortlist)
+                .map(|&i| candidates[i])
+                .collect();
+            let scores = candidates
+                .iter()
+                .zip(&screened)
+                .map(|(&block, &l)| CandidateScore {
+                    block,
+                    screen_loss: Some(l),
+                    refit_loss: None,
+                })
+                .collect();
+            (short, scores)
+        };
+        let screen_seconds = t_step.elapsed().as_secs_f64();
+        timings.screen += screen_seconds;
+
+        let t_refit = Instant::now();
+        let mut best: Option<(BlockId, f64, Vec<LayerScales>)> = None;
+        for &block in &shortlist {
+            let mut cand = plan.clone();
+            cand.skip.insert(block);
+            cand.scales = None;
+            let mut fo = opts.refit.clone();
+            fo.loss = opts.loss;
+            fo.init = if opts.exact {
+                None
+            } else {
+                Some(scales.clone())
+            };
+            let refit =
+                refit_candidate(model, &cand, data, base.as_ref(), &fo, opts.exact, cancel)?;
+            let Some((loss, fitted)) = refit else {
+                return finish_cancelled(model, steps, timings, t_all, opts);
+            };
+            if let Some(s) = scores.iter_mut().find(|s| s.block == block) {
+                s.refit_loss = Some(loss);
+            }
+            if best.as_ref().is_none_or(|b| loss < b.1) {
+                best = Some((block, loss, fitted));
+            }
+            done_candidates += 1;
+            let rate = t_search.elapsed().as_secs_f64() / (done_candidates - first_done) as f64;
+            on_event(&SearchEvent::Candidate {
+                step: k + 1,
+                block,
+                loss,
+                done: done_candidates,
+                total: total_candidates,
+                eta_secs: rate * (total_candidates - done_candidates) as f64,
+            });
+        }
+        let refit_seconds = t_refit.elapsed().as_secs_f64();
+        timings.refit += refit_seconds;
+        let (chosen, loss, fitted) = best.context("no candidate could be refitted")?;
+        let step = SearchStep {
+            step: k + 1,
+            chosen,
+            loss,
+            scales: fitted,
+            candidates: scores,
+            seconds: t_step.elapsed().as_secs_f64(),
+            screen_seconds,
+            refit_seconds,
+        };
+        on_event(&SearchEvent::StepDone {
+            step: k + 1,
+            chosen,
+            loss,
+            seconds: step.seconds,
+        });
+        steps.push(step);
+        if let Some(path) = &opts.checkpoint {
+            save_checkpoint(model, &steps, None, opts, path)?;
+        }
+    }
+
+    // Final fit, keeping the best held-out epoch.
+    let t_fit = Instant::now();
+    let plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
+    let mut fo = opts.final_fit.clone();
+    fo.loss = opts.loss;
+    if !opts.exact {
+        fo.init = steps.last().map(|s| s.scales.clone());
+    }
+    let fit = fit_with_states(
+        model,
+        &plan,
+        data,
+        base.as_ref(),
+        heldout,
+        held_base.as_ref(),
+        &fo,
+        cancel,
+        &mut |e| on_event(&SearchEvent::Fitting(e.clone())),
+    )?;
+    timings.final_fit = t_fit.elapsed().as_secs_f64();
+    timings.total = t_all.elapsed().as_secs_f64();
+    if let Some(path) = &opts.checkpoint {
+        save_checkpoint(model, &steps, Some(&fit), opts, path)?;
+    }
+    Ok(SearchResult {
+        plan: fit.plan.clone(),
+        cancelled: fit.cancelled,
+        fit: Some(fit),
+        steps,
+        timings,
+    })
+}
+
+fn finish_cancelled(
+    _model: &Model,
+    steps: Vec<SearchStep>,
+    mut timings: SearchTimings,
+    t_all: Instant,
+    _opts: &SearchOptions,
+) -> Result<SearchResult> {
+    timings.total = t_all.elapsed().as_secs_f64();
+    let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
+    plan.scales = steps.last().map(|s| s.scales.clone());
+    Ok(SearchResult {
+        plan,
+        steps,
+        fit: None,
+        cancelled: true,
+        timings,
+    })
+}
+
+/// Loss of every candidate skipped on top of `plan` (its scales held), from
+/// the cached residual stream entering the candidate's layer.
+#[allow(clippy::too_many_arguments)]
+fn screen(
+    model: &Model,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    plan: &Plan,
+    candidates: &[BlockId],
+    kind: LossKind,
+    cancel: &AtomicBool,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    let t = &model.transformer;
+    let run = RunOptions::FAST;
+    let mut sums = vec![0.0f64; candidates.len()];
+    for (si, seq) in data.sequences.iter().enumerate() {
+        let mut inputs = Vec::with_capacity(t.n_layers());
+        let mut x = t.embed_tokens(&input_ids(model, seq)?)?;
+        for i in 0..t.n_layers() {
+            inputs.push(x.clone());
+            x = t.run_layers(x, i..i + 1, 0, None, plan, Scales::FromPlan, run, None)?;
+        }
+        let b = base.map(|b| &b.hidden[si]);
+        for (ci, &c) in candidates.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                bail!("cancelled");
+            }
+            let mut p = plan.clone();
+            p.skip.insert(c);
+            let h = forward_from(
+                model,
+                inputs[c.layer].clone(),
+                c.layer,
+                &p,
+                Scales::FromPlan,
+                run,
+            )?;
+            sums[ci] += f64::from(sequence_loss(model, seq, &h, b, kind, run)?.to_scalar::<f32>()?);
+        }
+        progress(si + 1, data.sequences.len());
+    }
+    let n = data.scored_tokens() as f64;
+    Ok(sums.into_iter().map(|s| s / n).collect())
+}
+
+/// Refits one candidate plan; returns its score and scales, or `None` if cancelled.
+/// Exact: the mean of the epoch's per-batch training losses (the reference's
+/// score). Default: the calibration loss after the refit. A non-finite loss
+/// lowers the learning rate and retries.
+pub(crate) fn refit_candidate(
+    model: &Model,
+    plan: &Plan,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    opts: &FitOptions,
+    exact: bool,
+    cancel: &AtomicBool,
+) -> Result<Option<(f64, Vec<LayerScales>)>> {
+    let mut trainer = Trainer::new(model, plan, data, base, opts)?;
+    let start = trainer.scales()?;
+    let mut last = Vec::new();
+    let mut epoch = 0;
+    let mut cuts = 0;
+    while epoch < opts.epochs {
+        match trainer.epoch(cancel)? {
+            EpochOutcome::Cancelled => return Ok(None),
+            EpochOutcome::NonFinite => {
+                cuts += 1;
+                if cuts > 3 {
+                    bail!(
+                        "refitting {} kept giving a non-finite loss",
+                        plan.describe()
+                    );
+                }
+                trainer.set_scales(&start)?;
+                let lr = trainer.lr / 10.0;
+                trainer.reset_optimizer(lr)?;
+                epoch = 0;
+            }
+            EpochOutcome::Done(l) => {
+                last = l;
+                epoch += 1;
+            }
+        }
+    }
+    let scales = trainer.scales()?;
+    let score = if exact {
+        last.iter().sum::<f64>() / last.len().max(1) as f64
+    } else {
+        let p = trainer.plan_with_scales()?;
+        mean_loss(model, data, base, &p, opts.loss, cancel)?
+    };
+    Ok(Some((score, scales)))
+}
+
+/// Writes the search so far as a valid plan file: the skips of the finished
+/// steps with the last step's scales (or the final fit's).
+pub fn save_checkpoint(
+    model: &Model,
+    steps: &[SearchStep],
+    fit: Option<&FitResult>,
+    opts: &SearchOptions,
+    path: &Path,
+) -> Result<()> {
+    let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
+    plan.scales = match fit {
+        Some(f) => f.plan.scales.clone(),
+        None => steps.last().map(|s| s.scales.clone()),
+    };
+    let mut pf = PlanFile::new(model.identity.clone(), plan);
+    pf.metrics
+        .insert("search_steps".into(), serde_json::to_value(steps)?);
+    if let Some(f) = fit {
+        pf.metrics
+            .insert("fit_history".into(), serde_json::to_value(&f.history)?);
+        pf.metrics
+            .insert("fit_best_epoch".into(), f.best_epoch.into());
+    }
+    pf.provenance.insert("command".into(), "search".into());
+    pf.provenance.insert(
+        "search".into(),
+        serde_json::json!({
+            "blocks": opts.blocks,
+            "complete": fit.is_some_and(|f| !f.cancelled) && steps.len() >= opts.blocks,
+            "settings": opts.fingerprint(),
+        }),
+    );
+    pf.save(path)
+}
+
+/// The finished steps in a checkpoint, checked against the model and settings.
+pub fn load_checkpoint(
+    model: &Model,
+    opts: &SearchOptions,
+    path: &Path,
+) -> Result<Vec<SearchStep>> {
+    let pf = model.load_plan(path)?;
+    let settings = pf
+        .provenance
+        .get("search")
+        .and_then(|s| s.get("settings"))
+        .with_context(|| {
+            format!(
+                "{} is not a search checkpoint (no search settings)",
+                path.display()
+            )
+        })?;
+    if *settings != opts.fingerprint() {
+        bail!(
+            "{} was made with different search settings ({settings}); resume with the same options or start anew",
+            path.display()
+        );
+    }
+    let steps = pf
+        .metrics
+        .get("search_steps")
+        .with_context(|| format!("{} has no search steps", path.display()))?;
+    serde_json::from_value(steps.clone())
+        .with_context(|| format!("{}: malformed search steps", path.display()))
+}

@@ -1,0 +1,226 @@
+//! The losses that importance, fitting and search minimise, and the held-out
+//! measurements every method is judged by. Only scored positions (answer
+//! tokens) produce logits, in chunks so a 49k vocabulary stays small.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::data::{Sequence, TokenSet};
+use crate::model::{Model, RunOptions, Scales};
+use crate::plan::Plan;
+
+/// Scored positions per logits chunk.
+const LOGIT_CHUNK: usize = 128;
+
+/// What a fit minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Cross-entropy on the data's tokens (the reference: the base model's greedy answers).
+    Ce,
+    /// KL(base ‖ plan) over the full next-token distribution (distillation).
+    Kl,
+}
+
+impl std::fmt::Display for LossKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LossKind::Ce => "ce",
+            LossKind::Kl => "kl",
+        })
+    }
+}
+
+/// The base model's final-normed hidden states at each sequence's scored
+/// positions: base logits are one head matmul away, so KL needs no second
+/// full forward and no vocabulary-sized cache.
+pub struct BaseStates {
+    pub hidden: Vec<Tensor>,
+}
+
+impl BaseStates {
+    pub fn compute(model: &Model, data: &TokenSet, cancel: &AtomicBool) -> Result<Self> {
+        let base = Plan::base();
+        let mut hidden = Vec::with_capacity(data.sequences.len());
+        for seq in &data.sequences {
+            if cancel.load(Ordering::Relaxed) {
+                bail!("cancelled");
+            }
+            let h = forward_full(model, seq, &base, Scales::FromPlan, RunOptions::FAST)?;
+            hidden.push(scored_rows(&h, seq)?);
+        }
+        Ok(Self { hidden })
+    }
+}
+
+/// Token ids of a sequence as a (1, t) tensor.
+pub fn input_ids(model: &Model, seq: &Sequence) -> Result<Tensor> {
+    Ok(Tensor::new(seq.ids.as_slice(), model.device())?.unsqueeze(0)?)
+}
+
+/// Final-normed hidden states (t, h) of a whole sequence under a plan.
+pub fn forward_full(
+    model: &Model,
+    seq: &Sequence,
+    plan: &Plan,
+    scales: Scales,
+    run: RunOptions,
+) -> Result<Tensor> {
+    let x = model.transformer.embed_tokens(&input_ids(model, seq)?)?;
+    forward_from(model, x, 0, plan, scales, run)
+}
+
+/// Final-normed hidden states (t, h) from the residual stream `x` entering layer `from`.
+pub fn forward_from(
+    model: &Model,
+    x: Tensor,
+    from: usize,
+    plan: &Plan,
+    scales: Scales,
+    run: RunOptions,
+) -> Result<Tensor> {
+    let t = &model.transformer;
+    let x = t.run_layers(x, from..t.n_layers(), 0, None, plan, scales, run, None)?;
+    Ok(t.final_norm(&x, run)?.squeeze(0)?)
+}
+
+/// The rows of `hidden` (t, h) that predict the scored tokens.
+pub fn scored_rows(hidden: &Tensor, seq: &Sequence) -> Result<Tensor> {
+    Ok(hidden.narrow(0, seq.scored_from - 1, seq.scored())?)
+}
+
+/// Sum over the scored tokens of one sequence of the loss (a scalar tensor
+/// that carries gradients when `hidden` does). `base` is needed for KL.
+pub fn sequence_loss(
+    model: &Model,
+    seq: &Sequence,
+    hidden: &Tensor,
+    base: Option<&Tensor>,
+    kind: LossKind,
+    run: RunOptions,
+) -> Result<Tensor> {
+    let rows = scored_rows(hidden, seq)?;
+    let n = seq.scored();
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(LOGIT_CHUNK) {
+        let len = LOGIT_CHUNK.min(n - start);
+        let logq = candle_nn::ops::log_softmax(
+            &model
+                .transformer
+                .logits(&rows.narrow(0, start, len)?, run)?,
+            D::Minus1,
+        )?;
+        let part = match kind {
+            LossKind::Ce => {
+                let from = seq.scored_from + start;
+                let targets = Tensor::new(&seq.ids[from..from + len], model.device())?;
+                logq.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()?
+            }
+            LossKind::Kl => {
+                let Some(base) = base else {
+                    bail!("the KL loss needs the base model's states");
+                };
+                let logp = candle_nn::ops::log_softmax(
+                    &model
+                        .transformer
+                        .logits(&base.narrow(0, start, len)?, RunOptions::FAST)?,
+                    D::Minus1,
+                )?;
+                (logp.exp()? * (logp - logq)?)?.sum_all()?
+            }
+        };
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    total.ok_or_else(|| anyhow::anyhow!("a sequence with no scored tokens"))
+}
+
+/// Mean loss per scored token of a plan (constant scales) over a set.
+pub fn mean_loss(
+    model: &Model,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    plan: &Plan,
+    kind: LossKind,
+    cancel: &AtomicBool,
+) -> Result<f64> {
+    let mut sum = 0.0;
+    for (i, seq) in data.sequences.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            bail!("cancelled");
+        }
+        let h = forward_full(model, seq, plan, Scales::FromPlan, RunOptions::FAST)?;
+        let b = base.map(|b| &b.hidden[i]);
+        sum += f64::from(
+            sequence_loss(model, seq, &h, b, kind, RunOptions::FAST)?.to_scalar::<f32>()?,
+        );
+    }
+    Ok(sum / data.scored_tokens() as f64)
+}
+
+/// A plan's quality on a set: perplexity of the set's tokens, KL(base ‖ plan)
+/// and top-1 agreement with the base model, over the scored tokens.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SetReport {
+    pub perplexity: f64,
+    pub kl_to_base: f64,
+    pub top1_agreement: f64,
+    pub scored_tokens: usize,
+}
+
+pub fn measure(
+    model: &Model,
+    data: &TokenSet,
+    base: &BaseStates,
+    plan: &Plan,
+    cancel: &AtomicBool,
+) -> Result<SetReport> {
+    let (mut nll, mut kl, mut agree) = (0.0f64, 0.0f64, 0usize);
+    let run = RunOptions::FAST;
+    for (i, seq) in data.sequences.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            bail!("cancelled");
+        }
+        let h = forward_full(model, seq, plan, Scales::FromPlan, run)?;
+        let rows = scored_rows(&h, seq)?;
+        let n = seq.scored();
+        for start in (0..n).step_by(LOGIT_CHUNK) {
+            let len = LOGIT_CHUNK.min(n - start);
+            let logits = model
+                .transformer
+                .logits(&rows.narrow(0, start, len)?, run)?;
+            let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let from = seq.scored_from + start;
+            let targets = Tensor::new(&seq.ids[from..from + len], model.device())?;
+            nll -= f64::from(
+                logq.gather(&targets.unsqueeze(1)?, 1)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?,
+            );
+            let base_logits = model
+                .transformer
+                .logits(&base.hidden[i].narrow(0, start, len)?, run)?;
+            let logp = candle_nn::ops::log_softmax(&base_logits, D::Minus1)?;
+            kl += f64::from(
+                (logp.exp()? * (&logp - &logq)?)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?,
+            );
+            let a: Vec<u32> = base_logits.argmax(D::Minus1)?.to_vec1()?;
+            let b: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        }
+    }
+    let n = data.scored_tokens();
+    Ok(SetReport {
+        perplexity: (nll / n as f64).exp(),
+        kl_to_base: kl / n as f64,
+        top1_agreement: agree as f64 / n as f64,
+        scored_tokens: n,
+    })
+}
