@@ -757,6 +757,7 @@ impl App {
                     job.detail = detail;
                 }
             }
+            Update::SearchStep(plan) if &plan == self.plan() => {}
             Update::SearchStep(plan) => {
                 self.record_mut(&plan, Origin::Search);
                 if let Some(added) = plan.skip.difference(&self.plan().skip).next() {

@@ -45,6 +45,8 @@ pub fn model_info(model: &Model, setup: &jobs::Setup) -> ModelInfo {
 
 /// Opens the workbench on the model, with `--plan` / `--skip` as the first plan.
 pub fn run(margs: &ModelArgs, pargs: &PlanArgs) -> Result<()> {
+    // Before anything starts rayon's pool.
+    event::lower_compute_priority();
     let model = cli::load_model(margs)?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     let setup = jobs::Setup::for_model(&model)?;
@@ -64,7 +66,6 @@ pub fn run(margs: &ModelArgs, pargs: &PlanArgs) -> Result<()> {
         // Evaluated below by `start`.
         let _ = app.push_plan(plan);
     }
-    event::lower_compute_priority();
     let (tx, rx) = mpsc::channel();
     let worker = worker::Worker::spawn(Arc::new(model), Arc::new(setup), tx);
     autosave.start();

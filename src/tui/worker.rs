@@ -343,6 +343,7 @@ fn search(c: &Ctx, k: usize, cancel: &AtomicBool) {
         }
     });
     match r {
+        Ok(res) if res.cancelled && res.steps.is_empty() => c.send(Update::JobCancelled),
         Ok(res) => {
             // The final plan carries the fitted scales (or the last step's, if cancelled).
             c.send(Update::SearchStep(res.plan.clone()));
