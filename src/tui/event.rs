@@ -18,6 +18,9 @@ use super::handler;
 use super::ui;
 use super::worker::Worker;
 
+/// The last panic of a worker thread, shown as a message.
+static WORKER_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// Redraw period when nothing happens.
 pub const TICK: Duration = Duration::from_millis(33);
 
@@ -90,6 +93,17 @@ pub fn run_loop(
         if let Err(e) = autosave.save_if_dirty(app) {
             app.set_status(format!("autosave failed: {e:#}"), true);
         }
+        if let Some(p) = WORKER_PANIC
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            app.job = None;
+            app.set_status(
+                format!("a background job crashed ({p}); please report it"),
+                true,
+            );
+        }
         if let Some(e) = autosave.take_error() {
             app.set_status(format!("autosave failed: {e}"), true);
         }
@@ -102,8 +116,16 @@ pub fn enable_mouse() {
         ratatui::crossterm::event::EnableMouseCapture
     );
     // ratatui's panic hook restores the screen; mouse reporting must go too.
+    // A worker thread's panic leaves the screen alone and becomes a message.
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        let worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("scalpel-"));
+        if worker {
+            *WORKER_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.to_string());
+            return;
+        }
         disable_mouse();
         previous(info);
     }));

@@ -166,6 +166,8 @@ impl Worker {
         let gen = Lane::spawn("scalpel-gen", move |job: GenJob, cancel| {
             generate(&c, job, cancel)
         });
+        // The base model's numbers first, whatever the first plan is.
+        eval.submit(Plan::base(), false);
         long.submit(LongJob::Importance, false);
         Self { eval, long, gen }
     }
