@@ -153,6 +153,6 @@ pub fn nice_this_thread() {
     // SAFETY: setpriority on the calling thread id has no memory effects.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
     }
 }
