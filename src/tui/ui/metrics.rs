@@ -4,7 +4,7 @@
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph};
+use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::fmt_rate;
@@ -115,7 +115,8 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     ]));
     lines.push(Line::from(Span::styled(app.info.heldout.clone(), DIM)));
     lines.push(Line::from(Span::styled(app.info.speed.clone(), DIM)));
-    frame.render_widget(Paragraph::new(lines), inner);
+    // The last lines describe the measurement and may wrap on narrow panels.
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), inner);
 }
 
 /// Label, base, plan, delta in fixed columns.
