@@ -10,3 +10,4 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod surgery;
+pub mod tui;

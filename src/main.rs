@@ -31,8 +31,6 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
-        None => anyhow::bail!(
-            "the interactive workbench is not built yet; see `scalpel --help` for the commands"
-        ),
+        None => scalpel::tui::run(&cli.model, &cli.plan),
     }
 }

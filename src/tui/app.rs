@@ -1,0 +1,961 @@
+//! Workbench state: plain data, no model and no terminal, so snapshot tests
+//! build an `App` by hand. Keys become calls on `App`; worker results arrive
+//! as `Update`s; both return the `Request`s the worker should run next.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{BlockId, BlockKind, ModelIdentity, Plan};
+
+/// The smallest terminal the layout is drawn for.
+pub const MIN_WIDTH: u16 = 80;
+pub const MIN_HEIGHT: u16 = 24;
+
+/// What the workbench knows about the model and how it measures.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub identity: ModelIdentity,
+    pub n_layers: usize,
+    /// Parameters of one attention / one MLP block.
+    pub attn_params: usize,
+    pub mlp_params: usize,
+    /// LM-head matmul parameters: part of every token's FLOPs, never skipped.
+    pub head_params: usize,
+    /// One line each: what the quality, importance and speed numbers are measured on.
+    pub heldout: String,
+    pub calibration: String,
+    pub speed: String,
+    /// What the `S` key runs, named honestly.
+    pub search_name: String,
+}
+
+impl ModelInfo {
+    pub fn block_params(&self, block: BlockId) -> usize {
+        match block.kind {
+            BlockKind::Attn => self.attn_params,
+            BlockKind::Mlp => self.mlp_params,
+        }
+    }
+
+    pub fn all_block_params(&self) -> usize {
+        self.n_layers * (self.attn_params + self.mlp_params)
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        2 * self.n_layers
+    }
+
+    /// Shares skipped: of all block parameters, and of per-token matmul
+    /// FLOPs including the LM head (attention-score FLOPs left out).
+    pub fn skipped_shares(&self, plan: &Plan) -> (f64, f64) {
+        let skipped: usize = plan.skip.iter().map(|b| self.block_params(*b)).sum();
+        let params = skipped as f64 / self.all_block_params().max(1) as f64;
+        let flops = skipped as f64 / (self.all_block_params() + self.head_params).max(1) as f64;
+        (params, flops)
+    }
+}
+
+/// Which importance score colours the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metric {
+    /// Calibration loss increase when this block alone is skipped.
+    DeltaLoss,
+    /// 1 − cos(block input, block output): how much the block turns the residual stream.
+    Influence,
+}
+
+impl Metric {
+    pub fn next(self) -> Self {
+        match self {
+            Metric::DeltaLoss => Metric::Influence,
+            Metric::Influence => Metric::DeltaLoss,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::DeltaLoss => "Δloss when skipped",
+            Metric::Influence => "block influence (1−cos)",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Metric::DeltaLoss => "Δloss",
+            Metric::Influence => "infl",
+        }
+    }
+}
+
+/// Importance scores of one block; each arrives on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockScores {
+    pub delta_loss: Option<f64>,
+    pub influence: Option<f64>,
+}
+
+impl BlockScores {
+    pub fn get(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::DeltaLoss => self.delta_loss,
+            Metric::Influence => self.influence,
+        }
+    }
+
+    /// Keeps what is already known where `other` has nothing.
+    pub fn merge(&mut self, other: BlockScores) {
+        self.delta_loss = other.delta_loss.or(self.delta_loss);
+        self.influence = other.influence.or(self.influence);
+    }
+}
+
+/// Held-out quality of one plan.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    pub perplexity: f64,
+    /// Mean KL(base ‖ plan) per token, nats.
+    pub kl: f64,
+    pub top1: f64,
+}
+
+/// Medians of prefill / decode tokens per second, base and plan timed in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Speed {
+    pub base_prefill: f64,
+    pub base_decode: f64,
+    pub plan_prefill: f64,
+    pub plan_decode: f64,
+}
+
+impl Speed {
+    pub fn prefill_ratio(&self) -> f64 {
+        self.plan_prefill / self.base_prefill
+    }
+    pub fn decode_ratio(&self) -> f64 {
+        self.plan_decode / self.base_decode
+    }
+}
+
+/// Where a plan came from (the chart draws search steps as a line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    User,
+    Search,
+}
+
+/// Everything measured about one plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub plan: Plan,
+    pub quality: Option<Quality>,
+    pub speed: Option<Speed>,
+    pub origin: Origin,
+}
+
+/// The evaluation in flight for some plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEval {
+    pub plan: Plan,
+    pub stage: EvalStage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EvalStage {
+    Quality { done: usize, total: usize },
+    Speed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Importance,
+    Search { k: usize },
+    Fit,
+}
+
+impl JobKind {
+    pub fn label(&self) -> String {
+        match self {
+            JobKind::Importance => "importance".into(),
+            JobKind::Search { k } => format!("search K={k}"),
+            JobKind::Fit => "fit scales".into(),
+        }
+    }
+}
+
+/// A long background job (importance, search) with its progress.
+#[derive(Debug, Clone)]
+pub struct LongJob {
+    pub kind: JobKind,
+    pub done: usize,
+    pub total: usize,
+    pub started: Instant,
+    /// Live loss (calibration NLL of the best candidate so far).
+    pub loss: Option<f64>,
+    pub detail: String,
+    pub cancelling: bool,
+}
+
+impl LongJob {
+    pub fn new(kind: JobKind, now: Instant) -> Self {
+        Self {
+            kind,
+            done: 0,
+            total: 0,
+            started: now,
+            loss: None,
+            detail: String::new(),
+            cancelling: false,
+        }
+    }
+
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            (self.done as f64 / self.total as f64).min(1.0)
+        }
+    }
+
+    /// Remaining time at the average rate so far.
+    pub fn eta(&self, now: Instant) -> Option<Duration> {
+        if self.done == 0 || self.total == 0 {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(self.started).as_secs_f64();
+        let left = self.total.saturating_sub(self.done) as f64;
+        Some(Duration::from_secs_f64(elapsed / self.done as f64 * left))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Base,
+    Plan,
+}
+
+/// One column of the generation panel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenSide {
+    pub text: String,
+    pub running: bool,
+    pub queued: bool,
+    pub prefill_tps: Option<f64>,
+    pub decode_tps: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    pub prompt: String,
+    pub base: GenSide,
+    pub plan: GenSide,
+    /// The plan the right column was generated with.
+    pub plan_label: String,
+}
+
+impl Generation {
+    pub fn side_mut(&mut self, side: Side) -> &mut GenSide {
+        match side {
+            Side::Base => &mut self.base,
+            Side::Plan => &mut self.plan,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    SavePath,
+    OpenPath,
+    Prompt,
+    SearchK,
+}
+
+impl InputKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            InputKind::SavePath => "save plan to",
+            InputKind::OpenPath => "open plan",
+            InputKind::Prompt => "prompt",
+            InputKind::SearchK => "blocks to skip (K)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    Help,
+    History { selected: usize },
+    Input { kind: InputKind, text: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChartX {
+    BlocksSkipped,
+    DecodeSpeedup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChartY {
+    Kl,
+    Perplexity,
+}
+
+impl ChartY {
+    pub fn of(self, q: &Quality) -> f64 {
+        match self {
+            ChartY::Kl => q.kl,
+            ChartY::Perplexity => q.perplexity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub text: String,
+    pub error: bool,
+}
+
+/// Work for the background threads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Held-out quality, then speed; latest wins.
+    Evaluate(Plan),
+    Generate {
+        prompt: String,
+        plan: Plan,
+    },
+    Search {
+        k: usize,
+    },
+    Fit(Plan),
+    CancelJob,
+}
+
+/// Results and progress from the background threads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    Baseline(Quality),
+    BaselineFailed(String),
+    EvalProgress {
+        plan: Plan,
+        done: usize,
+        total: usize,
+    },
+    Quality {
+        plan: Plan,
+        quality: Quality,
+        origin: Origin,
+    },
+    SpeedStarted(Plan),
+    Speed {
+        plan: Plan,
+        speed: Speed,
+    },
+    EvalFailed {
+        plan: Plan,
+        error: String,
+    },
+    EvalCancelled(Plan),
+    JobStarted(JobKind),
+    Importance {
+        block: BlockId,
+        scores: BlockScores,
+    },
+    JobProgress {
+        done: usize,
+        total: usize,
+        loss: Option<f64>,
+        detail: String,
+    },
+    /// The search chose a block: its plan becomes the current one.
+    SearchStep(Plan),
+    /// A fit finished: the plan with its scales becomes the current one.
+    Fitted(Plan),
+    JobFinished(String),
+    JobFailed(String),
+    JobCancelled,
+    GenText {
+        side: Side,
+        text: String,
+    },
+    GenDone {
+        side: Side,
+        prefill_tps: f64,
+        decode_tps: f64,
+    },
+    GenFailed {
+        side: Side,
+        error: String,
+    },
+}
+
+pub struct App {
+    pub info: ModelInfo,
+    /// Plans in the order they were made; `at` is the current one.
+    pub history: Vec<Plan>,
+    pub at: usize,
+    pub cursor: BlockId,
+    pub metric: Metric,
+    pub importance: BTreeMap<BlockId, BlockScores>,
+    pub base_quality: Option<Quality>,
+    pub baseline_error: Option<String>,
+    /// Every plan measured this session (user's and search steps).
+    pub records: Vec<Record>,
+    pub eval: Option<PendingEval>,
+    pub job: Option<LongJob>,
+    pub gen: Generation,
+    pub mode: Mode,
+    pub chart_x: ChartX,
+    pub chart_y: ChartY,
+    pub status: Option<Status>,
+    /// Drawing time; the loop sets it each frame, tests fix it.
+    pub now: Instant,
+    pub quit: bool,
+    /// Session changed since the last autosave.
+    pub dirty: bool,
+    /// Suggested path for the next save.
+    pub save_path: PathBuf,
+}
+
+impl App {
+    pub fn new(info: ModelInfo, plan: Plan, prompt: String, now: Instant) -> Self {
+        Self {
+            info,
+            history: vec![plan],
+            at: 0,
+            cursor: BlockId::attn(0),
+            metric: Metric::DeltaLoss,
+            importance: BTreeMap::new(),
+            base_quality: None,
+            baseline_error: None,
+            records: Vec::new(),
+            eval: None,
+            job: None,
+            gen: Generation {
+                prompt,
+                ..Default::default()
+            },
+            mode: Mode::Normal,
+            chart_x: ChartX::BlocksSkipped,
+            chart_y: ChartY::Kl,
+            status: None,
+            now,
+            quit: false,
+            dirty: false,
+            save_path: PathBuf::from("scalpel-plan.json"),
+        }
+    }
+
+    /// Requests the first frame needs: the opening plan's evaluation. The
+    /// worker scores importance on its own at start (or loads the cache).
+    pub fn start(&mut self) -> Vec<Request> {
+        self.job = Some(LongJob::new(JobKind::Importance, self.now));
+        self.evaluate_current()
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.history[self.at]
+    }
+
+    pub fn record(&self, plan: &Plan) -> Option<&Record> {
+        self.records.iter().find(|r| &r.plan == plan)
+    }
+
+    fn record_mut(&mut self, plan: &Plan, origin: Origin) -> &mut Record {
+        let i = match self.records.iter().position(|r| &r.plan == plan) {
+            Some(i) => i,
+            None => {
+                self.records.push(Record {
+                    plan: plan.clone(),
+                    quality: None,
+                    speed: None,
+                    origin,
+                });
+                self.records.len() - 1
+            }
+        };
+        &mut self.records[i]
+    }
+
+    pub fn current_record(&self) -> Option<&Record> {
+        self.record(self.plan())
+    }
+
+    /// The evaluation in flight for the current plan, if any.
+    pub fn current_eval(&self) -> Option<&PendingEval> {
+        self.eval.as_ref().filter(|e| &e.plan == self.plan())
+    }
+
+    pub fn search_running(&self) -> bool {
+        matches!(
+            self.job.as_ref().map(|j| j.kind),
+            Some(JobKind::Search { .. })
+        )
+    }
+
+    pub fn set_status(&mut self, text: impl Into<String>, error: bool) {
+        self.status = Some(Status {
+            text: text.into(),
+            error,
+        });
+    }
+
+    /// Makes `plan` current as a new history entry (dropping any redo tail).
+    pub fn push_plan(&mut self, plan: Plan) -> Vec<Request> {
+        if &plan == self.plan() {
+            return vec![];
+        }
+        self.history.truncate(self.at + 1);
+        self.history.push(plan);
+        self.at = self.history.len() - 1;
+        self.dirty = true;
+        self.evaluate_current()
+    }
+
+    /// Asks for the current plan's numbers unless they are already known.
+    fn evaluate_current(&mut self) -> Vec<Request> {
+        let plan = self.plan().clone();
+        let known = self
+            .record(&plan)
+            .is_some_and(|r| r.quality.is_some() && r.speed.is_some());
+        if known {
+            return vec![];
+        }
+        self.eval = Some(PendingEval {
+            plan: plan.clone(),
+            stage: EvalStage::Quality { done: 0, total: 0 },
+        });
+        vec![Request::Evaluate(plan)]
+    }
+
+    /// Refuses plan edits while a search is writing the plan.
+    fn editable(&mut self) -> bool {
+        if self.search_running() {
+            self.set_status("a search is changing the plan; Esc cancels it first", true);
+            false
+        } else {
+            true
+        }
+    }
+
+    pub fn toggle_cursor(&mut self) -> Vec<Request> {
+        if !self.editable() {
+            return vec![];
+        }
+        let mut plan = self.plan().clone();
+        let now_skipped = plan.toggle(self.cursor);
+        self.set_status(
+            format!(
+                "{} {}",
+                if now_skipped { "skipped" } else { "restored" },
+                self.cursor
+            ),
+            false,
+        );
+        self.push_plan(plan)
+    }
+
+    pub fn clear_skips(&mut self) -> Vec<Request> {
+        if !self.editable() {
+            return vec![];
+        }
+        self.set_status("back to the base model", false);
+        self.push_plan(Plan::base())
+    }
+
+    pub fn undo(&mut self) -> Vec<Request> {
+        if !self.editable() {
+            return vec![];
+        }
+        if self.at == 0 {
+            self.set_status("nothing to undo", false);
+            return vec![];
+        }
+        self.jump(self.at - 1)
+    }
+
+    pub fn redo(&mut self) -> Vec<Request> {
+        if !self.editable() {
+            return vec![];
+        }
+        if self.at + 1 >= self.history.len() {
+            self.set_status("nothing to redo", false);
+            return vec![];
+        }
+        self.jump(self.at + 1)
+    }
+
+    /// Moves along the history without changing it.
+    pub fn jump(&mut self, index: usize) -> Vec<Request> {
+        if index >= self.history.len() || !self.editable() {
+            return vec![];
+        }
+        self.at = index;
+        self.dirty = true;
+        self.set_status(
+            format!(
+                "plan {}/{}: {}",
+                index + 1,
+                self.history.len(),
+                self.plan().describe()
+            ),
+            false,
+        );
+        self.evaluate_current()
+    }
+
+    pub fn move_cursor(&mut self, d_layer: isize, d_row: isize) {
+        let n = self.info.n_layers as isize;
+        let layer = (self.cursor.layer as isize + d_layer).clamp(0, n - 1) as usize;
+        let kind = match (self.cursor.kind, d_row) {
+            (_, 0) => self.cursor.kind,
+            (_, r) if r < 0 => BlockKind::Attn,
+            _ => BlockKind::Mlp,
+        };
+        self.cursor = BlockId { layer, kind };
+    }
+
+    pub fn start_search(&mut self, k: usize) -> Vec<Request> {
+        if self.job.is_some() {
+            self.set_status("a background job is running; Esc cancels it", true);
+            return vec![];
+        }
+        // The search skips attention blocks, starting from the base model.
+        let most = self.info.n_layers;
+        if k == 0 || k > most {
+            self.set_status(format!("K must be between 1 and {most}"), true);
+            return vec![];
+        }
+        self.job = Some(LongJob::new(JobKind::Search { k }, self.now));
+        self.set_status(format!("{}: {k} blocks", self.info.search_name), false);
+        vec![Request::Search { k }]
+    }
+
+    /// Fits Hopscotch scales for the current plan in the background.
+    pub fn start_fit(&mut self) -> Vec<Request> {
+        if self.job.is_some() {
+            self.set_status("a background job is running; Esc cancels it", true);
+            return vec![];
+        }
+        if self.plan().skip.is_empty() {
+            self.set_status(
+                "skip some blocks first: scales make up for skipped blocks",
+                true,
+            );
+            return vec![];
+        }
+        self.job = Some(LongJob::new(JobKind::Fit, self.now));
+        self.set_status(
+            format!("fitting scales for {}", self.plan().describe()),
+            false,
+        );
+        vec![Request::Fit(self.plan().clone())]
+    }
+
+    pub fn cancel_job(&mut self) -> Vec<Request> {
+        match &mut self.job {
+            Some(job) => {
+                job.cancelling = true;
+                vec![Request::CancelJob]
+            }
+            None => vec![],
+        }
+    }
+
+    pub fn generate(&mut self) -> Vec<Request> {
+        let prompt = self.gen.prompt.trim().to_string();
+        if prompt.is_empty() {
+            self.set_status("the prompt is empty; e edits it", true);
+            return vec![];
+        }
+        self.gen.base = GenSide {
+            queued: true,
+            ..Default::default()
+        };
+        self.gen.plan = GenSide {
+            queued: true,
+            ..Default::default()
+        };
+        self.gen.plan_label = self.plan().describe();
+        vec![Request::Generate {
+            prompt,
+            plan: self.plan().clone(),
+        }]
+    }
+
+    /// Folds a worker result into the state.
+    pub fn apply(&mut self, update: Update) -> Vec<Request> {
+        match update {
+            Update::Baseline(q) => {
+                self.base_quality = Some(q);
+            }
+            Update::BaselineFailed(e) => {
+                self.set_status(format!("base evaluation failed: {e}"), true);
+                self.baseline_error = Some(e);
+            }
+            Update::EvalProgress { plan, done, total } => {
+                self.eval = Some(PendingEval {
+                    plan,
+                    stage: EvalStage::Quality { done, total },
+                });
+            }
+            Update::Quality {
+                plan,
+                quality,
+                origin,
+            } => {
+                self.record_mut(&plan, origin).quality = Some(quality);
+                self.dirty = true;
+            }
+            Update::SpeedStarted(plan) => {
+                self.eval = Some(PendingEval {
+                    plan,
+                    stage: EvalStage::Speed,
+                });
+            }
+            Update::Speed { plan, speed } => {
+                self.record_mut(&plan, Origin::User).speed = Some(speed);
+                if self.eval.as_ref().is_some_and(|e| e.plan == plan) {
+                    self.eval = None;
+                }
+                self.dirty = true;
+            }
+            Update::EvalFailed { plan, error } => {
+                if self.eval.as_ref().is_some_and(|e| e.plan == plan) {
+                    self.eval = None;
+                }
+                self.set_status(
+                    format!("evaluation of {} failed: {error}", plan.describe()),
+                    true,
+                );
+            }
+            Update::EvalCancelled(plan) => {
+                if self.eval.as_ref().is_some_and(|e| e.plan == plan) {
+                    self.eval = None;
+                }
+            }
+            Update::JobStarted(kind) => {
+                self.job = Some(LongJob::new(kind, self.now));
+            }
+            Update::Importance { block, scores } => {
+                self.importance.entry(block).or_default().merge(scores);
+            }
+            Update::JobProgress {
+                done,
+                total,
+                loss,
+                detail,
+            } => {
+                if let Some(job) = &mut self.job {
+                    job.done = done;
+                    job.total = total;
+                    job.loss = loss.or(job.loss);
+                    job.detail = detail;
+                }
+            }
+            Update::SearchStep(plan) if &plan == self.plan() => {}
+            Update::SearchStep(plan) => {
+                self.record_mut(&plan, Origin::Search);
+                if let Some(added) = plan.skip.difference(&self.plan().skip).next() {
+                    self.cursor = *added;
+                }
+                self.history.truncate(self.at + 1);
+                self.history.push(plan);
+                self.at = self.history.len() - 1;
+                self.dirty = true;
+            }
+            Update::Fitted(plan) => {
+                self.record_mut(&plan, Origin::User);
+                return self.push_plan(plan);
+            }
+            Update::JobFinished(summary) => {
+                let was_search = self.search_running();
+                self.job = None;
+                self.set_status(summary, false);
+                if was_search {
+                    // The final plan's quality is known; its speed is not yet.
+                    return self.evaluate_current();
+                }
+            }
+            Update::JobFailed(e) => {
+                self.job = None;
+                self.set_status(e, true);
+            }
+            Update::JobCancelled => {
+                let what = self.job.take().map(|j| j.kind.label()).unwrap_or_default();
+                self.set_status(format!("{what} cancelled"), false);
+                return self.evaluate_current();
+            }
+            Update::GenText { side, text } => {
+                let s = self.gen.side_mut(side);
+                s.queued = false;
+                s.running = true;
+                s.text = text;
+            }
+            Update::GenDone {
+                side,
+                prefill_tps,
+                decode_tps,
+            } => {
+                let s = self.gen.side_mut(side);
+                s.running = false;
+                s.queued = false;
+                s.prefill_tps = Some(prefill_tps);
+                s.decode_tps = Some(decode_tps);
+            }
+            Update::GenFailed { side, error } => {
+                let s = self.gen.side_mut(side);
+                s.running = false;
+                s.queued = false;
+                s.error = Some(error);
+            }
+        }
+        vec![]
+    }
+
+    /// Importance level 0..=3 of a block among the blocks scored so far (quartiles).
+    pub fn level(&self, block: BlockId) -> Option<u8> {
+        let v = self.importance.get(&block)?.get(self.metric)?;
+        let all: Vec<f64> = self
+            .importance
+            .values()
+            .filter_map(|s| s.get(self.metric))
+            .collect();
+        let below = all.iter().filter(|x| **x < v).count();
+        Some(((below * 4) / all.len().max(1)).min(3) as u8)
+    }
+
+    /// Plans measured this session for the chart: (origin, blocks skipped, quality, speed).
+    pub fn chart_points(&self, origin: Origin) -> Vec<(f64, f64)> {
+        let mut pts: Vec<(f64, f64)> = self
+            .records
+            .iter()
+            .filter(|r| r.origin == origin)
+            .filter_map(|r| {
+                let q = r.quality.as_ref()?;
+                let x = match self.chart_x {
+                    ChartX::BlocksSkipped => r.plan.skip.len() as f64,
+                    ChartX::DecodeSpeedup => r.speed.as_ref()?.decode_ratio(),
+                };
+                Some((x, self.chart_y.of(q)))
+            })
+            .collect();
+        if origin == Origin::Search {
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        pts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn info() -> ModelInfo {
+        ModelInfo {
+            identity: ModelIdentity {
+                name: "test".into(),
+                architecture: "llama".into(),
+                n_layers: 4,
+                content_hash: "abc".into(),
+            },
+            n_layers: 4,
+            attn_params: 100,
+            mlp_params: 300,
+            head_params: 400,
+            heldout: String::new(),
+            calibration: String::new(),
+            speed: String::new(),
+            search_name: "search".into(),
+        }
+    }
+
+    #[test]
+    fn toggle_undo_redo_walk_the_history() {
+        let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
+        assert_eq!(app.start(), vec![Request::Evaluate(Plan::base())]);
+        app.move_cursor(2, 1);
+        assert_eq!(app.cursor, BlockId::mlp(2));
+        let reqs = app.toggle_cursor();
+        let one = Plan::with_skips([BlockId::mlp(2)]);
+        assert_eq!(reqs, vec![Request::Evaluate(one.clone())]);
+        app.undo();
+        assert_eq!(app.plan(), &Plan::base());
+        app.redo();
+        assert_eq!(app.plan(), &one);
+        // A new edit after an undo drops the redo tail.
+        app.undo();
+        app.move_cursor(-5, -1);
+        app.toggle_cursor();
+        assert_eq!(app.history.len(), 2);
+        assert_eq!(app.plan(), &Plan::with_skips([BlockId::attn(0)]));
+    }
+
+    #[test]
+    fn known_plans_are_not_evaluated_again() {
+        let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
+        let q = Quality {
+            perplexity: 10.0,
+            kl: 0.0,
+            top1: 1.0,
+        };
+        let s = Speed {
+            base_prefill: 1.0,
+            base_decode: 1.0,
+            plan_prefill: 1.0,
+            plan_decode: 1.0,
+        };
+        app.apply(Update::Quality {
+            plan: Plan::base(),
+            quality: q,
+            origin: Origin::User,
+        });
+        app.apply(Update::Speed {
+            plan: Plan::base(),
+            speed: s,
+        });
+        app.toggle_cursor();
+        assert!(app.undo().is_empty());
+    }
+
+    #[test]
+    fn shares_and_levels() {
+        let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
+        let (p, f) = app
+            .info
+            .skipped_shares(&Plan::with_skips([BlockId::mlp(0)]));
+        assert!((p - 300.0 / 1600.0).abs() < 1e-12);
+        assert!((f - 300.0 / 2000.0).abs() < 1e-12);
+        for l in 0..4 {
+            app.apply(Update::Importance {
+                block: BlockId::attn(l),
+                scores: BlockScores {
+                    delta_loss: Some(l as f64),
+                    influence: None,
+                },
+            });
+        }
+        assert_eq!(app.level(BlockId::attn(0)), Some(0));
+        assert_eq!(app.level(BlockId::attn(3)), Some(3));
+        assert_eq!(app.level(BlockId::mlp(3)), None);
+    }
+
+    #[test]
+    fn search_locks_the_plan_until_it_ends() {
+        let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
+        assert_eq!(app.start_search(99), vec![]);
+        let reqs = app.start_search(2);
+        assert_eq!(reqs, vec![Request::Search { k: 2 }]);
+        assert!(app.toggle_cursor().is_empty());
+        assert!(app.status.as_ref().unwrap().error);
+        app.apply(Update::SearchStep(Plan::with_skips([BlockId::mlp(1)])));
+        assert_eq!(app.cursor, BlockId::mlp(1));
+        let reqs = app.apply(Update::JobFinished("done".into()));
+        assert!(app.job.is_none());
+        assert_eq!(reqs.len(), 1);
+    }
+}

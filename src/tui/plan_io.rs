@@ -1,0 +1,53 @@
+//! Saving and opening plan files from the workbench (`s` / `o`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::app::App;
+use crate::plan::{Plan, PlanFile};
+
+/// Writes the current plan, with what was measured about it, atomically.
+pub fn save(app: &App, path: &Path) -> Result<()> {
+    plan_file(app)
+        .save(path)
+        .with_context(|| format!("cannot save the plan to {}", path.display()))
+}
+
+/// The current plan as a plan file, with what was measured about it.
+pub fn plan_file(app: &App) -> PlanFile {
+    let mut file = PlanFile::new(app.info.identity.clone(), app.plan().clone());
+    file.provenance
+        .insert("made_with".into(), "scalpel workbench".into());
+    if let Some(r) = app.current_record() {
+        if let Some(q) = r.quality {
+            file.metrics
+                .insert("heldout".into(), app.info.heldout.clone().into());
+            file.metrics
+                .insert("perplexity".into(), q.perplexity.into());
+            file.metrics.insert("kl_to_base".into(), q.kl.into());
+            file.metrics.insert("top1_agreement".into(), q.top1.into());
+        }
+        if let Some(s) = r.speed {
+            file.metrics
+                .insert("speed".into(), app.info.speed.clone().into());
+            file.metrics
+                .insert("prefill_speedup".into(), s.prefill_ratio().into());
+            file.metrics
+                .insert("decode_speedup".into(), s.decode_ratio().into());
+        }
+    }
+    if let Some(b) = app.base_quality {
+        file.metrics
+            .insert("base_perplexity".into(), b.perplexity.into());
+    }
+    file
+}
+
+/// Reads a plan file and checks it was made for this model.
+pub fn open(app: &App, path: &Path) -> Result<Plan> {
+    let file = PlanFile::load(path)?;
+    file.check_model(&app.info.identity)
+        .with_context(|| format!("cannot use plan {}", path.display()))?;
+    Ok(file.plan)
+}

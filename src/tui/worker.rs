@@ -1,0 +1,425 @@
+//! Background threads that own the model (through an `Arc`) and run jobs,
+//! so the UI thread never waits on it. Three lanes, each one std thread:
+//! evaluation (latest wins: a newer plan cancels the older one, as gitui's
+//! `AsyncSingleJob`), long jobs (importance, search; Esc cancels) and
+//! generation (latest wins). Requests go in; `Update`s come out on a channel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::app::{JobKind, Origin, Quality, Request, Side, Update};
+use super::jobs::{self, Setup};
+use crate::model::Model;
+use crate::plan::Plan;
+
+struct LaneState<J> {
+    pending: Option<J>,
+    running: Option<Arc<AtomicBool>>,
+    closed: bool,
+}
+
+/// One worker thread holding at most one queued job: submitting replaces
+/// the queued one, and may cancel the one running.
+struct Lane<J> {
+    shared: Arc<(Mutex<LaneState<J>>, Condvar)>,
+}
+
+impl<J: Send + 'static> Lane<J> {
+    fn spawn(name: &str, mut run: impl FnMut(J, &AtomicBool) + Send + 'static) -> Self {
+        let shared = Arc::new((
+            Mutex::new(LaneState {
+                pending: None,
+                running: None,
+                closed: false,
+            }),
+            Condvar::new(),
+        ));
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                super::event::nice_this_thread();
+                loop {
+                    let (job, cancel) = {
+                        let (lock, cv) = &*s;
+                        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        while st.pending.is_none() && !st.closed {
+                            st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if st.closed {
+                            return;
+                        }
+                        let cancel = Arc::new(AtomicBool::new(false));
+                        st.running = Some(Arc::clone(&cancel));
+                        (st.pending.take().expect("checked above"), cancel)
+                    };
+                    run(job, &cancel);
+                    let (lock, _) = &*s;
+                    lock.lock().unwrap_or_else(|e| e.into_inner()).running = None;
+                }
+            })
+            .expect("spawning a worker thread");
+        Self { shared }
+    }
+
+    fn submit(&self, job: J, cancel_running: bool) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if cancel_running {
+            if let Some(c) = &st.running {
+                c.store(true, Ordering::Relaxed);
+            }
+        }
+        st.pending = Some(job);
+        cv.notify_one();
+    }
+
+    fn cancel(&self) {
+        let (lock, _) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.pending = None;
+        if let Some(c) = &st.running {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn close(&self) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.closed = true;
+        st.pending = None;
+        if let Some(c) = &st.running {
+            c.store(true, Ordering::Relaxed);
+        }
+        cv.notify_one();
+    }
+}
+
+enum LongJob {
+    Importance,
+    Search { k: usize },
+    Fit(Plan),
+}
+
+struct GenJob {
+    prompt: String,
+    plan: Plan,
+}
+
+/// Held-out quality already measured, keyed by the plan's JSON, shared by lanes.
+type QualityCache = Arc<Mutex<HashMap<String, Quality>>>;
+
+fn key(plan: &Plan) -> String {
+    serde_json::to_string(plan).unwrap_or_default()
+}
+
+pub struct Worker {
+    eval: Lane<Plan>,
+    long: Lane<LongJob>,
+    gen: Lane<GenJob>,
+}
+
+/// Everything a lane needs, cloned into its thread.
+#[derive(Clone)]
+struct Ctx {
+    model: Arc<Model>,
+    setup: Arc<Setup>,
+    tx: Sender<Update>,
+    cache: QualityCache,
+}
+
+impl Ctx {
+    fn send(&self, u: Update) {
+        // The UI has gone when this fails; the job's result no longer matters.
+        let _ = self.tx.send(u);
+    }
+}
+
+impl Worker {
+    /// Starts the lanes; the evaluation lane measures the base model first
+    /// and the long lane scores block importance.
+    pub fn spawn(model: Arc<Model>, setup: Arc<Setup>, tx: Sender<Update>) -> Self {
+        let ctx = Ctx {
+            model,
+            setup,
+            tx,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let c = ctx.clone();
+        let mut baseline_done = false;
+        let eval = Lane::spawn("scalpel-eval", move |plan: Plan, cancel| {
+            if !baseline_done {
+                baseline_done = true;
+                baseline(&c);
+            }
+            evaluate(&c, plan, cancel);
+        });
+        let c = ctx.clone();
+        let long = Lane::spawn("scalpel-long", move |job: LongJob, cancel| match job {
+            LongJob::Importance => importance(&c, cancel),
+            LongJob::Search { k } => search(&c, k, cancel),
+            LongJob::Fit(plan) => fit(&c, plan, cancel),
+        });
+        let c = ctx;
+        let gen = Lane::spawn("scalpel-gen", move |job: GenJob, cancel| {
+            generate(&c, job, cancel)
+        });
+        // The base model's numbers first, whatever the first plan is.
+        eval.submit(Plan::base(), false);
+        long.submit(LongJob::Importance, false);
+        Self { eval, long, gen }
+    }
+
+    pub fn send(&self, req: Request) {
+        match req {
+            Request::Evaluate(plan) => self.eval.submit(plan, true),
+            Request::Generate { prompt, plan } => self.gen.submit(GenJob { prompt, plan }, true),
+            Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
+            Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
+            Request::CancelJob => self.long.cancel(),
+        }
+    }
+
+    /// Cancels everything; threads end at their next cancellation check.
+    pub fn shutdown(&self) {
+        self.eval.close();
+        self.long.close();
+        self.gen.close();
+    }
+}
+
+fn baseline(c: &Ctx) {
+    let never = AtomicBool::new(false);
+    match jobs::eval::quality(&c.model, &c.setup, &Plan::base(), &never, |_, _| {}) {
+        Ok(q) => {
+            c.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key(&Plan::base()), q);
+            c.send(Update::Baseline(q));
+        }
+        Err(e) => c.send(Update::BaselineFailed(format!("{e:#}"))),
+    }
+}
+
+fn evaluate(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
+    let cached = c
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key(&plan))
+        .copied();
+    let quality = match cached {
+        Some(q) => q,
+        None => {
+            let r = jobs::eval::quality(&c.model, &c.setup, &plan, cancel, |done, total| {
+                c.send(Update::EvalProgress {
+                    plan: plan.clone(),
+                    done,
+                    total,
+                })
+            });
+            match r {
+                Ok(q) => q,
+                Err(_) if cancel.load(Ordering::Relaxed) => {
+                    c.send(Update::EvalCancelled(plan));
+                    return;
+                }
+                Err(e) => {
+                    c.send(Update::EvalFailed {
+                        plan,
+                        error: format!("{e:#}"),
+                    });
+                    return;
+                }
+            }
+        }
+    };
+    c.cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key(&plan), quality);
+    c.send(Update::Quality {
+        plan: plan.clone(),
+        quality,
+        origin: Origin::User,
+    });
+    // A newer plan is waiting: its numbers matter more than this one's speed.
+    if cancel.load(Ordering::Relaxed) {
+        c.send(Update::EvalCancelled(plan));
+        return;
+    }
+    c.send(Update::SpeedStarted(plan.clone()));
+    match jobs::eval::speed(&c.model, &c.setup, &plan) {
+        Ok(speed) => c.send(Update::Speed { plan, speed }),
+        Err(e) => c.send(Update::EvalFailed {
+            plan,
+            error: format!("speed: {e:#}"),
+        }),
+    }
+}
+
+fn importance(c: &Ctx, cancel: &AtomicBool) {
+    let hash = &c.model.identity.content_hash;
+    let calib_desc = c.setup.describe_calibration();
+    let path = jobs::importance::cache_path(hash);
+    let n = c.model.n_layers();
+    if let Some(blocks) = jobs::importance::load_cache(&path, hash, &calib_desc, n) {
+        for (block, scores) in blocks {
+            c.send(Update::Importance { block, scores });
+        }
+        c.send(Update::JobFinished(format!(
+            "importance loaded from {}",
+            path.display()
+        )));
+        return;
+    }
+    c.send(Update::JobStarted(JobKind::Importance));
+    let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
+        c.send(Update::JobProgress {
+            done,
+            total,
+            loss: None,
+            detail: format!("{done}/{total} calibration sequences"),
+        })
+    });
+    match r {
+        Ok(all) => {
+            for (block, scores) in &all {
+                c.send(Update::Importance {
+                    block: *block,
+                    scores: *scores,
+                });
+            }
+            let saved = jobs::importance::save_cache(&path, hash, &calib_desc, &all);
+            c.send(Update::JobFinished(match saved {
+                Ok(()) => "importance scored and cached".into(),
+                Err(e) => format!("importance scored; cache not written: {e:#}"),
+            }));
+        }
+        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
+        Err(e) => c.send(Update::JobFailed(format!("importance: {e:#}"))),
+    }
+}
+
+/// Measures a plan on the held-out text for the chart (search steps, fits).
+fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
+    let never = AtomicBool::new(false);
+    match jobs::eval::quality(&c.model, &c.setup, plan, &never, |_, _| {}) {
+        Ok(q) => {
+            c.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key(plan), q);
+            c.send(Update::Quality {
+                plan: plan.clone(),
+                quality: q,
+                origin,
+            });
+        }
+        Err(e) => c.send(Update::EvalFailed {
+            plan: plan.clone(),
+            error: format!("{e:#}"),
+        }),
+    }
+}
+
+fn search(c: &Ctx, k: usize, cancel: &AtomicBool) {
+    let r = jobs::search::hopscotch(&c.model, &c.setup, k, cancel, |e| match e {
+        jobs::search::Event::Progress {
+            done,
+            total,
+            loss,
+            detail,
+        } => c.send(Update::JobProgress {
+            done,
+            total,
+            loss,
+            detail,
+        }),
+        jobs::search::Event::Chosen(plan) => {
+            c.send(Update::SearchStep(plan.clone()));
+            measure(c, &plan, Origin::Search);
+        }
+    });
+    match r {
+        Ok(res) if res.cancelled && res.steps.is_empty() => c.send(Update::JobCancelled),
+        Ok(res) => {
+            // The final plan carries the fitted scales (or the last step's, if cancelled).
+            c.send(Update::SearchStep(res.plan.clone()));
+            measure(c, &res.plan, Origin::Search);
+            if res.cancelled {
+                c.send(Update::JobCancelled);
+            } else {
+                c.send(Update::JobFinished(format!(
+                    "search done: {}",
+                    res.plan.describe()
+                )));
+            }
+        }
+        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
+        Err(e) => c.send(Update::JobFailed(format!("search: {e:#}"))),
+    }
+}
+
+fn fit(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
+    let epochs = jobs::fit::options().epochs;
+    let r = jobs::fit::fit(&c.model, &c.setup, &plan, cancel, |e| {
+        c.send(Update::JobProgress {
+            done: e.epoch,
+            total: epochs,
+            loss: Some(e.heldout_loss),
+            detail: format!("epoch {}/{epochs}", e.epoch),
+        })
+    });
+    match r {
+        Ok(res) if res.cancelled => c.send(Update::JobCancelled),
+        Ok(res) => {
+            c.send(Update::Fitted(res.plan.clone()));
+            c.send(Update::JobFinished(format!(
+                "scales fitted (best epoch {}, validation KL {:.4})",
+                res.best_epoch, res.best_heldout_loss
+            )));
+        }
+        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
+        Err(e) => c.send(Update::JobFailed(format!("fit: {e:#}"))),
+    }
+}
+
+fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
+    let ids = match jobs::generate::prompt_ids(&c.model, &job.prompt) {
+        Ok(ids) => ids,
+        Err(e) => {
+            for side in [Side::Base, Side::Plan] {
+                c.send(Update::GenFailed {
+                    side,
+                    error: format!("{e:#}"),
+                });
+            }
+            return;
+        }
+    };
+    for (side, plan) in [(Side::Base, Plan::base()), (Side::Plan, job.plan.clone())] {
+        let r = jobs::generate::stream(&c.model, &c.setup, &ids, &plan, cancel, |text| {
+            c.send(Update::GenText { side, text })
+        });
+        match r {
+            Ok(rep) => c.send(Update::GenDone {
+                side,
+                prefill_tps: rep.prefill_tokens_per_sec,
+                decode_tps: rep.decode_tokens_per_sec,
+            }),
+            Err(e) => {
+                let error = if cancel.load(Ordering::Relaxed) {
+                    "cancelled".to_string()
+                } else {
+                    format!("{e:#}")
+                };
+                c.send(Update::GenFailed { side, error });
+                return;
+            }
+        }
+    }
+}

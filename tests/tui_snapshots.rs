@@ -1,0 +1,297 @@
+//! Snapshot tests of every workbench screen, drawn with ratatui's
+//! TestBackend from an `App` built out of plain data (no model).
+
+use std::time::{Duration, Instant};
+
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+
+use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
+use scalpel::tui::app::{
+    App, BlockScores, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Quality, Record,
+    Request, Side, Speed, Update,
+};
+use scalpel::tui::{handler, ui};
+
+fn info() -> ModelInfo {
+    ModelInfo {
+        identity: ModelIdentity {
+            name: "SmolLM2-135M-Instruct".into(),
+            architecture: "llama".into(),
+            n_layers: 30,
+            content_hash: "b650d530b2cd0000".into(),
+        },
+        n_layers: 30,
+        attn_params: 884_736,
+        mlp_params: 2_654_208,
+        head_params: 28_311_552,
+        heldout: "held-out: GPL-3 text, 2×256 tokens".into(),
+        calibration: "calibration: last 128 tokens of the GPL-3 text (disjoint)".into(),
+        speed: "speed: 32-tok prefill, 8 decode, median of 3, quantized weights, 2 threads".into(),
+        search_name: "greedy skip search".into(),
+    }
+}
+
+fn quality(ppl: f64, kl: f64, top1: f64) -> Quality {
+    Quality {
+        perplexity: ppl,
+        kl,
+        top1,
+    }
+}
+
+fn speed(prefill: f64, decode: f64) -> Speed {
+    Speed {
+        base_prefill: 410.0,
+        base_decode: 38.0,
+        plan_prefill: prefill,
+        plan_decode: decode,
+    }
+}
+
+/// Deterministic importance: a smooth pattern with late attention cheap.
+fn scores(app: &mut App) {
+    for l in 0..30 {
+        for (block, base) in [(BlockId::attn(l), 0.02), (BlockId::mlp(l), 0.08)] {
+            let v = base + ((l * 7 + block.kind as usize * 3) % 11) as f64 * 0.01;
+            app.apply(Update::Importance {
+                block,
+                scores: BlockScores {
+                    delta_loss: Some(v),
+                    influence: Some(v / 3.0),
+                },
+            });
+        }
+    }
+}
+
+/// A session in full swing: two user plans, a search trace, generation done.
+fn busy_app() -> App {
+    let now = Instant::now();
+    let mut app = App::new(
+        info(),
+        Plan::base(),
+        "Explain in two sentences why the sky is blue.".into(),
+        now,
+    );
+    app.now = now;
+    scores(&mut app);
+    app.apply(Update::Baseline(quality(22.20, 0.0, 1.0)));
+    let user = [
+        (Plan::base(), quality(22.20, 0.0, 1.0), speed(410.0, 38.0)),
+        (
+            Plan::with_skips([BlockId::attn(25)]),
+            quality(22.61, 0.021, 0.962),
+            speed(421.0, 39.1),
+        ),
+        (
+            Plan::with_skips([BlockId::attn(25), BlockId::attn(27)]),
+            quality(23.48, 0.047, 0.931),
+            speed(433.0, 40.6),
+        ),
+    ];
+    let search = [
+        (
+            Plan::with_skips([BlockId::attn(20)]),
+            quality(22.40, 0.012, 0.975),
+        ),
+        (
+            Plan::with_skips([BlockId::attn(20), BlockId::attn(12)]),
+            quality(22.90, 0.027, 0.955),
+        ),
+        (
+            Plan::with_skips([BlockId::attn(20), BlockId::attn(12), BlockId::attn(16)]),
+            quality(23.60, 0.044, 0.936),
+        ),
+    ];
+    for (plan, q, s) in user.clone() {
+        app.records.push(Record {
+            plan,
+            quality: Some(q),
+            speed: Some(s),
+            origin: Origin::User,
+        });
+    }
+    for (plan, q) in search {
+        app.records.push(Record {
+            plan,
+            quality: Some(q),
+            speed: None,
+            origin: Origin::Search,
+        });
+    }
+    app.history = user.iter().map(|(p, _, _)| p.clone()).collect();
+    app.at = 2;
+    app.cursor = BlockId::attn(27);
+    app.gen.plan_label = app.plan().describe();
+    app.apply(Update::GenText {
+        side: Side::Base,
+        text: "The sky appears blue because air molecules scatter short blue wavelengths \
+               of sunlight more than red ones."
+            .into(),
+    });
+    app.apply(Update::GenDone {
+        side: Side::Base,
+        prefill_tps: 402.3,
+        decode_tps: 37.9,
+    });
+    app.apply(Update::GenText {
+        side: Side::Plan,
+        text: "The sky is blue because sunlight is scattered by the air, and blue light \
+               scatters most."
+            .into(),
+    });
+    app.apply(Update::GenDone {
+        side: Side::Plan,
+        prefill_tps: 431.0,
+        decode_tps: 40.2,
+    });
+    app
+}
+
+fn render(app: &App, w: u16, h: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).unwrap();
+    terminal.draw(|f| ui::draw(f, app)).unwrap();
+    terminal.backend().to_string()
+}
+
+#[test]
+fn main_screen_80x24() {
+    insta::assert_snapshot!(render(&busy_app(), 80, 24));
+}
+
+#[test]
+fn main_screen_scales_up_to_140x45() {
+    insta::assert_snapshot!(render(&busy_app(), 140, 45));
+}
+
+#[test]
+fn first_frame_before_anything_is_measured() {
+    let mut app = App::new(info(), Plan::base(), "Hello".into(), Instant::now());
+    let reqs = app.start();
+    assert_eq!(reqs, vec![Request::Evaluate(Plan::base())]);
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn evaluating_after_a_toggle() {
+    let mut app = busy_app();
+    app.cursor = BlockId::mlp(3);
+    let reqs = handler::handle_key(&mut app, key(KeyCode::Char(' ')));
+    let plan = app.plan().clone();
+    assert_eq!(reqs, vec![Request::Evaluate(plan.clone())]);
+    app.apply(Update::EvalProgress {
+        plan,
+        done: 1,
+        total: 2,
+    });
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn search_running_with_progress_eta_and_loss() {
+    let mut app = busy_app();
+    let mut job = LongJob::new(JobKind::Search { k: 4 }, app.now - Duration::from_secs(30));
+    job.done = 20;
+    job.total = 60;
+    job.loss = Some(2.9134);
+    job.detail = "step 1/4".into();
+    app.job = Some(job);
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn fitted_scales_are_marked() {
+    let mut app = busy_app();
+    let mut plan = app.plan().clone();
+    let mut scales = vec![LayerScales::IDENTITY; 30];
+    scales[26].b_mlp = 0.91;
+    scales[27].s_att = 1.04;
+    scales[27].b_att = 0.0;
+    plan.scales = Some(scales);
+    app.push_plan(plan);
+    app.cursor = BlockId::attn(27);
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn help_popup() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('?')));
+    assert_eq!(app.mode, Mode::Help);
+    insta::assert_snapshot!(render(&app, 80, 30));
+}
+
+#[test]
+fn history_popup() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('H')));
+    handler::handle_key(&mut app, key(KeyCode::Up));
+    insta::assert_snapshot!(render(&app, 80, 24));
+    // Enter jumps to the selected plan.
+    handler::handle_key(&mut app, key(KeyCode::Enter));
+    assert_eq!(app.at, 1);
+}
+
+#[test]
+fn save_prompt() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('s')));
+    assert!(matches!(
+        app.mode,
+        Mode::Input {
+            kind: InputKind::SavePath,
+            ..
+        }
+    ));
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn chart_against_measured_speed() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    handler::handle_key(&mut app, key(KeyCode::Char('y')));
+    insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn too_small_terminal_gets_a_message() {
+    insta::assert_snapshot!(render(&busy_app(), 60, 20));
+}
+
+#[test]
+fn save_then_open_round_trips_through_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.json");
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('s')));
+    type_text(&mut app, &path.display().to_string());
+    assert!(!app.status.as_ref().unwrap().error, "{:?}", app.status);
+    let saved = app.plan().clone();
+    app.clear_skips();
+    handler::handle_key(&mut app, key(KeyCode::Char('o')));
+    type_text(&mut app, &path.display().to_string());
+    assert_eq!(app.plan(), &saved);
+    // A missing file is a message, never a panic.
+    handler::handle_key(&mut app, key(KeyCode::Char('o')));
+    type_text(&mut app, "/no/such/plan.json");
+    assert!(app.status.as_ref().unwrap().error);
+}
+
+fn key(code: KeyCode) -> KeyEvent {
+    KeyEvent::new(code, KeyModifiers::NONE)
+}
+
+/// Clears the open prompt, types `text` and presses Enter.
+fn type_text(app: &mut App, text: &str) {
+    handler::handle_key(
+        app,
+        KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL),
+    );
+    for c in text.chars() {
+        handler::handle_key(app, key(KeyCode::Char(c)));
+    }
+    handler::handle_key(app, key(KeyCode::Enter));
+}
