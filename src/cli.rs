@@ -104,8 +104,9 @@ pub struct ModelArgs {
     /// GGUF file, Hugging Face model folder, or hub id (org/name). Default: SmolLM2-135M-Instruct.
     #[arg(long, global = true, env = "SCALPEL_MODEL")]
     pub model: Option<String>,
-    /// Use only cached files; never touch the network.
-    #[arg(long, global = true, env = "SCALPEL_OFFLINE")]
+    /// Use only cached files; never touch the network (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true, env = "SCALPEL_OFFLINE", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
     /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, global = true, default_value = "cpu")]

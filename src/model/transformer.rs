@@ -367,9 +367,9 @@ impl Transformer {
         // Grouped-query attention without copying K/V: fold the group of
         // query heads that share a KV head into the query length.
         let group = nh / nkv;
-        let q = q.reshape((b, nkv, group * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        // Scaling q (t·hd values) is cheaper than scaling the scores (t·total).
+        let q = (q.reshape((b, nkv, group * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, group, t, total))?

@@ -82,9 +82,22 @@ impl GgufSource {
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
         // A truncated download passes the header but not the data: say so up front.
         for (name, info) in &content.tensor_infos {
-            let n = info.shape.elem_count();
-            let bytes = n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+            let end = elems
+                .map(|n| {
+                    n / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
+                })
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                })
+                .unwrap_or(u64::MAX);
             if end > file_len {
                 bail!(
                     "{} is truncated: tensor `{name}` ends at byte {end} but the file has {file_len} \
@@ -125,6 +138,13 @@ impl WeightSource for GgufSource {
         let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
         let quantized = match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            // candle has no SIMD CPU kernel for these (a scalar loop runs
+            // instead, ~10x slower): keep the decode copy as Q8_0, which has one
+            // and represents their 16/32 levels per block almost exactly.
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if self.device.is_cpu() => {
+                let f32_weights = q.dequantize(&self.device)?;
+                Some(Arc::new(QTensor::quantize(&f32_weights, GgmlDType::Q8_0)?))
+            }
             _ => Some(Arc::new(q)),
         };
         Ok(Loaded { dense, quantized })
