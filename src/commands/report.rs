@@ -81,7 +81,12 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             window: WINDOW,
             threads: candle_core::utils::get_num_threads(),
             device: margs.device.clone(),
-            weights: "dequantized f32 (exact; the quality reference)".into(),
+            weights: if model.has_quantized && model.device().is_cpu() {
+                "quality on dequantized f32 weights (exact); speed on the file's quantized weights"
+                    .into()
+            } else {
+                "f32 (bf16 on GPU) for quality and speed".into()
+            },
             bench: format!(
                 "prefill {BENCH_PREFILL} tokens then decode {BENCH_DECODE}, median of {} runs; \
                  speed-ups against the base model timed in the same run",

@@ -14,12 +14,14 @@ pub struct Scatter<'a> {
     pub y: fn(&Row) -> f64,
 }
 
-/// The three trade-off charts, as (file stem, title, SVG text).
+/// The three trade-off charts, as (file stem, caption, SVG text).
 pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, &'static str, String)>> {
     let blocks = |r: &Row| r.skipped.len() as f64;
     let charts = [
         (
             "quality-vs-blocks",
+            "What each plan costs in quality: perplexity on the held-out text against the number \
+             of blocks it skips.",
             Scatter {
                 title: "Perplexity vs blocks skipped",
                 x_label: "blocks skipped",
@@ -30,6 +32,7 @@ pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, &'static str, String)>> {
         ),
         (
             "speed-vs-blocks",
+            "What each plan buys: decode speed relative to the base model, timed in the same run.",
             Scatter {
                 title: "Decode speed-up vs blocks skipped",
                 x_label: "blocks skipped",
@@ -40,6 +43,7 @@ pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, &'static str, String)>> {
         ),
         (
             "quality-vs-speed",
+            "The trade-off itself: plans toward the lower right are faster and better.",
             Scatter {
                 title: "Perplexity vs decode speed",
                 x_label: "decode tokens/s",
@@ -51,7 +55,7 @@ pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, &'static str, String)>> {
     ];
     charts
         .into_iter()
-        .map(|(stem, c)| Ok((stem, c.title, scatter(rows, &c)?)))
+        .map(|(stem, caption, c)| Ok((stem, caption, scatter(rows, &c)?)))
         .collect()
 }
 

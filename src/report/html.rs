@@ -12,7 +12,7 @@ pub fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The page; `charts` are (id, title, svg) as drawn by `charts::all`.
+/// The page; `charts` are (id, caption, svg) as drawn by `charts::all`.
 pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
     let mut h = String::new();
     let t = escape(&report.title);
@@ -28,11 +28,11 @@ pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
         escape(&report.settings.model)
     );
     h.push_str("<h2>Trade-offs</h2>\n<div class=\"charts\">\n");
-    for (id, title, svg) in charts {
+    for (id, caption, svg) in charts {
         let _ = writeln!(
             h,
             "<figure id=\"chart-{id}\" class=\"chart\">\n{svg}\n<figcaption>{}</figcaption>\n</figure>",
-            escape(title)
+            escape(caption)
         );
     }
     h.push_str("</div>\n<h2>Comparison</h2>\n<table id=\"comparison\">\n<tr><th class=\"name\">plan</th>\
