@@ -23,7 +23,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
-use super::objective::{forward_from, input_ids, mean_loss, sequence_loss, BaseStates, LossKind};
+use super::objective::{
+    base_log_probs, forward_from, input_ids, mean_loss, sequence_loss_with, BaseStates, LossKind,
+};
 use crate::eval::data::TokenSet;
 use crate::model::{Model, RunOptions, Scales};
 use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
@@ -459,7 +461,11 @@ fn screen(
             inputs.push(x.clone());
             x = t.run_layers(x, i..i + 1, 0, None, plan, Scales::FromPlan, run, None)?;
         }
-        let b = base.map(|b| &b.hidden[si]);
+        // The base distribution is the same for every candidate: compute it once.
+        let base_logp = match base {
+            Some(b) if kind == LossKind::Kl => Some(base_log_probs(model, &b.hidden[si])?),
+            _ => None,
+        };
         for (ci, &c) in candidates.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 bail!("cancelled");
@@ -474,7 +480,8 @@ fn screen(
                 Scales::FromPlan,
                 run,
             )?;
-            sums[ci] += f64::from(sequence_loss(model, seq, &h, b, kind, run)?.to_scalar::<f32>()?);
+            let loss = sequence_loss_with(model, seq, &h, base_logp.as_deref(), kind, run)?;
+            sums[ci] += f64::from(loss.to_scalar::<f32>()?);
         }
         progress(si + 1, data.sequences.len());
     }

@@ -92,6 +92,22 @@ pub fn scored_rows(hidden: &Tensor, seq: &Sequence) -> Result<Tensor> {
     Ok(hidden.narrow(0, seq.scored_from - 1, seq.scored())?)
 }
 
+/// The base model's log-probabilities at a sequence's scored positions, one
+/// tensor per logits chunk (computed once and reused across many plans).
+pub fn base_log_probs(model: &Model, base_rows: &Tensor) -> Result<Vec<Tensor>> {
+    let n = base_rows.dim(0)?;
+    (0..n)
+        .step_by(LOGIT_CHUNK)
+        .map(|start| {
+            let len = LOGIT_CHUNK.min(n - start);
+            let logits = model
+                .transformer
+                .logits(&base_rows.narrow(0, start, len)?, RunOptions::FAST)?;
+            Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+        })
+        .collect()
+}
+
 /// Sum over the scored tokens of one sequence of the loss (a scalar tensor
 /// that carries gradients when `hidden` does). `base` is needed for KL.
 pub fn sequence_loss(
@@ -102,10 +118,27 @@ pub fn sequence_loss(
     kind: LossKind,
     run: RunOptions,
 ) -> Result<Tensor> {
+    let base_logp = match (kind, base) {
+        (LossKind::Kl, Some(b)) => Some(base_log_probs(model, b)?),
+        (LossKind::Kl, None) => bail!("the KL loss needs the base model's states"),
+        (LossKind::Ce, _) => None,
+    };
+    sequence_loss_with(model, seq, hidden, base_logp.as_deref(), kind, run)
+}
+
+/// `sequence_loss` with the base log-probabilities already computed.
+pub fn sequence_loss_with(
+    model: &Model,
+    seq: &Sequence,
+    hidden: &Tensor,
+    base_logp: Option<&[Tensor]>,
+    kind: LossKind,
+    run: RunOptions,
+) -> Result<Tensor> {
     let rows = scored_rows(hidden, seq)?;
     let n = seq.scored();
     let mut total: Option<Tensor> = None;
-    for start in (0..n).step_by(LOGIT_CHUNK) {
+    for (chunk, start) in (0..n).step_by(LOGIT_CHUNK).enumerate() {
         let len = LOGIT_CHUNK.min(n - start);
         let logq = candle_nn::ops::log_softmax(
             &model
@@ -120,15 +153,9 @@ pub fn sequence_loss(
                 logq.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()?
             }
             LossKind::Kl => {
-                let Some(base) = base else {
+                let Some(logp) = base_logp.and_then(|b| b.get(chunk)) else {
                     bail!("the KL loss needs the base model's states");
                 };
-                let logp = candle_nn::ops::log_softmax(
-                    &model
-                        .transformer
-                        .logits(&base.narrow(0, start, len)?, RunOptions::FAST)?,
-                    D::Minus1,
-                )?;
                 (logp.exp()? * (logp - logq)?)?.sum_all()?
             }
         };
