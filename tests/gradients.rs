@@ -48,12 +48,7 @@ fn scale_gradients_match_finite_differences() {
         // f64 so that central differences are accurate to ~1e-9.
         let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
         let r = common::read_json(common::tiny_dir(name).join("reference.json"));
-        let ids: Vec<u32> = r["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = common::json_ints::<u32>(&r["token_ids"]);
         let plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
         let n = model.n_layers();
         // Non-trivial starting point so every path matters.

@@ -17,12 +17,7 @@ fn skip4() -> Plan {
 
 fn eval_ids() -> Vec<u32> {
     let r = common::read_json(common::shared_dir().join("peers/results/eval_tokens_smollm2.json"));
-    r["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    common::json_ints::<u32>(&r["ids"])
 }
 
 #[test]
@@ -34,12 +29,7 @@ fn tokenizer_reproduces_the_reference_ids() {
     assert_eq!(ids.len(), expected.len());
     assert_eq!(ids, expected);
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt: Vec<u32> = common::json_ints::<u32>(&r["prompt_ids"]);
     let decoded = model.codec().unwrap().decode(&prompt).unwrap();
     assert_eq!(decoded, r["prompt_decoded"].as_str().unwrap());
 }
@@ -48,19 +38,9 @@ fn tokenizer_reproduces_the_reference_ids() {
 fn last_position_top5_and_argmax_match_pytorch() {
     let model = common::smollm2();
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt: Vec<u32> = common::json_ints::<u32>(&r["prompt_ids"]);
     for run in r["runs"].as_array().unwrap() {
-        let skips: Vec<usize> = run["skip_attn_layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let skips: Vec<usize> = common::json_ints::<usize>(&run["skip_attn_layers"]);
         let plan = Plan::with_skips(skips.iter().map(|&l| BlockId::attn(l)));
         let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
             .unwrap()
@@ -88,12 +68,7 @@ fn last_position_top5_and_argmax_match_pytorch() {
             );
         }
         let argmax = argmax_per_position(model, &prompt, &plan, RunOptions::FAST).unwrap();
-        let want: Vec<u32> = run["argmax_per_position"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = common::json_ints::<u32>(&run["argmax_per_position"]);
         assert_eq!(argmax, want, "skip {skips:?}");
     }
 }
@@ -172,12 +147,7 @@ fn quantized_decode_agrees_with_f32() {
     // from f32, as llama.cpp does; the greedy choice stays the same.
     let model = common::smollm2();
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
-    let prompt: Vec<u32> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt: Vec<u32> = common::json_ints::<u32>(&r["prompt_ids"]);
     let f32_argmax = argmax_per_position(model, &prompt, &Plan::base(), RunOptions::FAST).unwrap();
     let mut cache = KvCache::new(model.n_layers());
     let t = &model.transformer;

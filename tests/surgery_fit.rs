@@ -5,21 +5,11 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rand::{Rng, SeedableRng};
 use scalpel::eval::data::TokenSet;
 use scalpel::model::Model;
 use scalpel::plan::{BlockId, Plan};
 use scalpel::surgery::fit::{fit_scales, FitOptions};
 use scalpel::surgery::objective::{mean_loss, measure, BaseStates, LossKind};
-
-fn random_set(model: &Model, seed: u64, seqs: usize, len: usize) -> TokenSet {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let vocab = model.cfg().vocab_size as u32;
-    let data = (0..seqs)
-        .map(|_| (0..len).map(|_| rng.random_range(0..vocab)).collect())
-        .collect();
-    TokenSet::from_id_sequences("random", data).unwrap()
-}
 
 /// Every weight of the model, flattened (to prove fitting leaves them alone).
 fn weights(model: &Model) -> Vec<f32> {
@@ -46,7 +36,7 @@ fn weights(model: &Model) -> Vec<f32> {
 #[test]
 fn fitting_lowers_calibration_loss_and_never_changes_weights() {
     let model = common::load_tiny("llama");
-    let calib = random_set(&model, 1, 6, 32);
+    let calib = common::random_set(&model, 1, 6, 32);
     let plan = Plan::with_skips([BlockId::attn(1), BlockId::attn(2), BlockId::mlp(3)]);
     let before_w = weights(&model);
     let never = AtomicBool::new(false);
@@ -84,7 +74,7 @@ fn fitting_lowers_calibration_loss_and_never_changes_weights() {
 #[test]
 fn a_nan_lowers_the_learning_rate_and_never_saves_nan() {
     let model = common::load_tiny("llama");
-    let calib = random_set(&model, 3, 4, 24);
+    let calib = common::random_set(&model, 3, 4, 24);
     let plan = Plan::with_skips([BlockId::attn(0)]);
     let opts = FitOptions {
         epochs: 2,
@@ -113,7 +103,7 @@ fn a_nan_lowers_the_learning_rate_and_never_saves_nan() {
 #[test]
 fn cancelling_a_fit_keeps_the_best_scales_so_far() {
     let model = common::load_tiny("qwen2");
-    let calib = random_set(&model, 4, 4, 24);
+    let calib = common::random_set(&model, 4, 4, 24);
     let plan = Plan::with_skips([BlockId::attn(2)]);
     let opts = FitOptions {
         epochs: 50,

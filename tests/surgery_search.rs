@@ -6,7 +6,6 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rand::{Rng, SeedableRng};
 use scalpel::eval::data::TokenSet;
 use scalpel::model::Model;
 use scalpel::plan::{BlockId, Plan, PlanFile};
@@ -14,15 +13,6 @@ use scalpel::surgery::hopscotch::{
     load_checkpoint, refit_candidate, search, SearchEvent, SearchOptions,
 };
 use scalpel::surgery::objective::{BaseStates, LossKind};
-
-fn random_set(model: &Model, seed: u64, seqs: usize, len: usize) -> TokenSet {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let vocab = model.cfg().vocab_size as u32;
-    let data = (0..seqs)
-        .map(|_| (0..len).map(|_| rng.random_range(0..vocab)).collect())
-        .collect();
-    TokenSet::from_id_sequences("random", data).unwrap()
-}
 
 fn brute_force_step1(model: &Model, calib: &TokenSet, opts: &SearchOptions) -> Vec<f64> {
     let never = AtomicBool::new(false);
@@ -43,8 +33,8 @@ fn brute_force_step1(model: &Model, calib: &TokenSet, opts: &SearchOptions) -> V
 #[test]
 fn step_one_picks_the_block_with_the_lowest_refitted_loss() {
     let model = common::load_tiny("llama");
-    let calib = random_set(&model, 11, 6, 24);
-    let heldout = random_set(&model, 12, 3, 24);
+    let calib = common::random_set(&model, 11, 6, 24);
+    let heldout = common::random_set(&model, 12, 3, 24);
     let never = AtomicBool::new(false);
     for exact in [true, false] {
         let mut opts = if exact {
@@ -84,8 +74,8 @@ fn step_one_picks_the_block_with_the_lowest_refitted_loss() {
 #[test]
 fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
     let model = common::load_tiny("qwen2");
-    let calib = random_set(&model, 21, 4, 24);
-    let heldout = random_set(&model, 22, 3, 24);
+    let calib = common::random_set(&model, 21, 4, 24);
+    let heldout = common::random_set(&model, 22, 3, 24);
     let dir = tempfile::tempdir().unwrap();
     let never = AtomicBool::new(false);
     let mut opts = SearchOptions::new(3, LossKind::Kl);
@@ -137,7 +127,7 @@ fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
 #[test]
 fn more_blocks_than_layers_is_refused() {
     let model = common::load_tiny("llama");
-    let calib = random_set(&model, 31, 2, 16);
+    let calib = common::random_set(&model, 31, 2, 16);
     let opts = SearchOptions::new(5, LossKind::Ce);
     let err = search(
         &model,

@@ -44,23 +44,11 @@ fn reference_logits(r: &serde_json::Value, key: &str) -> Vec<f32> {
 }
 
 fn ids(r: &serde_json::Value) -> Vec<u32> {
-    r["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    common::json_ints::<u32>(&r["token_ids"])
 }
 
 fn skip_plan(r: &serde_json::Value) -> Plan {
-    let layers = |k: &str| {
-        r["skip"][k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect::<Vec<_>>()
-    };
+    let layers = |k: &str| common::json_ints::<usize>(&r["skip"][k]);
     let mut blocks: Vec<BlockId> = layers("skip_attn_layers")
         .into_iter()
         .map(BlockId::attn)

@@ -63,3 +63,31 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A JSON array of non-negative integers (token ids, layer numbers).
+pub fn json_ints<T: TryFrom<u64>>(v: &serde_json::Value) -> Vec<T> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| {
+            T::try_from(x.as_u64().expect("an integer"))
+                .unwrap_or_else(|_| panic!("{x} out of range"))
+        })
+        .collect()
+}
+
+/// Random token sequences: calibration data for the tiny models, which have no tokenizer.
+pub fn random_set(
+    model: &Model,
+    seed: u64,
+    seqs: usize,
+    len: usize,
+) -> scalpel::eval::data::TokenSet {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let vocab = model.cfg().vocab_size as u32;
+    let data = (0..seqs)
+        .map(|_| (0..len).map(|_| rng.random_range(0..vocab)).collect())
+        .collect();
+    scalpel::eval::data::TokenSet::from_id_sequences("random", data).unwrap()
+}
