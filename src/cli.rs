@@ -134,7 +134,7 @@ pub struct FitSettings {
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     /// Loss: kl = distillation from the base model's distribution; ce = cross-entropy on the data (reference).
     #[arg(long, value_enum, default_value = "kl")]
@@ -185,8 +185,11 @@ pub struct SearchArgs {
     #[arg(long)]
     pub exact: bool,
     /// Default mode: candidates refitted per step after the cheap screen.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub shortlist: usize,
+    /// Default mode: calibration sequences the screen runs on (0: all).
+    #[arg(long, default_value_t = 8)]
+    pub screen_samples: usize,
     /// Adam steps' batch size in the per-candidate refits.
     #[arg(long, default_value_t = 4)]
     pub refit_batch_size: usize,

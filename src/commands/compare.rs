@@ -7,7 +7,7 @@ use super::surgery_common as common;
 use crate::cli::{self, CompareArgs};
 use crate::eval::data::{text_file_set, TokenSet, TEXT_SEQUENCE_TOKENS};
 use crate::progress;
-use crate::surgery::compare::{compare, CompareInputs, EvalSet};
+use crate::surgery::compare::{compare, CompareInputs, EvalSet, METHODS};
 use crate::surgery::hopscotch::{search, SearchOptions, SearchStep};
 use crate::surgery::importance::compute_importance;
 use crate::surgery::objective::BaseStates;
@@ -43,6 +43,7 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
     }
     let calib = common::calibration(&model, &args.data, &cancel)?;
     let heldout = common::heldout(&model, &args.data, &cancel)?;
+    let (train, validation) = common::fit_sets(&calib);
     let prose = match &args.prose {
         Some(p) => text_file_set(&model, p)?,
         None => {
@@ -72,11 +73,11 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
             let mut o = SearchOptions::new(k, args.fit.loss);
             o.final_fit = common::fit_options(&args.fit);
             o.final_fit.epochs = 0;
-            search(&model, &calib, &heldout, &o, &cancel, |_| {})?.steps
+            search(&model, &train, &validation, &o, &cancel, |_| {})?.steps
         }
     };
-    let pb = progress::bar(calib.sequences.len(), "importance");
-    let imp = compute_importance(&model, &calib, &cancel, |d, _| pb.set_position(d as u64));
+    let pb = progress::bar(train.sequences.len(), "importance");
+    let imp = compute_importance(&model, &train, &cancel, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
     let imp = imp?;
     let evals = vec![
@@ -98,11 +99,11 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
         fit: common::fit_options(&args.fit),
         seed: args.seed,
     };
-    let pb = progress::bar(k * 7, "plans");
+    let pb = progress::bar(k * METHODS.len(), "plans");
     let rows = compare(
         &model,
-        &calib,
-        &heldout,
+        &train,
+        &validation,
         &evals,
         &inputs,
         &cancel,
@@ -125,16 +126,19 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
         args.fit.lr
     );
     println!(
-        "{:>2}  {:<22} {:>9} {:>9} {:>7}  {:>9} {:>9} {:>7}  blocks",
+        "{:>2}  {:<24} {:>9} {:>9} {:>7}  {:>9} {:>9} {:>7}  blocks",
         "k", "method", "ppl", "kl", "top1", "prose ppl", "prose kl", "top1"
     );
     for r in &rows {
         let h = &r.reports["heldout"];
         let p = &r.reports["prose"];
-        let name = format!("{}{}", r.method, if r.fitted { " + fit" } else { "" });
+        let name = match r.fit {
+            Some(loss) => format!("{} + {loss} fit", r.method),
+            None => r.method.clone(),
+        };
         let blocks: Vec<String> = r.blocks.iter().map(|b| b.layer.to_string()).collect();
         println!(
-            "{:>2}  {:<22} {:>9.3} {:>9.4} {:>6.1}%  {:>9.3} {:>9.4} {:>6.1}%  attn {}",
+            "{:>2}  {:<24} {:>9.3} {:>9.4} {:>6.1}%  {:>9.3} {:>9.4} {:>6.1}%  attn {}",
             r.k,
             name,
             h.perplexity,

@@ -1,11 +1,14 @@
 //! `scalpel fit`: fit a plan's scales; Ctrl-C keeps the best epoch so far.
 
+use std::sync::atomic::AtomicBool;
+
 use anyhow::{bail, Result};
 
 use super::surgery_common as common;
 use crate::cli::{self, FitArgs};
 use crate::plan::PlanFile;
 use crate::surgery::fit::fit_scales;
+use crate::surgery::objective::{measure, BaseStates};
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Result<()> {
     let Some(out) = args.out.clone().or_else(|| pargs.plan.clone()) else {
@@ -19,6 +22,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
     }
     let calib = common::calibration(&model, &args.data, &cancel)?;
     let heldout = common::heldout(&model, &args.data, &cancel)?;
+    let (train, validation) = common::fit_sets(&calib);
     let opts = common::fit_options(&args.fit);
     eprintln!(
         "scalpel: fitting {} ({} loss, lr {}, {} epochs)",
@@ -27,15 +31,15 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
         opts.lr,
         opts.epochs
     );
-    let result = fit_scales(&model, &plan, &calib, &heldout, &opts, &cancel, |e| {
+    let result = fit_scales(&model, &plan, &train, &validation, &opts, &cancel, |e| {
         if e.epoch == 0 {
             eprintln!(
-                "epoch 0 (unfitted)  held-out {} {:.5}",
+                "epoch 0 (unfitted)  validation {} {:.5}",
                 opts.loss, e.heldout_loss
             );
         } else {
             eprintln!(
-                "epoch {:<3} train {:.5}  held-out {:.5}  ({:.1}s){}",
+                "epoch {:<3} train {:.5}  validation {:.5}  ({:.1}s){}",
                 e.epoch,
                 e.train_loss,
                 e.heldout_loss,
@@ -50,16 +54,34 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
     for w in &result.warnings {
         eprintln!("scalpel: warning: {w}");
     }
+    // The held-out set picked nothing above, so its numbers are honest.
+    let never = AtomicBool::new(false);
+    let held_base = BaseStates::compute(&model, &heldout, &never)?;
+    let before = measure(&model, &heldout, &held_base, &plan, &never)?;
+    let after = measure(&model, &heldout, &held_base, &result.plan, &never)?;
+    eprintln!(
+        "held-out ({} tokens): KL to base {:.5} unfitted → {:.5} fitted; perplexity {:.3} → {:.3}",
+        after.scored_tokens,
+        before.kl_to_base,
+        after.kl_to_base,
+        before.perplexity,
+        after.perplexity
+    );
     let mut pf = file.unwrap_or_else(|| PlanFile::new(model.identity.clone(), plan.clone()));
     pf.plan = result.plan.clone();
     pf.metrics
         .insert("fit_history".into(), serde_json::to_value(&result.history)?);
     pf.metrics
         .insert("fit_best_epoch".into(), result.best_epoch.into());
+    pf.metrics.insert(
+        "heldout".into(),
+        serde_json::json!({"unfitted": before, "fitted": after}),
+    );
     pf.provenance.insert(
         "fit".into(),
         serde_json::json!({"loss": opts.loss, "lr": opts.lr, "epochs": opts.epochs,
-            "batch_size": opts.batch_size, "calibration": calib.source, "heldout": heldout.source,
+            "batch_size": opts.batch_size, "training": train.source, "validation": validation.source,
+            "heldout": heldout.source,
             "cancelled": result.cancelled}),
     );
     pf.save(&out)?;
@@ -67,7 +89,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
         println!("{}", serde_json::to_string_pretty(&pf)?);
     } else {
         println!(
-            "best epoch {} (held-out {} {:.5}, unfitted {:.5}){}; plan written to {}",
+            "best epoch {} (validation {} {:.5}, unfitted {:.5}){}; plan written to {}",
             result.best_epoch,
             opts.loss,
             result.best_heldout_loss,

@@ -15,6 +15,7 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     } else {
         let mut o = SearchOptions::new(args.blocks, args.fit.loss);
         o.shortlist = args.shortlist;
+        o.screen_samples = args.screen_samples;
         o.refit.batch_size = args.refit_batch_size;
         o.final_fit = common::fit_options(&args.fit);
         o
@@ -32,8 +33,8 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         opts.resume_from = load_checkpoint(&model, &opts, &args.out)?;
     }
     let calib = common::calibration(&model, &args.data, &cancel)?;
-    let heldout = common::heldout(&model, &args.data, &cancel)?;
-    let result = search(&model, &calib, &heldout, &opts, &cancel, |e| match e {
+    let (train, validation) = common::fit_sets(&calib);
+    let result = search(&model, &train, &validation, &opts, &cancel, |e| match e {
         SearchEvent::Preparing => eprintln!("scalpel: computing base states"),
         SearchEvent::Resumed { steps } => {
             eprintln!("scalpel: resuming after {steps} finished steps")
@@ -63,10 +64,10 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
             args.out.display()
         ),
         SearchEvent::Fitting(f) if f.epoch == 0 => {
-            eprintln!("final fit: start, held-out {:.5}", f.heldout_loss)
+            eprintln!("final fit: start, validation {:.5}", f.heldout_loss)
         }
         SearchEvent::Fitting(f) => eprintln!(
-            "final fit: epoch {} train {:.5} held-out {:.5} ({:.1}s)",
+            "final fit: epoch {} train {:.5} validation {:.5} ({:.1}s)",
             f.epoch, f.train_loss, f.heldout_loss, f.seconds
         ),
     })?;

@@ -64,6 +64,21 @@ pub fn calibration(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Resul
     Ok(set)
 }
 
+/// Calibration sequences in each validation set: every fourth.
+const VALIDATION_EVERY: usize = 4;
+
+/// The calibration data split into the part fits train on and the part
+/// that picks their best epoch; the held-out data stays untouched.
+pub fn fit_sets(calib: &TokenSet) -> (TokenSet, TokenSet) {
+    let (train, validation) = calib.split_validation(VALIDATION_EVERY);
+    eprintln!(
+        "scalpel: fits train on {} calibration sequences and pick their best epoch on the other {}",
+        train.sequences.len(),
+        validation.sequences.len()
+    );
+    (train, validation)
+}
+
 /// Held-out data, likewise.
 pub fn heldout(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Result<TokenSet> {
     let pb = progress::bar(args.heldout_samples, "held-out");

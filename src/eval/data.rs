@@ -76,6 +76,32 @@ impl TokenSet {
         Ok(set)
     }
 
+    /// Every `every`-th sequence as a validation set (choosing a fit's best
+    /// epoch without touching the held-out data), the rest for training. A
+    /// set too small to split is used for both.
+    pub fn split_validation(&self, every: usize) -> (Self, Self) {
+        let every = every.max(2);
+        if self.sequences.len() < every {
+            return (self.clone(), self.clone());
+        }
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for (i, seq) in self.sequences.iter().enumerate() {
+            if i % every == every - 1 {
+                validation.push(seq.clone());
+            } else {
+                train.push(seq.clone());
+            }
+        }
+        let named = |part: &str, sequences| Self {
+            source: format!("{} ({part})", self.source),
+            sequences,
+        };
+        (
+            named("training part", train),
+            named("validation part", validation),
+        )
+    }
+
     /// The first `n` sequences (cheap subsets for tests and quick runs).
     pub fn take(&self, n: usize) -> Self {
         Self {

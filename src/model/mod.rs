@@ -1,6 +1,7 @@
 //! Loading and running a model; nothing here knows about surgery.
 
 pub mod config;
+mod frozen;
 pub mod source;
 pub mod synthetic;
 pub mod tokenizer;

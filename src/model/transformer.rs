@@ -14,6 +14,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::{ModelConfig, RopeLayout};
+use super::frozen::frozen_matmul;
 use crate::plan::{BlockId, LayerScales, Plan};
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
@@ -26,16 +27,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor, quantized: bool) -> Result<Tensor> {
-        let y = match (&self.quantized, quantized) {
-            (Some(q), true) => q.forward(x)?,
-            _ => match x.dims() {
-                [b, t, k] => x
-                    .reshape((b * t, *k))?
-                    .matmul(&self.weight.t()?)?
-                    .reshape((*b, *t, self.weight.dim(0)?))?,
-                _ => x.broadcast_matmul(&self.weight.t()?)?,
-            },
+    pub fn forward(&self, x: &Tensor, run: RunOptions) -> Result<Tensor> {
+        let y = match (&self.quantized, run.quantized, run.mode) {
+            (Some(q), true, _) => q.forward(x)?,
+            (_, _, Mode::Differentiable) => frozen_matmul(x, &self.weight)?,
+            _ => dense_matmul(x, &self.weight)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -286,15 +282,10 @@ impl Transformer {
     /// Logits for hidden states (any leading shape), at least f32.
     pub fn logits(&self, hidden: &Tensor, run: RunOptions) -> Result<Tensor> {
         let logits = match (&self.lm_head, &self.embed_quantized) {
-            (Some(head), _) => head.forward(hidden, run.quantized)?,
+            (Some(head), _) => head.forward(hidden, run)?,
             (None, Some(q)) if run.quantized => q.forward(hidden)?,
-            (None, _) => match hidden.dims() {
-                [b, t, h] => hidden
-                    .reshape((b * t, *h))?
-                    .matmul(&self.embed.t()?)?
-                    .reshape((*b, *t, self.cfg.vocab_size))?,
-                _ => hidden.broadcast_matmul(&self.embed.t()?)?,
-            },
+            (None, _) if run.mode == Mode::Differentiable => frozen_matmul(hidden, &self.embed)?,
+            (None, _) => dense_matmul(hidden, &self.embed)?,
         };
         // Half-precision logits are upcast for stable log-softmax.
         match logits.dtype() {
@@ -336,17 +327,17 @@ impl Transformer {
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let q = attn
             .q
-            .forward(x, run.quantized)?
+            .forward(x, run)?
             .reshape((b, t, nh, hd))?
             .transpose(1, 2)?;
         let k = attn
             .k
-            .forward(x, run.quantized)?
+            .forward(x, run)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
         let v = attn
             .v
-            .forward(x, run.quantized)?
+            .forward(x, run)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
         let q = self.rope(&q.contiguous()?, pos, run.mode)?;
@@ -386,7 +377,7 @@ impl Transformer {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        attn.o.forward(&y, run.quantized)
+        attn.o.forward(&y, run)
     }
 
     fn rope(&self, x: &Tensor, pos: usize, mode: Mode) -> Result<Tensor> {
@@ -410,10 +401,22 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
     }
 }
 
+/// `x · Wᵀ` for `x` (..., in) and `weight` (out, in).
+fn dense_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    match x.dims() {
+        [b, t, k] => {
+            x.reshape((b * t, *k))?
+                .matmul(&weight.t()?)?
+                .reshape((*b, *t, weight.dim(0)?))
+        }
+        _ => x.broadcast_matmul(&weight.t()?),
+    }
+}
+
 fn mlp(m: &Mlp, x: &Tensor, run: RunOptions) -> Result<Tensor> {
-    let gate = m.gate.forward(x, run.quantized)?.silu()?;
-    let up = m.up.forward(x, run.quantized)?;
-    m.down.forward(&(gate * up)?, run.quantized)
+    let gate = m.gate.forward(x, run)?.silu()?;
+    let up = m.up.forward(x, run)?;
+    m.down.forward(&(gate * up)?, run)
 }
 
 /// One layer's four scalars, as numbers or as differentiable tensors.

@@ -30,20 +30,32 @@ pub struct EvalSet<'a> {
 pub struct CompareRow {
     pub k: usize,
     pub method: String,
-    pub fitted: bool,
+    /// The loss the scales were fitted with; `None` when unfitted.
+    pub fit: Option<LossKind>,
     pub blocks: Vec<BlockId>,
     /// One report per evaluation set, by name.
     pub reports: BTreeMap<String, SetReport>,
 }
 
-pub const METHODS: [(&str, bool); 7] = [
-    ("hopscotch", true),
-    ("hopscotch", false),
-    ("delta-loss", true),
-    ("delta-loss", false),
-    ("block-influence", true),
-    ("block-influence", false),
-    ("random", false),
+/// How a row's scales are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fitting {
+    None,
+    /// With the compare's loss.
+    Default,
+    /// With the other loss (ce for kl and the reverse), to show both.
+    OtherLoss,
+}
+
+pub const METHODS: [(&str, Fitting); 8] = [
+    ("hopscotch", Fitting::Default),
+    ("hopscotch", Fitting::OtherLoss),
+    ("hopscotch", Fitting::None),
+    ("delta-loss", Fitting::Default),
+    ("delta-loss", Fitting::None),
+    ("block-influence", Fitting::Default),
+    ("block-influence", Fitting::None),
+    ("random", Fitting::None),
 ];
 
 /// What `compare` needs besides the model and the data.
@@ -74,13 +86,9 @@ pub fn compare(
         );
     }
     let loss = inputs.fit.loss;
-    let (calib_base, held_base) = match loss {
-        LossKind::Kl => (
-            Some(BaseStates::compute(model, calib, cancel)?),
-            Some(BaseStates::compute(model, fit_heldout, cancel)?),
-        ),
-        LossKind::Ce => (None, None),
-    };
+    // KL fits need the base states; the other-loss rows may be KL too.
+    let calib_base = BaseStates::compute(model, calib, cancel)?;
+    let held_base = BaseStates::compute(model, fit_heldout, cancel)?;
     let by_dloss = inputs.importance.ranked(BlockKind::Attn, |b| b.delta_loss);
     let by_bi = inputs
         .importance
@@ -91,7 +99,7 @@ pub fn compare(
     let mut rows = Vec::with_capacity(total);
     for k in 1..=inputs.max_k {
         layers.shuffle(&mut rng);
-        for (method, fitted) in METHODS {
+        for (method, fitting) in METHODS {
             let blocks: Vec<BlockId> = match method {
                 "hopscotch" => inputs.steps[..k].iter().map(|s| s.chosen).collect(),
                 "delta-loss" => by_dloss[..k].to_vec(),
@@ -99,17 +107,26 @@ pub fn compare(
                 _ => layers[..k].iter().map(|&l| BlockId::attn(l)).collect(),
             };
             let mut plan = Plan::with_skips(blocks.iter().copied());
-            if fitted {
+            let fit = match fitting {
+                Fitting::None => None,
+                Fitting::Default => Some(loss),
+                Fitting::OtherLoss => Some(match loss {
+                    LossKind::Kl => LossKind::Ce,
+                    LossKind::Ce => LossKind::Kl,
+                }),
+            };
+            if let Some(fit_loss) = fit {
                 let mut fo = inputs.fit.clone();
+                fo.loss = fit_loss;
                 // Hopscotch's own fit starts from the scales its search refitted.
                 fo.init = (method == "hopscotch").then(|| inputs.steps[k - 1].scales.clone());
                 plan = fit_with_states(
                     model,
                     &plan,
                     calib,
-                    calib_base.as_ref(),
+                    Some(&calib_base),
                     fit_heldout,
-                    held_base.as_ref(),
+                    Some(&held_base),
                     &fo,
                     cancel,
                     &mut |_| {},
@@ -126,7 +143,7 @@ pub fn compare(
             rows.push(CompareRow {
                 k,
                 method: method.into(),
-                fitted,
+                fit,
                 blocks,
                 reports,
             });

@@ -8,9 +8,14 @@
 //!   per-batch training losses; every candidate, every step.
 //! - default: the residual stream entering every layer is cached per step,
 //!   so trying a candidate at layer i reruns only layers i.. with the
-//!   current scales (a cheap screen); only the `shortlist` best screened
+//!   current scales (a cheap screen, on the first `screen_samples`
+//!   calibration sequences); only the `shortlist` best screened
 //!   candidates are refitted, warm-started from the previous step's scales,
-//!   and scored by their calibration loss after the refit.
+//!   and only the scales of layers i.. (the earlier ones cannot see the
+//!   skip except through attention to it, and holding them keeps the cached
+//!   inputs valid). A candidate's score is the lower of its calibration loss
+//!   before and after the refit, with the scales that gave it: a refit that
+//!   overshoots (few Adam steps can) never makes a candidate look worse.
 //!
 //! Each finished step is written to the checkpoint file, so an interrupted
 //! search resumes where it stopped.
@@ -24,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
 use super::objective::{
-    base_log_probs, forward_from, input_ids, mean_loss, sequence_loss_with, BaseStates, LossKind,
+    base_log_probs, mean_loss_from, sequence_loss_with, BaseStates, LayerInputs, LossKind, Start,
 };
 use crate::eval::data::TokenSet;
 use crate::model::{Model, RunOptions, Scales};
@@ -39,6 +44,9 @@ pub struct SearchOptions {
     pub loss: LossKind,
     /// Default mode: candidates refitted per step after the screen.
     pub shortlist: usize,
+    /// Default mode: calibration sequences the screen uses (0: all). The
+    /// shortlist is then re-measured on all of them before its refit.
+    pub screen_samples: usize,
     /// The per-candidate refit (exact mode uses the reference's settings).
     pub refit: FitOptions,
     pub final_fit: FitOptions,
@@ -58,10 +66,11 @@ impl SearchOptions {
             include_mlp: false,
             exact: false,
             loss,
-            shortlist: 4,
+            shortlist: 3,
+            screen_samples: 8,
             refit: FitOptions {
                 epochs: 1,
-                lr: 1e-2,
+                lr: 3e-3,
                 loss,
                 batch_size: 4,
                 init: None,
@@ -80,6 +89,7 @@ impl SearchOptions {
     pub fn exact(blocks: usize, loss: LossKind, batch_size: usize) -> Self {
         let mut o = Self::new(blocks, loss);
         o.exact = true;
+        o.refit.lr = 1e-2;
         o.refit.batch_size = batch_size;
         o.final_fit = FitOptions {
             epochs: 10,
@@ -126,6 +136,7 @@ impl SearchOptions {
             "exact": self.exact,
             "loss": self.loss,
             "shortlist": self.shortlist,
+            "screen_samples": self.screen_samples,
             "refit": {"epochs": self.refit.epochs, "lr": self.refit.lr, "batch_size": self.refit.batch_size},
         })
     }
@@ -134,8 +145,13 @@ impl SearchOptions {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CandidateScore {
     pub block: BlockId,
-    /// Default mode: loss with the current scales and no refit.
+    /// Default mode: loss with the current scales and no refit, on the
+    /// screen's sequences.
     pub screen_loss: Option<f64>,
+    /// Default mode, shortlisted candidates: the same on all the
+    /// calibration sequences (what the refit is compared with).
+    #[serde(default)]
+    pub full_loss: Option<f64>,
     /// Loss after the refit (exact mode: mean training loss of the epoch).
     pub refit_loss: Option<f64>,
 }
@@ -210,7 +226,7 @@ pub struct SearchResult {
 pub fn search(
     model: &Model,
     data: &TokenSet,
-    heldout: &TokenSet,
+    validation: &TokenSet,
     opts: &SearchOptions,
     cancel: &AtomicBool,
     mut on_event: impl FnMut(&SearchEvent),
@@ -232,7 +248,7 @@ pub fn search(
     let (base, held_base) = match opts.loss {
         LossKind::Kl => (
             Some(BaseStates::compute(model, data, cancel)?),
-            Some(BaseStates::compute(model, heldout, cancel)?),
+            Some(BaseStates::compute(model, validation, cancel)?),
         ),
         LossKind::Ce => (None, None),
     };
@@ -271,57 +287,75 @@ pub fn search(
         let t_step = Instant::now();
 
         // Which candidates get a refit, with their screen losses.
-        let (shortlist, mut scores) = if opts.exact {
-            let scores: Vec<CandidateScore> = candidates
-                .iter()
-                .map(|&block| CandidateScore {
-                    block,
-                    screen_loss: None,
-                    refit_loss: None,
-                })
-                .collect();
-            (candidates.clone(), scores)
+        let inputs = if opts.exact {
+            None
         } else {
-            let screened = screen(
-                model,
-                data,
-                base.as_ref(),
-                &plan,
-                &candidates,
-                opts.loss,
-                cancel,
-                |d, t| {
-                    on_event(&SearchEvent::Screening {
-                        step: k + 1,
-                        done: d,
-                        total: t,
-                    })
-                },
-            );
-            let screened = match screened {
-                Ok(s) => s,
+            match LayerInputs::compute(model, data, &plan, cancel) {
+                Ok(i) => Some(i),
                 Err(_) if cancel.load(Ordering::Relaxed) => {
-                    return finish_cancelled(model, steps, timings, t_all, opts);
+                    return finish_cancelled(steps, timings, t_all);
                 }
                 Err(e) => return Err(e),
-            };
-            let mut order: Vec<usize> = (0..candidates.len()).collect();
-            order.sort_by(|&a, &b| screened[a].total_cmp(&screened[b]));
-            let short: Vec<BlockId> = order
-                .iter()
-                .take(opts.shortlist)
-                .map(|&i| candidates[i])
-                .collect();
-            let scores = candidates
-                .iter()
-                .zip(&screened)
-                .map(|(&block, &l)| CandidateScore {
-                    block,
-                    screen_loss: Some(l),
-                    refit_loss: None,
-                })
-                .collect();
-            (short, scores)
+            }
+        };
+        let (shortlist, mut scores) = match &inputs {
+            None => {
+                let scores: Vec<CandidateScore> = candidates
+                    .iter()
+                    .map(|&block| CandidateScore {
+                        block,
+                        screen_loss: None,
+                        full_loss: None,
+                        refit_loss: None,
+                    })
+                    .collect();
+                (candidates.clone(), scores)
+            }
+            Some(inputs) => {
+                let screened = screen(
+                    model,
+                    data,
+                    base.as_ref(),
+                    &plan,
+                    &candidates,
+                    opts.loss,
+                    inputs,
+                    opts.screen_samples,
+                    cancel,
+                    |d, t| {
+                        on_event(&SearchEvent::Screening {
+                            step: k + 1,
+                            done: d,
+                            total: t,
+                        })
+                    },
+                );
+                let screened = match screened {
+                    Ok(s) => s,
+                    Err(_) if cancel.load(Ordering::Relaxed) => {
+                        return finish_cancelled(steps, timings, t_all);
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut order: Vec<usize> = (0..candidates.len()).collect();
+                order.sort_by(|&a, &b| screened[a].total_cmp(&screened[b]));
+                let short: Vec<BlockId> = order
+                    .iter()
+                    .take(opts.shortlist)
+                    .map(|&i| candidates[i])
+                    .collect();
+                let scores = candidates
+                    .iter()
+                    .zip(&screened)
+                    .map(|(&block, &l)| CandidateScore {
+                        block,
+                        screen_loss: Some(l),
+                        full_loss: None,
+                        refit_loss: None,
+                    })
+                    .collect();
+                (short, scores)
+            }
         };
         let screen_seconds = t_step.elapsed().as_secs_f64();
         timings.screen += screen_seconds;
@@ -339,14 +373,64 @@ pub fn search(
             } else {
                 Some(scales.clone())
             };
-            let refit =
-                refit_candidate(model, &cand, data, base.as_ref(), &fo, opts.exact, cancel)?;
-            let Some((loss, fitted)) = refit else {
-                return finish_cancelled(model, steps, timings, t_all, opts);
+            let start = match &inputs {
+                Some(i) => Start::Layer(block.layer, i),
+                None => Start::Embeddings,
+            };
+            // The loss before the refit, on the data the refit is scored on.
+            let entry = scores.iter_mut().find(|s| s.block == block);
+            let before = match entry {
+                Some(e) if !opts.exact => {
+                    let screened_all =
+                        opts.screen_samples == 0 || opts.screen_samples >= data.sequences.len();
+                    let full = match e.screen_loss {
+                        Some(l) if screened_all => l,
+                        _ => {
+                            let mut p = plan.clone();
+                            p.skip.insert(block);
+                            match mean_loss_from(
+                                model,
+                                data,
+                                base.as_ref(),
+                                &p,
+                                opts.loss,
+                                start,
+                                cancel,
+                            ) {
+                                Ok(l) => l,
+                                Err(_) if cancel.load(Ordering::Relaxed) => {
+                                    return finish_cancelled(steps, timings, t_all);
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    };
+                    e.full_loss = Some(full);
+                    Some(full)
+                }
+                _ => None,
+            };
+            let refit = refit_candidate(
+                model,
+                &cand,
+                data,
+                base.as_ref(),
+                &fo,
+                opts.exact,
+                start,
+                cancel,
+            )?;
+            let Some((refit_loss, fitted)) = refit else {
+                return finish_cancelled(steps, timings, t_all);
             };
             if let Some(s) = scores.iter_mut().find(|s| s.block == block) {
-                s.refit_loss = Some(loss);
+                s.refit_loss = Some(refit_loss);
             }
+            // The better of before and after the refit, with its scales.
+            let (loss, fitted) = match before {
+                Some(before) if before <= refit_loss => (before, scales.clone()),
+                _ => (refit_loss, fitted),
+            };
             if best.as_ref().is_none_or(|b| loss < b.1) {
                 best = Some((block, loss, fitted));
             }
@@ -399,7 +483,7 @@ pub fn search(
         &plan,
         data,
         base.as_ref(),
-        heldout,
+        validation,
         held_base.as_ref(),
         &fo,
         cancel,
@@ -420,11 +504,9 @@ pub fn search(
 }
 
 fn finish_cancelled(
-    _model: &Model,
     steps: Vec<SearchStep>,
     mut timings: SearchTimings,
     t_all: Instant,
-    _opts: &SearchOptions,
 ) -> Result<SearchResult> {
     timings.total = t_all.elapsed().as_secs_f64();
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
@@ -448,19 +530,19 @@ fn screen(
     plan: &Plan,
     candidates: &[BlockId],
     kind: LossKind,
+    inputs: &LayerInputs,
+    samples: usize,
     cancel: &AtomicBool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<f64>> {
-    let t = &model.transformer;
     let run = RunOptions::FAST;
     let mut sums = vec![0.0f64; candidates.len()];
-    for (si, seq) in data.sequences.iter().enumerate() {
-        let mut inputs = Vec::with_capacity(t.n_layers());
-        let mut x = t.embed_tokens(&input_ids(model, seq)?)?;
-        for i in 0..t.n_layers() {
-            inputs.push(x.clone());
-            x = t.run_layers(x, i..i + 1, 0, None, plan, Scales::FromPlan, run, None)?;
-        }
+    let n_seq = match samples {
+        0 => data.sequences.len(),
+        n => n.min(data.sequences.len()),
+    };
+    let sequences = &data.sequences[..n_seq];
+    for (si, seq) in sequences.iter().enumerate() {
         // The base distribution is the same for every candidate: compute it once.
         let base_logp = match base {
             Some(b) if kind == LossKind::Kl => Some(base_log_probs(model, &b.hidden[si])?),
@@ -472,27 +554,22 @@ fn screen(
             }
             let mut p = plan.clone();
             p.skip.insert(c);
-            let h = forward_from(
-                model,
-                inputs[c.layer].clone(),
-                c.layer,
-                &p,
-                Scales::FromPlan,
-                run,
-            )?;
+            let h =
+                Start::Layer(c.layer, inputs).forward(model, seq, si, &p, Scales::FromPlan, run)?;
             let loss = sequence_loss_with(model, seq, &h, base_logp.as_deref(), kind, run)?;
             sums[ci] += f64::from(loss.to_scalar::<f32>()?);
         }
-        progress(si + 1, data.sequences.len());
+        progress(si + 1, n_seq);
     }
-    let n = data.scored_tokens() as f64;
-    Ok(sums.into_iter().map(|s| s / n).collect())
+    let n: usize = sequences.iter().map(|s| s.scored()).sum();
+    Ok(sums.into_iter().map(|s| s / n as f64).collect())
 }
 
 /// Refits one candidate plan; returns its score and scales, or `None` if cancelled.
 /// Exact: the mean of the epoch's per-batch training losses (the reference's
 /// score). Default: the calibration loss after the refit. A non-finite loss
 /// lowers the learning rate and retries.
+#[allow(clippy::too_many_arguments)]
 pub fn refit_candidate(
     model: &Model,
     plan: &Plan,
@@ -500,10 +577,14 @@ pub fn refit_candidate(
     base: Option<&BaseStates>,
     opts: &FitOptions,
     exact: bool,
+    start: Start,
     cancel: &AtomicBool,
 ) -> Result<Option<(f64, Vec<LayerScales>)>> {
     let mut trainer = Trainer::new(model, plan, data, base, opts)?;
-    let start = trainer.scales()?;
+    if let Start::Layer(layer, inputs) = start {
+        trainer = trainer.starting_at(layer, inputs);
+    }
+    let initial = trainer.scales()?;
     let mut last = Vec::new();
     let mut epoch = 0;
     let mut cuts = 0;
@@ -518,7 +599,7 @@ pub fn refit_candidate(
                         plan.describe()
                     );
                 }
-                trainer.set_scales(&start)?;
+                trainer.set_scales(&initial)?;
                 let lr = trainer.lr / 10.0;
                 trainer.reset_optimizer(lr)?;
                 epoch = 0;
@@ -534,7 +615,7 @@ pub fn refit_candidate(
         last.iter().sum::<f64>() / last.len().max(1) as f64
     } else {
         let p = trainer.plan_with_scales()?;
-        mean_loss(model, data, base, &p, opts.loss, cancel)?
+        mean_loss_from(model, data, base, &p, opts.loss, start, cancel)?
     };
     Ok(Some((score, scales)))
 }

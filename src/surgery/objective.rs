@@ -167,6 +167,76 @@ pub fn sequence_loss_with(
     total.ok_or_else(|| anyhow::anyhow!("a sequence with no scored tokens"))
 }
 
+/// The residual stream entering every layer of every sequence of a set under
+/// one plan: a change at layer `i` or later reruns only layers `i..`.
+pub struct LayerInputs {
+    /// `[sequence][layer]`, each (1, t, h).
+    per_sequence: Vec<Vec<Tensor>>,
+}
+
+impl LayerInputs {
+    pub fn compute(
+        model: &Model,
+        data: &TokenSet,
+        plan: &Plan,
+        cancel: &AtomicBool,
+    ) -> Result<Self> {
+        let t = &model.transformer;
+        let run = RunOptions::FAST;
+        let mut per_sequence = Vec::with_capacity(data.sequences.len());
+        for seq in &data.sequences {
+            if cancel.load(Ordering::Relaxed) {
+                bail!("cancelled");
+            }
+            let mut inputs = Vec::with_capacity(t.n_layers());
+            let mut x = t.embed_tokens(&input_ids(model, seq)?)?;
+            for i in 0..t.n_layers() {
+                inputs.push(x.clone());
+                x = t.run_layers(x, i..i + 1, 0, None, plan, Scales::FromPlan, run, None)?;
+            }
+            per_sequence.push(inputs);
+        }
+        Ok(Self { per_sequence })
+    }
+
+    /// The residual stream entering `layer` in sequence `seq`.
+    pub fn get(&self, seq: usize, layer: usize) -> Result<Tensor> {
+        self.per_sequence
+            .get(seq)
+            .and_then(|s| s.get(layer))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no cached input for sequence {seq}, layer {layer}"))
+    }
+}
+
+/// Where a forward pass starts: the embeddings, or cached inputs to a layer
+/// (valid while the plan and scales of the layers before it are unchanged).
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    Embeddings,
+    Layer(usize, &'a LayerInputs),
+}
+
+impl Start<'_> {
+    /// Final-normed hidden states (t, h) of sequence `index` from this start.
+    pub fn forward(
+        self,
+        model: &Model,
+        seq: &Sequence,
+        index: usize,
+        plan: &Plan,
+        scales: Scales,
+        run: RunOptions,
+    ) -> Result<Tensor> {
+        match self {
+            Start::Embeddings => forward_full(model, seq, plan, scales, run),
+            Start::Layer(layer, inputs) => {
+                forward_from(model, inputs.get(index, layer)?, layer, plan, scales, run)
+            }
+        }
+    }
+}
+
 /// Mean loss per scored token of a plan (constant scales) over a set.
 pub fn mean_loss(
     model: &Model,
@@ -176,12 +246,25 @@ pub fn mean_loss(
     kind: LossKind,
     cancel: &AtomicBool,
 ) -> Result<f64> {
+    mean_loss_from(model, data, base, plan, kind, Start::Embeddings, cancel)
+}
+
+/// `mean_loss` from a given start.
+pub fn mean_loss_from(
+    model: &Model,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    plan: &Plan,
+    kind: LossKind,
+    start: Start,
+    cancel: &AtomicBool,
+) -> Result<f64> {
     let mut sum = 0.0;
     for (i, seq) in data.sequences.iter().enumerate() {
         if cancel.load(Ordering::Relaxed) {
             bail!("cancelled");
         }
-        let h = forward_full(model, seq, plan, Scales::FromPlan, RunOptions::FAST)?;
+        let h = start.forward(model, seq, i, plan, Scales::FromPlan, RunOptions::FAST)?;
         let b = base.map(|b| &b.hidden[i]);
         sum += f64::from(
             sequence_loss(model, seq, &h, b, kind, RunOptions::FAST)?.to_scalar::<f32>()?,
