@@ -162,42 +162,26 @@ fn a_full_disk_leaves_no_partial_file() {
     let full = work.path().join("full");
     std::fs::create_dir(&full).unwrap();
     let plan = plan.to_str().unwrap();
-    let gguf = full.join("x.gguf");
-    let (ok, err) = run_on_full_disk(
-        &full,
-        &[
-            "--plan",
-            plan,
-            "export",
-            "--format",
-            "gguf",
-            "--no-measure",
-            "--out",
-            gguf.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        !ok && err.contains("cannot write") && !err.contains("panicked"),
-        "{err}"
-    );
-    let folder = full.join("pruned");
-    let (ok, err) = run_on_full_disk(
-        &full,
-        &[
-            "--plan",
-            plan,
-            "export",
-            "--format",
-            "decilm",
-            "--no-measure",
-            "--out",
-            folder.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        !ok && err.contains("cannot write") && !err.contains("panicked"),
-        "{err}"
-    );
+    for (format, name) in [("gguf", "x.gguf"), ("decilm", "pruned")] {
+        let out = full.join(name);
+        let (ok, err) = run_on_full_disk(
+            &full,
+            &[
+                "--plan",
+                plan,
+                "export",
+                "--format",
+                format,
+                "--no-measure",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            !ok && err.contains("cannot write") && !err.contains("panicked"),
+            "{format}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::cli::{DataArgs, FitSettings};
-use crate::eval::data::{self, DataOptions, TokenSet};
+use crate::eval::data::{self, DataOptions, PromptSet, TokenSet};
 use crate::model::Model;
 use crate::progress;
 use crate::surgery::fit::FitOptions;
@@ -47,21 +47,8 @@ fn options(args: &DataArgs, text: Option<&std::path::Path>, samples: usize) -> D
 
 /// Calibration data, generating (and caching) it with a progress bar if needed.
 pub fn calibration(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Result<TokenSet> {
-    let pb = progress::bar(args.calib_samples, "calibration");
     let opts = options(args, args.calib.as_deref(), args.calib_samples);
-    let set = data::calibration_set(model, &opts, cancel, |d, t| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64)
-    });
-    pb.finish_and_clear();
-    let set = set?;
-    eprintln!(
-        "scalpel: calibration data: {} — {} sequences, {} scored tokens",
-        set.source,
-        set.sequences.len(),
-        set.scored_tokens()
-    );
-    Ok(set)
+    load_set(model, &opts, PromptSet::Calibration, cancel)
 }
 
 /// Calibration sequences in each validation set: every fourth.
@@ -81,16 +68,33 @@ pub fn fit_sets(calib: &TokenSet) -> (TokenSet, TokenSet) {
 
 /// Held-out data, likewise.
 pub fn heldout(model: &Model, args: &DataArgs, cancel: &AtomicBool) -> Result<TokenSet> {
-    let pb = progress::bar(args.heldout_samples, "held-out");
     let opts = options(args, args.eval_text.as_deref(), args.heldout_samples);
-    let set = data::heldout_set(model, &opts, cancel, |d, t| {
+    load_set(model, &opts, PromptSet::HeldOut, cancel)
+}
+
+fn load_set(
+    model: &Model,
+    opts: &DataOptions,
+    which: PromptSet,
+    cancel: &AtomicBool,
+) -> Result<TokenSet> {
+    let label = match which {
+        PromptSet::Calibration => "calibration",
+        PromptSet::HeldOut => "held-out",
+    };
+    let pb = progress::bar(opts.samples, label);
+    let progress = |d: usize, t: usize| {
         pb.set_length(t as u64);
         pb.set_position(d as u64)
-    });
+    };
+    let set = match which {
+        PromptSet::Calibration => data::calibration_set(model, opts, cancel, progress),
+        PromptSet::HeldOut => data::heldout_set(model, opts, cancel, progress),
+    };
     pb.finish_and_clear();
     let set = set?;
     eprintln!(
-        "scalpel: held-out data: {} — {} sequences, {} scored tokens",
+        "scalpel: {label} data: {} — {} sequences, {} scored tokens",
         set.source,
         set.sequences.len(),
         set.scored_tokens()
