@@ -23,7 +23,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
     let calib = common::calibration(&model, &args.data, &cancel)?;
     let heldout = common::heldout(&model, &args.data, &cancel)?;
     let (train, validation) = common::fit_sets(&calib);
-    let opts = common::fit_options(&args.fit);
+    let mut opts = common::fit_options(&args.fit);
+    // A plan that already has scales is refined from them, not restarted from 1.
+    opts.init = plan.scales.clone();
     eprintln!(
         "scalpel: fitting {} ({} loss, lr {}, {} epochs)",
         plan.describe(),
