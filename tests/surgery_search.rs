@@ -167,3 +167,30 @@ fn more_blocks_than_layers_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("more than the model's 4"), "{err}");
 }
+
+#[test]
+fn cached_layer_inputs_reproduce_the_full_forward_pass() {
+    use scalpel::model::{RunOptions, Scales};
+    use scalpel::surgery::objective::forward_full;
+    let model = common::load_tiny("llama");
+    let data = common::random_set(&model, 31, 2, 24);
+    let never = AtomicBool::new(false);
+    let mut plan = Plan::with_skips([BlockId::attn(0)]);
+    let mut scales = vec![LayerScales::IDENTITY; model.n_layers()];
+    scales[1].s_mlp = 0.9;
+    plan.scales = Some(scales);
+    let inputs = LayerInputs::compute(&model, &data, &plan, &never).unwrap();
+    for (i, seq) in data.sequences.iter().enumerate() {
+        let full = forward_full(&model, seq, &plan, Scales::FromPlan, RunOptions::FAST).unwrap();
+        for layer in 0..model.n_layers() {
+            let from = Start::Layer(layer, &inputs)
+                .forward(&model, seq, i, &plan, Scales::FromPlan, RunOptions::FAST)
+                .unwrap();
+            let flat = |t: &candle_core::Tensor| -> Vec<f32> {
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let diff = common::max_abs_diff(&flat(&full), &flat(&from));
+            assert!(diff < 1e-5, "sequence {i}, from layer {layer}: {diff}");
+        }
+    }
+}

@@ -314,4 +314,17 @@ mod tests {
         assert_eq!(ts.scored_tokens(), 3);
         assert!(TokenSet::from_id_sequences("t", vec![vec![1]]).is_err());
     }
+
+    #[test]
+    fn every_fourth_sequence_validates_and_the_rest_train() {
+        let seqs: Vec<Vec<u32>> = (0..9).map(|i| vec![i, i + 100]).collect();
+        let ts = TokenSet::from_id_sequences("t", seqs).unwrap();
+        let (train, val) = ts.split_validation(4);
+        let firsts = |s: &TokenSet| s.sequences.iter().map(|q| q.ids[0]).collect::<Vec<_>>();
+        assert_eq!(firsts(&val), vec![3, 7]);
+        assert_eq!(firsts(&train), vec![0, 1, 2, 4, 5, 6, 8]);
+        // Too small to split: both parts are the whole set.
+        let (a, b) = ts.take(3).split_validation(4);
+        assert_eq!((a.sequences.len(), b.sequences.len()), (3, 3));
+    }
 }
