@@ -1,14 +1,16 @@
 //! `scalpel fit`: fit a plan's scales; Ctrl-C keeps the best epoch so far.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 
 use super::surgery_common as common;
 use crate::cli::{self, FitArgs};
-use crate::plan::PlanFile;
+use crate::eval::data::TokenSet;
+use crate::model::Model;
+use crate::plan::{Plan, PlanFile};
 use crate::surgery::fit::fit_scales;
-use crate::surgery::objective::{measure, BaseStates};
+use crate::surgery::objective::{measure, BaseStates, SetReport};
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Result<()> {
     let Some(out) = args.out.clone().or_else(|| pargs.plan.clone()) else {
@@ -56,29 +58,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
     for w in &result.warnings {
         eprintln!("scalpel: warning: {w}");
     }
-    // The held-out set picked nothing above, so its numbers are honest.
-    let never = AtomicBool::new(false);
-    let held_base = BaseStates::compute(&model, &heldout, &never)?;
-    let before = measure(&model, &heldout, &held_base, &plan, &never)?;
-    let after = measure(&model, &heldout, &held_base, &result.plan, &never)?;
-    eprintln!(
-        "held-out ({} tokens): KL to base {:.5} unfitted → {:.5} fitted; perplexity {:.3} → {:.3}",
-        after.scored_tokens,
-        before.kl_to_base,
-        after.kl_to_base,
-        before.perplexity,
-        after.perplexity
-    );
     let mut pf = file.unwrap_or_else(|| PlanFile::new(model.identity.clone(), plan.clone()));
     pf.plan = result.plan.clone();
     pf.metrics
         .insert("fit_history".into(), serde_json::to_value(&result.history)?);
     pf.metrics
         .insert("fit_best_epoch".into(), result.best_epoch.into());
-    pf.metrics.insert(
-        "heldout".into(),
-        serde_json::json!({"unfitted": before, "fitted": after}),
-    );
     pf.provenance.insert(
         "fit".into(),
         serde_json::json!({"loss": opts.loss, "lr": opts.lr, "epochs": opts.epochs,
@@ -86,7 +71,32 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
             "heldout": heldout.source,
             "cancelled": result.cancelled}),
     );
+    // Saved before the held-out measurement, so a Ctrl-C there loses nothing.
     pf.save(&out)?;
+    if !result.cancelled {
+        // The held-out set picked nothing above, so its numbers are honest.
+        match heldout_before_after(&model, &heldout, &plan, &result.plan, &cancel) {
+            Ok((before, after)) => {
+                eprintln!(
+                    "held-out ({} tokens): KL to base {:.5} unfitted → {:.5} fitted; perplexity {:.3} → {:.3}",
+                    after.scored_tokens,
+                    before.kl_to_base,
+                    after.kl_to_base,
+                    before.perplexity,
+                    after.perplexity
+                );
+                pf.metrics.insert(
+                    "heldout".into(),
+                    serde_json::json!({"unfitted": before, "fitted": after}),
+                );
+                pf.save(&out)?;
+            }
+            Err(_) if cancel.load(Ordering::Relaxed) => {
+                eprintln!("scalpel: held-out measurement cancelled; the fitted plan is saved");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&pf)?);
     } else {
@@ -105,4 +115,19 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
         );
     }
     Ok(())
+}
+
+/// Held-out quality of the plan as given and as fitted.
+fn heldout_before_after(
+    model: &Model,
+    heldout: &TokenSet,
+    before: &Plan,
+    after: &Plan,
+    cancel: &AtomicBool,
+) -> Result<(SetReport, SetReport)> {
+    let base = BaseStates::compute(model, heldout, cancel)?;
+    Ok((
+        measure(model, heldout, &base, before, cancel)?,
+        measure(model, heldout, &base, after, cancel)?,
+    ))
 }

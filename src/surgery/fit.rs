@@ -289,13 +289,8 @@ pub fn fit_scales(
     mut on_epoch: impl FnMut(&FitEpoch),
 ) -> Result<FitResult> {
     model.check_plan(plan)?;
-    let (base, held_base) = match opts.loss {
-        LossKind::Kl => (
-            Some(BaseStates::compute(model, data, cancel)?),
-            Some(BaseStates::compute(model, heldout, cancel)?),
-        ),
-        LossKind::Ce => (None, None),
-    };
+    let base = BaseStates::for_loss(model, opts.loss, data, cancel)?;
+    let held_base = BaseStates::for_loss(model, opts.loss, heldout, cancel)?;
     fit_with_states(
         model,
         plan,

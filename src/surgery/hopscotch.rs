@@ -245,13 +245,8 @@ pub fn search(
     }
     on_event(&SearchEvent::Preparing);
     let t = Instant::now();
-    let (base, held_base) = match opts.loss {
-        LossKind::Kl => (
-            Some(BaseStates::compute(model, data, cancel)?),
-            Some(BaseStates::compute(model, validation, cancel)?),
-        ),
-        LossKind::Ce => (None, None),
-    };
+    let base = BaseStates::for_loss(model, opts.loss, data, cancel)?;
+    let held_base = BaseStates::for_loss(model, opts.loss, validation, cancel)?;
     let mut timings = SearchTimings {
         base_states: t.elapsed().as_secs_f64(),
         screen: 0.0,
@@ -290,13 +285,12 @@ pub fn search(
         let inputs = if opts.exact {
             None
         } else {
-            match LayerInputs::compute(model, data, &plan, cancel) {
-                Ok(i) => Some(i),
-                Err(_) if cancel.load(Ordering::Relaxed) => {
-                    return finish_cancelled(steps, timings, t_all);
-                }
-                Err(e) => return Err(e),
-            }
+            let Some(i) =
+                unless_cancelled(LayerInputs::compute(model, data, &plan, cancel), cancel)?
+            else {
+                return finish_cancelled(steps, timings, t_all);
+            };
+            Some(i)
         };
         let (shortlist, mut scores) = match &inputs {
             None => {
@@ -330,12 +324,8 @@ pub fn search(
                         })
                     },
                 );
-                let screened = match screened {
-                    Ok(s) => s,
-                    Err(_) if cancel.load(Ordering::Relaxed) => {
-                        return finish_cancelled(steps, timings, t_all);
-                    }
-                    Err(e) => return Err(e),
+                let Some(screened) = unless_cancelled(screened, cancel)? else {
+                    return finish_cancelled(steps, timings, t_all);
                 };
                 let mut order: Vec<usize> = (0..candidates.len()).collect();
                 order.sort_by(|&a, &b| screened[a].total_cmp(&screened[b]));
@@ -377,38 +367,39 @@ pub fn search(
                 Some(i) => Start::Layer(block.layer, i),
                 None => Start::Embeddings,
             };
-            // The loss before the refit, on the data the refit is scored on.
-            let entry = scores.iter_mut().find(|s| s.block == block);
-            let before = match entry {
-                Some(e) if !opts.exact => {
-                    let screened_all =
-                        opts.screen_samples == 0 || opts.screen_samples >= data.sequences.len();
-                    let full = match e.screen_loss {
-                        Some(l) if screened_all => l,
-                        _ => {
-                            let mut p = plan.clone();
-                            p.skip.insert(block);
-                            match mean_loss_from(
-                                model,
-                                data,
-                                base.as_ref(),
-                                &p,
-                                opts.loss,
-                                start,
-                                cancel,
-                            ) {
-                                Ok(l) => l,
-                                Err(_) if cancel.load(Ordering::Relaxed) => {
-                                    return finish_cancelled(steps, timings, t_all);
-                                }
-                                Err(e) => return Err(e),
-                            }
-                        }
-                    };
-                    e.full_loss = Some(full);
-                    Some(full)
-                }
-                _ => None,
+            // The loss before the refit, on the data the refit is scored on:
+            // the screen's when it saw every sequence, else measured now.
+            let entry = scores
+                .iter()
+                .position(|s| s.block == block)
+                .context("a shortlisted block has no score")?;
+            let before = if opts.exact {
+                None
+            } else {
+                let screened_all =
+                    opts.screen_samples == 0 || opts.screen_samples >= data.sequences.len();
+                let full = match scores[entry].screen_loss {
+                    Some(l) if screened_all => l,
+                    _ => {
+                        let mut p = plan.clone();
+                        p.skip.insert(block);
+                        let measured = mean_loss_from(
+                            model,
+                            data,
+                            base.as_ref(),
+                            &p,
+                            opts.loss,
+                            start,
+                            cancel,
+                        );
+                        let Some(l) = unless_cancelled(measured, cancel)? else {
+                            return finish_cancelled(steps, timings, t_all);
+                        };
+                        l
+                    }
+                };
+                scores[entry].full_loss = Some(full);
+                Some(full)
             };
             let refit = refit_candidate(
                 model,
@@ -423,9 +414,7 @@ pub fn search(
             let Some((refit_loss, fitted)) = refit else {
                 return finish_cancelled(steps, timings, t_all);
             };
-            if let Some(s) = scores.iter_mut().find(|s| s.block == block) {
-                s.refit_loss = Some(refit_loss);
-            }
+            scores[entry].refit_loss = Some(refit_loss);
             // The better of before and after the refit, with its scales.
             let (loss, fitted) = match before {
                 Some(before) if before <= refit_loss => (before, scales.clone()),
@@ -501,6 +490,15 @@ pub fn search(
         steps,
         timings,
     })
+}
+
+/// `Ok(None)` when `result` failed because the search was cancelled.
+fn unless_cancelled<T>(result: Result<T>, cancel: &AtomicBool) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if cancel.load(Ordering::Relaxed) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn finish_cancelled(

@@ -42,6 +42,19 @@ pub struct BaseStates {
 }
 
 impl BaseStates {
+    /// The states a loss needs: computed for KL, `None` for cross-entropy.
+    pub fn for_loss(
+        model: &Model,
+        kind: LossKind,
+        data: &TokenSet,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Self>> {
+        match kind {
+            LossKind::Kl => Self::compute(model, data, cancel).map(Some),
+            LossKind::Ce => Ok(None),
+        }
+    }
+
     pub fn compute(model: &Model, data: &TokenSet, cancel: &AtomicBool) -> Result<Self> {
         let base = Plan::base();
         let mut hidden = Vec::with_capacity(data.sequences.len());
