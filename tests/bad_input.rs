@@ -48,7 +48,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn truncated_gguf_is_reported_as_truncated() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let bytes = std::fs::read(common::smollm2_path()).unwrap();
     let cut = write(dir.path(), "cut.gguf", &bytes[..bytes.len() / 2]);
     fails(&["--model", &cut, "info"], "truncated");
@@ -58,7 +58,7 @@ fn truncated_gguf_is_reported_as_truncated() {
 
 #[test]
 fn corrupt_gguf_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let junk: Vec<u8> = (0..100_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -81,7 +81,7 @@ fn copy_tiny(to: &Path) {
 
 #[test]
 fn truncated_or_corrupt_safetensors_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let m = dir.path().join("m");
     copy_tiny(&m);
     let st = m.join("model.safetensors");
@@ -94,7 +94,7 @@ fn truncated_or_corrupt_safetensors_is_refused() {
 
 #[test]
 fn unknown_architecture_is_named() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let m = dir.path().join("m");
     copy_tiny(&m);
     let cfg = std::fs::read_to_string(m.join("config.json"))
@@ -109,7 +109,7 @@ fn unknown_architecture_is_named() {
 
 #[test]
 fn plan_for_another_model_is_refused_with_its_owner() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let other = ModelIdentity {
         name: "tiny-llama".into(),
         architecture: "llama".into(),
@@ -140,7 +140,7 @@ fn plan_naming_layer_99_is_refused() {
 
 #[test]
 fn empty_and_short_texts_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let empty = write(dir.path(), "empty.txt", b"");
     fails(&["--model", &gguf(), "eval", "--text", &empty], "empty");
     let short = write(dir.path(), "short.txt", b"Just a few words of text.");
@@ -166,7 +166,7 @@ fn missing_model_and_offline_hub_miss_are_clear() {
         &["--model", "/nonexistent/model.gguf", "info"],
         "neither an existing file",
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let out = Command::new(env!("CARGO_BIN_EXE_scalpel"))
         .args(["--offline", "--model", "nobody/no-such-model", "info"])
         .env("HF_HOME", dir.path())
@@ -180,7 +180,7 @@ fn missing_model_and_offline_hub_miss_are_clear() {
 #[test]
 fn hub_ids_load_from_the_hf_cache_offline() {
     // The hf-hub cache layout: models--org--name/{refs/main, snapshots/<rev>/...}.
-    let home = tempfile::tempdir().unwrap();
+    let home = common::scratch_dir();
     let repo = home.path().join("hub/models--test--tiny-llama");
     let snap = repo.join("snapshots/0123abcd");
     copy_tiny(&snap);

@@ -41,7 +41,7 @@ fn stderr_of(a: &assert_cmd::assert::Assert) -> String {
 
 #[test]
 fn a_plan_for_another_model_is_refused() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let mut id = common::smollm2().identity.clone();
     id.content_hash = "0".repeat(64);
     let plan_path = work.path().join("other.json");
@@ -63,7 +63,7 @@ fn a_plan_for_another_model_is_refused() {
 
 #[test]
 fn an_existing_output_is_kept_unless_forced() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let plan = save_plan(work.path(), small_plan());
     let out = work.path().join("x.gguf");
     std::fs::write(&out, b"precious").unwrap();
@@ -98,7 +98,7 @@ fn an_existing_output_is_kept_unless_forced() {
 
 #[test]
 fn an_unwritable_destination_is_a_clear_error() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let plan = save_plan(work.path(), small_plan());
     // A "folder" that is a file, and a kernel folder nobody may create files in
     // (root ignores permission bits, so a chmod-ed folder would not do).
@@ -157,7 +157,7 @@ fn run_on_full_disk(dir: &Path, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn a_full_disk_leaves_no_partial_file() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let plan = save_plan(work.path(), small_plan());
     let full = work.path().join("full");
     std::fs::create_dir(&full).unwrap();
@@ -186,7 +186,7 @@ fn a_full_disk_leaves_no_partial_file() {
 
 #[test]
 fn scales_that_cannot_fold_are_refused() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let mut plan = small_plan();
     let mut scales = vec![LayerScales::IDENTITY; 30];
     scales[7].s_att = -0.5;
@@ -209,7 +209,7 @@ fn scales_that_cannot_fold_are_refused() {
 
 #[test]
 fn mergekit_writes_whole_layer_plans_and_refuses_single_blocks() {
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let out = work.path().join("recipe.yaml");
     let plan = save_plan(work.path(), small_plan());
     let a = scalpel()

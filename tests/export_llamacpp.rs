@@ -45,7 +45,7 @@ fn llama_cpp_runs_the_deci_gguf_with_the_plans_perplexity_and_faster() {
     require_llama_cpp();
     let model = common::smollm2();
     let plan = plan_with_scales(model.n_layers());
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let plan_path = work.path().join("plan.json");
     PlanFile::new(model.identity.clone(), plan.clone())
         .save(&plan_path)

@@ -121,7 +121,7 @@ fn export_decilm(plan: &Plan, out: &std::path::Path) {
 fn decilm_export_reloads_with_the_plan_logits() {
     let model = smollm2_f64();
     let plan = plan_with_b_scales(model.n_layers());
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let out = work.path().join("smollm2-pruned");
     export_decilm(&plan, &out);
 
@@ -182,7 +182,7 @@ fn decilm_export_reloads_with_the_plan_logits() {
 fn decilm_export_with_residual_scales_matches_the_folded_plan() {
     let model = smollm2_f64();
     let plan = plan_with_scales(model.n_layers());
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let out = work.path().join("smollm2-pruned-s");
     export_decilm(&plan, &out);
     let reloaded = load_f64(LocalModel::HfDir(out));

@@ -35,7 +35,7 @@ fn save(dir: &Path, name: &str, plan: Plan) -> String {
 #[test]
 fn the_report_renders_its_charts_in_a_browser() {
     let browser = chromium();
-    let work = tempfile::tempdir().unwrap();
+    let work = common::scratch_dir();
     let p2 = save(
         work.path(),
         "two-attn.json",
@@ -82,7 +82,7 @@ fn the_report_renders_its_charts_in_a_browser() {
         "self-contained"
     );
 
-    let profile = tempfile::tempdir().unwrap();
+    let profile = common::scratch_dir();
     let run = |extra: &[&str]| {
         let o = Command::new(browser)
             .args([

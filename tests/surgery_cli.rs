@@ -14,7 +14,7 @@ fn scalpel() -> Command {
 
 #[test]
 fn bad_inputs_give_one_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     // --blocks larger than the number of layers.
     scalpel()
         .args(["search", "--blocks", "31"])

@@ -103,7 +103,7 @@ fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
     let model = common::load_tiny("qwen2");
     let calib = common::random_set(&model, 21, 4, 24);
     let heldout = common::random_set(&model, 22, 3, 24);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let never = AtomicBool::new(false);
     let mut opts = SearchOptions::new(3, LossKind::Kl);
     opts.shortlist = 2;

@@ -107,7 +107,7 @@ const MINUTES: Duration = Duration::from_secs(60);
 #[test]
 fn toggle_two_blocks_see_metrics_change_save_and_quit() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let session = dir.path().join("session");
     let tmux = Tmux::start("e2e", &[("SCALPEL_SESSION_DIR", &session)], &model_arg());
 
@@ -176,7 +176,7 @@ fn toggle_two_blocks_see_metrics_change_save_and_quit() {
 #[test]
 fn redraws_stay_under_100ms_while_a_search_runs() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let session = dir.path().join("session");
     let log = dir.path().join("frames.log");
     let tmux = Tmux::start(

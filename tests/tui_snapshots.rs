@@ -1,6 +1,8 @@
 //! Snapshot tests of every workbench screen, drawn with ratatui's
 //! TestBackend from an `App` built out of plain data (no model).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use ratatui::backend::TestBackend;
@@ -263,7 +265,7 @@ fn too_small_terminal_gets_a_message() {
 
 #[test]
 fn save_then_open_round_trips_through_the_prompt() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch_dir();
     let path = dir.path().join("p.json");
     let mut app = busy_app();
     handler::handle_key(&mut app, key(KeyCode::Char('s')));

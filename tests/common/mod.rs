@@ -91,3 +91,9 @@ pub fn random_set(
         .collect();
     scalpel::eval::data::TokenSet::from_id_sequences("random", data).unwrap()
 }
+
+/// A scratch folder under cargo's per-target temporary folder rather than
+/// the system's `/tmp`, which a CI machine may clean while tests run.
+pub fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("cannot create a scratch folder")
+}
