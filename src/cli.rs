@@ -237,7 +237,8 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
-    /// CPU threads (default: physical cores).
+    /// CPU threads (default: physical cores). `eval` scores one window per
+    /// thread; other commands split each op over all threads.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
 }
@@ -343,19 +344,39 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// How a command spreads its work over the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadUse {
+    /// Every op is split over all threads (generation, fitting, the
+    /// workbench): one sequence at a time.
+    WithinOps,
+    /// Independent sequences run side by side, one per thread, and each op
+    /// runs on its calling thread: no barrier or hand-off between ops, which
+    /// on small models costs more than the ops themselves (`eval`).
+    AcrossSequences,
+}
+
 /// Sets the thread count before the first tensor op (candle reads it once).
-pub fn init_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // Both candle pools: rayon (f32 matmul) and the quantized kernels.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
+pub fn init_threads(threads: Option<usize>, using: ThreadUse) -> Result<()> {
+    if threads == Some(0) {
+        bail!("--threads must be at least 1");
     }
+    let per_op = match (using, threads) {
+        (ThreadUse::WithinOps, Some(n)) => n,
+        // candle's own default: one thread per physical core.
+        (ThreadUse::WithinOps, None) => return Ok(()),
+        // gemm runs unsplit and candle's pool inline; the rayon pool below
+        // still has a thread per sequence.
+        (ThreadUse::AcrossSequences, _) => 1,
+    };
+    let pool = threads.unwrap_or_else(num_cpus::get_physical);
+    // candle sizes its two pools from these: rayon (f32 matmul, softmax,
+    // norms) and its barrier pool (elementwise ops, quantized kernels).
+    std::env::set_var("RAYON_NUM_THREADS", per_op.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", per_op.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(pool)
+        .build_global();
     Ok(())
 }
 

@@ -18,7 +18,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    cli::init_threads(cli.model.threads)?;
+    let using = match cli.command {
+        Some(Command::Eval(_)) => cli::ThreadUse::AcrossSequences,
+        _ => cli::ThreadUse::WithinOps,
+    };
+    cli::init_threads(cli.model.threads, using)?;
     match cli.command {
         Some(Command::Eval(args)) => commands::eval::run(&cli.model, &cli.plan, args),
         Some(Command::Generate(args)) => commands::generate::run(&cli.model, &cli.plan, args),

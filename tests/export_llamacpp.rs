@@ -60,6 +60,7 @@ fn llama_cpp_runs_the_deci_gguf_with_the_plans_perplexity_and_faster() {
         window: 512,
         compare_base: false,
         run: RunOptions::FAST,
+        parallel_windows: true,
     };
     let ours = evaluate(model, &ids, &plan, opts, &AtomicBool::new(false), |_, _| {})
         .unwrap()

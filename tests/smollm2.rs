@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor, D};
 use scalpel::eval::generate::argmax_per_position;
-use scalpel::eval::perplexity::{evaluate, EvalOptions};
+use scalpel::eval::perplexity::{evaluate, EvalOptions, EvalReport};
 use scalpel::model::{KvCache, RunOptions, Scales};
 use scalpel::plan::{BlockId, Plan};
 
@@ -73,29 +73,42 @@ fn last_position_top5_and_argmax_match_pytorch() {
     }
 }
 
-fn perplexity(plan: &Plan, run: RunOptions) -> f64 {
-    let model = common::smollm2();
+fn perplexity(plan: &Plan) -> f64 {
+    evaluate_ids(&eval_ids(), plan, false, true).perplexity
+}
+
+fn evaluate_ids(
+    ids: &[u32],
+    plan: &Plan,
+    compare_base: bool,
+    parallel_windows: bool,
+) -> EvalReport {
     let opts = EvalOptions {
         window: 512,
-        compare_base: false,
-        run,
+        compare_base,
+        run: RunOptions::FAST,
+        parallel_windows,
     };
-    evaluate(
-        model,
-        &eval_ids(),
-        plan,
-        opts,
-        &AtomicBool::new(false),
-        |_, _| {},
-    )
-    .unwrap()
-    .perplexity
+    let model = common::smollm2();
+    evaluate(model, ids, plan, opts, &AtomicBool::new(false), |_, _| {}).unwrap()
+}
+
+#[test]
+fn windows_scored_in_parallel_give_the_sequential_result_exactly() {
+    let ids = &eval_ids()[..3 * 512];
+    let one = evaluate_ids(ids, &skip4(), true, false);
+    let par = evaluate_ids(ids, &skip4(), true, true);
+    assert_eq!(one.windows, 3);
+    assert_eq!(one.mean_nll.to_bits(), par.mean_nll.to_bits());
+    assert_eq!(one.kl_to_base.to_bits(), par.kl_to_base.to_bits());
+    assert_eq!(one.top1_agreement, par.top1_agreement);
+    assert!(one.kl_to_base > 0.0);
 }
 
 #[test]
 fn perplexity_matches_pytorch_within_0_2_percent() {
     for (plan, want) in [(Plan::base(), 22.3452), (skip4(), 32.7714)] {
-        let got = perplexity(&plan, RunOptions::FAST);
+        let got = perplexity(&plan);
         let rel = (got - want).abs() / want;
         assert!(
             rel < 0.002,

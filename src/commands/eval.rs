@@ -28,6 +28,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         window: args.window,
         compare_base: !args.no_base,
         run,
+        // main() set one thread per op for `eval`.
+        parallel_windows: true,
     };
     let pb = progress::bar(ids.len().div_ceil(args.window), "windows");
     let report = perplexity::evaluate(
@@ -45,7 +47,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         v["plan"] = plan.describe().into();
         v["model"] = serde_json::to_value(&model.identity)?;
         v["window"] = args.window.into();
-        v["threads"] = candle_core::utils::get_num_threads().into();
+        v["threads"] = rayon::current_num_threads().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("plan            {}", plan.describe());
@@ -63,11 +65,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
             report.tokens, report.windows, args.window, report.scored_tokens
         );
         println!(
-            "speed           {:.1} tok/s through the plan ({:.2}s forward, {:.2}s wall, {} threads)",
+            "speed           {:.1} tok/s through {} forward pass{} per window ({:.2}s wall, {} threads, one window each)",
             report.tokens_per_sec,
-            report.plan_forward_seconds,
+            report.forward_passes,
+            if report.forward_passes == 1 { "" } else { "es" },
             report.seconds,
-            candle_core::utils::get_num_threads()
+            rayon::current_num_threads()
         );
     }
     Ok(())

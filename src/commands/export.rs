@@ -127,6 +127,7 @@ fn measure(model: &Model, plan: &Plan, args: &ExportArgs) -> Result<Option<EvalR
         window: 512,
         compare_base: true,
         run: RunOptions::FAST,
+        parallel_windows: false,
     };
     let pb = progress::bar(ids.len().div_ceil(512), "measuring the plan");
     let r = perplexity::evaluate(model, &ids, plan, opts, &AtomicBool::new(false), |d, _| {

@@ -134,6 +134,7 @@ fn measure(
         window: WINDOW,
         compare_base: !plan.skip.is_empty() || plan.has_scales(),
         run,
+        parallel_windows: false,
     };
     let pb = progress::bar(ids.len().div_ceil(WINDOW), &format!("{name}: quality"));
     let q = perplexity::evaluate(model, ids, plan, opts, &AtomicBool::new(false), |d, _| {

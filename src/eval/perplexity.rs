@@ -4,12 +4,15 @@
 //! logits[j-1].
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::model::fused;
 use crate::model::{Model, RunOptions, Scales};
 use crate::plan::Plan;
 
@@ -22,6 +25,10 @@ pub struct EvalOptions {
     /// Also run the base model on each window for KL and top-1 agreement.
     pub compare_base: bool,
     pub run: RunOptions,
+    /// Score windows concurrently, one per rayon thread. Pays off when each
+    /// op runs single-threaded (candle's own pool set to one thread, see
+    /// `cli::ThreadUse`); otherwise windows queue on candle's pool.
+    pub parallel_windows: bool,
 }
 
 impl Default for EvalOptions {
@@ -30,6 +37,7 @@ impl Default for EvalOptions {
             window: 512,
             compare_base: true,
             run: RunOptions::FAST,
+            parallel_windows: false,
         }
     }
 }
@@ -44,11 +52,12 @@ pub struct EvalReport {
     pub tokens: usize,
     pub scored_tokens: usize,
     pub windows: usize,
-    /// Wall time of the whole evaluation (base reference passes included).
+    /// Forward passes per window: 1, or 2 when the base runs for KL.
+    pub forward_passes: usize,
+    /// Wall time of the whole evaluation (base passes and scoring included).
     pub seconds: f64,
-    /// Time in the plan's own forward passes (logits for all positions).
-    pub plan_forward_seconds: f64,
-    /// Tokens through the plan's forward pass per second.
+    /// Tokens through forward passes (plan, and base when compared) per
+    /// wall-clock second, scoring included.
     pub tokens_per_sec: f64,
 }
 
@@ -69,6 +78,15 @@ struct Totals {
     kl: f64,
     agree: usize,
     scored: usize,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.nll += other.nll;
+        self.kl += other.kl;
+        self.agree += other.agree;
+        self.scored += other.scored;
+    }
 }
 
 pub fn evaluate(
@@ -106,47 +124,50 @@ pub fn evaluate(
     let wins = windows(ids, opts.window, bos);
     let compare = opts.compare_base && *plan != Plan::base();
     let start = Instant::now();
-    let mut forward_secs = 0.0;
-    let mut totals = Totals::default();
-    let mut tokens = 0;
-    let base = Plan::base();
-    for (wi, w) in wins.iter().enumerate() {
-        if cancel.load(Ordering::Relaxed) {
+    let stop = AtomicBool::new(false);
+    let score = |w: &Vec<u32>| -> Result<Totals> {
+        if cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             bail!("evaluation cancelled");
         }
-        let input = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?;
-        let t0 = Instant::now();
-        let hidden =
-            model
-                .transformer
-                .forward_hidden(&input, 0, None, plan, Scales::FromPlan, opts.run)?;
-        let hidden = hidden.squeeze(0)?;
-        forward_secs += t0.elapsed().as_secs_f64();
-        let base_hidden = if compare {
-            let h = model.transformer.forward_hidden(
-                &input,
-                0,
-                None,
-                &base,
-                Scales::FromPlan,
-                opts.run,
-            )?;
-            Some(h.squeeze(0)?)
-        } else {
-            None
-        };
-        score_window(
-            model,
-            w,
-            &hidden,
-            base_hidden.as_ref(),
-            opts.run,
-            &mut totals,
-            &mut forward_secs,
-        )?;
-        tokens += w.len();
-        progress(wi + 1, wins.len());
+        score_one_window(model, w, plan, compare, opts.run)
+    };
+    // Windows finish on worker threads; this thread reports progress and
+    // sums them in window order, so the result does not depend on timing.
+    let mut per_window: Vec<Option<Totals>> = (0..wins.len()).map(|_| None).collect();
+    let (tx, rx) = mpsc::channel::<(usize, Result<Totals>)>();
+    std::thread::scope(|s| -> Result<()> {
+        let wins = &wins;
+        let score = &score;
+        s.spawn(move || {
+            let send = |tx: &mut mpsc::Sender<_>, (i, w): (usize, &Vec<u32>)| {
+                let _ = tx.send((i, score(w)));
+            };
+            if opts.parallel_windows {
+                wins.par_iter().enumerate().for_each_with(tx, send);
+            } else {
+                let mut tx = tx;
+                wins.iter().enumerate().for_each(|iw| send(&mut tx, iw));
+            }
+        });
+        for (done, (i, result)) in rx.iter().enumerate() {
+            match result {
+                Ok(t) => per_window[i] = Some(t),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            progress(done + 1, wins.len());
+        }
+        Ok(())
+    })?;
+    let mut totals = Totals::default();
+    for t in per_window.into_iter().flatten() {
+        totals.add(&t);
     }
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens: usize = wins.iter().map(Vec::len).sum();
+    let passes = if compare { 2 } else { 1 };
     let mean_nll = totals.nll / totals.scored as f64;
     let (kl, agree) = if compare {
         (
@@ -164,10 +185,43 @@ pub fn evaluate(
         tokens,
         scored_tokens: totals.scored,
         windows: wins.len(),
-        seconds: start.elapsed().as_secs_f64(),
-        plan_forward_seconds: forward_secs,
-        tokens_per_sec: tokens as f64 / forward_secs,
+        forward_passes: passes,
+        seconds,
+        tokens_per_sec: (tokens * passes) as f64 / seconds,
     })
+}
+
+/// The plan's (and, with `compare`, the base's) scores on one window.
+fn score_one_window(
+    model: &Model,
+    window: &[u32],
+    plan: &Plan,
+    compare: bool,
+    run: RunOptions,
+) -> Result<Totals> {
+    let input = Tensor::new(window, model.device())?.unsqueeze(0)?;
+    let hidden = |plan: &Plan| -> Result<Tensor> {
+        let h = model
+            .transformer
+            .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
+        Ok(h.squeeze(0)?)
+    };
+    let plan_hidden = hidden(plan)?;
+    let base_hidden = if compare {
+        Some(hidden(&Plan::base())?)
+    } else {
+        None
+    };
+    let mut totals = Totals::default();
+    score_window(
+        model,
+        window,
+        &plan_hidden,
+        base_hidden.as_ref(),
+        run,
+        &mut totals,
+    )?;
+    Ok(totals)
 }
 
 /// Scores positions 1..len of one window from the hidden states at 0..len-1.
@@ -178,18 +232,15 @@ fn score_window(
     base_hidden: Option<&Tensor>,
     run: RunOptions,
     totals: &mut Totals,
-    forward_secs: &mut f64,
 ) -> Result<()> {
     let n = window.len() - 1;
     let device = model.device();
     for start in (0..n).step_by(LOGIT_CHUNK) {
         let len = LOGIT_CHUNK.min(n - start);
-        let t0 = Instant::now();
         let logits = model
             .transformer
             .logits(&hidden.narrow(0, start, len)?, run)?;
-        *forward_secs += t0.elapsed().as_secs_f64();
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let logp = fused::log_softmax_last_dim(&logits)?;
         let targets = Tensor::new(&window[start + 1..start + 1 + len], device)?;
         let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
         let nll: f32 = picked.sum_all()?.to_scalar()?;
@@ -197,7 +248,7 @@ fn score_window(
         totals.scored += len;
         if let Some(bh) = base_hidden {
             let base_logits = model.transformer.logits(&bh.narrow(0, start, len)?, run)?;
-            let base_logp = candle_nn::ops::log_softmax(&base_logits, D::Minus1)?;
+            let base_logp = fused::log_softmax_last_dim(&base_logits)?;
             let kl = (base_logp.exp()? * (&base_logp - &logp)?)?
                 .sum_all()?
                 .to_scalar::<f32>()?;

@@ -2,6 +2,7 @@
 
 pub mod config;
 mod frozen;
+pub mod fused;
 pub mod source;
 pub mod synthetic;
 pub mod tokenizer;

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::{ModelConfig, RopeLayout};
 use super::frozen::frozen_matmul;
+use super::fused::{self, CausalMask};
 use crate::plan::{BlockId, LayerScales, Plan};
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
@@ -31,7 +32,7 @@ impl Linear {
         let y = match (&self.quantized, run.quantized, run.mode) {
             (Some(q), true, _) => q.forward(x)?,
             (_, _, Mode::Differentiable) => frozen_matmul(x, &self.weight)?,
-            _ => dense_matmul(x, &self.weight)?,
+            _ => fused::linear(x, &self.weight)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -243,7 +244,16 @@ impl Transformer {
             );
         }
         let mask = if t > 1 {
-            Some(self.causal_mask(t, pos)?)
+            let fused = run.mode == Mode::Fast;
+            let window = self.cfg.sliding_window;
+            Some(CausalMask::new(
+                t,
+                pos,
+                window,
+                &self.device,
+                self.dtype,
+                fused,
+            )?)
         } else {
             None
         };
@@ -285,7 +295,7 @@ impl Transformer {
             (Some(head), _) => head.forward(hidden, run)?,
             (None, Some(q)) if run.quantized => q.forward(hidden)?,
             (None, _) if run.mode == Mode::Differentiable => frozen_matmul(hidden, &self.embed)?,
-            (None, _) => dense_matmul(hidden, &self.embed)?,
+            (None, _) => fused::linear(hidden, &self.embed)?,
         };
         // Half-precision logits are upcast for stable log-softmax.
         match logits.dtype() {
@@ -294,32 +304,13 @@ impl Transformer {
         }
     }
 
-    /// Additive causal mask (t, pos + t): 0 where allowed, -inf elsewhere.
-    fn causal_mask(&self, t: usize, pos: usize) -> Result<Tensor> {
-        let total = pos + t;
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                let q = pos + i;
-                (0..total).map(move |j| {
-                    if j > q || q - j >= window {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)
-    }
-
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
         pos: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mask: Option<&Tensor>,
+        mask: Option<&CausalMask>,
         run: RunOptions,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -354,23 +345,17 @@ impl Transformer {
             }
             None => (k, v),
         };
-        let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: fold the group of
         // query heads that share a KV head into the query length.
         let group = nh / nkv;
         // Scaling q (t·hd values) is cheaper than scaling the scores (t·total).
         let q = (q.reshape((b, nkv, group * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, nkv, group, t, total))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, group * t, total))?,
-            None => scores,
-        };
-        let probs = match run.mode {
-            Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        let differentiable = run.mode == Mode::Differentiable;
+        let probs = match (mask, differentiable) {
+            (Some(m), _) => m.softmax(&scores, differentiable)?,
+            (None, false) => candle_nn::ops::softmax_last_dim(&scores)?,
+            (None, true) => candle_nn::ops::softmax(&scores, D::Minus1)?,
         };
         let y = probs.matmul(&v)?; // (b, nkv, group*t, hd)
         let y = y
@@ -401,22 +386,14 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
     }
 }
 
-/// `x · Wᵀ` for `x` (..., in) and `weight` (out, in).
-fn dense_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    match x.dims() {
-        [b, t, k] => {
-            x.reshape((b * t, *k))?
-                .matmul(&weight.t()?)?
-                .reshape((*b, *t, weight.dim(0)?))
-        }
-        _ => x.broadcast_matmul(&weight.t()?),
-    }
-}
-
 fn mlp(m: &Mlp, x: &Tensor, run: RunOptions) -> Result<Tensor> {
-    let gate = m.gate.forward(x, run)?.silu()?;
+    let gate = m.gate.forward(x, run)?;
     let up = m.up.forward(x, run)?;
-    m.down.forward(&(gate * up)?, run)
+    let act = match run.mode {
+        Mode::Fast => fused::silu_mul(&gate, &up)?,
+        Mode::Differentiable => (gate.silu()? * up)?,
+    };
+    m.down.forward(&act, run)
 }
 
 /// One layer's four scalars, as numbers or as differentiable tensors.

@@ -23,6 +23,7 @@ pub fn quality(
         window: setup.window,
         compare_base: true,
         run: RunOptions::FAST,
+        parallel_windows: false,
     };
     let r = evaluate(model, &setup.heldout, plan, opts, cancel, progress)?;
     Ok(Quality {
