@@ -12,7 +12,7 @@ use candle_core::{Tensor, D};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::model::fused;
+use crate::model::fused::{self, RowScore};
 use crate::model::{Model, RunOptions, Scales};
 use crate::plan::Plan;
 
@@ -234,31 +234,63 @@ fn score_window(
     totals: &mut Totals,
 ) -> Result<()> {
     let n = window.len() - 1;
-    let device = model.device();
     for start in (0..n).step_by(LOGIT_CHUNK) {
         let len = LOGIT_CHUNK.min(n - start);
-        let logits = model
-            .transformer
-            .logits(&hidden.narrow(0, start, len)?, run)?;
-        let logp = fused::log_softmax_last_dim(&logits)?;
-        let targets = Tensor::new(&window[start + 1..start + 1 + len], device)?;
-        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-        let nll: f32 = picked.sum_all()?.to_scalar()?;
-        totals.nll -= f64::from(nll);
-        totals.scored += len;
-        if let Some(bh) = base_hidden {
-            let base_logits = model.transformer.logits(&bh.narrow(0, start, len)?, run)?;
-            let base_logp = fused::log_softmax_last_dim(&base_logits)?;
-            let kl = (base_logp.exp()? * (&base_logp - &logp)?)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            totals.kl += f64::from(kl);
-            let a: Vec<u32> = base_logits.argmax(D::Minus1)?.to_vec1()?;
-            let b: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-            totals.agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        let logits = |h: &Tensor| model.transformer.logits(&h.narrow(0, start, len)?, run);
+        let plan_logits = logits(hidden)?;
+        let base_logits = base_hidden.map(logits).transpose()?;
+        let targets = &window[start + 1..start + 1 + len];
+        let rows = fused::with_cpu_f32(&plan_logits, |p| match &base_logits {
+            Some(b) => fused::with_cpu_f32(b, |b| fused::score_rows(p, Some(b), targets)),
+            None => Some(fused::score_rows(p, None, targets)),
+        })
+        .flatten();
+        let rows = match rows {
+            Some(rows) => rows,
+            None => score_rows_with_candle(&plan_logits, base_logits.as_ref(), targets)?,
+        };
+        for r in rows {
+            totals.nll += r.nll;
+            totals.kl += r.kl;
+            totals.agree += usize::from(r.agree);
         }
+        totals.scored += len;
     }
     Ok(())
+}
+
+/// The same scores with candle ops, for logits on a GPU.
+fn score_rows_with_candle(
+    plan: &Tensor,
+    base: Option<&Tensor>,
+    targets: &[u32],
+) -> Result<Vec<RowScore>> {
+    let logp = candle_nn::ops::log_softmax(plan, D::Minus1)?;
+    let ids = Tensor::new(targets, plan.device())?.unsqueeze(1)?;
+    let nll: Vec<f32> = logp.gather(&ids, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+    let (kl, agree) = match base {
+        Some(base) => {
+            let base_logp = candle_nn::ops::log_softmax(base, D::Minus1)?;
+            let kl: Vec<f32> = (base_logp.exp()? * (&base_logp - &logp)?)?
+                .sum(D::Minus1)?
+                .to_vec1()?;
+            let a: Vec<u32> = base.argmax(D::Minus1)?.to_vec1()?;
+            let b: Vec<u32> = plan.argmax(D::Minus1)?.to_vec1()?;
+            let agree = a.iter().zip(&b).map(|(x, y)| x == y).collect();
+            (kl, agree)
+        }
+        None => (vec![0.0; targets.len()], vec![true; targets.len()]),
+    };
+    Ok(nll
+        .iter()
+        .zip(&kl)
+        .zip(agree)
+        .map(|((&nll, &kl), agree)| RowScore {
+            nll: f64::from(nll),
+            kl: f64::from(kl),
+            agree,
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ const LANES: usize = 16;
 /// running f32 sum drops the many tiny terms of a softmax over a large
 /// vocabulary once it nears 1 (that biased perplexity by 1e-4 relative).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn sum(xs: &[f32]) -> f32 {
+fn sum(xs: &[f32]) -> f64 {
     let mut acc = [0f64; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail: f64 = chunks.remainder().iter().map(|&x| f64::from(x)).sum();
@@ -76,7 +76,22 @@ fn sum(xs: &[f32]) -> f32 {
             *a += f64::from(x);
         }
     }
-    (acc.iter().sum::<f64>() + tail) as f32
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Σ e·(x − y) with f64 partial sums.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn weighted_difference(e: &[f32], x: &[f32], y: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut i = 0;
+    while i + LANES <= e.len() {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f64::from(e[i + l] * (x[i + l] - y[i + l]));
+        }
+        i += LANES;
+    }
+    let tail: f64 = (i..e.len()).map(|j| f64::from(e[j] * (x[j] - y[j]))).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Maximum, lane by lane so it vectorises (no NaNs expected in logits).
@@ -104,7 +119,7 @@ fn softmax_into(src: &[f32], dst: &mut [f32]) {
         *d = s - max;
     }
     exp_in_place(dst);
-    let inv = 1.0 / sum(dst);
+    let inv = (1.0 / sum(dst)) as f32;
     for d in dst.iter_mut() {
         *d *= inv;
     }
@@ -144,17 +159,18 @@ impl CausalMask {
         })
     }
 
+    /// The fused kernel will run (f32 on the CPU, no gradients needed).
+    pub fn is_fused(&self) -> bool {
+        self.additive.is_none()
+    }
+
     /// Softmax over the last dimension of scores (..., rows, keys) whose
     /// rows are query positions `pos + (r % t)`. The fused kernel reads and
     /// exponentiates only the keys a row may see; the fallback adds the mask
     /// and runs candle's softmax (`differentiable`: the op with gradients).
     pub fn softmax(&self, scores: &Tensor, differentiable: bool) -> Result<Tensor> {
         let Some(mask) = &self.additive else {
-            return scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax {
-                t: self.t,
-                pos: self.pos,
-                window: self.window,
-            });
+            return self.softmax_rows(scores, self.pos, self.t, 1);
         };
         let (rows, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
         let lead: usize = scores.dims()[..scores.rank() - 2].iter().product();
@@ -167,6 +183,28 @@ impl CausalMask {
         } else {
             candle_nn::ops::softmax_last_dim(&masked)
         }
+    }
+
+    /// The fused kernel on scores (..., positions·per_position, keys) whose
+    /// rows are position-major: `per_position` consecutive rows (the query
+    /// heads sharing a KV head) for each of the query positions
+    /// `first..first + positions`.
+    pub fn softmax_rows(
+        &self,
+        scores: &Tensor,
+        first: usize,
+        positions: usize,
+        per_position: usize,
+    ) -> Result<Tensor> {
+        if !self.is_fused() {
+            candle_core::bail!("causal softmax: the fused kernel cannot run here");
+        }
+        scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax {
+            first,
+            positions,
+            per_position,
+            window: self.window,
+        })
     }
 }
 
@@ -193,9 +231,12 @@ fn visible_keys(q: usize, window: usize) -> (usize, usize) {
     (q.saturating_sub(window.saturating_sub(1)), q + 1)
 }
 
+/// Row `r` of the scores is query position
+/// `first + (r / per_position) % positions`.
 struct CausalSoftmax {
-    t: usize,
-    pos: usize,
+    first: usize,
+    positions: usize,
+    per_position: usize,
     window: usize,
 }
 
@@ -216,7 +257,8 @@ impl CustomOp1 for CausalSoftmax {
                 let src_rows = src_rows.chunks(keys);
                 for (k, (row, src)) in rows.chunks_mut(keys).zip(src_rows).enumerate() {
                     let r = chunk * rows_per_task + k;
-                    let (lo, hi) = visible_keys(self.pos + r % self.t, self.window);
+                    let q = self.first + (r / self.per_position) % self.positions;
+                    let (lo, hi) = visible_keys(q, self.window);
                     softmax_into(&src[lo..hi], &mut row[lo..hi]);
                 }
             });
@@ -224,40 +266,92 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
-/// `log_softmax` over the last dimension in one pass per row.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return candle_nn::ops::log_softmax(x, D::Minus1);
-    }
-    x.contiguous()?.apply_op1_no_bwd(&LogSoftmax)
+/// What one scored position contributes to perplexity, KL and agreement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowScore {
+    /// −log p_plan(target).
+    pub nll: f64,
+    /// KL(base ‖ plan) in nats; 0 without a base row.
+    pub kl: f64,
+    /// The base and the plan have the same most likely token.
+    pub agree: bool,
 }
 
-struct LogSoftmax;
+/// Scores rows of logits (rows × vocab, row-major) against their target
+/// tokens, and against the base model's logits when given, in two passes
+/// over each row and no row-sized temporaries: log-sum-exp from the max and
+/// a sum of exps; KL(base ‖ plan) = Σ p_b (x_b − x_p) + lse_p − lse_b.
+pub fn score_rows(plan: &[f32], base: Option<&[f32]>, targets: &[u32]) -> Vec<RowScore> {
+    let vocab = plan.len() / targets.len().max(1);
+    targets
+        .par_iter()
+        .enumerate()
+        .map(|(r, &target)| {
+            let xp = &plan[r * vocab..(r + 1) * vocab];
+            let ((max_p, sum_p), _) = exp_moments(xp, None);
+            let lse_p = f64::from(max_p) + sum_p.ln();
+            let nll = lse_p - f64::from(xp[target as usize]);
+            let Some(base) = base else {
+                return RowScore {
+                    nll,
+                    kl: 0.0,
+                    agree: true,
+                };
+            };
+            let xb = &base[r * vocab..(r + 1) * vocab];
+            let ((max_b, sum_b), weighted) = exp_moments(xb, Some(xp));
+            let lse_b = f64::from(max_b) + sum_b.ln();
+            RowScore {
+                nll,
+                kl: weighted / sum_b + lse_p - lse_b,
+                agree: argmax(xb) == argmax(xp),
+            }
+        })
+        .collect()
+}
 
-impl CustomOp1 for LogSoftmax {
-    fn name(&self) -> &'static str {
-        "log-softmax"
+/// ((max, Σ exp(x − max)), Σ exp(x − max)·(x − other)) for one row, the
+/// exps computed a block at a time on the stack.
+fn exp_moments(xs: &[f32], other: Option<&[f32]>) -> ((f32, f64), f64) {
+    const BLOCK: usize = 1024;
+    let max = max(xs);
+    let mut buf = [0f32; BLOCK];
+    let (mut total, mut weighted) = (0.0, 0.0);
+    for (i, chunk) in xs.chunks(BLOCK).enumerate() {
+        let e = &mut buf[..chunk.len()];
+        for (e, x) in e.iter_mut().zip(chunk) {
+            *e = x - max;
+        }
+        exp_in_place(e);
+        total += sum(e);
+        if let Some(other) = other {
+            let o = &other[i * BLOCK..i * BLOCK + chunk.len()];
+            weighted += weighted_difference(e, chunk, o);
+        }
     }
+    ((max, total), weighted)
+}
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout)?;
-        let n = layout.dims().last().copied().unwrap_or(1);
-        let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(n)
-            .zip(src.par_chunks(n))
-            .for_each(|(row, src)| {
-                // exp(x - max) goes through `row` as scratch for the sum.
-                let max = max(src);
-                for (d, s) in row.iter_mut().zip(src) {
-                    *d = s - max;
-                }
-                exp_in_place(row);
-                let lse = max + sum(row).ln();
-                for (d, s) in row.iter_mut().zip(src) {
-                    *d = s - lse;
-                }
-            });
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+/// Index of the first largest value.
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs `f` on a tensor's f32 values when they are contiguous in CPU
+/// memory, without copying them; `None` otherwise.
+pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
+            Some(f(&v[start..end]))
+        }
+        _ => None,
     }
 }
 
@@ -400,7 +494,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -433,7 +527,8 @@ mod tests {
         Tensor::randn(0f32, 3.0, shape, &Device::Cpu).unwrap()
     }
 
-    fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+    /// Panics unless `a` and `b` differ by less than `tol` everywhere.
+    pub(crate) fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b)
             .unwrap()
             .abs()
@@ -490,33 +585,53 @@ mod tests {
     }
 
     #[test]
-    fn log_softmax_keeps_the_tiny_terms_of_a_large_vocabulary() {
+    fn scores_keep_the_tiny_terms_of_a_large_vocabulary() {
         // One dominant logit and 49,151 small ones: each small term is far
-        // below half an ulp of a running sum near 1, so a naive f32 sum
+        // below half an ulp of an f32 running sum near 1, so a naive sum
         // drops them all.
         let mut row = vec![-12f32; 49_152];
         row[0] = 5.0;
-        let x = Tensor::new(row.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let got: f32 = log_softmax_last_dim(&x)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let want = -(1.0 + 49_151.0 * (-17f64).exp()).ln();
-        assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
+        let got = score_rows(&row, None, &[0])[0].nll;
+        let want = (1.0 + 49_151.0 * (-17f64).exp()).ln();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 
     #[test]
-    fn log_softmax_matches_candle() {
-        let x = random(&[9, 1000]);
-        let want = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
-        assert_close(&log_softmax_last_dim(&x).unwrap(), &want, 1e-5);
+    fn scores_match_candle_log_softmax() {
+        let (rows, vocab) = (5, 3000);
+        let plan = random(&[rows, vocab]);
+        let base = random(&[rows, vocab]);
+        let targets: Vec<u32> = vec![0, 17, 2999, 1500, 3];
+        let lp = candle_nn::ops::log_softmax(&plan, D::Minus1).unwrap();
+        let lb = candle_nn::ops::log_softmax(&base, D::Minus1).unwrap();
+        let lp2: Vec<Vec<f32>> = lp.to_vec2().unwrap();
+        let kl: Vec<f32> = (lb.exp().unwrap() * (&lb - &lp).unwrap())
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let am_p: Vec<u32> = plan.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        let am_b: Vec<u32> = base.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        let got = with_cpu_f32(&plan, |p| {
+            with_cpu_f32(&base, |b| score_rows(p, Some(b), &targets)).unwrap()
+        })
+        .unwrap();
+        for r in 0..rows {
+            let nll = -f64::from(lp2[r][targets[r] as usize]);
+            assert!(
+                (got[r].nll - nll).abs() < 1e-4,
+                "row {r}: {} vs {nll}",
+                got[r].nll
+            );
+            assert!((got[r].kl - f64::from(kl[r])).abs() < 1e-4, "row {r} kl");
+            assert_eq!(got[r].agree, am_p[r] == am_b[r]);
+        }
+        // A plan scored against itself: no divergence, full agreement.
+        let same = with_cpu_f32(&plan, |p| score_rows(p, Some(p), &targets)).unwrap();
+        assert!(same.iter().all(|s| s.kl.abs() < 1e-9 && s.agree));
+        // A strided view is not contiguous: the caller must fall back.
+        assert!(with_cpu_f32(&plan.t().unwrap(), |_| ()).is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Loading and running a model; nothing here knows about surgery.
 
+mod attention;
 pub mod config;
 mod frozen;
 pub mod fused;

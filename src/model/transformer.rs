@@ -11,8 +11,9 @@
 //! keeps no KV cache entry.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::attention;
 use super::config::{ModelConfig, RopeLayout};
 use super::frozen::frozen_matmul;
 use super::fused::{self, CausalMask};
@@ -345,23 +346,7 @@ impl Transformer {
             }
             None => (k, v),
         };
-        // Grouped-query attention without copying K/V: fold the group of
-        // query heads that share a KV head into the query length.
-        let group = nh / nkv;
-        // Scaling q (t·hd values) is cheaper than scaling the scores (t·total).
-        let q = (q.reshape((b, nkv, group * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?;
-        let differentiable = run.mode == Mode::Differentiable;
-        let probs = match (mask, differentiable) {
-            (Some(m), _) => m.softmax(&scores, differentiable)?,
-            (None, false) => candle_nn::ops::softmax_last_dim(&scores)?,
-            (None, true) => candle_nn::ops::softmax(&scores, D::Minus1)?,
-        };
-        let y = probs.matmul(&v)?; // (b, nkv, group*t, hd)
-        let y = y
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let y = attention::attend(&q, &k, &v, mask, run.mode == Mode::Differentiable)?;
         attn.o.forward(&y, run)
     }
 
