@@ -266,11 +266,14 @@ fn too_small_terminal_gets_a_message() {
 #[test]
 fn save_then_open_round_trips_through_the_prompt() {
     let dir = common::scratch_dir();
-    let path = dir.path().join("p.json");
+    // Every letter is text in a prompt, even those that are commands
+    // outside it (`F` once started a fit from here).
+    let path = dir.path().join("Fitted plan.json");
     let mut app = busy_app();
     handler::handle_key(&mut app, key(KeyCode::Char('s')));
     type_text(&mut app, &path.display().to_string());
     assert!(!app.status.as_ref().unwrap().error, "{:?}", app.status);
+    assert!(path.exists(), "not saved to {}", path.display());
     let saved = app.plan().clone();
     app.clear_skips();
     handler::handle_key(&mut app, key(KeyCode::Char('o')));

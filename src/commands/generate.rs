@@ -64,7 +64,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             report.prompt_tokens,
             report.decode_tokens_per_sec,
             report.new_tokens.len(),
-            if run.quantized { "quantized" } else { "f32" },
+            generate::weights_used(run, report.prompt_tokens, "f32"),
             plan.describe()
         );
     }

@@ -73,6 +73,7 @@ fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Re
     let dev = model.device();
     let mut cache = KvCache::new(model.n_layers());
     let input = Tensor::new(&ids[..opts.prefill_tokens], dev)?.unsqueeze(0)?;
+    let prefill_run = opts.run.for_prefill(opts.prefill_tokens);
     let t0 = Instant::now();
     let h = model.transformer.forward_hidden(
         &input,
@@ -80,12 +81,12 @@ fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Re
         Some(&mut cache),
         plan,
         Scales::FromPlan,
-        opts.run,
+        prefill_run,
     )?;
     let last = h.narrow(1, opts.prefill_tokens - 1, 1)?;
     model
         .transformer
-        .logits(&last, opts.run)?
+        .logits(&last, prefill_run)?
         .to_device(&candle_core::Device::Cpu)?;
     let prefill = opts.prefill_tokens as f64 / t0.elapsed().as_secs_f64();
 
@@ -164,11 +165,14 @@ pub fn bench(
     Ok(BenchReport {
         threads: candle_core::utils::get_num_threads(),
         device: format!("{:?}", model.device().location()),
-        weights: if opts.run.quantized && model.has_quantized {
-            "quantized".into()
-        } else {
-            format!("{:?}", model.transformer.dtype)
-        },
+        weights: super::generate::weights_used(
+            RunOptions {
+                quantized: opts.run.quantized && model.has_quantized,
+                ..opts.run
+            },
+            opts.prefill_tokens,
+            &format!("{:?}", model.transformer.dtype),
+        ),
         prefill_tokens: opts.prefill_tokens,
         decode_tokens: opts.decode_tokens,
         runs: opts.runs,

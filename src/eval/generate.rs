@@ -66,7 +66,16 @@ pub fn generate(
 
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let mut next = step(model, &input, 0, &mut cache, plan, opts.run, &mut sampler)?;
+    let prefill_run = opts.run.for_prefill(prompt.len());
+    let mut next = step(
+        model,
+        &input,
+        0,
+        &mut cache,
+        plan,
+        prefill_run,
+        &mut sampler,
+    )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
@@ -98,6 +107,16 @@ pub fn generate(
             0.0
         },
     })
+}
+
+/// How the weights served a run, for reports: `dense` (the model's dtype),
+/// "quantized", or quantized decode after a dense prefill.
+pub fn weights_used(run: RunOptions, prefill_tokens: usize, dense: &str) -> String {
+    match (run.quantized, run.for_prefill(prefill_tokens).quantized) {
+        (false, _) => dense.to_string(),
+        (true, true) => "quantized".into(),
+        (true, false) => format!("quantized decode, {dense} prefill"),
+    }
 }
 
 /// Runs `input` through the model with the cache and samples the next id.

@@ -123,7 +123,6 @@ fn history_key(app: &mut App, key: KeyEvent, selected: usize) -> Vec<Request> {
 fn input_key(app: &mut App, key: KeyEvent, kind: InputKind, mut text: String) -> Vec<Request> {
     let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
     match key.code {
-        KeyCode::Char('F') => return app.start_fit(),
         KeyCode::Esc => {
             app.mode = Mode::Normal;
             return vec![];
