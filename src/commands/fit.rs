@@ -1,6 +1,6 @@
 //! `scalpel fit`: fit a plan's scales; Ctrl-C keeps the best epoch so far.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Result};
 
@@ -11,6 +11,7 @@ use crate::model::Model;
 use crate::plan::{Plan, PlanFile};
 use crate::surgery::fit::fit_scales;
 use crate::surgery::objective::{measure, BaseStates, SetReport};
+use crate::surgery::unless_cancelled;
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Result<()> {
     let Some(out) = args.out.clone().or_else(|| pargs.plan.clone()) else {
@@ -75,8 +76,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
     pf.save(&out)?;
     if !result.cancelled {
         // The held-out set picked nothing above, so its numbers are honest.
-        match heldout_before_after(&model, &heldout, &plan, &result.plan, &cancel) {
-            Ok((before, after)) => {
+        let measured = heldout_before_after(&model, &heldout, &plan, &result.plan, &cancel);
+        match unless_cancelled(measured, &cancel)? {
+            Some((before, after)) => {
                 eprintln!(
                     "held-out ({} tokens): KL to base {:.5} unfitted → {:.5} fitted; perplexity {:.3} → {:.3}",
                     after.scored_tokens,
@@ -91,10 +93,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: FitArgs) -> Resu
                 );
                 pf.save(&out)?;
             }
-            Err(_) if cancel.load(Ordering::Relaxed) => {
-                eprintln!("scalpel: held-out measurement cancelled; the fitted plan is saved");
-            }
-            Err(e) => return Err(e),
+            None => eprintln!("scalpel: held-out measurement cancelled; the fitted plan is saved"),
         }
     }
     if args.json {

@@ -130,7 +130,6 @@ fn softmax_into(src: &[f32], dst: &mut [f32]) {
 /// The additive mask tensor is only built where the fused kernel cannot run.
 pub struct CausalMask {
     t: usize,
-    pos: usize,
     window: usize,
     additive: Option<Tensor>,
 }
@@ -153,7 +152,6 @@ impl CausalMask {
         };
         Ok(Self {
             t,
-            pos,
             window,
             additive,
         })
@@ -165,12 +163,12 @@ impl CausalMask {
     }
 
     /// Softmax over the last dimension of scores (..., rows, keys) whose
-    /// rows are query positions `pos + (r % t)`. The fused kernel reads and
-    /// exponentiates only the keys a row may see; the fallback adds the mask
-    /// and runs candle's softmax (`differentiable`: the op with gradients).
+    /// rows are query positions `pos + (r % t)`: adds the mask and runs
+    /// candle's softmax (`differentiable`: the op with gradients). A fused
+    /// mask has no tensor to add; its scores go through `softmax_rows`.
     pub fn softmax(&self, scores: &Tensor, differentiable: bool) -> Result<Tensor> {
         let Some(mask) = &self.additive else {
-            return self.softmax_rows(scores, self.pos, self.t, 1);
+            candle_core::bail!("causal softmax: a fused mask runs through softmax_rows");
         };
         let (rows, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
         let lead: usize = scores.dims()[..scores.rank() - 2].iter().product();
@@ -551,7 +549,9 @@ pub(crate) mod tests {
             let want = fallback.softmax(&scores, false).unwrap();
             let fused = mask(true).unwrap();
             assert!(fused.additive.is_none());
-            assert_close(&fused.softmax(&scores, false).unwrap(), &want, 1e-6);
+            // Group-major rows: one row per position, t positions from pos.
+            let got = fused.softmax_rows(&scores, pos, t, 1).unwrap();
+            assert_close(&got, &want, 1e-6);
             assert_close(&fallback.softmax(&scores, true).unwrap(), &want, 1e-6);
         }
     }

@@ -31,6 +31,7 @@ use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult,
 use super::objective::{
     base_log_probs, mean_loss_from, sequence_loss_with, BaseStates, LayerInputs, LossKind, Start,
 };
+use super::unless_cancelled;
 use crate::eval::data::TokenSet;
 use crate::model::{Model, RunOptions, Scales};
 use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
@@ -490,15 +491,6 @@ pub fn search(
         steps,
         timings,
     })
-}
-
-/// `Ok(None)` when `result` failed because the search was cancelled.
-fn unless_cancelled<T>(result: Result<T>, cancel: &AtomicBool) -> Result<Option<T>> {
-    match result {
-        Ok(v) => Ok(Some(v)),
-        Err(_) if cancel.load(Ordering::Relaxed) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 fn finish_cancelled(

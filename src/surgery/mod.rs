@@ -6,3 +6,17 @@ pub mod fit;
 pub mod hopscotch;
 pub mod importance;
 pub mod objective;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+
+/// `Ok(None)` when `result` failed because `cancel` was set (the work was
+/// cancelled, not broken); other errors pass through.
+pub fn unless_cancelled<T>(result: Result<T>, cancel: &AtomicBool) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if cancel.load(Ordering::Relaxed) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
