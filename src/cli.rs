@@ -332,6 +332,10 @@ pub struct BenchArgs {
     pub prefill: usize,
     #[arg(long, default_value_t = 128)]
     pub decode: usize,
+    /// Tokens in the sequence before the timed decode steps (a prompt,
+    /// prefilled untimed): decode speed at this context length.
+    #[arg(long, default_value_t = 16)]
+    pub context: usize,
     /// Timed runs of each (median and spread are reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,

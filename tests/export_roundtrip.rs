@@ -8,7 +8,7 @@ mod export_support;
 use candle_core::{DType, Device, Tensor};
 use export_support::{plan_with_b_scales, plan_with_scales};
 use scalpel::export::fold::{fold_transformer, unscaled};
-use scalpel::model::{LocalModel, Model, Resolved, RunOptions, Scales, Transformer};
+use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions, Transformer};
 use scalpel::plan::{Plan, PlanFile};
 
 /// SmolLM2 in f64, so float rounding does not hide what the fold does.
@@ -38,14 +38,7 @@ fn logits(t: &Transformer, ids: &[u32], plan: &Plan) -> Vec<f32> {
         .unsqueeze(0)
         .unwrap();
     let h = t
-        .forward_hidden(
-            &input,
-            0,
-            None,
-            plan,
-            Scales::FromPlan,
-            RunOptions::DIFFERENTIABLE,
-        )
+        .forward_hidden(&input, &mut Pass::plan(plan, RunOptions::DIFFERENTIABLE))
         .unwrap();
     t.logits(&h, RunOptions::DIFFERENTIABLE)
         .unwrap()

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use scalpel::model::{LocalModel, Model, Resolved, RunOptions, Scales};
+use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions, TensorScales};
 use scalpel::plan::{BlockId, Plan};
 
 fn loss(model: &Model, ids: &[u32], plan: &Plan, scales: &[Tensor]) -> Tensor {
@@ -18,11 +18,7 @@ fn loss(model: &Model, ids: &[u32], plan: &Plan, scales: &[Tensor]) -> Tensor {
     let h = t
         .forward_hidden(
             &input,
-            0,
-            None,
-            plan,
-            Scales::Tensors(scales),
-            RunOptions::DIFFERENTIABLE,
+            &mut Pass::plan(plan, RunOptions::DIFFERENTIABLE).with_params(&TensorScales(scales)),
         )
         .unwrap();
     let logits = t

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{Device, Tensor, D};
 use scalpel::eval::generate::argmax_per_position;
 use scalpel::eval::perplexity::{evaluate, EvalOptions, EvalReport};
-use scalpel::model::{KvCache, RunOptions, Scales};
+use scalpel::model::{Pass, RunOptions};
 use scalpel::plan::{BlockId, Plan};
 
 fn skip4() -> Plan {
@@ -48,7 +48,7 @@ fn last_position_top5_and_argmax_match_pytorch() {
             .unwrap();
         let t = &model.transformer;
         let h = t
-            .forward_hidden(&input, 0, None, &plan, Scales::FromPlan, RunOptions::FAST)
+            .forward_hidden(&input, &mut Pass::plan(&plan, RunOptions::FAST))
             .unwrap();
         let last = h.squeeze(0).unwrap().get(prompt.len() - 1).unwrap();
         let logits: Vec<f32> = t
@@ -140,9 +140,7 @@ fn differentiable_mode_equals_fast_mode() {
             .collect(),
     );
     let run = |r: RunOptions| -> Vec<f32> {
-        let h = t
-            .forward_hidden(&input, 0, None, &plan, Scales::FromPlan, r)
-            .unwrap();
+        let h = t.forward_hidden(&input, &mut Pass::plan(&plan, r)).unwrap();
         t.logits(&h, r)
             .unwrap()
             .flatten_all()
@@ -162,10 +160,11 @@ fn quantized_decode_agrees_with_f32() {
     let r = common::read_json(common::shared_dir().join("reference/smollm2.json"));
     let prompt: Vec<u32> = common::json_ints::<u32>(&r["prompt_ids"]);
     let f32_argmax = argmax_per_position(model, &prompt, &Plan::base(), RunOptions::FAST).unwrap();
-    let mut cache = KvCache::new(model.n_layers());
     let t = &model.transformer;
+    let mut cache = t.new_state(0);
     let mut q_argmax = vec![];
-    for (i, id) in prompt.iter().enumerate() {
+    let base = Plan::base();
+    for id in &prompt {
         let x = Tensor::new(&[*id], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -173,11 +172,7 @@ fn quantized_decode_agrees_with_f32() {
         let h = t
             .forward_hidden(
                 &x,
-                i,
-                Some(&mut cache),
-                &Plan::base(),
-                Scales::FromPlan,
-                RunOptions::QUANTIZED,
+                &mut Pass::plan(&base, RunOptions::QUANTIZED).with_state(&mut cache),
             )
             .unwrap();
         q_argmax.push(

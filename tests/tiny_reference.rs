@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use scalpel::model::{Model, RunOptions, Scales};
+use scalpel::model::{Model, Pass, RunOptions};
 use scalpel::plan::{BlockId, LayerScales, Plan};
 
 const MODELS: [&str; 4] = ["llama", "llama-tied", "qwen2", "mistral"];
@@ -17,7 +17,7 @@ fn logits(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Vec<f32> 
         .unwrap();
     let h = model
         .transformer
-        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)
+        .forward_hidden(&input, &mut Pass::plan(plan, run))
         .unwrap();
     model
         .transformer
@@ -121,7 +121,6 @@ fn rope_frequencies_match_transformers() {
 
 #[test]
 fn incremental_decode_matches_full_sequence() {
-    use scalpel::model::KvCache;
     for name in MODELS {
         let r = common::read_json(common::tiny_dir(name).join("reference.json"));
         let model = common::load_tiny(name);
@@ -130,8 +129,8 @@ fn incremental_decode_matches_full_sequence() {
         let full = logits(&model, &ids, &plan, RunOptions::FAST);
         let vocab = model.cfg().vocab_size;
         // Prefill 10 tokens, then one token at a time.
-        let mut cache = KvCache::new(model.n_layers());
         let t = &model.transformer;
+        let mut cache = t.new_state(0);
         let prefill = Tensor::new(&ids[..10], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -139,11 +138,7 @@ fn incremental_decode_matches_full_sequence() {
         let h = t
             .forward_hidden(
                 &prefill,
-                0,
-                Some(&mut cache),
-                &plan,
-                Scales::FromPlan,
-                RunOptions::FAST,
+                &mut Pass::plan(&plan, RunOptions::FAST).with_state(&mut cache),
             )
             .unwrap();
         let mut got: Vec<f32> = t
@@ -153,7 +148,7 @@ fn incremental_decode_matches_full_sequence() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        for (i, id) in ids.iter().enumerate().skip(10) {
+        for id in ids.iter().skip(10) {
             let x = Tensor::new(&[*id], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
@@ -161,11 +156,7 @@ fn incremental_decode_matches_full_sequence() {
             let h = t
                 .forward_hidden(
                     &x,
-                    i,
-                    Some(&mut cache),
-                    &plan,
-                    Scales::FromPlan,
-                    RunOptions::FAST,
+                    &mut Pass::plan(&plan, RunOptions::FAST).with_state(&mut cache),
                 )
                 .unwrap();
             got.extend(

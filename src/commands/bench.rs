@@ -26,6 +26,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     let opts = bench::BenchOptions {
         prefill_tokens: args.prefill,
         decode_tokens: args.decode,
+        context_tokens: args.context,
         runs: args.runs,
         run,
     };
@@ -43,8 +44,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     );
     println!("plan  {}", r.plan);
     println!(
-        "| | prefill {} tok/s | decode {} tok/s |",
-        r.prefill_tokens, r.decode_tokens
+        "| | prefill {} tok/s | decode {} tok/s after {} tokens |",
+        r.prefill_tokens, r.decode_tokens, r.context_tokens
     );
     println!("|---|---|---|");
     let row = |name: &str, s: &bench::SpeedReport| {

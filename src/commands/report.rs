@@ -145,6 +145,7 @@ fn measure(
     let bopts = BenchOptions {
         prefill_tokens: BENCH_PREFILL,
         decode_tokens: BENCH_DECODE,
+        context_tokens: 16,
         runs,
         run: RunOptions {
             quantized: model.has_quantized && model.device().is_cpu(),

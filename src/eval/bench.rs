@@ -7,13 +7,16 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::{KvCache, Model, RunOptions, Scales};
+use crate::model::{Model, Pass, RunOptions};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BenchOptions {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    /// Tokens already in the sequence when decoding starts (a prompt
+    /// prefilled first, untimed).
+    pub context_tokens: usize,
     pub runs: usize,
     pub run: RunOptions,
 }
@@ -60,6 +63,7 @@ pub struct BenchReport {
     pub weights: String,
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    pub context_tokens: usize,
     pub runs: usize,
     pub plan: String,
     pub base: SpeedReport,
@@ -71,18 +75,13 @@ pub struct BenchReport {
 /// One timed run: a prefill of `prefill` tokens, then `decode` single-token steps.
 fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Result<(f64, f64)> {
     let dev = model.device();
-    let mut cache = KvCache::new(model.n_layers());
+    let t = &model.transformer;
+    let mut state = t.new_state(opts.prefill_tokens);
     let input = Tensor::new(&ids[..opts.prefill_tokens], dev)?.unsqueeze(0)?;
     let prefill_run = opts.run.for_prefill(opts.prefill_tokens);
     let t0 = Instant::now();
-    let h = model.transformer.forward_hidden(
-        &input,
-        0,
-        Some(&mut cache),
-        plan,
-        Scales::FromPlan,
-        prefill_run,
-    )?;
+    let mut pass = Pass::plan(plan, prefill_run).with_state(&mut state);
+    let h = t.forward_hidden(&input, &mut pass)?;
     let last = h.narrow(1, opts.prefill_tokens - 1, 1)?;
     model
         .transformer
@@ -90,28 +89,17 @@ fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Re
         .to_device(&candle_core::Device::Cpu)?;
     let prefill = opts.prefill_tokens as f64 / t0.elapsed().as_secs_f64();
 
-    // Decode continues after a short prompt, as generation does.
-    let mut cache = KvCache::new(model.n_layers());
-    let prompt = Tensor::new(&ids[..16], dev)?.unsqueeze(0)?;
-    model.transformer.forward_hidden(
-        &prompt,
-        0,
-        Some(&mut cache),
-        plan,
-        Scales::FromPlan,
-        opts.run,
-    )?;
+    // Decode continues after a prompt of `context_tokens`, as generation does.
+    let ctx = opts.context_tokens;
+    let mut state = t.new_state(ctx + opts.decode_tokens);
+    let prompt = Tensor::new(&ids[..ctx], dev)?.unsqueeze(0)?;
+    let mut pass = Pass::plan(plan, opts.run.for_prefill(ctx)).with_state(&mut state);
+    t.forward_hidden(&prompt, &mut pass)?;
     let t1 = Instant::now();
     for i in 0..opts.decode_tokens {
-        let tok = Tensor::new(&[ids[16 + i]], dev)?.unsqueeze(0)?;
-        let h = model.transformer.forward_hidden(
-            &tok,
-            16 + i,
-            Some(&mut cache),
-            plan,
-            Scales::FromPlan,
-            opts.run,
-        )?;
+        let tok = Tensor::new(&[ids[ctx + i]], dev)?.unsqueeze(0)?;
+        let mut pass = Pass::plan(plan, opts.run).with_state(&mut state);
+        let h = t.forward_hidden(&tok, &mut pass)?;
         // The argmax forces the computation (and a device sync on GPU).
         model
             .transformer
@@ -130,8 +118,23 @@ pub fn bench(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BenchReport> {
     model.check_plan(plan)?;
+    let max = model.transformer.max_positions();
+    if opts.context_tokens == 0 {
+        anyhow::bail!("the decode context must hold at least one token");
+    }
+    if opts.context_tokens + opts.decode_tokens > max || opts.prefill_tokens > max {
+        anyhow::bail!(
+            "a context of {} tokens plus {} decode steps (or a prefill of {}) exceeds the \
+             model's {max} positions",
+            opts.context_tokens,
+            opts.decode_tokens,
+            opts.prefill_tokens
+        );
+    }
     let vocab = model.cfg().vocab_size as u32;
-    let n = opts.prefill_tokens.max(16 + opts.decode_tokens);
+    let n = opts
+        .prefill_tokens
+        .max(opts.context_tokens + opts.decode_tokens);
     // Deterministic pseudo-random ids: content does not change the cost.
     let ids: Vec<u32> = (0..n as u64)
         .map(|i| ((i * 2_654_435_761 + 12_345) % u64::from(vocab)) as u32)
@@ -175,6 +178,7 @@ pub fn bench(
         ),
         prefill_tokens: opts.prefill_tokens,
         decode_tokens: opts.decode_tokens,
+        context_tokens: opts.context_tokens,
         runs: opts.runs,
         plan: plan.describe(),
         prefill_speedup: pruned.prefill_tokens_per_sec.median / base.prefill_tokens_per_sec.median,

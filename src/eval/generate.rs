@@ -8,7 +8,7 @@ use candle_core::{Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use crate::model::{KvCache, Model, RunOptions, Scales};
+use crate::model::{Model, Pass, RunOptions, SeqState};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
@@ -61,25 +61,18 @@ pub fn generate(
     };
     let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
     let eos = &model.cfg().eos_token_ids;
-    let mut cache = KvCache::new(model.n_layers());
+    let mut state = model
+        .transformer
+        .new_state(prompt.len() + opts.max_new_tokens);
     let mut new_tokens = Vec::new();
 
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let prefill_run = opts.run.for_prefill(prompt.len());
-    let mut next = step(
-        model,
-        &input,
-        0,
-        &mut cache,
-        plan,
-        prefill_run,
-        &mut sampler,
-    )?;
+    let mut next = step(model, &input, &mut state, plan, prefill_run, &mut sampler)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let mut pos = prompt.len();
     while new_tokens.len() < opts.max_new_tokens {
         new_tokens.push(next);
         on_token(next)?;
@@ -90,8 +83,7 @@ pub fn generate(
             break;
         }
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        next = step(model, &input, pos, &mut cache, plan, opts.run, &mut sampler)?;
-        pos += 1;
+        next = step(model, &input, &mut state, plan, opts.run, &mut sampler)?;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
     let steps = new_tokens.len().saturating_sub(1);
@@ -119,21 +111,19 @@ pub fn weights_used(run: RunOptions, prefill_tokens: usize, dense: &str) -> Stri
     }
 }
 
-/// Runs `input` through the model with the cache and samples the next id.
+/// Runs `input` through the model after the tokens `state` holds and
+/// samples the next id.
 fn step(
     model: &Model,
     input: &Tensor,
-    pos: usize,
-    cache: &mut KvCache,
+    state: &mut SeqState,
     plan: &Plan,
     run: RunOptions,
     sampler: &mut LogitsProcessor,
 ) -> Result<u32> {
     let t = input.dim(1)?;
-    let hidden =
-        model
-            .transformer
-            .forward_hidden(input, pos, Some(cache), plan, Scales::FromPlan, run)?;
+    let mut pass = Pass::plan(plan, run).with_state(state);
+    let hidden = model.transformer.forward_hidden(input, &mut pass)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
     let logits = model.transformer.logits(&last, run)?.squeeze(0)?;
     Ok(sampler.sample(&logits)?)
@@ -149,7 +139,7 @@ pub fn argmax_per_position(
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     let hidden = model
         .transformer
-        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
+        .forward_hidden(&input, &mut Pass::plan(plan, run))?;
     let logits = model.transformer.logits(&hidden.squeeze(0)?, run)?;
     Ok(logits.argmax(D::Minus1)?.to_vec1()?)
 }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::model::fused::{self, RowScore};
-use crate::model::{Model, RunOptions, Scales};
+use crate::model::{Model, Pass, RunOptions};
 use crate::plan::Plan;
 
 /// Positions scored per logits chunk: bounds memory at chunk × vocab floats.
@@ -203,7 +203,7 @@ fn score_one_window(
     let hidden = |plan: &Plan| -> Result<Tensor> {
         let h = model
             .transformer
-            .forward_hidden(&input, 0, None, plan, Scales::FromPlan, run)?;
+            .forward_hidden(&input, &mut Pass::plan(plan, run))?;
         Ok(h.squeeze(0)?)
     };
     let plan_hidden = hidden(plan)?;

@@ -9,9 +9,7 @@
 //! instead; tests hold both paths equal.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work to amortise the hand-off.
@@ -125,120 +123,18 @@ fn softmax_into(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Which keys each query row of a forward pass over positions
-/// `pos..pos + t` may see (causal, and within the sliding window if any).
-/// The additive mask tensor is only built where the fused kernel cannot run.
-pub struct CausalMask {
-    t: usize,
-    window: usize,
-    additive: Option<Tensor>,
+/// Row `r` of the scores is query `first + (r / per_position) % queries`
+/// of a mask's ranges; it sees keys `ranges[q].0 - key_offset ..
+/// ranges[q].1 - key_offset` of the scores' columns.
+pub(crate) struct RangeSoftmax {
+    pub ranges: std::sync::Arc<Vec<(u32, u32)>>,
+    pub first: usize,
+    pub queries: usize,
+    pub per_position: usize,
+    pub key_offset: usize,
 }
 
-impl CausalMask {
-    /// `fused`: the scores will be f32 on the CPU and need no gradient.
-    pub fn new(
-        t: usize,
-        pos: usize,
-        window: Option<usize>,
-        device: &Device,
-        dtype: DType,
-        fused: bool,
-    ) -> Result<Self> {
-        let window = window.unwrap_or(usize::MAX);
-        let additive = if fused && device.is_cpu() && dtype == DType::F32 {
-            None
-        } else {
-            Some(additive_mask(t, pos, window, device)?.to_dtype(dtype)?)
-        };
-        Ok(Self {
-            t,
-            window,
-            additive,
-        })
-    }
-
-    /// The fused kernel will run (f32 on the CPU, no gradients needed).
-    pub fn is_fused(&self) -> bool {
-        self.additive.is_none()
-    }
-
-    /// Softmax over the last dimension of scores (..., rows, keys) whose
-    /// rows are query positions `pos + (r % t)`: adds the mask and runs
-    /// candle's softmax (`differentiable`: the op with gradients). A fused
-    /// mask has no tensor to add; its scores go through `softmax_rows`.
-    pub fn softmax(&self, scores: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let Some(mask) = &self.additive else {
-            candle_core::bail!("causal softmax: a fused mask runs through softmax_rows");
-        };
-        let (rows, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-        let lead: usize = scores.dims()[..scores.rank() - 2].iter().product();
-        let masked = scores
-            .reshape((lead * rows / self.t, self.t, keys))?
-            .broadcast_add(mask)?
-            .reshape(scores.shape())?;
-        if differentiable {
-            candle_nn::ops::softmax(&masked, D::Minus1)
-        } else {
-            candle_nn::ops::softmax_last_dim(&masked)
-        }
-    }
-
-    /// The fused kernel on scores (..., positions·per_position, keys) whose
-    /// rows are position-major: `per_position` consecutive rows (the query
-    /// heads sharing a KV head) for each of the query positions
-    /// `first..first + positions`.
-    pub fn softmax_rows(
-        &self,
-        scores: &Tensor,
-        first: usize,
-        positions: usize,
-        per_position: usize,
-    ) -> Result<Tensor> {
-        if !self.is_fused() {
-            candle_core::bail!("causal softmax: the fused kernel cannot run here");
-        }
-        scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax {
-            first,
-            positions,
-            per_position,
-            window: self.window,
-        })
-    }
-}
-
-/// Additive causal mask (t, pos + t): 0 where allowed, -inf elsewhere.
-fn additive_mask(t: usize, pos: usize, window: usize, device: &Device) -> Result<Tensor> {
-    let total = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            let (lo, hi) = visible_keys(pos + i, window);
-            (0..total).map(move |j| {
-                if (lo..hi).contains(&j) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, total), device)
-}
-
-/// Keys `lo..hi` that query position `q` sees.
-fn visible_keys(q: usize, window: usize) -> (usize, usize) {
-    (q.saturating_sub(window.saturating_sub(1)), q + 1)
-}
-
-/// Row `r` of the scores is query position
-/// `first + (r / per_position) % positions`.
-struct CausalSoftmax {
-    first: usize,
-    positions: usize,
-    per_position: usize,
-    window: usize,
-}
-
-impl CustomOp1 for CausalSoftmax {
+impl CustomOp1 for RangeSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
     }
@@ -255,9 +151,13 @@ impl CustomOp1 for CausalSoftmax {
                 let src_rows = src_rows.chunks(keys);
                 for (k, (row, src)) in rows.chunks_mut(keys).zip(src_rows).enumerate() {
                     let r = chunk * rows_per_task + k;
-                    let q = self.first + (r / self.per_position) % self.positions;
-                    let (lo, hi) = visible_keys(q, self.window);
-                    softmax_into(&src[lo..hi], &mut row[lo..hi]);
+                    let q = self.first + (r / self.per_position) % self.queries;
+                    let (lo, hi) = self.ranges[q];
+                    let lo = (lo as usize).saturating_sub(self.key_offset).min(keys);
+                    let hi = (hi as usize).saturating_sub(self.key_offset).min(keys);
+                    if lo < hi {
+                        softmax_into(&src[lo..hi], &mut row[lo..hi]);
+                    }
                 }
             });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
@@ -494,6 +394,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
@@ -536,39 +437,6 @@ pub(crate) mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < tol, "max abs diff {d}");
-    }
-
-    #[test]
-    fn causal_softmax_matches_mask_and_softmax() {
-        // (batch, kv heads, group·t rows, keys) with a cache offset and a window.
-        for (t, pos, window) in [(7, 0, None), (5, 3, None), (6, 2, Some(4))] {
-            let scores = random(&[2, 3, 2 * t, pos + t]);
-            let mask = |fused| CausalMask::new(t, pos, window, &Device::Cpu, DType::F32, fused);
-            let fallback = mask(false).unwrap();
-            assert!(fallback.additive.is_some());
-            let want = fallback.softmax(&scores, false).unwrap();
-            let fused = mask(true).unwrap();
-            assert!(fused.additive.is_none());
-            // Group-major rows: one row per position, t positions from pos.
-            let got = fused.softmax_rows(&scores, pos, t, 1).unwrap();
-            assert_close(&got, &want, 1e-6);
-            assert_close(&fallback.softmax(&scores, true).unwrap(), &want, 1e-6);
-        }
-    }
-
-    #[test]
-    fn the_mask_hides_future_and_out_of_window_keys() {
-        let m = additive_mask(3, 1, 2, &Device::Cpu).unwrap();
-        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
-        let inf = f32::NEG_INFINITY;
-        assert_eq!(
-            m,
-            vec![
-                vec![0.0, 0.0, inf, inf],
-                vec![inf, 0.0, 0.0, inf],
-                vec![inf, inf, 0.0, 0.0]
-            ]
-        );
     }
 
     #[test]

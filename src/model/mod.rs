@@ -4,7 +4,10 @@ mod attention;
 pub mod config;
 mod frozen;
 pub mod fused;
+pub mod mask;
+pub mod pass;
 pub mod source;
+pub mod state;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod transformer;
@@ -14,9 +17,14 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 pub use config::{Arch, ModelConfig};
+pub use pass::{
+    AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Residual, ScaledPlan, Scales,
+    TensorScales,
+};
 pub use source::{LocalModel, Resolved};
+pub use state::SeqState;
 pub use tokenizer::TextCodec;
-pub use transformer::{KvCache, Mode, RunOptions, Scales, Transformer};
+pub use transformer::{Mode, RunOptions, Transformer};
 
 use crate::plan::{ModelIdentity, Plan, PlanFile};
 

@@ -7,8 +7,11 @@
 //!   (`rms_norm_slow`, `softmax`, `rope_slow`), f32 weights, scales as tensors
 //!   (candle `Var`s) so `backward()` reaches them. Tests hold both equal.
 //!
-//! A skipped block is not computed: no matmul, and a skipped attention block
-//! keeps no KV cache entry.
+//! What each block executes comes from the pass's policy (`model::pass`):
+//! a skipped block is not computed (no matmul, no K/V written), and a
+//! subset of rows, heads or neurons computes only that subset. Each layer's
+//! keys live in the sequence state with their positions (`model::state`);
+//! masks and rotary positions come from those.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -16,8 +19,11 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::attention;
 use super::config::{ModelConfig, RopeLayout};
 use super::frozen::frozen_matmul;
-use super::fused::{self, CausalMask};
-use crate::plan::{BlockId, LayerScales, Plan};
+use super::fused;
+use super::mask::AttentionMask;
+use super::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
+use super::state::{position_range, KvStore, SeqState};
+use crate::plan::{BlockId, LayerScales};
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
 /// work, and optionally the original quantized weights for fast decode.
@@ -44,6 +50,29 @@ impl Linear {
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
     }
+
+    /// The output features `rows` only (dense weights; the quantized copy
+    /// is dropped).
+    pub fn rows(&self, rows: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.index_select(rows, 0)?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.index_select(rows, 0))
+                .transpose()?,
+            quantized: None,
+        })
+    }
+
+    /// The input features `cols` only (dense weights).
+    pub fn cols(&self, cols: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.index_select(cols, 1)?.contiguous()?,
+            bias: self.bias.clone(),
+            quantized: None,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -67,15 +96,6 @@ pub struct Layer {
     pub attn: Attention,
     pub mlp_norm: Tensor,
     pub mlp: Mlp,
-}
-
-/// Per-layer scalars as the forward pass consumes them: plain numbers in
-/// fast mode, tensors of shape `[4]` (b_att, s_att, b_mlp, s_mlp) when
-/// gradients must reach them.
-#[derive(Clone, Copy)]
-pub enum Scales<'a> {
-    FromPlan,
-    Tensors(&'a [Tensor]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,44 +144,6 @@ impl RunOptions {
 
 /// See `RunOptions::for_prefill`.
 pub const DENSE_PREFILL_MIN_TOKENS: usize = 32;
-
-/// KV cache kept outside the model; a skipped attention layer has `None`.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![None; n_layers],
-        }
-    }
-
-    /// Layers holding a cache entry (for tests and memory reports).
-    pub fn cached_layers(&self) -> Vec<usize> {
-        self.layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_some())
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
-}
-
-/// Sees each computed block's input and output residual stream (for
-/// block-influence importance). Skipped blocks are not reported.
-pub trait BlockObserver {
-    fn observe(&mut self, block: BlockId, input: &Tensor, output: &Tensor) -> Result<()>;
-}
 
 pub struct Transformer {
     pub cfg: ModelConfig,
@@ -223,85 +205,109 @@ impl Transformer {
             .reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// Final-normed hidden states for `ids` (batch, seq) starting at `pos`.
-    pub fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        pos: usize,
-        cache: Option<&mut KvCache>,
-        plan: &Plan,
-        scales: Scales,
-        run: RunOptions,
-    ) -> Result<Tensor> {
+    /// The sliding window of `layer`'s attention, if any.
+    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
+        self.cfg.sliding_window
+    }
+
+    /// An empty sequence state for this model, with room for `tokens`
+    /// positions per layer allocated up front (0: grow as needed).
+    pub fn new_state(&self, tokens: usize) -> SeqState {
+        let windows: Vec<_> = (0..self.n_layers())
+            .map(|i| self.attention_window(i))
+            .collect();
+        SeqState::with_capacity(&windows, tokens)
+    }
+
+    /// Final-normed hidden states for `ids` (batch, seq). With a state, the
+    /// tokens take the positions after those it holds, and it advances.
+    pub fn forward_hidden(&self, ids: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let x = self.embed_tokens(ids)?;
-        let x = self.run_layers(x, 0..self.n_layers(), pos, cache, plan, scales, run, None)?;
-        self.final_norm(&x, run)
+        let t = x.dim(1)?;
+        let x = self.run_layers(x, 0..self.n_layers(), pass)?;
+        if let Some(state) = pass.state.as_deref_mut() {
+            state.advance(t);
+        }
+        self.final_norm(&x, pass.run)
     }
 
     pub fn final_norm(&self, x: &Tensor, run: RunOptions) -> Result<Tensor> {
         rms_norm(x, &self.norm, self.cfg.rms_norm_eps, run.mode)
     }
 
-    /// Runs decoder layers `layers` over the residual stream `x`.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs decoder layers `layers` over the residual stream `x`. The tokens
+    /// sit at the positions after those the state holds (0.. without one);
+    /// the state is not advanced here (`forward_hidden` does that), so a
+    /// pass may run its layers in several calls.
     pub fn run_layers(
         &self,
         mut x: Tensor,
         layers: std::ops::Range<usize>,
-        pos: usize,
-        mut cache: Option<&mut KvCache>,
-        plan: &Plan,
-        scales: Scales,
-        run: RunOptions,
-        mut observer: Option<&mut dyn BlockObserver>,
+        pass: &mut Pass,
     ) -> Result<Tensor> {
         let t = x.dim(1)?;
-        if pos + t > self.max_positions() {
+        let start = pass.state.as_ref().map_or(0, |s| s.next_position());
+        if start as usize + t > self.max_positions() {
             candle_core::bail!(
                 "sequence of {} positions exceeds the model's {} positions",
-                pos + t,
+                start as usize + t,
                 self.max_positions()
             );
         }
-        let mask = if t > 1 {
-            let fused = run.mode == Mode::Fast;
-            let window = self.cfg.sliding_window;
-            Some(CausalMask::new(
-                t,
-                pos,
-                window,
-                &self.device,
-                self.dtype,
-                fused,
-            )?)
-        } else {
-            None
-        };
+        let positions = position_range(start, t);
+        let mut masks = MaskMemo::default();
+        let run = pass.run;
         for i in layers {
             let layer = &self.layers[i];
-            let s = LayerScaleValues::new(plan, scales, i)?;
+            let s = LayerScaleValues::new(pass.params.residual(i)?)?;
             // Attention sub-block: x1 = b_att·Attn(norm(x)) + s_att·x
-            let x1 = if plan.skips_attn(i) {
-                s.apply_s_att(&x)?
+            let exec = pass.policy.attn(i, &x)?;
+            if let Some(p) = pass.probe.as_deref_mut() {
+                p.attn_decision(i, &exec)?;
+            }
+            let a = if exec == AttnExec::Skip {
+                None
             } else {
                 let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, run.mode)?;
-                let cache_slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-                let a = self.attention(&layer.attn, &h, pos, cache_slot, mask.as_ref(), run)?;
-                let x1 = (s.apply_b_att(&a)? + s.apply_s_att(&x)?)?;
-                if let Some(o) = observer.as_deref_mut() {
-                    o.observe(BlockId::attn(i), &x, &x1)?;
+                let store = pass.state.as_deref_mut().and_then(|s| s.kv_mut(i));
+                let ctx = AttnCall {
+                    layer: i,
+                    positions: &positions,
+                    exec: &exec,
+                    run,
+                };
+                self.attention(
+                    &layer.attn,
+                    &h,
+                    ctx,
+                    store,
+                    &mut masks,
+                    pass.probe.as_deref_mut(),
+                )?
+            };
+            let x1 = match a {
+                Some(a) => {
+                    let x1 = (s.apply(0, &a)? + s.apply(1, &x)?)?;
+                    if let Some(p) = pass.probe.as_deref_mut() {
+                        p.block(BlockId::attn(i), &x, &x1)?;
+                    }
+                    x1
                 }
-                x1
+                None => s.apply(1, &x)?,
             };
             // MLP sub-block: out = b_mlp·MLP(norm(x1)) + s_mlp·x1
-            x = if plan.skips_mlp(i) {
-                s.apply_s_mlp(&x1)?
+            let exec = pass.policy.mlp(i, &x1)?;
+            if let Some(p) = pass.probe.as_deref_mut() {
+                p.mlp_decision(i, &exec)?;
+            }
+            x = if exec == MlpExec::Skip {
+                s.apply(3, &x1)?
             } else {
                 let h = rms_norm(&x1, &layer.mlp_norm, self.cfg.rms_norm_eps, run.mode)?;
-                let m = mlp(&layer.mlp, &h, run)?;
-                let out = (s.apply_b_mlp(&m)? + s.apply_s_mlp(&x1)?)?;
-                if let Some(o) = observer.as_deref_mut() {
-                    o.observe(BlockId::mlp(i), &x1, &out)?;
+                let m = mlp(&layer.mlp, &h, &exec, run)?;
+                let out = (s.apply(2, &m)? + s.apply(3, &x1)?)?;
+                if let Some(p) = pass.probe.as_deref_mut() {
+                    p.block(BlockId::mlp(i), &x1, &out)?;
                 }
                 out
             };
@@ -324,55 +330,158 @@ impl Transformer {
         }
     }
 
-    fn attention(
+    /// One attention block over normed input `x` (b, t, hidden) as `call`
+    /// says; `None` when it computes no output (K/V only).
+    fn attention<'p>(
         &self,
         attn: &Attention,
         x: &Tensor,
-        pos: usize,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mask: Option<&CausalMask>,
-        run: RunOptions,
-    ) -> Result<Tensor> {
+        call: AttnCall,
+        store: Option<&mut KvStore>,
+        masks: &mut MaskMemo,
+        probe: Option<&mut (dyn Probe + 'p)>,
+    ) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
-        let (b, t, _) = x.dims3()?;
+        let (b, t, hidden) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = attn
-            .q
-            .forward(x, run)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
+        let run = call.run;
+        let differentiable = run.mode == Mode::Differentiable;
+        let all: Vec<u32> = (0..t as u32).collect();
+        let (query_rows, kv_rows): (Option<&[u32]>, &[u32]) = match call.exec {
+            AttnExec::Skip => return Ok(None),
+            AttnExec::Full | AttnExec::Heads(_) => (Some(&all), &all),
+            AttnExec::KvOnly => (None, &all),
+            AttnExec::Rows {
+                rows,
+                others_write_kv,
+            } => (Some(rows), if *others_write_kv { &all } else { rows }),
+        };
+        let pick = |rows: &[u32]| -> Result<(Tensor, Vec<u32>)> {
+            let at: Vec<u32> = rows.iter().map(|&r| call.positions[r as usize]).collect();
+            if rows.len() == t {
+                return Ok((x.clone(), at));
+            }
+            let idx = Tensor::new(rows, x.device())?;
+            Ok((x.index_select(&idx, 1)?, at))
+        };
+
+        // Keys and values of the rows that write them, rotated at their positions.
+        let (kv_in, kv_positions) = pick(kv_rows)?;
+        let tk = kv_positions.len();
         let k = attn
             .k
-            .forward(x, run)?
-            .reshape((b, t, nkv, hd))?
+            .forward(&kv_in, run)?
+            .reshape((b, tk, nkv, hd))?
             .transpose(1, 2)?;
         let v = attn
             .v
-            .forward(x, run)?
-            .reshape((b, t, nkv, hd))?
+            .forward(&kv_in, run)?
+            .reshape((b, tk, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.rope(&q.contiguous()?, pos, run.mode)?;
-        let k = self.rope(&k.contiguous()?, pos, run.mode)?;
+        let k = self.rope(&k.contiguous()?, &kv_positions, run.mode)?;
         let v = v.contiguous()?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+        let (keys, values, key_positions) = match store {
+            Some(store) => {
+                store.append(&k, &v, &kv_positions, differentiable)?;
+                let (k, v) = store
+                    .keys_values()?
+                    .ok_or_else(|| candle_core::Error::Msg("kv store empty after append".into()))?;
+                (k, v, store.positions().to_vec())
             }
-            None => (k, v),
+            None => (k, v, kv_positions),
         };
-        let y = attention::attend(&q, &k, &v, mask, run.mode == Mode::Differentiable)?;
-        attn.o.forward(&y, run)
+        let Some(query_rows) = query_rows else {
+            return Ok(None);
+        };
+
+        // Queries: every head, or the policy's subset (sliced weights).
+        let (q_in, q_positions) = pick(query_rows)?;
+        let tq = q_positions.len();
+        let heads: Vec<u32> = match call.exec {
+            AttnExec::Heads(h) => h.clone(),
+            _ => (0..nh as u32).collect(),
+        };
+        if heads.iter().any(|&h| h as usize >= nh) {
+            candle_core::bail!("layer {}: head subset names a head ≥ {nh}", call.layer);
+        }
+        let all_heads = heads.len() == nh;
+        let (q, keys, values, o) = if all_heads {
+            let q = attn.q.forward(&q_in, run)?;
+            (q, keys, values, None)
+        } else {
+            let dev = x.device();
+            let dims: Vec<u32> = heads
+                .iter()
+                .flat_map(|&h| h * hd as u32..(h + 1) * hd as u32)
+                .collect();
+            let dims = Tensor::new(dims.as_slice(), dev)?;
+            let q = attn.q.rows(&dims)?.forward(&q_in, run)?;
+            // Each selected head reads its own KV head.
+            let group = (nh / nkv) as u32;
+            let kv_of: Vec<u32> = heads.iter().map(|&h| h / group).collect();
+            let kv_of = Tensor::new(kv_of.as_slice(), dev)?;
+            let o = attn.o.cols(&dims)?;
+            (
+                q,
+                keys.contiguous()?.index_select(&kv_of, 1)?,
+                values.contiguous()?.index_select(&kv_of, 1)?,
+                Some(o),
+            )
+        };
+        let n_q = heads.len();
+        let q = q.reshape((b, tq, n_q, hd))?.transpose(1, 2)?;
+        let q = self.rope(&q.contiguous()?, &q_positions, run.mode)?;
+        let window = self.attention_window(call.layer);
+        let mask = masks.get(&q_positions, &key_positions, window, self, run)?;
+        let mut probe = probe;
+        let wants_probs = probe
+            .as_ref()
+            .is_some_and(|p| p.wants_attention(call.layer));
+        let y = if wants_probs {
+            let (y, probs) =
+                attention::dense_with_probs(&q, &keys, &values, mask.as_deref(), differentiable)?;
+            if let Some(p) = probe.as_deref_mut() {
+                p.attention(call.layer, &probs, &key_positions)?;
+            }
+            y
+        } else {
+            attention::attend(&q, &keys, &values, mask.as_deref(), differentiable)?
+        };
+        let y = match probe {
+            Some(p) if p.wants_head_context(call.layer) => {
+                let ctx = y.reshape((b, tq, n_q, hd))?;
+                p.head_context(call.layer, &heads, &ctx)?;
+                ctx.reshape((b, tq, n_q * hd))?
+            }
+            _ => y,
+        };
+        let out = match &o {
+            Some(o) => o.forward(&y, run)?,
+            None => attn.o.forward(&y, run)?,
+        };
+        if tq == t {
+            return Ok(Some(out));
+        }
+        scatter_rows(&out, query_rows, (b, t, hidden)).map(Some)
     }
 
-    fn rope(&self, x: &Tensor, pos: usize, mode: Mode) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+    /// Rotary embedding of x (b, heads, t, hd) at `positions`.
+    fn rope(&self, x: &Tensor, positions: &[u32], mode: Mode) -> Result<Tensor> {
+        let t = positions.len();
+        let contiguous = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        let (cos, sin) = match positions.first() {
+            Some(&p) if contiguous => (
+                self.cos.narrow(0, p as usize, t)?,
+                self.sin.narrow(0, p as usize, t)?,
+            ),
+            _ => {
+                let idx = Tensor::new(positions, &self.device)?;
+                (
+                    self.cos.index_select(&idx, 0)?,
+                    self.sin.index_select(&idx, 0)?,
+                )
+            }
+        };
         use candle_nn::rotary_emb as re;
         match (self.cfg.rope_layout, mode) {
             (RopeLayout::Halves, Mode::Fast) => re::rope(x, &cos, &sin),
@@ -390,14 +499,85 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
     }
 }
 
-fn mlp(m: &Mlp, x: &Tensor, run: RunOptions) -> Result<Tensor> {
-    let gate = m.gate.forward(x, run)?;
-    let up = m.up.forward(x, run)?;
-    let act = match run.mode {
-        Mode::Fast => fused::silu_mul(&gate, &up)?,
-        Mode::Differentiable => (gate.silu()? * up)?,
+/// The MLP block over normed input `x` (b, t, hidden) as `exec` says.
+fn mlp(m: &Mlp, x: &Tensor, exec: &MlpExec, run: RunOptions) -> Result<Tensor> {
+    let dense = |m: &Mlp, x: &Tensor| -> Result<Tensor> {
+        let gate = m.gate.forward(x, run)?;
+        let up = m.up.forward(x, run)?;
+        let act = match run.mode {
+            Mode::Fast => fused::silu_mul(&gate, &up)?,
+            Mode::Differentiable => (gate.silu()? * up)?,
+        };
+        m.down.forward(&act, run)
     };
-    m.down.forward(&act, run)
+    match exec {
+        MlpExec::Skip => candle_core::bail!("a skipped MLP block is not computed"),
+        MlpExec::Full => dense(m, x),
+        MlpExec::Rows(rows) => {
+            let idx = Tensor::new(rows.as_slice(), x.device())?;
+            let y = dense(m, &x.index_select(&idx, 1)?)?;
+            scatter_rows(&y, rows, x.dims3()?)
+        }
+        MlpExec::Neurons(ns) => {
+            let idx = Tensor::new(ns.as_slice(), x.device())?;
+            let sliced = Mlp {
+                gate: m.gate.rows(&idx)?,
+                up: m.up.rows(&idx)?,
+                down: m.down.cols(&idx)?,
+            };
+            dense(&sliced, x)
+        }
+    }
+}
+
+/// Places `y` (b, rows, hidden) at `rows` of a zero (b, t, hidden) tensor.
+fn scatter_rows(y: &Tensor, rows: &[u32], shape: (usize, usize, usize)) -> Result<Tensor> {
+    let idx = Tensor::new(rows, y.device())?;
+    Tensor::zeros(shape, y.dtype(), y.device())?.index_add(&idx, y, 1)
+}
+
+/// What one attention call computes.
+#[derive(Clone, Copy)]
+struct AttnCall<'a> {
+    layer: usize,
+    /// Positions of the pass's tokens.
+    positions: &'a [u32],
+    exec: &'a AttnExec,
+    run: RunOptions,
+}
+
+/// The last mask built in a pass, reused while the next layer's queries,
+/// keys and window are the same (the common case: every layer alike).
+#[derive(Default)]
+struct MaskMemo {
+    last: Option<(
+        Vec<u32>,
+        Vec<u32>,
+        Option<usize>,
+        Option<std::rc::Rc<AttentionMask>>,
+    )>,
+}
+
+impl MaskMemo {
+    fn get(
+        &mut self,
+        queries: &[u32],
+        keys: &[u32],
+        window: Option<usize>,
+        t: &Transformer,
+        run: RunOptions,
+    ) -> Result<Option<std::rc::Rc<AttentionMask>>> {
+        if let Some((q, k, w, m)) = &self.last {
+            if q == queries && k == keys && *w == window {
+                return Ok(m.clone());
+            }
+        }
+        let fused = run.mode == Mode::Fast;
+        let m = AttentionMask::new(queries, keys, window, &t.device, t.dtype, fused)?
+            .map(std::rc::Rc::new);
+        self.last = Some((queries.to_vec(), keys.to_vec(), window, m.clone()));
+        Ok(m)
+    }
 }
 
 /// One layer's four scalars, as numbers or as differentiable tensors.
@@ -407,16 +587,14 @@ enum LayerScaleValues {
 }
 
 impl LayerScaleValues {
-    fn new(plan: &Plan, scales: Scales, layer: usize) -> Result<Self> {
-        Ok(match scales {
-            Scales::FromPlan => Self::Const(plan.scales_for(layer)),
-            Scales::Tensors(ts) => {
-                let t = &ts[layer];
-                Self::Tensor([t.get(0)?, t.get(1)?, t.get(2)?, t.get(3)?])
-            }
+    fn new(r: Residual) -> Result<Self> {
+        Ok(match r {
+            Residual::Const(s) => Self::Const(s),
+            Residual::Tensor(t) => Self::Tensor([t.get(0)?, t.get(1)?, t.get(2)?, t.get(3)?]),
         })
     }
 
+    /// Scales `x` by scalar `idx`: 0 b_att, 1 s_att, 2 b_mlp, 3 s_mlp.
     fn apply(&self, idx: usize, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Const(s) => {
@@ -429,18 +607,5 @@ impl LayerScaleValues {
             }
             Self::Tensor(ts) => x.broadcast_mul(&ts[idx].to_dtype(x.dtype())?),
         }
-    }
-
-    fn apply_b_att(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(0, x)
-    }
-    fn apply_s_att(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(1, x)
-    }
-    fn apply_b_mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(2, x)
-    }
-    fn apply_s_mlp(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(3, x)
     }
 }

@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objective::{forward_from, input_ids, sequence_loss, LossKind};
 use crate::eval::data::TokenSet;
-use crate::model::transformer::BlockObserver;
-use crate::model::{Model, RunOptions, Scales};
+use crate::model::{Model, Pass, Probe, RunOptions, Scales};
 use crate::plan::{BlockId, BlockKind, Plan};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -65,8 +64,8 @@ fn slot(block: BlockId) -> usize {
     2 * block.layer + usize::from(block.kind == BlockKind::Mlp)
 }
 
-impl BlockObserver for InfluenceSums {
-    fn observe(
+impl Probe for InfluenceSums {
+    fn block(
         &mut self,
         block: BlockId,
         input: &Tensor,
@@ -115,16 +114,8 @@ pub fn compute_importance(
                 bail!("importance cancelled");
             }
             inputs.push(x.clone());
-            x = t.run_layers(
-                x,
-                i..i + 1,
-                0,
-                None,
-                &base,
-                Scales::FromPlan,
-                run,
-                Some(&mut influence),
-            )?;
+            let mut pass = Pass::plan(&base, run).with_probe(&mut influence);
+            x = t.run_layers(x, i..i + 1, &mut pass)?;
         }
         let h = t.final_norm(&x, run)?.squeeze(0)?;
         base_loss += scalar(&sequence_loss(model, seq, &h, None, LossKind::Ce, run)?)?;

@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::data::{Sequence, TokenSet};
-use crate::model::{Model, RunOptions, Scales};
+use crate::model::{Model, Pass, RunOptions, ScaledPlan, Scales};
 use crate::plan::Plan;
 
 /// Scored positions per logits chunk.
@@ -96,7 +96,9 @@ pub fn forward_from(
     run: RunOptions,
 ) -> Result<Tensor> {
     let t = &model.transformer;
-    let x = t.run_layers(x, from..t.n_layers(), 0, None, plan, scales, run, None)?;
+    let params = ScaledPlan { plan, scales };
+    let mut pass = Pass::plan(plan, run).with_params(&params);
+    let x = t.run_layers(x, from..t.n_layers(), &mut pass)?;
     Ok(t.final_norm(&x, run)?.squeeze(0)?)
 }
 
@@ -205,7 +207,7 @@ impl LayerInputs {
             let mut x = t.embed_tokens(&input_ids(model, seq)?)?;
             for i in 0..t.n_layers() {
                 inputs.push(x.clone());
-                x = t.run_layers(x, i..i + 1, 0, None, plan, Scales::FromPlan, run, None)?;
+                x = t.run_layers(x, i..i + 1, &mut Pass::plan(plan, run))?;
             }
             per_sequence.push(inputs);
         }

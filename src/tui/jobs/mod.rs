@@ -73,6 +73,7 @@ impl Setup {
             bench: BenchOptions {
                 prefill_tokens: 32,
                 decode_tokens: 8,
+                context_tokens: 16,
                 runs: 3,
                 run,
             },

@@ -1,0 +1,215 @@
+//! What one forward pass does, as the engine asks it: the boundary every
+//! mode plugs into.
+//!
+//! - a [`LayerPolicy`] says, per layer and per batch of tokens, what each
+//!   block executes (skip, full, a subset of rows, heads or neurons, K/V
+//!   only); it may look at the activations it is given (a router, a
+//!   predictor). A static [`Plan`] is one policy.
+//! - a [`ParamSource`] supplies the residual scales (constants, or tensors
+//!   that carry gradients) and any named parameter a mode trains.
+//! - the optional [`SeqState`] holds each layer's keys and their positions.
+//! - an optional [`Probe`] sees block inputs and outputs, per-head attention
+//!   context, attention probabilities and the decisions taken.
+
+use candle_core::{Result, Tensor};
+
+use super::state::SeqState;
+use super::transformer::RunOptions;
+use crate::plan::{BlockId, LayerScales, Plan};
+
+/// What an attention block executes for the tokens of a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttnExec {
+    /// Not computed; writes no K/V.
+    Skip,
+    Full,
+    /// Computes K/V for every token and writes them, but no queries or
+    /// output: later tokens can attend to these.
+    KvOnly,
+    /// Only these rows (indices into the pass's tokens, increasing) run the
+    /// block; the others contribute nothing here. `others_write_kv`: the
+    /// other rows still write their K/V (a cheap projection) so later
+    /// tokens see them; otherwise they leave a gap.
+    Rows {
+        rows: Vec<u32>,
+        others_write_kv: bool,
+    },
+    /// Only these query heads (increasing) are computed; K/V are written for
+    /// every KV head so the cache stays complete.
+    Heads(Vec<u32>),
+}
+
+/// What an MLP block executes for the tokens of a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MlpExec {
+    Skip,
+    Full,
+    /// Only these rows (increasing) run the block.
+    Rows(Vec<u32>),
+    /// Only these intermediate neurons (increasing) are computed.
+    Neurons(Vec<u32>),
+}
+
+/// Decides what each block executes. `x` is the residual stream entering
+/// the block, (batch, tokens, hidden).
+pub trait LayerPolicy {
+    fn attn(&self, layer: usize, x: &Tensor) -> Result<AttnExec>;
+    fn mlp(&self, layer: usize, x: &Tensor) -> Result<MlpExec>;
+}
+
+impl LayerPolicy for Plan {
+    fn attn(&self, layer: usize, _x: &Tensor) -> Result<AttnExec> {
+        Ok(if self.skips_attn(layer) {
+            AttnExec::Skip
+        } else {
+            AttnExec::Full
+        })
+    }
+
+    fn mlp(&self, layer: usize, _x: &Tensor) -> Result<MlpExec> {
+        Ok(if self.skips_mlp(layer) {
+            MlpExec::Skip
+        } else {
+            MlpExec::Full
+        })
+    }
+}
+
+/// One layer's residual scales, as numbers or as tensors of shape `[4]`
+/// (b_att, s_att, b_mlp, s_mlp) that gradients reach.
+#[derive(Debug, Clone)]
+pub enum Residual {
+    Const(LayerScales),
+    Tensor(Tensor),
+}
+
+/// The parameters a pass reads beyond the frozen weights.
+pub trait ParamSource {
+    /// Hopscotch's four scalars of `layer`.
+    fn residual(&self, layer: usize) -> Result<Residual>;
+    /// A named tensor a mode trains (router, mixer, low-rank correction).
+    fn tensor(&self, _name: &str) -> Option<Tensor> {
+        None
+    }
+}
+
+impl ParamSource for Plan {
+    fn residual(&self, layer: usize) -> Result<Residual> {
+        Ok(Residual::Const(self.scales_for(layer)))
+    }
+}
+
+/// Residual scales as tensors, one `[4]` tensor per layer (candle `Var`s
+/// when fitting), so `backward()` reaches them.
+pub struct TensorScales<'a>(pub &'a [Tensor]);
+
+impl ParamSource for TensorScales<'_> {
+    fn residual(&self, layer: usize) -> Result<Residual> {
+        match self.0.get(layer) {
+            Some(t) => Ok(Residual::Tensor(t.clone())),
+            None => candle_core::bail!("no scales for layer {layer}"),
+        }
+    }
+}
+
+/// Where a plan's residual scales come from, for code that runs plans:
+/// the plan's own constants, or one `[4]` tensor per layer.
+#[derive(Clone, Copy)]
+pub enum Scales<'a> {
+    FromPlan,
+    Tensors(&'a [Tensor]),
+}
+
+/// A plan with its scales from `scales`.
+pub struct ScaledPlan<'a> {
+    pub plan: &'a Plan,
+    pub scales: Scales<'a>,
+}
+
+impl ParamSource for ScaledPlan<'_> {
+    fn residual(&self, layer: usize) -> Result<Residual> {
+        match self.scales {
+            Scales::FromPlan => self.plan.residual(layer),
+            Scales::Tensors(ts) => TensorScales(ts).residual(layer),
+        }
+    }
+}
+
+/// Sees what a pass computes. Every method has a default that ignores it.
+pub trait Probe {
+    /// A computed block's input and output residual streams.
+    fn block(&mut self, _block: BlockId, _input: &Tensor, _output: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Whether to hand `layer`'s per-head context to `head_context`.
+    fn wants_head_context(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Attention output per head before `o_proj`, (batch, tokens, heads,
+    /// head dim), for the query heads `heads` that were computed. Part of
+    /// the graph: gradients with respect to it are available after
+    /// `backward()` in the differentiable mode.
+    fn head_context(&mut self, _layer: usize, _heads: &[u32], _ctx: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Whether `layer` should report its attention probabilities (this runs
+    /// the dense attention path).
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Attention probabilities (batch, heads, queries, keys) over keys at
+    /// `key_positions`.
+    fn attention(&mut self, _layer: usize, _probs: &Tensor, _key_positions: &[u32]) -> Result<()> {
+        Ok(())
+    }
+    /// The policy's decision for a block.
+    fn attn_decision(&mut self, _layer: usize, _exec: &AttnExec) -> Result<()> {
+        Ok(())
+    }
+    fn mlp_decision(&mut self, _layer: usize, _exec: &MlpExec) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One forward pass: how to run, what to execute, with which parameters,
+/// over which state, observed by whom.
+pub struct Pass<'a> {
+    pub run: RunOptions,
+    pub policy: &'a dyn LayerPolicy,
+    pub params: &'a dyn ParamSource,
+    pub state: Option<&'a mut SeqState>,
+    pub probe: Option<&'a mut dyn Probe>,
+}
+
+impl<'a> Pass<'a> {
+    /// A pass under a static plan: its skips and its constant scales.
+    pub fn plan(plan: &'a Plan, run: RunOptions) -> Self {
+        Self {
+            run,
+            policy: plan,
+            params: plan,
+            state: None,
+            probe: None,
+        }
+    }
+
+    pub fn with_state(mut self, state: &'a mut SeqState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    pub fn with_probe(mut self, probe: &'a mut dyn Probe) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    pub fn with_params(mut self, params: &'a dyn ParamSource) -> Self {
+        self.params = params;
+        self
+    }
+
+    pub fn with_policy(mut self, policy: &'a dyn LayerPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
