@@ -316,3 +316,26 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     std::io::copy(&mut f, &mut h)?;
     Ok(format!("{:x}", h.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_snapshots_are_named_by_their_hub_id() {
+        let snap =
+            Path::new("/c/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/abc123");
+        assert_eq!(
+            hub_id_of_snapshot(snap).as_deref(),
+            Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+        );
+        for not_hub in [
+            "/models/SmolLM2/abc123",
+            "/c/hub/datasets--org--name/snapshots/abc",
+            "/c/hub/models--noorg/snapshots/abc",
+            "/c/hub/models--org--name/blobs/abc",
+        ] {
+            assert_eq!(hub_id_of_snapshot(Path::new(not_hub)), None, "{not_hub}");
+        }
+    }
+}

@@ -214,3 +214,118 @@ fn template_value(v: &serde_json::Value) -> Option<String> {
         .as_str()
         .map(String::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer.json whose post-processor puts `<s>` first, or
+    /// has no post-processor.
+    fn tokenizer_json(bos_template: bool) -> String {
+        let post = if bos_template {
+            r#"{"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}"#
+        } else {
+            "null"
+        };
+        format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": [{{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+                  "rstrip": false, "normalized": false, "special": true}}],
+                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
+                "post_processor": {post}, "decoder": null,
+                "model": {{"type": "WordLevel", "vocab": {{"<unk>": 0, "<s>": 1, "a": 2}}, "unk_token": "<unk>"}}}}"#
+        )
+    }
+
+    fn folder(bos_template: bool, tokenizer_config: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            tokenizer_json(bos_template),
+        )
+        .unwrap();
+        if let Some(c) = tokenizer_config {
+            std::fs::write(dir.path().join("tokenizer_config.json"), c).unwrap();
+        }
+        dir
+    }
+
+    fn bos_of(dir: &tempfile::TempDir) -> Option<HfBos> {
+        let codec = TextCodec::from_hf_dir(dir.path()).unwrap();
+        hf_dir_bos(dir.path(), Some(&codec))
+    }
+
+    #[test]
+    fn bos_follows_the_post_processor_unless_the_config_says_otherwise() {
+        let with = Some(HfBos {
+            add: true,
+            id: Some(1),
+        });
+        assert_eq!(bos_of(&folder(true, None)), with);
+        assert_eq!(
+            bos_of(&folder(false, None)),
+            Some(HfBos {
+                add: false,
+                id: None
+            })
+        );
+        // A config without the flag leaves it to the post-processor.
+        assert_eq!(
+            bos_of(&folder(false, Some(r#"{"bos_token": "<s>"}"#)))
+                .unwrap()
+                .add,
+            false
+        );
+        // An explicit flag wins either way; the id comes from the tokenizer.
+        let off = bos_of(&folder(true, Some(r#"{"add_bos_token": false}"#))).unwrap();
+        assert!(!off.add);
+        let on = r#"{"add_bos_token": true, "bos_token": {"content": "<s>"}}"#;
+        assert_eq!(bos_of(&folder(false, Some(on))), with);
+        // No tokenizer and no flag: nothing to say.
+        let bare = tempfile::tempdir().unwrap();
+        assert_eq!(hf_dir_bos(bare.path(), None), None);
+    }
+
+    #[test]
+    fn chat_template_is_found_where_transformers_looks() {
+        let template =
+            |dir: &tempfile::TempDir| TextCodec::from_hf_dir(dir.path()).unwrap().chat_template;
+        let dir = folder(false, Some(r#"{"chat_template": "from config"}"#));
+        assert_eq!(template(&dir).as_deref(), Some("from config"));
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "json"}"#,
+        )
+        .unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("from config"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "jinja").unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("jinja"));
+
+        let dir = folder(false, None);
+        assert_eq!(template(&dir), None);
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "json"}"#,
+        )
+        .unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("json"));
+
+        let named = r#"{"chat_template": [{"name": "tool_use", "template": "t"},
+                                          {"name": "default", "template": "d"}]}"#;
+        assert_eq!(template(&folder(false, Some(named))).as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn a_broken_chat_template_json_is_named() {
+        let dir = folder(false, None);
+        std::fs::write(dir.path().join("chat_template.json"), "{not json").unwrap();
+        let err = TextCodec::from_hf_dir(dir.path()).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("chat_template.json is not valid JSON"),
+            "{err:#}"
+        );
+    }
+}
