@@ -113,20 +113,21 @@ impl Model {
                     .with_context(|| format!("cannot read {}", cfg_path.display()))?;
                 let mut cfg = ModelConfig::from_hf_json(&text)
                     .with_context(|| format!("cannot use {}", cfg_path.display()))?;
-                // An explicit `add_bos_token` (scalpel's exports write one) wins.
-                if let Some(add_bos) = tokenizer_add_bos(dir) {
-                    cfg.add_bos = add_bos;
-                }
-                let noops = config::deci_noop_blocks_hf(&text)?;
-                let mut src = weights::SafetensorsSource::open(dir, device, dtype)?;
-                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
-                    .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
                 let codec = if dir.join("tokenizer.json").exists() {
                     Some(TextCodec::from_hf_dir(dir)?)
                 } else {
                     None
                 };
-                (cfg, t, hash, codec, file_stem(dir), noops)
+                if let Some(bos) = tokenizer::hf_dir_bos(dir, codec.as_ref()) {
+                    cfg.add_bos = bos.add;
+                    cfg.bos_token_id = bos.id.or(cfg.bos_token_id);
+                }
+                let noops = config::deci_noop_blocks_hf(&text)?;
+                let mut src = weights::SafetensorsSource::open(dir, device, dtype)?;
+                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
+                    .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+                let name = source::hub_id_of_snapshot(dir).unwrap_or_else(|| file_stem(dir));
+                (cfg, t, hash, codec, name, noops)
             }
         };
         let has_quantized = transformer
@@ -167,12 +168,6 @@ impl Model {
     pub fn check_plan(&self, plan: &Plan) -> Result<()> {
         plan.validate(self.n_layers())
     }
-}
-
-fn tokenizer_add_bos(dir: &std::path::Path) -> Option<bool> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("add_bos_token")?.as_bool()
 }
 
 /// MLP blocks whose down projection is all zero (llama.cpp `deci` exports

@@ -18,9 +18,11 @@ pub const DEFAULT_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_GGUF_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Files fetched when present; a weights-only repository still loads.
-const OPTIONAL_FILES: [&str; 3] = [
+const OPTIONAL_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 ];
 
@@ -155,9 +157,32 @@ fn resolve_default(offline: bool) -> Result<Resolved> {
     })
 }
 
+/// The hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else the usual
+/// place (hf-hub itself reads only `HF_HOME`).
+fn hub_cache_dir() -> PathBuf {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => hf_hub::Cache::from_env().path().clone(),
+    }
+}
+
+/// The hub id of a snapshot folder in the hub cache's layout
+/// (`models--org--name/snapshots/<revision>`), so a hub model is named by
+/// its id rather than by its revision hash.
+pub fn hub_id_of_snapshot(dir: &Path) -> Option<String> {
+    let snapshots = dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?.file_name()?.to_str()?;
+    // Hub names cannot contain `--`, so the separators are unambiguous.
+    let (org, name) = repo.strip_prefix("models--")?.split_once("--")?;
+    (!org.is_empty() && !name.is_empty() && !name.contains("--")).then(|| format!("{org}/{name}"))
+}
+
 /// The snapshot folder of a hub model if its config and weights are cached.
 fn hub_cached(id: &str) -> Option<PathBuf> {
-    let repo = hf_hub::Cache::from_env().model(id.to_string());
+    let repo = hf_hub::Cache::new(hub_cache_dir()).model(id.to_string());
     let dir = repo.get("config.json")?.parent()?.to_path_buf();
     if repo.get("model.safetensors").is_some() {
         return Some(dir);
@@ -201,6 +226,7 @@ fn hub_download(id: &str, timeout: Duration) -> Result<PathBuf> {
     std::thread::spawn(move || {
         let result = (|| -> Result<PathBuf> {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_cache_dir(hub_cache_dir())
                 .with_progress(true)
                 .build()?;
             let repo = api.model(id_owned.clone());
@@ -289,4 +315,27 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(format!("{:x}", h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_snapshots_are_named_by_their_hub_id() {
+        let snap =
+            Path::new("/c/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/abc123");
+        assert_eq!(
+            hub_id_of_snapshot(snap).as_deref(),
+            Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+        );
+        for not_hub in [
+            "/models/SmolLM2/abc123",
+            "/c/hub/datasets--org--name/snapshots/abc",
+            "/c/hub/models--noorg/snapshots/abc",
+            "/c/hub/models--org--name/blobs/abc",
+        ] {
+            assert_eq!(hub_id_of_snapshot(Path::new(not_hub)), None, "{not_hub}");
+        }
+    }
 }

@@ -55,15 +55,13 @@ impl TextCodec {
         })
     }
 
-    /// Reads `tokenizer.json` and, if present, `tokenizer_config.json` in `dir`.
+    /// Reads `tokenizer.json`, and if present `tokenizer_config.json` and
+    /// the chat template, in `dir`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-        let config: Option<serde_json::Value> =
-            std::fs::read_to_string(dir.join("tokenizer_config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
+        let config = tokenizer_config(dir);
         let field = |k: &str| -> Option<String> {
             let v = config.as_ref()?.get(k)?;
             v.as_str()
@@ -71,11 +69,21 @@ impl TextCodec {
                 .or_else(|| v.get("content")?.as_str().map(String::from))
         };
         Ok(Self {
-            chat_template: field("chat_template"),
+            chat_template: hf_chat_template(dir, config.as_ref())?,
             bos_token: field("bos_token"),
             eos_token: field("eos_token"),
             tokenizer,
         })
+    }
+
+    /// The special token the tokenizer's post-processor puts before every
+    /// text (a TemplateProcessing `<s> $A`, BERT's `[CLS]`), if any.
+    pub fn prepended_special(&self) -> Option<u32> {
+        let probe = "a";
+        let plain = self.tokenizer.encode(probe, false).ok()?;
+        let with = self.tokenizer.encode(probe, true).ok()?;
+        let first_is_special = with.get_special_tokens_mask().first() == Some(&1);
+        (with.len() > plain.len() && first_is_special).then(|| with.get_ids()[0])
     }
 
     /// Token ids of `text`, without special tokens (BOS is the caller's choice).
@@ -127,5 +135,196 @@ impl TextCodec {
         env.get_template("chat")?
             .render(ctx)
             .context("the model's chat template failed to render")
+    }
+}
+
+/// BOS before text from a Hugging Face folder, decided as transformers
+/// decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HfBos {
+    pub add: bool,
+    /// The token to put first, when the tokenizer names one.
+    pub id: Option<u32>,
+}
+
+/// An explicit `add_bos_token` in `tokenizer_config.json` (scalpel's exports
+/// write one) wins; else BOS is what the tokenizer's post-processor adds,
+/// as `transformers` does (SmolLM2's adds none). None: the folder has
+/// neither, so the config's default stands.
+pub fn hf_dir_bos(dir: &Path, codec: Option<&TextCodec>) -> Option<HfBos> {
+    let prepended = codec.and_then(TextCodec::prepended_special);
+    let explicit = tokenizer_config(dir)
+        .as_ref()
+        .and_then(|c| c.get("add_bos_token")?.as_bool());
+    match (explicit, codec) {
+        (Some(add), _) => {
+            let named = codec.and_then(|c| c.tokenizer.token_to_id(c.bos_token.as_deref()?));
+            Some(HfBos {
+                add,
+                id: prepended.or(named),
+            })
+        }
+        (None, Some(_)) => Some(HfBos {
+            add: prepended.is_some(),
+            id: prepended,
+        }),
+        (None, None) => None,
+    }
+}
+
+fn tokenizer_config(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The chat template where transformers looks for it: `chat_template.jinja`
+/// (what current versions save), else `tokenizer_config.json`'s
+/// `chat_template` (a string, or named templates of which `default` is
+/// used), else a processor's `chat_template.json`.
+fn hf_chat_template(dir: &Path, config: Option<&serde_json::Value>) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        let text = std::fs::read_to_string(&jinja)
+            .with_context(|| format!("cannot read {}", jinja.display()))?;
+        return Ok(Some(text));
+    }
+    if let Some(t) = config.and_then(|c| template_value(c.get("chat_template")?)) {
+        return Ok(Some(t));
+    }
+    let json = dir.join("chat_template.json");
+    if json.exists() {
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("cannot read {}", json.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", json.display()))?;
+        return Ok(v.get("chat_template").and_then(template_value));
+    }
+    Ok(None)
+}
+
+/// A template given as a string or as `[{"name": .., "template": ..}]`.
+fn template_value(v: &serde_json::Value) -> Option<String> {
+    if let Some(s) = v.as_str() {
+        return Some(s.to_string());
+    }
+    v.as_array()?
+        .iter()
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))?
+        .get("template")?
+        .as_str()
+        .map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer.json whose post-processor puts `<s>` first, or
+    /// has no post-processor.
+    fn tokenizer_json(bos_template: bool) -> String {
+        let post = if bos_template {
+            r#"{"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}"#
+        } else {
+            "null"
+        };
+        format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": [{{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+                  "rstrip": false, "normalized": false, "special": true}}],
+                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}},
+                "post_processor": {post}, "decoder": null,
+                "model": {{"type": "WordLevel", "vocab": {{"<unk>": 0, "<s>": 1, "a": 2}}, "unk_token": "<unk>"}}}}"#
+        )
+    }
+
+    fn folder(bos_template: bool, tokenizer_config: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            tokenizer_json(bos_template),
+        )
+        .unwrap();
+        if let Some(c) = tokenizer_config {
+            std::fs::write(dir.path().join("tokenizer_config.json"), c).unwrap();
+        }
+        dir
+    }
+
+    fn bos_of(dir: &tempfile::TempDir) -> Option<HfBos> {
+        let codec = TextCodec::from_hf_dir(dir.path()).unwrap();
+        hf_dir_bos(dir.path(), Some(&codec))
+    }
+
+    #[test]
+    fn bos_follows_the_post_processor_unless_the_config_says_otherwise() {
+        let with = Some(HfBos {
+            add: true,
+            id: Some(1),
+        });
+        assert_eq!(bos_of(&folder(true, None)), with);
+        assert_eq!(
+            bos_of(&folder(false, None)),
+            Some(HfBos {
+                add: false,
+                id: None
+            })
+        );
+        // A config without the flag leaves it to the post-processor.
+        assert!(
+            !bos_of(&folder(false, Some(r#"{"bos_token": "<s>"}"#)))
+                .unwrap()
+                .add
+        );
+        // An explicit flag wins either way; the id comes from the tokenizer.
+        let off = bos_of(&folder(true, Some(r#"{"add_bos_token": false}"#))).unwrap();
+        assert!(!off.add);
+        let on = r#"{"add_bos_token": true, "bos_token": {"content": "<s>"}}"#;
+        assert_eq!(bos_of(&folder(false, Some(on))), with);
+        // No tokenizer and no flag: nothing to say.
+        let bare = tempfile::tempdir().unwrap();
+        assert_eq!(hf_dir_bos(bare.path(), None), None);
+    }
+
+    #[test]
+    fn chat_template_is_found_where_transformers_looks() {
+        let template =
+            |dir: &tempfile::TempDir| TextCodec::from_hf_dir(dir.path()).unwrap().chat_template;
+        let dir = folder(false, Some(r#"{"chat_template": "from config"}"#));
+        assert_eq!(template(&dir).as_deref(), Some("from config"));
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "json"}"#,
+        )
+        .unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("from config"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "jinja").unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("jinja"));
+
+        let dir = folder(false, None);
+        assert_eq!(template(&dir), None);
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            r#"{"chat_template": "json"}"#,
+        )
+        .unwrap();
+        assert_eq!(template(&dir).as_deref(), Some("json"));
+
+        let named = r#"{"chat_template": [{"name": "tool_use", "template": "t"},
+                                          {"name": "default", "template": "d"}]}"#;
+        assert_eq!(template(&folder(false, Some(named))).as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn a_broken_chat_template_json_is_named() {
+        let dir = folder(false, None);
+        std::fs::write(dir.path().join("chat_template.json"), "{not json").unwrap();
+        let err = TextCodec::from_hf_dir(dir.path()).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("chat_template.json is not valid JSON"),
+            "{err:#}"
+        );
     }
 }
