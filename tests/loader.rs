@@ -215,6 +215,14 @@ fn identity_does_not_depend_on_the_load_dtype() {
 }
 
 #[test]
+fn the_real_gguf_has_one_identity_in_f32_and_bf16() {
+    let path = common::smollm2_path();
+    let f32_id = load_as(LocalModel::Gguf(path.clone()), DType::F32).identity;
+    let bf16_id = load_as(LocalModel::Gguf(path), DType::BF16).identity;
+    assert_eq!(f32_id, bf16_id);
+}
+
+#[test]
 fn identity_changes_with_the_stored_values() {
     let work = common::scratch_dir();
     let plain = write_tiny_gguf("llama", work.path(), GgufOptions::default());
