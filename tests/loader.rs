@@ -295,6 +295,27 @@ fn llama3_gguf_without_rope_freqs_differs() {
     assert!(diff > 1.0, "max |Δlogit| = {diff}");
 }
 
+#[test]
+fn rope_freqs_of_the_wrong_length_are_refused() {
+    let work = common::scratch_dir();
+    let gguf = write_tiny_gguf(
+        "llama-tied",
+        work.path(),
+        GgufOptions {
+            rope_freqs: Some(vec![1.0; 5]),
+            ..Default::default()
+        },
+    );
+    let err = match try_load(LocalModel::Gguf(gguf)) {
+        Ok(_) => panic!("5 RoPE factors loaded for 8 rotated pairs"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("`rope_freqs.weight` has 5 values") && err.contains("needs 8"),
+        "{err}"
+    );
+}
+
 // ---- 3. shape mismatches are refused, deci FFNs are padded ----
 
 #[test]
