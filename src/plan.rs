@@ -256,14 +256,39 @@ impl Plan {
     }
 }
 
-/// What a plan belongs to. Plans are refused for any other model.
+/// What a plan was made on. A plan runs on any model with the same
+/// architecture, layer count and shapes; other weights only warn.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelIdentity {
     pub name: String,
     pub architecture: String,
     pub n_layers: usize,
-    /// sha256 over the weights' names, shapes and a sample of their values.
+    /// Absent in plan files written before scalpel recorded it; those are
+    /// matched by architecture and layer count alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<ShapeSignature>,
+    /// sha256 over the weights' names, shapes, stored types and a sample of
+    /// their stored bytes (so neither the load dtype nor the device changes it).
     pub content_hash: String,
+}
+
+impl ModelIdentity {
+    /// Why a plan made on `self` cannot run on `other`, if it cannot.
+    fn incompatibility(&self, other: &ModelIdentity) -> Option<String> {
+        if self.architecture != other.architecture {
+            return Some(format!(
+                "architecture {} vs {}",
+                self.architecture, other.architecture
+            ));
+        }
+        if self.n_layers != other.n_layers {
+            return Some(format!("{} vs {} layers", self.n_layers, other.n_layers));
+        }
+        match (&self.shape, &other.shape) {
+            (Some(a), Some(b)) if a != b => Some(format!("shapes {a} vs {b}")),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for ModelIdentity {
@@ -275,6 +300,32 @@ impl fmt::Display for ModelIdentity {
             self.architecture,
             self.n_layers,
             &self.content_hash[..self.content_hash.len().min(12)]
+        )
+    }
+}
+
+/// The tensor shapes a plan's scales and skips were measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeSignature {
+    pub hidden_size: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+}
+
+impl fmt::Display for ShapeSignature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "(hidden {}, {} heads / {} KV of {}, FFN {}, vocab {})",
+            self.hidden_size,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size
         )
     }
 }
@@ -337,17 +388,27 @@ impl PlanFile {
             .with_context(|| format!("{} is a malformed scalpel plan", path.display()))
     }
 
-    /// Refuses the plan unless it was made for `model`, then validates it.
-    pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
-        if self.model.content_hash != model.content_hash || self.model.n_layers != model.n_layers {
+    /// Refuses the plan unless it can run on `model` (same architecture,
+    /// layer count and shapes), then validates it. Returns a warning when
+    /// the weights differ (another quantization of the model, say): the
+    /// plan still applies, but was measured on other weights.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<Option<String>> {
+        if let Some(why) = self.model.incompatibility(model) {
             bail!(
-                "this plan belongs to {}, not to the loaded model {}; \
+                "this plan belongs to {}, not to the loaded model {} ({why}); \
                  load that model with --model, or make a new plan for this one",
                 self.model,
                 model
             );
         }
-        self.plan.validate(model.n_layers)
+        self.plan.validate(model.n_layers)?;
+        Ok((self.model.content_hash != model.content_hash).then(|| {
+            format!(
+                "this plan was made on {}; the loaded model {} has the same shapes but other \
+                 weights (another quantization?), so its measured quality may not carry over",
+                self.model, model
+            )
+        }))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -420,6 +481,7 @@ mod tests {
             name: "m".into(),
             architecture: "llama".into(),
             n_layers: 4,
+            shape: None,
             content_hash: "abc".into(),
         };
         let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
@@ -433,12 +495,18 @@ mod tests {
         PlanFile::new(id.clone(), plan.clone()).save(&path).unwrap();
         let back = PlanFile::load(&path).unwrap();
         assert_eq!(back.plan, plan);
-        back.check_model(&id).unwrap();
-        let other = ModelIdentity {
+        assert_eq!(back.check_model(&id).unwrap(), None);
+        let other_weights = ModelIdentity {
             content_hash: "zzz".into(),
-            ..id
+            ..id.clone()
         };
-        let err = back.check_model(&other).unwrap_err().to_string();
-        assert!(err.contains("belongs to m"), "{err}");
+        let warning = back.check_model(&other_weights).unwrap().unwrap();
+        assert!(warning.contains("made on m"), "{warning}");
+        let other_depth = ModelIdentity { n_layers: 5, ..id };
+        let err = back.check_model(&other_depth).unwrap_err().to_string();
+        assert!(
+            err.contains("belongs to m") && err.contains("4 vs 5 layers"),
+            "{err}"
+        );
     }
 }

@@ -114,6 +114,7 @@ fn plan_for_another_model_is_refused_with_its_owner() {
         name: "tiny-llama".into(),
         architecture: "llama".into(),
         n_layers: 4,
+        shape: None,
         content_hash: "0123456789abcdef".into(),
     };
     let plan = write(dir.path(), "p.json", b"");
@@ -124,6 +125,45 @@ fn plan_for_another_model_is_refused_with_its_owner() {
         &["--model", &gguf(), "eval", "--plan", &plan],
         "belongs to tiny-llama",
     );
+}
+
+#[test]
+fn plan_for_other_shapes_is_refused_naming_both_models() {
+    let dir = common::scratch_dir();
+    let tiny = common::load_tiny("llama");
+    let mut shape = tiny
+        .identity
+        .shape
+        .expect("a loaded model records its shapes");
+    shape.intermediate_size *= 2;
+    let other = ModelIdentity {
+        name: "wider-llama".into(),
+        shape: Some(shape),
+        ..tiny.identity.clone()
+    };
+    let plan = write(dir.path(), "p.json", b"");
+    PlanFile::new(other, Plan::with_skips([BlockId::attn(1)]))
+        .save(Path::new(&plan))
+        .unwrap();
+    let out = dir.path().join("recipe.yaml");
+    let model = common::tiny_dir("llama");
+    let err = fails(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--plan",
+            &plan,
+            "export",
+            "--format",
+            "mergekit",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "belongs to wider-llama",
+    );
+    assert!(err.contains(&tiny.identity.name), "{err}");
+    assert!(err.contains("FFN 256") && err.contains("FFN 128"), "{err}");
+    assert!(!out.exists());
 }
 
 #[test]

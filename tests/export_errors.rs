@@ -44,6 +44,8 @@ fn a_plan_for_another_model_is_refused() {
     let work = common::scratch_dir();
     let mut id = common::smollm2().identity.clone();
     id.content_hash = "0".repeat(64);
+    // Other weights alone only warn; another layer count refuses.
+    id.n_layers += 1;
     let plan_path = work.path().join("other.json");
     PlanFile::new(id, small_plan()).save(&plan_path).unwrap();
     let out = work.path().join("x.gguf");

@@ -46,7 +46,7 @@ fn bad_inputs_give_one_clear_error() {
     std::fs::write(
         &plan,
         r#"{"format":"scalpel-plan","version":1,"model":{"name":"other","architecture":"llama",
-            "n_layers":30,"content_hash":"0000"},"skip":["attn.3"]}"#,
+            "n_layers":24,"content_hash":"0000"},"skip":["attn.3"]}"#,
     )
     .unwrap();
     scalpel()

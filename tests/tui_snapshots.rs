@@ -22,6 +22,7 @@ fn info() -> ModelInfo {
             name: "SmolLM2-135M-Instruct".into(),
             architecture: "llama".into(),
             n_layers: 30,
+            shape: None,
             content_hash: "b650d530b2cd0000".into(),
         },
         n_layers: 30,

@@ -2,12 +2,12 @@
 //! GGUF metadata. Only architectures whose forward pass we implement are
 //! accepted; anything else is refused by name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::plan::BlockId;
+use crate::plan::{BlockId, ShapeSignature};
 
 /// The Llama-family variants the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,10 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// llama.cpp's `rope_freqs.weight` (how Llama-3.1 GGUFs carry their RoPE
+    /// scaling): each base frequency is divided by its factor. Wins over
+    /// `rope_scaling`.
+    pub rope_freq_factors: Option<Vec<f32>>,
     pub rope_layout: RopeLayout,
     pub max_position_embeddings: usize,
     pub sliding_window: Option<usize>,
@@ -84,12 +88,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The RoPE inverse frequencies, with Llama-3.1 scaling applied.
+    /// The RoPE inverse frequencies, with the file's frequency factors or
+    /// Llama-3.1 scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
         (0..d / 2)
             .map(|i| {
                 let base = 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64);
+                if let Some(factors) = &self.rope_freq_factors {
+                    return (base / f64::from(factors[i])) as f32;
+                }
                 let Some(s) = self.rope_scaling else {
                     return base as f32;
                 };
@@ -109,6 +117,35 @@ impl ModelConfig {
                 f as f32
             })
             .collect()
+    }
+
+    /// Sets llama.cpp-style RoPE frequency factors (one per rotated pair).
+    pub fn set_rope_freq_factors(&mut self, factors: Vec<f32>) -> Result<()> {
+        if factors.len() != self.head_dim / 2 {
+            bail!(
+                "`rope_freqs.weight` has {} values; a head dimension of {} needs {}",
+                factors.len(),
+                self.head_dim,
+                self.head_dim / 2
+            );
+        }
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            bail!("`rope_freqs.weight` holds {bad}; RoPE frequency factors must be positive");
+        }
+        self.rope_freq_factors = Some(factors);
+        Ok(())
+    }
+
+    /// The shapes a plan depends on (see [`ShapeSignature`]).
+    pub fn shape_signature(&self) -> ShapeSignature {
+        ShapeSignature {
+            hidden_size: self.hidden_size,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            intermediate_size: self.intermediate_size,
+            vocab_size: self.vocab_size,
+        }
     }
 
     pub fn gqa_group(&self) -> usize {
@@ -214,6 +251,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
             rope_theta,
             rope_scaling,
+            rope_freq_factors: None,
             rope_layout: RopeLayout::Halves,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             sliding_window,
@@ -283,6 +321,8 @@ impl ModelConfig {
             rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
             rope_scaling: None,
+            // Set from the `rope_freqs.weight` tensor, where the file has one.
+            rope_freq_factors: None,
             // llama.cpp's converter permutes llama/mistral q/k into adjacent
             // pairs; qwen2 keeps the HF halves layout (NEOX rope).
             rope_layout: if arch == Arch::Qwen2 {
@@ -456,6 +496,33 @@ pub fn deci_noop_blocks_gguf(
         }
     }
     Ok(out)
+}
+
+/// Layers whose FFN a llama.cpp `deci` GGUF declares narrower than
+/// `intermediate_size` (but not zero): layer -> declared width. Their
+/// weights are zero-padded at load, which computes exactly the same.
+pub fn deci_narrow_ffn_gguf(
+    ct: &candle_core::quantized::gguf_file::Content,
+    intermediate_size: usize,
+) -> BTreeMap<usize, usize> {
+    let is_deci = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .is_some_and(|a| a == "deci");
+    let widths = ct
+        .metadata
+        .get("deci.feed_forward_length")
+        .and_then(|v| v.to_vec().ok());
+    match widths {
+        Some(items) if is_deci => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i, gguf_uint(v)?)))
+            .filter(|&(_, w)| w > 0 && w < intermediate_size)
+            .collect(),
+        _ => BTreeMap::new(),
+    }
 }
 
 fn gguf_uint(v: &candle_core::quantized::gguf_file::Value) -> Option<usize> {

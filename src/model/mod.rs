@@ -76,8 +76,12 @@ impl Model {
         let (cfg, transformer, hash, codec, name, noops) = match &resolved.local {
             LocalModel::Gguf(path) => {
                 let mut src = weights::GgufSource::open(path, device, dtype)?;
-                let cfg = ModelConfig::from_gguf(&src.content)
+                let mut cfg = ModelConfig::from_gguf(&src.content)
                     .with_context(|| format!("cannot use {}", path.display()))?;
+                if let Some(factors) = src.rope_freq_factors()? {
+                    cfg.set_rope_freq_factors(factors)
+                        .with_context(|| format!("cannot use {}", path.display()))?;
+                }
                 let codec = match TextCodec::from_gguf(&src.content) {
                     Ok(c) => Some(c),
                     Err(e) => {
@@ -92,8 +96,12 @@ impl Model {
                     .and_then(|v| v.to_string().ok().cloned())
                     .unwrap_or_else(|| file_stem(path));
                 let noops = config::deci_noop_blocks_gguf(&src.content)?;
-                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
-                    .with_context(|| format!("cannot load the weights of {}", path.display()))?;
+                let narrow = config::deci_narrow_ffn_gguf(&src.content, cfg.intermediate_size);
+                let (t, hash) =
+                    weights::build_transformer_with_noops(&cfg, &mut src, &noops, &narrow)
+                        .with_context(|| {
+                            format!("cannot load the weights of {}", path.display())
+                        })?;
                 let mut noops = noops;
                 if src
                     .content
@@ -124,8 +132,13 @@ impl Model {
                 }
                 let noops = config::deci_noop_blocks_hf(&text)?;
                 let mut src = weights::SafetensorsSource::open(dir, device, dtype)?;
-                let (t, hash) = weights::build_transformer_with_noops(&cfg, &mut src, &noops)
-                    .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+                let (t, hash) = weights::build_transformer_with_noops(
+                    &cfg,
+                    &mut src,
+                    &noops,
+                    &Default::default(),
+                )
+                .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
                 let name = source::hub_id_of_snapshot(dir).unwrap_or_else(|| file_stem(dir));
                 (cfg, t, hash, codec, name, noops)
             }
@@ -139,6 +152,7 @@ impl Model {
                 name,
                 architecture: cfg.arch.name().to_string(),
                 n_layers: cfg.n_layers,
+                shape: Some(cfg.shape_signature()),
                 content_hash: hash,
             },
             transformer,
@@ -149,11 +163,16 @@ impl Model {
         })
     }
 
-    /// Loads a plan file and checks it belongs to this model.
+    /// Loads a plan file and checks it can run on this model; warns (on
+    /// stderr) when it was made on other weights of the same shapes.
     pub fn load_plan(&self, path: &std::path::Path) -> Result<PlanFile> {
         let pf = PlanFile::load(path)?;
-        pf.check_model(&self.identity)
+        let warning = pf
+            .check_model(&self.identity)
             .with_context(|| format!("cannot use plan {}", path.display()))?;
+        if let Some(w) = warning {
+            eprintln!("scalpel: warning: plan {}: {w}", path.display());
+        }
         Ok(pf)
     }
 

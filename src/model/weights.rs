@@ -2,9 +2,9 @@
 //! engine's structs. GGUF tensors are dequantized at load (f32 on CPU, bf16
 //! on GPU) and the quantized originals are kept for fast decode.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,9 +23,23 @@ pub struct Loaded {
     pub quantized: Option<Arc<QTensor>>,
 }
 
+/// A tensor as the file stores it: its type there, its shape and the bytes
+/// of a strided sample of its elements (or quantization blocks).
+pub struct StoredSample {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
 /// Where the weights come from; names are Hugging Face names.
 pub trait WeightSource {
     fn load(&mut self, hf_name: &str) -> Result<Loaded>;
+    /// The tensor's stored form, before any conversion, for the content hash.
+    fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample>;
+    /// The tensor's name in the file (for error messages).
+    fn file_name(&self, hf_name: &str) -> String {
+        hf_name.to_string()
+    }
     fn contains(&self, hf_name: &str) -> bool;
     fn device(&self) -> Device;
     fn dtype(&self) -> DType;
@@ -114,7 +128,26 @@ impl GgufSource {
             dtype,
         })
     }
+
+    /// llama.cpp's `rope_freqs.weight` (Llama-3.1 RoPE scaling), if present.
+    pub fn rope_freq_factors(&mut self) -> Result<Option<Vec<f32>>> {
+        if !self.content.tensor_infos.contains_key(ROPE_FREQS) {
+            return Ok(None);
+        }
+        let q = self
+            .content
+            .tensor(&mut self.reader, ROPE_FREQS, &Device::Cpu)
+            .with_context(|| format!("cannot read `{ROPE_FREQS}` from {}", self.path.display()))?;
+        let values = q
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Some(values))
+    }
 }
+
+/// The GGUF tensor of RoPE frequency factors (no Hugging Face counterpart).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// candle's GGUF reader trusts length fields; a corrupt file can make it
 /// panic on a huge allocation. Catch that and report a corrupt file.
@@ -148,6 +181,38 @@ impl WeightSource for GgufSource {
             _ => Some(Arc::new(q)),
         };
         Ok(Loaded { dense, quantized })
+    }
+
+    fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample> {
+        let name = gguf_name(hf_name);
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .with_context(|| format!("{} has no tensor `{name}`", self.path.display()))?;
+        let (block_bytes, block_elems) =
+            (info.ggml_dtype.type_size(), info.ggml_dtype.block_size());
+        let start = self.content.tensor_data_offset + info.offset;
+        let mut bytes = Vec::new();
+        let mut block = vec![0u8; block_bytes];
+        for i in sample_indices(info.shape.elem_count() / block_elems) {
+            self.reader
+                .seek(SeekFrom::Start(start + (i * block_bytes) as u64))
+                .and_then(|_| self.reader.read_exact(&mut block))
+                .with_context(|| {
+                    format!("cannot read tensor `{name}` from {}", self.path.display())
+                })?;
+            bytes.extend_from_slice(&block);
+        }
+        Ok(StoredSample {
+            dtype: format!("{:?}", info.ggml_dtype),
+            shape: info.shape.dims().to_vec(),
+            bytes,
+        })
+    }
+
+    fn file_name(&self, hf_name: &str) -> String {
+        gguf_name(hf_name)
     }
 
     fn contains(&self, hf_name: &str) -> bool {
@@ -232,6 +297,25 @@ impl WeightSource for SafetensorsSource {
         })
     }
 
+    fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample> {
+        let view = self
+            .tensors
+            .get(hf_name)
+            .with_context(|| format!("cannot read tensor `{hf_name}`"))?;
+        let data = view.data();
+        let elems: usize = view.shape().iter().product();
+        let elem_bytes = data.len() / elems.max(1);
+        let mut bytes = Vec::new();
+        for i in sample_indices(elems) {
+            bytes.extend_from_slice(&data[i * elem_bytes..(i + 1) * elem_bytes]);
+        }
+        Ok(StoredSample {
+            dtype: format!("{:?}", view.dtype()),
+            shape: view.shape().to_vec(),
+            bytes,
+        })
+    }
+
     fn contains(&self, hf_name: &str) -> bool {
         self.names.contains(hf_name)
     }
@@ -246,23 +330,25 @@ impl WeightSource for SafetensorsSource {
 }
 
 /// Loads every tensor, checks shapes against the config and builds the
-/// transformer. Also returns a content hash over names, shapes and values.
+/// transformer. Also returns a content hash over the stored tensors.
 pub fn build_transformer(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
 ) -> Result<(Transformer, String)> {
-    build_transformer_with_noops(cfg, src, &BTreeSet::new())
+    build_transformer_with_noops(cfg, src, &BTreeSet::new(), &BTreeMap::new())
 }
 
-/// As [`build_transformer`], for a model whose `noops` blocks have no
-/// weights (Nemotron-NAS / `deci`). Those blocks get all-zero weights, which
-/// compute exactly what skipping them does; the caller skips them for speed.
-/// FFN weights narrower than the config's width (llama.cpp exports write a
-/// tiny all-zero FFN for a skipped MLP) are zero-padded, which is exact too.
+/// As [`build_transformer`], for a pruned (Nemotron-NAS / `deci`) model.
+/// Its `noops` blocks have no weights: they get all-zero weights, which
+/// compute exactly what skipping them does (the caller skips them for
+/// speed). Its `narrow_ffn` layers (layer -> stored width; llama.cpp
+/// exports write a tiny all-zero FFN for a skipped MLP) are zero-padded to
+/// the config's width, which is exact too. Any other shape is refused.
 pub fn build_transformer_with_noops(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
     noops: &BTreeSet<BlockId>,
+    narrow_ffn: &BTreeMap<usize, usize>,
 ) -> Result<(Transformer, String)> {
     let mut hasher = Sha256::new();
     hasher.update(cfg.arch.name());
@@ -277,39 +363,48 @@ pub fn build_transformer_with_noops(
     shapes.insert("up_proj", vec![cfg.intermediate_size, h]);
     shapes.insert("down_proj", vec![h, cfg.intermediate_size]);
 
+    if src.contains(ROPE_FREQS) {
+        hash_stored(&mut hasher, ROPE_FREQS, &src.stored_sample(ROPE_FREQS)?);
+    }
     let device = src.device();
     let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
         if !src.contains(name) {
             if let Some(fill) = noop_placeholder(name, noops) {
-                let dense = match fill {
-                    Placeholder::Zeros => Tensor::zeros(expect, DType::F32, &device)?,
-                    Placeholder::Ones => Tensor::ones(expect, DType::F32, &device)?,
-                }
-                .to_dtype(src.dtype())?;
-                hash_tensor(&mut hasher, name, &dense)?;
+                let (dense, label) = match fill {
+                    Placeholder::Zeros => (Tensor::zeros(expect, DType::F32, &device)?, "zeros"),
+                    Placeholder::Ones => (Tensor::ones(expect, DType::F32, &device)?, "ones"),
+                };
+                hash_placeholder(&mut hasher, name, expect, label);
                 return Ok(Loaded {
-                    dense,
+                    dense: dense.to_dtype(src.dtype())?,
                     quantized: None,
                 });
             }
             bail!("the weights lack `{name}` (expected for this architecture)");
         }
-        let mut t = src.load(name)?;
-        if let Some(padded) = pad_narrow_ffn(&t.dense, expect)? {
-            t = Loaded {
+        hash_stored(&mut hasher, name, &src.stored_sample(name)?);
+        let t = src.load(name)?;
+        if t.dense.dims() == expect {
+            return Ok(t);
+        }
+        if let Some(padded) = pad_narrow_ffn(name, &t.dense, expect, narrow_ffn)? {
+            return Ok(Loaded {
                 dense: padded,
                 quantized: None,
-            };
+            });
         }
-        if t.dense.dims() != expect {
-            bail!(
-                "tensor `{name}` has shape {:?}, config says {:?}",
-                t.dense.dims(),
-                expect
-            );
-        }
-        hash_tensor(&mut hasher, name, &t.dense)?;
-        Ok(t)
+        let file_name = src.file_name(name);
+        let also = if file_name == name {
+            String::new()
+        } else {
+            format!(" ({name})")
+        };
+        bail!(
+            "tensor `{file_name}`{also} has shape {:?} in the file, but the model's config \
+             expects {expect:?}: the weights do not match their config (a mismatched or \
+             corrupt file)",
+            t.dense.dims()
+        )
     };
 
     let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -394,50 +489,66 @@ fn noop_placeholder(hf_name: &str, noops: &BTreeSet<BlockId>) -> Option<Placehol
     noops.contains(&block).then_some(fill)
 }
 
-/// Zero-pads an FFN weight that is narrower than `expect` along the one
-/// dimension where they differ; `None` when no padding applies.
-fn pad_narrow_ffn(t: &Tensor, expect: &[usize]) -> Result<Option<Tensor>> {
-    let dims = t.dims();
-    if dims.len() != 2 || expect.len() != 2 || dims == expect {
-        return Ok(None);
-    }
-    let (axis, have, want) = if dims[1] == expect[1] {
-        (0, dims[0], expect[0])
-    } else if dims[0] == expect[0] {
-        (1, dims[1], expect[1])
-    } else {
+/// Zero-pads the FFN weight of a `narrow_ffn` layer whose stored width is
+/// the declared one; `None` for every other tensor or shape.
+fn pad_narrow_ffn(
+    hf_name: &str,
+    t: &Tensor,
+    expect: &[usize],
+    narrow_ffn: &BTreeMap<usize, usize>,
+) -> Result<Option<Tensor>> {
+    let Some((layer, proj)) = hf_name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once(".mlp."))
+    else {
         return Ok(None);
     };
-    if have >= want {
+    let Some(&width) = layer.parse::<usize>().ok().and_then(|l| narrow_ffn.get(&l)) else {
+        return Ok(None);
+    };
+    // gate/up are (width, hidden), down is (hidden, width).
+    let axis = match proj {
+        "gate_proj.weight" | "up_proj.weight" => 0,
+        "down_proj.weight" => 1,
+        _ => return Ok(None),
+    };
+    let dims = t.dims();
+    if dims.len() != 2 || expect.len() != 2 || dims[1 - axis] != expect[1 - axis] {
         return Ok(None);
     }
-    Ok(Some(t.pad_with_zeros(axis, 0, want - have)?))
+    if dims[axis] != width || width >= expect[axis] {
+        return Ok(None);
+    }
+    Ok(Some(t.pad_with_zeros(axis, 0, expect[axis] - width)?))
 }
 
-/// Hashes a tensor's name, shape and a strided sample of its values, so the
-/// identity is cheap for big models yet changes when the weights do.
-fn hash_tensor(hasher: &mut Sha256, name: &str, t: &Tensor) -> Result<()> {
+/// Up to this many elements (or quantization blocks) of each tensor are
+/// hashed: cheap for big models, yet any re-quantization or edit shows.
+const HASH_SAMPLE: usize = 64;
+
+/// Evenly strided indices of the hashed sample out of `n`.
+fn sample_indices(n: usize) -> impl Iterator<Item = usize> {
+    let take = n.min(HASH_SAMPLE);
+    let stride = (n / take.max(1)).max(1);
+    (0..take).map(move |i| i * stride)
+}
+
+/// Hashes a tensor's name, stored type, shape and sampled stored bytes, so
+/// the identity is a property of the file alone.
+fn hash_stored(hasher: &mut Sha256, name: &str, s: &StoredSample) {
     hasher.update(name.as_bytes());
-    for d in t.dims() {
+    hasher.update(s.dtype.as_bytes());
+    for d in &s.shape {
         hasher.update((*d as u64).to_le_bytes());
     }
-    let flat = t.flatten_all()?;
-    let n = flat.elem_count();
-    let take = n.min(64);
-    let stride = (n / take.max(1)).max(1);
-    let idx: Vec<u32> = (0..take).map(|i| (i * stride) as u32).collect();
-    let idx = Tensor::new(idx.as_slice(), t.device())?;
-    let sample: Vec<f32> = flat
-        .index_select(&idx, 0)?
-        .to_dtype(DType::F32)?
-        .to_vec1()?;
-    for v in sample {
-        // Round so the f32 (CPU) and bf16 (GPU) loads of a file agree.
-        hasher.update(half_round(v).to_le_bytes());
-    }
-    Ok(())
+    hasher.update(&s.bytes);
 }
 
-fn half_round(v: f32) -> u16 {
-    (v.to_bits() >> 16) as u16 & 0xFFF0
+/// Hashes a stand-in for a tensor the file leaves out.
+fn hash_placeholder(hasher: &mut Sha256, name: &str, shape: &[usize], fill: &str) {
+    hasher.update(name.as_bytes());
+    hasher.update(fill.as_bytes());
+    for d in shape {
+        hasher.update((*d as u64).to_le_bytes());
+    }
 }

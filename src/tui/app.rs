@@ -861,6 +861,7 @@ mod tests {
                 name: "test".into(),
                 architecture: "llama".into(),
                 n_layers: 4,
+                shape: None,
                 content_hash: "abc".into(),
             },
             n_layers: 4,
