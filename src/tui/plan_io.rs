@@ -44,10 +44,11 @@ pub fn plan_file(app: &App) -> PlanFile {
     file
 }
 
-/// Reads a plan file and checks it was made for this model.
-pub fn open(app: &App, path: &Path) -> Result<Plan> {
+/// Reads a plan file and checks it was made for this model; also returns
+/// what reading it changed (see `PlanFile::notes`).
+pub fn open(app: &App, path: &Path) -> Result<(Plan, Vec<String>)> {
     let file = PlanFile::load(path)?;
     file.check_model(&app.info.identity)
         .with_context(|| format!("cannot use plan {}", path.display()))?;
-    Ok(file.plan)
+    Ok((file.plan, file.notes))
 }
