@@ -278,38 +278,41 @@ fn export_refuses_a_section_or_an_artifact_its_format_cannot_express() {
     assert!(check_expressible(&PlanFile::new(identity(), Plan::base()), &GGUF).is_ok());
 }
 
-/// Through the command line, on the tiny llama: a v2 plan exports, the same
-/// plan with an artifact is refused by name and leaves nothing behind.
+/// Through the command line, on the tiny llama: a v2 plan exports (mergekit:
+/// the only format the tiny model's FFN width fits), the same plan with an
+/// artifact is refused by name and leaves nothing behind.
 #[test]
 fn scalpel_export_takes_a_v2_plan_and_refuses_its_artifact() {
     let model = common::load_tiny("llama");
     let dir = common::scratch_dir();
     let path = dir.path().join("plan.json");
-    let mut pf = PlanFile::new(model.identity.clone(), Plan::with_skips([BlockId::attn(1)]));
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::with_skips([BlockId::attn(1), BlockId::mlp(1)]),
+    );
     pf.save(&path).unwrap();
     let export = |out: &Path| {
         assert_cmd::Command::cargo_bin("scalpel")
             .unwrap()
             .args(["--model", common::tiny_dir("llama").to_str().unwrap()])
             .args(["--plan", path.to_str().unwrap()])
-            .args(["export", "--format", "decilm", "--no-measure", "--out"])
+            .args(["export", "--format", "mergekit", "--out"])
             .arg(out)
             .output()
             .unwrap()
     };
-    let ok = export(&dir.path().join("ok"));
+    let recipe = dir.path().join("ok.yaml");
+    let ok = export(&recipe);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(dir.path().join("ok/config.json").is_file());
+    assert!(std::fs::read_to_string(&recipe).unwrap().contains("passthrough"));
 
     pf.write_artifact(&path, "draft_head", &tensors(), None)
         .unwrap();
     pf.save(&path).unwrap();
-    let out = dir.path().join("refused");
+    let out = dir.path().join("refused.yaml");
     let bad = export(&out);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success());
     assert!(
-        err.contains("plan artifact `draft_head`") && err.contains("decilm") && !err.contains("panicked"),
+        err.contains("plan artifact `draft_head`") && err.contains("mergekit") && !err.contains("panicked"),
         "{err}"
     );
     assert!(!out.exists());
