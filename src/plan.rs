@@ -543,7 +543,7 @@ mod tests {
         let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
         plan.scales = Some(vec![
             LayerScales {
-                b_att: 0.5,
+                s_att: 0.5,
                 ..Default::default()
             };
             4

@@ -179,13 +179,13 @@ fn a_changed_artifact_is_refused_with_both_hashes() {
 
 #[test]
 fn an_unknown_section_is_refused_by_name() {
-    let text = V1_TEXT
-        .replace("\"version\": 1", "\"version\": 2")
-        .replace(
-            "\"metrics\"",
-            "\"sections\": {\"foo\": {\"k\": 3}},\n  \"metrics\"",
-        );
-    let err = PlanFile::from_json(&text, "p.json").unwrap_err().to_string();
+    let text = V1_TEXT.replace("\"version\": 1", "\"version\": 2").replace(
+        "\"metrics\"",
+        "\"sections\": {\"foo\": {\"k\": 3}},\n  \"metrics\"",
+    );
+    let err = PlanFile::from_json(&text, "p.json")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("plan section `foo` is not known by this scalpel")
             && err.contains("written by a newer scalpel or another tool")
@@ -237,14 +237,24 @@ fn an_old_restored_block_with_a_zero_output_scale_is_reset_on_load_and_said_so()
     // attn.0 kept with b_att = 0 (an old workbench restore), attn.1 skipped with b_att = 0.
     let text = V1_TEXT
         .replace("\"b_att\": 0.75", "\"b_att\": 0.0")
-        .replace("\"skip\": [\"attn.1\", \"mlp.0\"]", "\"skip\": [\"attn.1\"]")
-        .replace("\"b_att\": 1.0, \"s_att\": 0.9", "\"b_att\": 0.0, \"s_att\": 0.9");
+        .replace(
+            "\"skip\": [\"attn.1\", \"mlp.0\"]",
+            "\"skip\": [\"attn.1\"]",
+        )
+        .replace(
+            "\"b_att\": 1.0, \"s_att\": 0.9",
+            "\"b_att\": 0.0, \"s_att\": 0.9",
+        );
     let pf = PlanFile::from_json(&text, "old.json").unwrap();
     let s = pf.plan.scales.as_ref().unwrap();
     assert_eq!((s[0].b_att, s[1].b_att), (1.0, 1.0));
     assert_eq!(s[1].s_att, 0.9, "a skipped block's s_att stays");
     assert_eq!(pf.notes.len(), 1, "{:?}", pf.notes);
-    assert!(pf.notes[0].contains("attn.0 is kept but its b_att was 0"), "{:?}", pf.notes);
+    assert!(
+        pf.notes[0].contains("attn.0 is kept but its b_att was 0"),
+        "{:?}",
+        pf.notes
+    );
 }
 
 /// A plan with a section, as another tool or a newer scalpel could write it
@@ -286,7 +296,9 @@ fn scalpel_export_takes_a_v2_plan_and_refuses_its_artifact() {
     let model = common::load_tiny("llama");
     let dir = common::scratch_dir();
     let path = dir.path().join("plan.json");
-    let mut pf = PlanFile::new(model.identity.clone(), Plan::with_skips([BlockId::attn(1), BlockId::mlp(1)]),
+    let mut pf = PlanFile::new(
+        model.identity.clone(),
+        Plan::with_skips([BlockId::attn(1), BlockId::mlp(1)]),
     );
     pf.save(&path).unwrap();
     let export = |out: &Path| {
@@ -301,8 +313,14 @@ fn scalpel_export_takes_a_v2_plan_and_refuses_its_artifact() {
     };
     let recipe = dir.path().join("ok.yaml");
     let ok = export(&recipe);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(std::fs::read_to_string(&recipe).unwrap().contains("passthrough"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(std::fs::read_to_string(&recipe)
+        .unwrap()
+        .contains("passthrough"));
 
     pf.write_artifact(&path, "draft_head", &tensors(), None)
         .unwrap();
@@ -312,7 +330,9 @@ fn scalpel_export_takes_a_v2_plan_and_refuses_its_artifact() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success());
     assert!(
-        err.contains("plan artifact `draft_head`") && err.contains("mergekit") && !err.contains("panicked"),
+        err.contains("plan artifact `draft_head`")
+            && err.contains("mergekit")
+            && !err.contains("panicked"),
         "{err}"
     );
     assert!(!out.exists());

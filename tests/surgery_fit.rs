@@ -11,9 +11,9 @@ use candle_core::{Device, Tensor};
 use scalpel::eval::data::TokenSet;
 use scalpel::model::{Model, RunOptions, Scales};
 use scalpel::plan::{BlockId, LayerScales, Plan};
-use scalpel::tui::app::{App, ModelInfo};
 use scalpel::surgery::fit::{fit_scales, FitOptions};
 use scalpel::surgery::objective::{mean_loss, measure, BaseStates, LossKind};
+use scalpel::tui::app::{App, ModelInfo};
 
 /// Every weight of the model, flattened (to prove fitting leaves them alone).
 fn weights(model: &Model) -> Vec<f32> {
@@ -72,7 +72,10 @@ fn fitting_lowers_calibration_loss_and_never_changes_weights() {
         assert_eq!(scales[1].b_att, 1.0, "skipped attention keeps b_att = 1");
         assert_eq!(scales[2].b_att, 1.0);
         assert_eq!(scales[3].b_mlp, 1.0, "skipped MLP keeps b_mlp = 1");
-        assert!(scales[1].s_att != 1.0 && scales[3].s_mlp != 1.0, "{scales:?}");
+        assert!(
+            scales[1].s_att != 1.0 && scales[3].s_mlp != 1.0,
+            "{scales:?}"
+        );
         assert!(r.plan.has_scales());
         assert_eq!(r.plan.skip, plan.skip);
     }

@@ -45,11 +45,7 @@ pub const MERGEKIT: Expresses = Expresses {
 /// Refuses, by name, a plan section or artifact the format cannot express:
 /// an export without it would not compute what the plan computes.
 pub fn check_expressible(file: &PlanFile, target: &Expresses) -> Result<()> {
-    if let Some(name) = file
-        .sections
-        .names()
-        .find(|n| !target.sections.contains(n))
-    {
+    if let Some(name) = file.sections.names().find(|n| !target.sections.contains(n)) {
         bail!(
             "plan section `{name}` cannot be expressed in a {} export; the exported model would \
              compute something other than the plan. Export a plan without it, or run the plan \

@@ -83,17 +83,20 @@ pub(crate) fn check_entries(artifacts: &[Artifact], origin: &str) -> Result<()> 
 impl PlanFile {
     /// The artifact called `name`.
     pub fn artifact(&self, name: &str) -> Result<&Artifact> {
-        self.artifacts.iter().find(|a| a.name == name).with_context(|| {
-            let names: Vec<&str> = self.artifacts.iter().map(|a| a.name.as_str()).collect();
-            format!(
-                "the plan has no artifact `{name}` (it has: {})",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            )
-        })
+        self.artifacts
+            .iter()
+            .find(|a| a.name == name)
+            .with_context(|| {
+                let names: Vec<&str> = self.artifacts.iter().map(|a| a.name.as_str()).collect();
+                format!(
+                    "the plan has no artifact `{name}` (it has: {})",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            })
     }
 
     fn artifact_path(&self, a: &Artifact) -> Result<PathBuf> {
