@@ -416,9 +416,6 @@ pub fn load_plan(args: &PlanArgs, model: &Model) -> Result<(Plan, Option<PlanFil
     let (mut plan, file) = match &args.plan {
         Some(path) => {
             let pf = model.load_plan(path)?;
-            for note in &pf.notes {
-                eprintln!("scalpel: {}: {note}", path.display());
-            }
             (model.with_implied(&pf.plan), Some(pf))
         }
         None => (model.implied_plan.clone(), None),

@@ -337,3 +337,33 @@ fn scalpel_export_takes_a_v2_plan_and_refuses_its_artifact() {
     );
     assert!(!out.exists());
 }
+
+/// A command reading an old plan whose kept block has `b_att = 0` says
+/// that it reset the scale.
+#[test]
+fn a_command_says_when_it_resets_a_kept_blocks_zero_scale() {
+    let model = common::load_tiny("llama");
+    let dir = common::scratch_dir();
+    let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(1)]);
+    let mut scales = vec![LayerScales::IDENTITY; model.n_layers()];
+    scales[0].b_att = 0.0;
+    plan.scales = Some(scales);
+    let mut v = serde_json::to_value(PlanFile::new(model.identity.clone(), plan)).unwrap();
+    v["version"] = 1.into();
+    let path = dir.path().join("old.json");
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let out = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .args(["--model", common::tiny_dir("llama").to_str().unwrap()])
+        .args(["--plan", path.to_str().unwrap()])
+        .args(["export", "--format", "mergekit", "--out"])
+        .arg(dir.path().join("r.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("old.json: attn.0 is kept but its b_att was 0") && err.contains("reset to 1"),
+        "{err}"
+    );
+}

@@ -145,6 +145,9 @@ impl Model {
         let pf = PlanFile::load(path)?;
         pf.check_model(&self.identity)
             .with_context(|| format!("cannot use plan {}", path.display()))?;
+        for note in &pf.notes {
+            eprintln!("scalpel: {}: {note}", path.display());
+        }
         Ok(pf)
     }
 
