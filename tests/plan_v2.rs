@@ -367,3 +367,52 @@ fn a_command_says_when_it_resets_a_kept_blocks_zero_scale() {
         "{err}"
     );
 }
+
+/// The workbench's `o` opens a v1 plan with a kept zero `b_att` and a v2
+/// plan with an artifact; the reset is in the status line.
+#[test]
+fn the_workbench_opens_v1_and_v2_plans_and_says_what_it_reset() {
+    use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    use scalpel::tui::app::{App, ModelInfo};
+    use scalpel::tui::handler;
+
+    let info = ModelInfo {
+        identity: identity(),
+        n_layers: 2,
+        attn_params: 1,
+        mlp_params: 1,
+        head_params: 1,
+        heldout: String::new(),
+        calibration: String::new(),
+        speed: String::new(),
+        search_name: "search".into(),
+    };
+    let mut app = App::new(info, Plan::base(), String::new(), std::time::Instant::now());
+    let open = |app: &mut App, path: &Path| {
+        handler::handle_key(app, KeyEvent::new(KeyCode::Char('o'), KeyModifiers::NONE));
+        handler::handle_key(
+            app,
+            KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL),
+        );
+        for c in path.display().to_string().chars() {
+            handler::handle_key(app, KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE));
+        }
+        handler::handle_key(app, KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE));
+        app.status.clone().unwrap()
+    };
+    let dir = common::scratch_dir();
+    let old = dir.path().join("old.json");
+    std::fs::write(&old, V1_TEXT.replace("\"b_att\": 0.75", "\"b_att\": 0.0")).unwrap();
+    let status = open(&mut app, &old);
+    assert!(
+        !status.error && status.text.contains("attn.0 is kept but its b_att was 0"),
+        "{}",
+        status.text
+    );
+    assert_eq!(app.plan().scales_for(0).b_att, 1.0);
+
+    let (_, v2) = plan_with_artifact(dir.path());
+    let status = open(&mut app, &v2);
+    assert!(!status.error, "{}", status.text);
+    assert_eq!(app.plan(), &Plan::with_skips([BlockId::attn(1)]));
+}
