@@ -173,8 +173,15 @@ fn a_changed_artifact_is_refused_with_both_hashes() {
         "{err}"
     );
     // The in-memory plan refuses it too, when the tensors are asked for.
+    let mut pf = pf;
     let err = pf.load_artifact("draft_head", &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains(&actual), "{err}");
+    // Writing the artifact again replaces the broken file and its entry.
+    pf.write_artifact(&path, "draft_head", &tensors(), None)
+        .unwrap();
+    pf.save(&path).unwrap();
+    assert_eq!(pf.artifacts.len(), 1);
+    assert!(PlanFile::load(&path).is_ok());
 }
 
 #[test]

@@ -168,7 +168,9 @@ impl PlanFile {
     ) -> Result<&Artifact> {
         check_name(name)?;
         let dir = folder_of(plan_path);
-        // Earlier artifacts move with the plan, so all of them share one folder.
+        // The one being replaced is not needed (it may be gone or broken);
+        // the others move with the plan, so all of them share one folder.
+        self.artifacts.retain(|a| a.name != name);
         self.copy_artifacts_to(&dir)?;
         let stem = plan_path
             .file_stem()
@@ -189,7 +191,6 @@ impl PlanFile {
             description: description.map(str::to_string),
         };
         self.dir = Some(dir);
-        self.artifacts.retain(|a| a.name != name);
         self.artifacts.push(entry);
         Ok(self.artifacts.last().expect("just pushed"))
     }
