@@ -122,7 +122,8 @@ impl<'a> Trainer<'a> {
                 init.len()
             );
         }
-        // Skipped blocks' output scales start (and so stay) neutral.
+        // Skipped blocks' output scales start (and so stay) neutral, as does
+        // a kept block's meaningless 0 (see Plan::neutralise_output_scales).
         let mut start = plan.clone();
         start.scales = Some(init);
         start.neutralise_output_scales();
