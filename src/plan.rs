@@ -5,11 +5,17 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+mod artifacts;
+mod sections;
+
+pub use artifacts::{sha256_hex, Artifact};
+pub use sections::{SectionSpec, Sections, SECTIONS};
 
 /// Attention or MLP sub-block of a decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -124,6 +130,21 @@ impl LayerScales {
         [self.b_att, self.s_att, self.b_mlp, self.s_mlp]
     }
 
+    /// The scale on a block's own output: `b_att` or `b_mlp`.
+    pub fn output_scale(&self, kind: BlockKind) -> f32 {
+        match kind {
+            BlockKind::Attn => self.b_att,
+            BlockKind::Mlp => self.b_mlp,
+        }
+    }
+
+    pub fn output_scale_mut(&mut self, kind: BlockKind) -> &mut f32 {
+        match kind {
+            BlockKind::Attn => &mut self.b_att,
+            BlockKind::Mlp => &mut self.b_mlp,
+        }
+    }
+
     pub fn from_array(a: [f32; 4]) -> Self {
         Self {
             b_att: a[0],
@@ -194,6 +215,48 @@ impl Plan {
         self.scales
             .as_ref()
             .is_some_and(|s| s.iter().any(|l| !l.is_identity()))
+    }
+
+    /// Sets one block's output scale (`b_att` / `b_mlp`) to neutral 1: what a
+    /// restored block needs, and all a skipped block's ever is (never read).
+    pub fn reset_output_scale(&mut self, block: BlockId) {
+        if let Some(s) = self.scales.as_mut().and_then(|s| s.get_mut(block.layer)) {
+            *s.output_scale_mut(block.kind) = 1.0;
+        }
+    }
+
+    /// Puts every meaningless output scale back to 1: a skipped block's
+    /// (never used, so the forward pass is unchanged) and a kept block's
+    /// exact 0, which older scalpels left on a restored block (it computed
+    /// the block and dropped its output). Returns a note per kept block reset.
+    pub fn neutralise_output_scales(&mut self) -> Vec<String> {
+        let Some(scales) = &self.scales else {
+            return Vec::new();
+        };
+        let mut notes = Vec::new();
+        let blocks: Vec<BlockId> = (0..scales.len())
+            .flat_map(|l| [BlockId::attn(l), BlockId::mlp(l)])
+            .collect();
+        for block in blocks {
+            let b = self.scales_for(block.layer).output_scale(block.kind);
+            if b == 1.0 {
+                continue;
+            }
+            if self.is_skipped(block) {
+                self.reset_output_scale(block);
+            } else if b == 0.0 {
+                self.reset_output_scale(block);
+                let name = match block.kind {
+                    BlockKind::Attn => "b_att",
+                    BlockKind::Mlp => "b_mlp",
+                };
+                notes.push(format!(
+                    "{block} is kept but its {name} was 0 (left by an older scalpel when the block \
+                     was restored after a fit: it was computed and its output dropped); reset to 1"
+                ));
+            }
+        }
+        notes
     }
 
     pub fn skipped_attn_layers(&self) -> Vec<usize> {
@@ -331,21 +394,37 @@ impl fmt::Display for ShapeSignature {
 }
 
 pub const PLAN_FORMAT: &str = "scalpel-plan";
-pub const PLAN_VERSION: u32 = 1;
+/// The version `save` writes.
+pub const PLAN_VERSION: u32 = 2;
+/// The oldest version `load` reads (v1: no sections, no artifacts).
+pub const PLAN_MIN_VERSION: u32 = 1;
 
 /// The saved form of a plan: versioned, tied to a model, with free-form
 /// metrics and provenance (which command made it, with what settings).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Version 2 adds optional per-mode `sections` and content-hashed
+/// `artifacts` (safetensors files beside the plan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanFile {
     pub format: String,
     pub version: u32,
     pub model: ModelIdentity,
     #[serde(flatten)]
     pub plan: Plan,
+    #[serde(default, skip_serializing_if = "Sections::is_empty")]
+    pub sections: Sections,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
     #[serde(default)]
     pub metrics: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     pub provenance: serde_json::Map<String, serde_json::Value>,
+    /// The folder artifact paths are relative to: the plan's own folder
+    /// once it is loaded, saved or given an artifact.
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
+    /// What reading the file changed, for the command to tell the user.
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 impl PlanFile {
@@ -360,32 +439,57 @@ impl PlanFile {
             version: PLAN_VERSION,
             model,
             plan,
+            sections: Sections::default(),
+            artifacts: Vec::new(),
             metrics: Default::default(),
             provenance,
+            dir: None,
+            notes: Vec::new(),
         }
     }
 
+    /// Reads a plan file and verifies every artifact it lists.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read plan file {}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let mut file = Self::from_json(&text, &path.display().to_string())?;
+        file.dir = Some(folder_of(path));
+        file.verify_artifacts()
+            .with_context(|| format!("cannot use plan {}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Parses a plan file's text (any version this build reads, held as the
+    /// current one); `origin` names it in errors. Touches no other file:
+    /// artifacts are checked by `load` / `verify_artifacts`.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
         let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
         if format != PLAN_FORMAT {
-            bail!(
-                "{} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")",
-                path.display()
-            );
+            bail!("{origin} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")");
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != u64::from(PLAN_VERSION) {
+        if version > u64::from(PLAN_VERSION) {
             bail!(
-                "{} is plan format version {version}; this scalpel reads version {PLAN_VERSION}",
-                path.display()
+                "{origin} is plan format version {version}; this scalpel reads versions \
+                 {PLAN_MIN_VERSION} to {PLAN_VERSION}: it was written by a newer scalpel, update scalpel"
             );
         }
-        serde_json::from_value(value)
-            .with_context(|| format!("{} is a malformed scalpel plan", path.display()))
+        if version < u64::from(PLAN_MIN_VERSION) {
+            bail!(
+                "{origin} has no valid plan format version (\"version\": {}); this scalpel reads \
+                 versions {PLAN_MIN_VERSION} to {PLAN_VERSION}",
+                value.get("version").unwrap_or(&serde_json::Value::Null)
+            );
+        }
+        sections::check_known(value.get("sections"), origin)?;
+        let mut file: Self = serde_json::from_value(value)
+            .with_context(|| format!("{origin} is a malformed scalpel plan"))?;
+        artifacts::check_entries(&file.artifacts, origin)?;
+        file.version = PLAN_VERSION;
+        file.notes = file.plan.neutralise_output_scales();
+        Ok(file)
     }
 
     /// Refuses the plan unless it can run on `model` (same architecture,
@@ -411,10 +515,24 @@ impl PlanFile {
         }))
     }
 
+    /// Writes the plan as the current version. Artifacts not already beside
+    /// `path` are copied there (verified first), so the saved plan is whole.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut json = serde_json::to_string_pretty(self)?;
+        self.copy_artifacts_to(&folder_of(path))?;
+        let mut json = serde_json::to_string_pretty(&Self {
+            version: PLAN_VERSION,
+            ..self.clone()
+        })?;
         json.push('\n');
         write_atomic(path, json.as_bytes())
+    }
+}
+
+/// The folder a file lives in (`.` for a bare file name).
+pub(crate) fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -487,7 +605,7 @@ mod tests {
         let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
         plan.scales = Some(vec![
             LayerScales {
-                b_att: 0.5,
+                s_att: 0.5,
                 ..Default::default()
             };
             4

@@ -5,11 +5,15 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
 use scalpel::eval::data::TokenSet;
-use scalpel::model::Model;
-use scalpel::plan::{BlockId, Plan};
+use scalpel::model::{Model, RunOptions, Scales};
+use scalpel::plan::{BlockId, LayerScales, Plan};
 use scalpel::surgery::fit::{fit_scales, FitOptions};
 use scalpel::surgery::objective::{mean_loss, measure, BaseStates, LossKind};
+use scalpel::tui::app::{App, ModelInfo};
 
 /// Every weight of the model, flattened (to prove fitting leaves them alone).
 fn weights(model: &Model) -> Vec<f32> {
@@ -63,8 +67,15 @@ fn fitting_lowers_calibration_loss_and_never_changes_weights() {
             "{loss}: calibration loss {before} -> {after}"
         );
         let scales = r.plan.scales.as_ref().unwrap();
-        assert_eq!(scales[1].b_att, 0.0, "skipped attention keeps b_att = 0");
-        assert_eq!(scales[2].b_att, 0.0);
+        // A skipped block's output scale is never used: it stays neutral,
+        // while its residual scale is fitted.
+        assert_eq!(scales[1].b_att, 1.0, "skipped attention keeps b_att = 1");
+        assert_eq!(scales[2].b_att, 1.0);
+        assert_eq!(scales[3].b_mlp, 1.0, "skipped MLP keeps b_mlp = 1");
+        assert!(
+            scales[1].s_att != 1.0 && scales[3].s_mlp != 1.0,
+            "{scales:?}"
+        );
         assert!(r.plan.has_scales());
         assert_eq!(r.plan.skip, plan.skip);
     }
@@ -166,4 +177,97 @@ fn smollm2_fitted_heldout_kl_is_lower_than_unfitted() {
         fitted.kl_to_base,
         unfitted.kl_to_base
     );
+}
+
+fn tiny_fit(model: &Model, plan: &Plan, init: Option<Vec<LayerScales>>) -> Plan {
+    let calib = common::random_set(model, 5, 4, 24);
+    let opts = FitOptions {
+        epochs: 2,
+        lr: 3e-2,
+        loss: LossKind::Ce,
+        batch_size: 2,
+        init,
+    };
+    let never = AtomicBool::new(false);
+    fit_scales(model, plan, &calib, &calib, &opts, &never, |_| {})
+        .unwrap()
+        .plan
+}
+
+fn workbench(model: &Model, plan: Plan) -> App {
+    let info = ModelInfo {
+        identity: model.identity.clone(),
+        n_layers: model.n_layers(),
+        attn_params: 1,
+        mlp_params: 1,
+        head_params: 1,
+        heldout: String::new(),
+        calibration: String::new(),
+        speed: String::new(),
+        search_name: "search".into(),
+    };
+    App::new(info, plan, String::new(), Instant::now())
+}
+
+/// The bug: a fit stored b_att = 0 for a skipped block, so restoring it in
+/// the workbench computed the block and added exactly nothing.
+#[test]
+fn a_fitted_skipped_block_restored_in_the_workbench_contributes_its_output() {
+    let model = common::load_tiny("llama");
+    let plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(2)]);
+    // Even from starting scales with meaningless zeros (an old plan's).
+    let mut init = vec![LayerScales::IDENTITY; model.n_layers()];
+    init[1].b_att = 0.0;
+    init[2].b_mlp = 0.0;
+    let fitted = tiny_fit(&model, &plan, Some(init));
+    let s = fitted.scales.as_ref().unwrap();
+    assert_eq!((s[1].b_att, s[2].b_mlp), (1.0, 1.0), "{s:?}");
+
+    let mut app = workbench(&model, fitted.clone());
+    for block in [BlockId::attn(1), BlockId::mlp(2)] {
+        app.cursor = block;
+        app.toggle_cursor();
+        assert!(!app.plan().is_skipped(block));
+        let b = app.plan().scales_for(block.layer).output_scale(block.kind);
+        assert_eq!(b, 1.0, "restored {block} has output scale {b}");
+    }
+    // The fitted residual scales of the restored blocks are kept.
+    assert_eq!(app.plan().scales_for(1).s_att, s[1].s_att);
+    assert_eq!(app.plan().scales_for(2).s_mlp, s[2].s_mlp);
+}
+
+fn logits(model: &Model, plan: &Plan) -> Vec<f32> {
+    let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 512).collect();
+    let input = Tensor::new(&ids[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let t = &model.transformer;
+    let h = t
+        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, RunOptions::FAST)
+        .unwrap();
+    let l = t.logits(&h.squeeze(0).unwrap(), RunOptions::FAST).unwrap();
+    l.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Normalising a skipped block's output scale cannot change what the plan
+/// computes: the forward pass never reads it.
+#[test]
+fn neutral_output_scales_of_skipped_blocks_leave_the_forward_output_unchanged() {
+    let model = common::load_tiny("llama");
+    let mut old = Plan::with_skips([BlockId::attn(1), BlockId::mlp(3)]);
+    let mut scales: Vec<LayerScales> = (0..model.n_layers())
+        .map(|l| LayerScales::from_array([0.9, 1.1, 0.8 + 0.1 * l as f32, 0.95]))
+        .collect();
+    scales[1].b_att = 0.0;
+    scales[3].b_mlp = 0.37;
+    old.scales = Some(scales);
+    let mut normalised = old.clone();
+    let notes = normalised.neutralise_output_scales();
+    assert!(notes.is_empty(), "only skipped blocks changed: {notes:?}");
+    assert_eq!(normalised.scales_for(1).b_att, 1.0);
+    assert_eq!(normalised.scales_for(3).b_mlp, 1.0);
+    assert_ne!(normalised, old);
+    let (a, b) = (logits(&model, &old), logits(&model, &normalised));
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
 }

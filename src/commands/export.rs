@@ -28,6 +28,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
         );
     }
     let (plan, plan_file) = cli::load_plan(pargs, &model)?;
+    if let Some(pf) = &plan_file {
+        export::check_expressible(pf, expresses(args.format))?;
+    }
     // Fails early (before measuring) on scales that cannot fold.
     export::fold::fold_factors(&plan, model.n_layers())?;
 
@@ -112,6 +115,14 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
         }
     }
     Ok(())
+}
+
+fn expresses(format: ExportFormat) -> &'static export::Expresses {
+    match format {
+        ExportFormat::Decilm => &export::DECILM,
+        ExportFormat::Gguf => &export::GGUF,
+        ExportFormat::Mergekit => &export::MERGEKIT,
+    }
 }
 
 /// Perplexity of the plan and the base on the built-in text, for the card.

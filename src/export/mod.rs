@@ -14,6 +14,58 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::plan::PlanFile;
+
+/// What one export format can carry of a v2 plan beyond its skips and
+/// scales (which every format expresses, the scales folded into weights).
+pub struct Expresses {
+    pub format: &'static str,
+    /// Plan sections the format has a place for.
+    pub sections: &'static [&'static str],
+    /// Whether the format can carry a plan's artifacts (trained parameters).
+    pub artifacts: bool,
+}
+
+pub const DECILM: Expresses = Expresses {
+    format: "decilm (Nemotron-NAS)",
+    sections: &[],
+    artifacts: false,
+};
+pub const GGUF: Expresses = Expresses {
+    format: "gguf (llama.cpp deci)",
+    sections: &[],
+    artifacts: false,
+};
+pub const MERGEKIT: Expresses = Expresses {
+    format: "mergekit",
+    sections: &[],
+    artifacts: false,
+};
+
+/// Refuses, by name, a plan section or artifact the format cannot express:
+/// an export without it would not compute what the plan computes.
+pub fn check_expressible(file: &PlanFile, target: &Expresses) -> Result<()> {
+    if let Some(name) = file.sections.names().find(|n| !target.sections.contains(n)) {
+        bail!(
+            "plan section `{name}` cannot be expressed in a {} export; the exported model would \
+             compute something other than the plan. Export a plan without it, or run the plan \
+             with scalpel itself",
+            target.format
+        );
+    }
+    if let Some(a) = file.artifacts.first().filter(|_| !target.artifacts) {
+        bail!(
+            "plan artifact `{}` ({}) cannot be expressed in a {} export: the format has no place \
+             for a plan's trained parameters. Export a plan without it, or run the plan with \
+             scalpel itself",
+            a.name,
+            a.file,
+            target.format
+        );
+    }
+    Ok(())
+}
+
 /// Refuses an existing output unless `force`.
 pub fn check_output(out: &Path, force: bool) -> Result<()> {
     if out.exists() && !force {

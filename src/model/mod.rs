@@ -173,6 +173,9 @@ impl Model {
         if let Some(w) = warning {
             eprintln!("scalpel: warning: plan {}: {w}", path.display());
         }
+        for note in &pf.notes {
+            eprintln!("scalpel: {}: {note}", path.display());
+        }
         Ok(pf)
     }
 

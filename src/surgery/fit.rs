@@ -1,8 +1,10 @@
 //! Hopscotch scale fitting: Adam (no weight decay) on the four scalars of
 //! every layer, model weights frozen (plain tensors, so no gradient is even
-//! computed for them). A skipped attention block's `b_att` is held at 0 by a
-//! mask, so it gets no gradient. Held-out loss after each epoch; the best
-//! epoch, the unfitted start included, is what is returned.
+//! computed for them). A skipped block's output scale (`b_att` / `b_mlp`) is
+//! never read by the forward pass, so it gets no gradient: it is held at the
+//! neutral 1, so restoring the block later gives it its full output (its
+//! `s_*` scale does matter and is fitted). Held-out loss after each epoch; the
+//! best epoch, the unfitted start included, is what is returned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -71,8 +73,7 @@ pub struct FitResult {
     pub warnings: Vec<String>,
 }
 
-/// The fit's state: one `Var` of 4 scalars per layer and the masks that pin
-/// skipped blocks' output scales.
+/// The fit's state: one `Var` of 4 scalars per layer.
 pub struct Trainer<'a> {
     model: &'a Model,
     plan: &'a Plan,
@@ -81,7 +82,6 @@ pub struct Trainer<'a> {
     kind: LossKind,
     batch_size: usize,
     vars: Vec<Var>,
-    masks: Vec<Tensor>,
     adam: AdamW,
     pub lr: f64,
     start: Start<'a>,
@@ -122,19 +122,18 @@ impl<'a> Trainer<'a> {
                 init.len()
             );
         }
+        // Skipped blocks' output scales start (and so stay) neutral, as does
+        // a kept block's meaningless 0 (see Plan::neutralise_output_scales).
+        let mut start = plan.clone();
+        start.scales = Some(init);
+        start.neutralise_output_scales();
         let dev = model.device();
-        let mut vars = Vec::with_capacity(n);
-        let mut masks = Vec::with_capacity(n);
-        for (l, s) in init.iter().enumerate() {
-            let mut a = s.as_array();
-            let pinned = plan.skips_attn(l);
-            if pinned {
-                a[0] = 0.0;
-            }
-            vars.push(Var::new(&a[..], dev)?);
-            let m = [if pinned { 0f32 } else { 1.0 }, 1.0, 1.0, 1.0];
-            masks.push(Tensor::new(&m[..], dev)?);
-        }
+        let vars = start
+            .scales
+            .unwrap_or_default()
+            .iter()
+            .map(|s| Var::new(&s.as_array()[..], dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let adam = new_adam(&vars, opts.lr)?;
         Ok(Self {
             model,
@@ -144,7 +143,6 @@ impl<'a> Trainer<'a> {
             kind: opts.loss,
             batch_size: opts.batch_size,
             vars,
-            masks,
             adam,
             lr: opts.lr,
             start: Start::Embeddings,
@@ -162,9 +160,8 @@ impl<'a> Trainer<'a> {
     pub fn scales(&self) -> Result<Vec<LayerScales>> {
         self.vars
             .iter()
-            .zip(&self.masks)
-            .map(|(v, m)| {
-                let a: Vec<f32> = (v.as_tensor() * m)?.to_vec1()?;
+            .map(|v| {
+                let a: Vec<f32> = v.as_tensor().to_vec1()?;
                 Ok(LayerScales::from_array([a[0], a[1], a[2], a[3]]))
             })
             .collect()
@@ -204,12 +201,7 @@ impl<'a> Trainer<'a> {
                 if cancel.load(Ordering::Relaxed) {
                     return Ok(EpochOutcome::Cancelled);
                 }
-                let scaled: Vec<Tensor> = self
-                    .vars
-                    .iter()
-                    .zip(&self.masks)
-                    .map(|(v, m)| v.as_tensor() * m)
-                    .collect::<candle_core::Result<_>>()?;
+                let scaled: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
                 let run = RunOptions::DIFFERENTIABLE;
                 let h = self.start.forward(
                     self.model,

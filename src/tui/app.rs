@@ -548,6 +548,11 @@ impl App {
         }
         let mut plan = self.plan().clone();
         let now_skipped = plan.toggle(self.cursor);
+        if !now_skipped {
+            // A skipped block's output scale means nothing (a fit may have
+            // left any value there); restored, it gets its full output.
+            plan.reset_output_scale(self.cursor);
+        }
         self.set_status(
             format!(
                 "{} {}",
@@ -854,6 +859,7 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::LayerScales;
 
     pub fn info() -> ModelInfo {
         ModelInfo {
@@ -894,6 +900,22 @@ mod tests {
         app.toggle_cursor();
         assert_eq!(app.history.len(), 2);
         assert_eq!(app.plan(), &Plan::with_skips([BlockId::attn(0)]));
+    }
+
+    #[test]
+    fn restoring_a_block_gives_it_a_neutral_output_scale() {
+        // An old fit left b_att = 0 on skipped attn.1: restored as it was,
+        // the block would be computed and add nothing.
+        let mut plan = Plan::with_skips([BlockId::attn(1)]);
+        let mut scales = vec![LayerScales::IDENTITY; 4];
+        scales[1] = LayerScales::from_array([0.0, 0.7, 1.0, 1.0]);
+        plan.scales = Some(scales);
+        let mut app = App::new(info(), plan, String::new(), Instant::now());
+        app.cursor = BlockId::attn(1);
+        app.toggle_cursor();
+        assert!(!app.plan().skips_attn(1));
+        assert_eq!(app.plan().scales_for(1).b_att, 1.0);
+        assert_eq!(app.plan().scales_for(1).s_att, 0.7, "s_att is kept");
     }
 
     #[test]

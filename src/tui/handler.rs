@@ -175,14 +175,15 @@ fn submit(app: &mut App, kind: InputKind, text: String) -> Vec<Request> {
         InputKind::OpenPath => {
             let path = PathBuf::from(&text);
             match plan_io::open(app, &path) {
-                Ok(plan) => {
+                Ok((plan, notes)) => {
                     if app.search_running() {
                         app.set_status("a search is changing the plan; Esc cancels it first", true);
                         return vec![];
                     }
                     app.save_path = path.clone();
                     let reqs = app.push_plan(plan);
-                    app.set_status(format!("opened {}", path.display()), false);
+                    let notes: String = notes.iter().map(|n| format!("; {n}")).collect();
+                    app.set_status(format!("opened {}{notes}", path.display()), false);
                     reqs
                 }
                 Err(e) => {

@@ -44,13 +44,14 @@ pub fn plan_file(app: &App) -> PlanFile {
     file
 }
 
-/// Reads a plan file and checks it was made for this model.
-pub fn open(app: &App, path: &Path) -> Result<Plan> {
+/// Reads a plan file and checks it was made for this model; also returns
+/// what reading it changed (see `PlanFile::notes`).
+pub fn open(app: &App, path: &Path) -> Result<(Plan, Vec<String>)> {
     let file = PlanFile::load(path)?;
     // A plan made on other weights of the same shapes (another quantization)
     // loads, as it always has here; the CLI prints the warning.
     let _other_weights = file
         .check_model(&app.info.identity)
         .with_context(|| format!("cannot use plan {}", path.display()))?;
-    Ok(file.plan)
+    Ok((file.plan, file.notes))
 }
