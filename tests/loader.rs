@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use scalpel::model::weights::gguf_name;
-use scalpel::model::{LocalModel, Model, Resolved, RunOptions, Scales};
+use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions};
 use scalpel::plan::Plan;
 
 /// The reference tolerance (see shared/reference/README.md).
@@ -43,7 +43,7 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let run = RunOptions::FAST;
     let h = model
         .transformer
-        .forward_hidden(&input, 0, None, &Plan::base(), Scales::FromPlan, run)
+        .forward_hidden(&input, &mut Pass::plan(&Plan::base(), run))
         .unwrap();
     let l = model.transformer.logits(&h, run).unwrap();
     l.flatten_all().unwrap().to_vec1().unwrap()
@@ -400,7 +400,7 @@ fn a_deci_gguf_with_zero_ffn_stand_ins_reloads_with_the_plan_logits() {
     let run_plan = |m: &Model, p: &Plan| -> Vec<f32> {
         let h = m
             .transformer
-            .forward_hidden(&input, 0, None, p, Scales::FromPlan, run)
+            .forward_hidden(&input, &mut Pass::plan(p, run))
             .unwrap();
         let l = m.transformer.logits(&h, run).unwrap();
         l.flatten_all().unwrap().to_vec1().unwrap()
@@ -556,7 +556,7 @@ fn a_smollm2_deci_gguf_pads_only_its_zero_ffn_stand_ins() {
     let run_plan = |m: &Model, p: &Plan| -> Vec<f32> {
         let h = m
             .transformer
-            .forward_hidden(&input, 0, None, p, Scales::FromPlan, run)
+            .forward_hidden(&input, &mut Pass::plan(p, run))
             .unwrap();
         let l = m.transformer.logits(&h, run).unwrap();
         l.flatten_all().unwrap().to_vec1().unwrap()

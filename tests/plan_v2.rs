@@ -17,6 +17,7 @@ fn identity() -> ModelIdentity {
         architecture: "llama".into(),
         n_layers: 2,
         content_hash: "abc".into(),
+        shape: None,
     }
 }
 

@@ -64,7 +64,12 @@ fn prefill_and_decode_past_the_window_match_transformers() {
     let (ids, want) = reference();
     let t = &model.transformer;
     let plan = Plan::base();
-    let input = |ids: &[u32]| Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
     for run in [RunOptions::FAST, RunOptions::DIFFERENTIABLE] {
         let h = t
             .forward_hidden(&input(&ids), &mut Pass::plan(&plan, run))
@@ -97,12 +102,21 @@ fn a_full_window_drops_the_keys_no_query_can_see() {
     let ids: Vec<u32> = (0..200).map(|i| (i * 7 % 500) as u32).collect();
     // Room for 8 + 256 keys: decoding 200 tokens after 100 overflows it once.
     let mut state = t.new_state(300);
-    let x = Tensor::new(&ids[..100], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    t.forward_hidden(&x, &mut Pass::plan(&plan, RunOptions::FAST).with_state(&mut state))
+    let x = Tensor::new(&ids[..100], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
         .unwrap();
+    t.forward_hidden(
+        &x,
+        &mut Pass::plan(&plan, RunOptions::FAST).with_state(&mut state),
+    )
+    .unwrap();
     for round in 0..2 {
         for &id in &ids[100..] {
-            let x = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let x = Tensor::new(&[id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let mut pass = Pass::plan(&plan, RunOptions::FAST).with_state(&mut state);
             t.forward_hidden(&x, &mut pass).unwrap();
         }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use scalpel::eval::data::TokenSet;
-use scalpel::model::{Model, RunOptions, Scales};
+use scalpel::model::{Model, Pass, RunOptions};
 use scalpel::plan::{BlockId, LayerScales, Plan};
 use scalpel::surgery::fit::{fit_scales, FitOptions};
 use scalpel::surgery::objective::{mean_loss, measure, BaseStates, LossKind};
@@ -244,7 +244,7 @@ fn logits(model: &Model, plan: &Plan) -> Vec<f32> {
         .unwrap();
     let t = &model.transformer;
     let h = t
-        .forward_hidden(&input, 0, None, plan, Scales::FromPlan, RunOptions::FAST)
+        .forward_hidden(&input, &mut Pass::plan(plan, RunOptions::FAST))
         .unwrap();
     let l = t.logits(&h.squeeze(0).unwrap(), RunOptions::FAST).unwrap();
     l.flatten_all().unwrap().to_vec1().unwrap()
