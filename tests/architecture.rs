@@ -7,7 +7,14 @@ use std::path::{Path, PathBuf};
 
 /// Folders and files below the front ends: they may not import `cli` or `commands`.
 const LOWER_LAYERS: &[&str] = &[
-    "surgery/", "eval/", "model/", "export/", "report/", "tui/", "plan.rs", "progress.rs",
+    "surgery/",
+    "eval/",
+    "model/",
+    "export/",
+    "report/",
+    "tui/",
+    "plan.rs",
+    "progress.rs",
     "setup.rs",
 ];
 
@@ -111,7 +118,11 @@ fn violations(checked: impl Fn(&str) -> bool, breaks: impl Fn(&str) -> bool) -> 
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     files.sort();
-    assert!(files.len() > 20, "found only {} files under src/", files.len());
+    assert!(
+        files.len() > 20,
+        "found only {} files under src/",
+        files.len()
+    );
     let mut found = Vec::new();
     for file in files {
         let rel = relative(&src, &file);
@@ -153,9 +164,13 @@ fn clap_stays_in_the_command_line_layer() {
 #[test]
 fn the_scanners_catch_what_they_must() {
     assert!(reaches_front_end("use crate::cli::{self, ModelArgs};"));
-    assert!(reaches_front_end("use crate::commands::eval::DEFAULT_EVAL_TEXT;"));
+    assert!(reaches_front_end(
+        "use crate::commands::eval::DEFAULT_EVAL_TEXT;"
+    ));
     assert!(reaches_front_end("use crate::{cli, plan::Plan};"));
-    assert!(reaches_front_end("use crate::{plan::Plan, commands::eval};"));
+    assert!(reaches_front_end(
+        "use crate::{plan::Plan, commands::eval};"
+    ));
     assert!(reaches_front_end("let m = crate::cli::load_model(a)?;"));
     assert!(!reaches_front_end("use crate::eval::data::TokenSet;"));
     assert!(!reaches_front_end("use crate::client::X;"));

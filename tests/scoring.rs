@@ -34,7 +34,9 @@ fn eval(model: &Model, ids: &[u32], plan: &Plan, window: usize) -> EvalReport {
 }
 
 fn random_ids(model: &Model, seed: u64, n: usize) -> Vec<u32> {
-    common::random_set(model, seed, 1, n).sequences[0].ids.clone()
+    common::random_set(model, seed, 1, n).sequences[0]
+        .ids
+        .clone()
 }
 
 #[test]
@@ -60,7 +62,10 @@ fn held_out_measurements_and_fit_losses_equal_eval_on_smollm2() {
     assert_eq!(got.perplexity, want.perplexity, "perplexity");
     assert_eq!(got.kl_to_base, want.kl_to_base, "KL(base ‖ plan)");
     assert_eq!(got.top1_agreement, want.top1_agreement, "top-1 agreement");
-    assert!(want.kl_to_base > 0.01 && want.top1_agreement < 1.0, "{want:?}");
+    assert!(
+        want.kl_to_base > 0.01 && want.top1_agreement < 1.0,
+        "{want:?}"
+    );
 
     let ce = mean_loss(model, &set, None, &plan, LossKind::Ce, &never).unwrap();
     let kl = mean_loss(model, &set, Some(&base), &plan, LossKind::Kl, &never).unwrap();
@@ -74,7 +79,10 @@ fn held_out_measurements_and_fit_losses_equal_eval_on_smollm2() {
         ..FitOptions::default()
     };
     let r = fit_scales(model, &plan, &set, &set, &opts, &never, |_| {}).unwrap();
-    assert_eq!(r.history[0].heldout_loss, want.kl_to_base, "fit held-out KL");
+    assert_eq!(
+        r.history[0].heldout_loss, want.kl_to_base,
+        "fit held-out KL"
+    );
 }
 
 #[test]

@@ -65,7 +65,9 @@ pub fn reference_logits(model: &Model, rows: &Tensor, run: RunOptions) -> Result
         .step_by(LOGIT_CHUNK)
         .map(|start| {
             let len = LOGIT_CHUNK.min(n - start);
-            Ok(model.transformer.logits(&rows.narrow(0, start, len)?, run)?)
+            Ok(model
+                .transformer
+                .logits(&rows.narrow(0, start, len)?, run)?)
         })
         .collect()
 }
@@ -89,7 +91,9 @@ pub fn score_rows(
     let mut scores = Scores::default();
     for (chunk, start) in (0..n).step_by(LOGIT_CHUNK).enumerate() {
         let len = LOGIT_CHUNK.min(n - start);
-        let plan_logits = model.transformer.logits(&rows.narrow(0, start, len)?, run)?;
+        let plan_logits = model
+            .transformer
+            .logits(&rows.narrow(0, start, len)?, run)?;
         let base_logits = match base {
             None => None,
             Some(Reference::Hidden(h)) => {

@@ -28,9 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
-use super::objective::{
-    mean_loss_from, score_sequence, BaseStates, LayerInputs, LossKind, Start,
-};
+use super::objective::{mean_loss_from, score_sequence, BaseStates, LayerInputs, LossKind, Start};
 use super::unless_cancelled;
 use crate::eval::data::TokenSet;
 use crate::eval::score::{reference_logits, Reference, Scores};
