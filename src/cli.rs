@@ -1,14 +1,15 @@
-//! Command-line interface: argument definitions and the setup every command
-//! shares (threads, device, model, plan).
+//! Command-line interface: argument definitions, mapped onto the plain values
+//! of `setup` (the only place clap is used, with `commands`).
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::model::{self, Model, RunOptions};
-use crate::plan::{parse_block_list, Plan, PlanFile};
+use crate::model::{Model, RunOptions};
+use crate::plan::{Plan, PlanFile};
+use crate::setup::{self, ModelSource, PlanSource};
+use crate::surgery::objective::LossKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -138,10 +139,28 @@ pub struct FitSettings {
     pub lr: f64,
     /// Loss: kl = distillation from the base model's distribution; ce = cross-entropy on the data (reference).
     #[arg(long, value_enum, default_value = "kl")]
-    pub loss: crate::surgery::objective::LossKind,
+    pub loss: LossArg,
     /// Sequences per Adam step.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+}
+
+/// `--loss`, the command-line face of `LossKind`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossArg {
+    /// Cross-entropy on the data's tokens (the reference: the base model's greedy answers).
+    Ce,
+    /// KL(base ‖ plan) over the full next-token distribution (distillation).
+    Kl,
+}
+
+impl From<LossArg> for LossKind {
+    fn from(arg: LossArg) -> Self {
+        match arg {
+            LossArg::Ce => LossKind::Ce,
+            LossArg::Kl => LossKind::Kl,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -348,85 +367,32 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// How a command spreads its work over the threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadUse {
-    /// Every op is split over all threads (generation, fitting, the
-    /// workbench): one sequence at a time.
-    WithinOps,
-    /// Independent sequences run side by side, one per thread, and each op
-    /// runs on its calling thread: no barrier or hand-off between ops, which
-    /// on small models costs more than the ops themselves (`eval`).
-    AcrossSequences,
-}
-
-/// Sets the thread count before the first tensor op (candle reads it once).
-pub fn init_threads(threads: Option<usize>, using: ThreadUse) -> Result<()> {
-    if threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
-    let per_op = match (using, threads) {
-        (ThreadUse::WithinOps, Some(n)) => n,
-        // candle's own default: one thread per physical core.
-        (ThreadUse::WithinOps, None) => return Ok(()),
-        // gemm runs unsplit and candle's pool inline; the rayon pool below
-        // still has a thread per sequence.
-        (ThreadUse::AcrossSequences, _) => 1,
-    };
-    let pool = threads.unwrap_or_else(num_cpus::get_physical);
-    // candle sizes its two pools from these: rayon (f32 matmul, softmax,
-    // norms) and its barrier pool (elementwise ops, quantized kernels).
-    std::env::set_var("RAYON_NUM_THREADS", per_op.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", per_op.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(pool)
-        .build_global();
-    Ok(())
-}
-
-pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()
-                .context("--device cuda:N needs a number")?;
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this scalpel was built without CUDA; rebuild with `cargo build --release --features cuda`");
-            }
-            Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
+impl ModelArgs {
+    /// The plain values the setup takes.
+    pub fn source(&self) -> ModelSource {
+        ModelSource {
+            model: self.model.clone(),
+            offline: self.offline,
+            device: self.device.clone(),
         }
-        other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
     }
 }
 
-/// Resolves and loads the model with a spinner, reporting where it came from.
+impl PlanArgs {
+    pub fn source(&self) -> PlanSource {
+        PlanSource {
+            plan: self.plan.clone(),
+            skip: self.skip.clone(),
+        }
+    }
+}
+
+/// Resolves and loads the model `--model`, `--offline` and `--device` name.
 pub fn load_model(args: &ModelArgs) -> Result<Model> {
-    let device = device(&args.device)?;
-    let resolved = model::source::resolve(args.model.as_deref(), args.offline)?;
-    let pb = crate::progress::spinner(&format!("loading {}", resolved.local.path().display()));
-    let m = Model::load(&resolved, &device);
-    pb.finish_and_clear();
-    let m = m?;
-    eprintln!("scalpel: model {} — {}", m.identity, m.origin);
-    Ok(m)
+    setup::load_model(&args.source())
 }
 
 /// The plan from `--plan` and `--skip` together, checked against the model.
 pub fn load_plan(args: &PlanArgs, model: &Model) -> Result<(Plan, Option<PlanFile>)> {
-    // A pruned export (Nemotron-NAS / deci) runs with its no-op blocks skipped.
-    let (mut plan, file) = match &args.plan {
-        Some(path) => {
-            let pf = model.load_plan(path)?;
-            (model.with_implied(&pf.plan), Some(pf))
-        }
-        None => (model.implied_plan.clone(), None),
-    };
-    if let Some(list) = &args.skip {
-        plan.skip.extend(parse_block_list(list).context("--skip")?);
-    }
-    model.check_plan(&plan)?;
-    Ok((plan, file))
+    setup::load_plan(&args.source(), model)
 }

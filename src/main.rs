@@ -3,8 +3,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
-use scalpel::cli::{self, Cli, Command};
+use scalpel::cli::{Cli, Command};
 use scalpel::commands;
+use scalpel::setup::{self, ThreadUse};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,10 +20,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let using = match cli.command {
-        Some(Command::Eval(_)) => cli::ThreadUse::AcrossSequences,
-        _ => cli::ThreadUse::WithinOps,
+        Some(Command::Eval(_)) => ThreadUse::AcrossSequences,
+        _ => ThreadUse::WithinOps,
     };
-    cli::init_threads(cli.model.threads, using)?;
+    setup::init_threads(cli.model.threads, using)?;
     match cli.command {
         Some(Command::Eval(args)) => commands::eval::run(&cli.model, &cli.plan, args),
         Some(Command::Generate(args)) => commands::generate::run(&cli.model, &cli.plan, args),
@@ -35,6 +36,6 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
-        None => scalpel::tui::run(&cli.model, &cli.plan),
+        None => scalpel::tui::run(&cli.model.source(), &cli.plan.source()),
     }
 }

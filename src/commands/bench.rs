@@ -13,7 +13,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     }
     let model: Model = match &args.synthetic {
         Some(shape) => {
-            let device = cli::device(&margs.device)?;
+            let device = crate::setup::device(&margs.device)?;
             let pb = progress::spinner(&format!("building synthetic {shape}"));
             let m = synthetic::build(shape, &device);
             pb.finish_and_clear();

@@ -49,7 +49,7 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
         None => {
             let ids = model
                 .codec()?
-                .encode(crate::commands::eval::DEFAULT_EVAL_TEXT)?;
+                .encode(crate::eval::data::DEFAULT_EVAL_TEXT)?;
             let ids = &ids[..ids.len().min(args.prose_tokens)];
             TokenSet::from_id_sequences(
                 "GPL-3 prose",
@@ -70,7 +70,7 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
         }
         None => {
             eprintln!("scalpel: searching {k} blocks (reuse a search with --search-plan)");
-            let mut o = SearchOptions::new(k, args.fit.loss);
+            let mut o = SearchOptions::new(k, args.fit.loss.into());
             o.final_fit = common::fit_options(&args.fit);
             o.final_fit.epochs = 0;
             search(&model, &train, &validation, &o, &cancel, |_| {})?.steps
@@ -121,7 +121,7 @@ pub fn run(margs: &cli::ModelArgs, args: CompareArgs) -> Result<()> {
         heldout.scored_tokens(),
         prose.source,
         prose.scored_tokens(),
-        args.fit.loss,
+        crate::surgery::objective::LossKind::from(args.fit.loss),
         args.fit.epochs,
         args.fit.lr
     );

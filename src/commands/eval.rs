@@ -8,8 +8,7 @@ use crate::cli::{self, EvalArgs};
 use crate::eval::perplexity;
 use crate::progress;
 
-/// The held-out text used when `eval` gets no `--text` (Debian's GPL-3, as in shared/peers).
-pub const DEFAULT_EVAL_TEXT: &str = include_str!("../../assets/gpl-3.txt");
+pub use crate::eval::data::DEFAULT_EVAL_TEXT;
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Result<()> {
     let text = match &args.text {

@@ -132,7 +132,7 @@ fn measure(model: &Model, plan: &Plan, args: &ExportArgs) -> Result<Option<EvalR
     }
     let ids = model
         .codec()?
-        .encode(super::eval::DEFAULT_EVAL_TEXT)
+        .encode(crate::eval::data::DEFAULT_EVAL_TEXT)
         .context("tokenizing the evaluation text")?;
     let opts = EvalOptions {
         window: 512,

@@ -40,7 +40,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             p.display().to_string(),
         ),
         None => (
-            super::eval::DEFAULT_EVAL_TEXT.to_string(),
+            crate::eval::data::DEFAULT_EVAL_TEXT.to_string(),
             "built-in held-out text (Debian's GPL-3)".to_string(),
         ),
     };

@@ -11,9 +11,9 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     let cancel = common::cancel_on_ctrl_c();
     let model = cli::load_model(margs)?;
     let mut opts = if args.exact {
-        SearchOptions::exact(args.blocks, args.fit.loss, args.refit_batch_size)
+        SearchOptions::exact(args.blocks, args.fit.loss.into(), args.refit_batch_size)
     } else {
-        let mut o = SearchOptions::new(args.blocks, args.fit.loss);
+        let mut o = SearchOptions::new(args.blocks, args.fit.loss.into());
         o.shortlist = args.shortlist;
         o.screen_samples = args.screen_samples;
         o.refit.batch_size = args.refit_batch_size;

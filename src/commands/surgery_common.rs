@@ -30,7 +30,7 @@ pub fn fit_options(s: &FitSettings) -> FitOptions {
     FitOptions {
         epochs: s.epochs,
         lr: s.lr,
-        loss: s.loss,
+        loss: s.loss.into(),
         batch_size: s.batch_size,
         init: None,
     }

@@ -15,6 +15,9 @@ use crate::eval::generate::{generate, GenOptions};
 use crate::model::{Model, RunOptions};
 use crate::plan::{write_atomic, Plan};
 
+/// The held-out text used when `eval` gets no `--text` (Debian's GPL-3, as
+/// in shared/peers); the workbench cuts its held-out and calibration sets from it.
+pub const DEFAULT_EVAL_TEXT: &str = include_str!("../../assets/gpl-3.txt");
 pub const CALIBRATION_PROMPTS: &str = include_str!("../../assets/prompts/calibration.txt");
 pub const HELDOUT_PROMPTS: &str = include_str!("../../assets/prompts/heldout.txt");
 

@@ -5,3 +5,4 @@ pub mod bench;
 pub mod data;
 pub mod generate;
 pub mod perplexity;
+pub mod score;

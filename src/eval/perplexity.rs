@@ -1,23 +1,21 @@
 //! Windowed perplexity, KL(base ‖ plan) and top-1 agreement, with the
 //! protocol of `shared/peers`: non-overlapping windows, each from an empty
 //! cache, BOS first only where the model asks for it, position j scored from
-//! logits[j-1].
+//! logits[j-1]. The scores themselves come from `score`, as every other
+//! reported number does.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::model::fused::{self, RowScore};
+use super::score::{score_rows, Reference, Scores};
 use crate::model::{Model, Pass, RunOptions};
 use crate::plan::Plan;
-
-/// Positions scored per logits chunk: bounds memory at chunk × vocab floats.
-const LOGIT_CHUNK: usize = 128;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalOptions {
@@ -27,7 +25,7 @@ pub struct EvalOptions {
     pub run: RunOptions,
     /// Score windows concurrently, one per rayon thread. Pays off when each
     /// op runs single-threaded (candle's own pool set to one thread, see
-    /// `cli::ThreadUse`); otherwise windows queue on candle's pool.
+    /// `setup::ThreadUse`); otherwise windows queue on candle's pool.
     pub parallel_windows: bool,
 }
 
@@ -71,24 +69,6 @@ pub fn windows(ids: &[u32], window: usize, bos: Option<u32>) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Running sums over scored positions.
-#[derive(Default)]
-struct Totals {
-    nll: f64,
-    kl: f64,
-    agree: usize,
-    scored: usize,
-}
-
-impl Totals {
-    fn add(&mut self, other: &Totals) {
-        self.nll += other.nll;
-        self.kl += other.kl;
-        self.agree += other.agree;
-        self.scored += other.scored;
-    }
-}
-
 pub fn evaluate(
     model: &Model,
     ids: &[u32],
@@ -125,7 +105,7 @@ pub fn evaluate(
     let compare = opts.compare_base && *plan != Plan::base();
     let start = Instant::now();
     let stop = AtomicBool::new(false);
-    let score = |w: &Vec<u32>| -> Result<Totals> {
+    let score = |w: &Vec<u32>| -> Result<Scores> {
         if cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             bail!("evaluation cancelled");
         }
@@ -133,8 +113,8 @@ pub fn evaluate(
     };
     // Windows finish on worker threads; this thread reports progress and
     // sums them in window order, so the result does not depend on timing.
-    let mut per_window: Vec<Option<Totals>> = (0..wins.len()).map(|_| None).collect();
-    let (tx, rx) = mpsc::channel::<(usize, Result<Totals>)>();
+    let mut per_window: Vec<Option<Scores>> = (0..wins.len()).map(|_| None).collect();
+    let (tx, rx) = mpsc::channel::<(usize, Result<Scores>)>();
     std::thread::scope(|s| -> Result<()> {
         let wins = &wins;
         let score = &score;
@@ -161,19 +141,16 @@ pub fn evaluate(
         }
         Ok(())
     })?;
-    let mut totals = Totals::default();
+    let mut totals = Scores::default();
     for t in per_window.into_iter().flatten() {
         totals.add(&t);
     }
     let seconds = start.elapsed().as_secs_f64();
     let tokens: usize = wins.iter().map(Vec::len).sum();
     let passes = if compare { 2 } else { 1 };
-    let mean_nll = totals.nll / totals.scored as f64;
+    let mean_nll = totals.mean_nll();
     let (kl, agree) = if compare {
-        (
-            totals.kl / totals.scored as f64,
-            totals.agree as f64 / totals.scored as f64,
-        )
+        (totals.mean_kl(), totals.agreement())
     } else {
         (0.0, 1.0)
     };
@@ -198,7 +175,7 @@ fn score_one_window(
     plan: &Plan,
     compare: bool,
     run: RunOptions,
-) -> Result<Totals> {
+) -> Result<Scores> {
     let input = Tensor::new(window, model.device())?.unsqueeze(0)?;
     let hidden = |plan: &Plan| -> Result<Tensor> {
         let h = model
@@ -212,85 +189,16 @@ fn score_one_window(
     } else {
         None
     };
-    let mut totals = Totals::default();
-    score_window(
-        model,
-        window,
-        &plan_hidden,
-        base_hidden.as_ref(),
-        run,
-        &mut totals,
-    )?;
-    Ok(totals)
-}
-
-/// Scores positions 1..len of one window from the hidden states at 0..len-1.
-fn score_window(
-    model: &Model,
-    window: &[u32],
-    hidden: &Tensor,
-    base_hidden: Option<&Tensor>,
-    run: RunOptions,
-    totals: &mut Totals,
-) -> Result<()> {
+    // Positions 1..len, scored from the hidden states at 0..len-1.
     let n = window.len() - 1;
-    for start in (0..n).step_by(LOGIT_CHUNK) {
-        let len = LOGIT_CHUNK.min(n - start);
-        let logits = |h: &Tensor| model.transformer.logits(&h.narrow(0, start, len)?, run);
-        let plan_logits = logits(hidden)?;
-        let base_logits = base_hidden.map(logits).transpose()?;
-        let targets = &window[start + 1..start + 1 + len];
-        let rows = fused::with_cpu_f32(&plan_logits, |p| match &base_logits {
-            Some(b) => fused::with_cpu_f32(b, |b| fused::score_rows(p, Some(b), targets)),
-            None => Some(fused::score_rows(p, None, targets)),
-        })
-        .flatten();
-        let rows = match rows {
-            Some(rows) => rows,
-            None => score_rows_with_candle(&plan_logits, base_logits.as_ref(), targets)?,
-        };
-        for r in rows {
-            totals.nll += r.nll;
-            totals.kl += r.kl;
-            totals.agree += usize::from(r.agree);
-        }
-        totals.scored += len;
-    }
-    Ok(())
-}
-
-/// The same scores with candle ops, for logits on a GPU.
-fn score_rows_with_candle(
-    plan: &Tensor,
-    base: Option<&Tensor>,
-    targets: &[u32],
-) -> Result<Vec<RowScore>> {
-    let logp = candle_nn::ops::log_softmax(plan, D::Minus1)?;
-    let ids = Tensor::new(targets, plan.device())?.unsqueeze(1)?;
-    let nll: Vec<f32> = logp.gather(&ids, 1)?.squeeze(1)?.neg()?.to_vec1()?;
-    let (kl, agree) = match base {
-        Some(base) => {
-            let base_logp = candle_nn::ops::log_softmax(base, D::Minus1)?;
-            let kl: Vec<f32> = (base_logp.exp()? * (&base_logp - &logp)?)?
-                .sum(D::Minus1)?
-                .to_vec1()?;
-            let a: Vec<u32> = base.argmax(D::Minus1)?.to_vec1()?;
-            let b: Vec<u32> = plan.argmax(D::Minus1)?.to_vec1()?;
-            let agree = a.iter().zip(&b).map(|(x, y)| x == y).collect();
-            (kl, agree)
-        }
-        None => (vec![0.0; targets.len()], vec![true; targets.len()]),
-    };
-    Ok(nll
-        .iter()
-        .zip(&kl)
-        .zip(agree)
-        .map(|((&nll, &kl), agree)| RowScore {
-            nll: f64::from(nll),
-            kl: f64::from(kl),
-            agree,
-        })
-        .collect())
+    let base_rows = base_hidden.map(|h| h.narrow(0, 0, n)).transpose()?;
+    score_rows(
+        model,
+        &plan_hidden.narrow(0, 0, n)?,
+        base_rows.as_ref().map(Reference::Hidden),
+        &window[1..],
+        run,
+    )
 }
 
 #[cfg(test)]

@@ -28,11 +28,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
-use super::objective::{
-    base_log_probs, mean_loss_from, sequence_loss_with, BaseStates, LayerInputs, LossKind, Start,
-};
+use super::objective::{mean_loss_from, score_sequence, BaseStates, LayerInputs, LossKind, Start};
 use super::unless_cancelled;
 use crate::eval::data::TokenSet;
+use crate::eval::score::{reference_logits, Reference, Scores};
 use crate::model::{Model, RunOptions, Scales};
 use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
 
@@ -526,16 +525,19 @@ fn screen(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<f64>> {
     let run = RunOptions::FAST;
-    let mut sums = vec![0.0f64; candidates.len()];
+    if kind == LossKind::Kl && base.is_none() {
+        bail!("the KL loss needs the base model's states");
+    }
+    let mut scores = vec![Scores::default(); candidates.len()];
     let n_seq = match samples {
         0 => data.sequences.len(),
         n => n.min(data.sequences.len()),
     };
     let sequences = &data.sequences[..n_seq];
     for (si, seq) in sequences.iter().enumerate() {
-        // The base distribution is the same for every candidate: compute it once.
-        let base_logp = match base {
-            Some(b) if kind == LossKind::Kl => Some(base_log_probs(model, &b.hidden[si])?),
+        // The base logits are the same for every candidate: compute them once.
+        let base_logits = match base {
+            Some(b) if kind == LossKind::Kl => Some(reference_logits(model, &b.hidden[si], run)?),
             _ => None,
         };
         for (ci, &c) in candidates.iter().enumerate() {
@@ -546,13 +548,12 @@ fn screen(
             p.skip.insert(c);
             let h =
                 Start::Layer(c.layer, inputs).forward(model, seq, si, &p, Scales::FromPlan, run)?;
-            let loss = sequence_loss_with(model, seq, &h, base_logp.as_deref(), kind, run)?;
-            sums[ci] += f64::from(loss.to_scalar::<f32>()?);
+            let b = base_logits.as_deref().map(Reference::Logits);
+            scores[ci].add(&score_sequence(model, seq, &h, b, run)?);
         }
         progress(si + 1, n_seq);
     }
-    let n: usize = sequences.iter().map(|s| s.scored()).sum();
-    Ok(sums.into_iter().map(|s| s / n as f64).collect())
+    Ok(scores.iter().map(|s| kind.mean(s)).collect())
 }
 
 /// Refits one candidate plan; returns its score and scales, or `None` if cancelled.

@@ -5,7 +5,8 @@
 //!   output (ShortGPT / LLM-Drop), averaged over every token.
 //!
 //! The residual stream entering each layer is cached per sequence, so the
-//! skip of a block in layer i only reruns layers i.. (half a forward on average).
+//! skip of a block in layer i only reruns layers i.. (half a forward on
+//! average). Losses are scored by `eval::score`, as `eval`'s perplexity is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,7 +14,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::objective::{forward_from, input_ids, sequence_loss, LossKind};
+use super::objective::{forward_from, input_ids, score_sequence};
 use crate::eval::data::TokenSet;
 use crate::model::{Model, Pass, Probe, RunOptions, Scales};
 use crate::plan::{BlockId, BlockKind, Plan};
@@ -118,7 +119,7 @@ pub fn compute_importance(
             x = t.run_layers(x, i..i + 1, &mut pass)?;
         }
         let h = t.final_norm(&x, run)?.squeeze(0)?;
-        base_loss += scalar(&sequence_loss(model, seq, &h, None, LossKind::Ce, run)?)?;
+        base_loss += score_sequence(model, seq, &h, None, run)?.nll;
         for (layer, input) in inputs.iter().enumerate() {
             for block in [BlockId::attn(layer), BlockId::mlp(layer)] {
                 if cancel.load(Ordering::Relaxed) {
@@ -126,8 +127,7 @@ pub fn compute_importance(
                 }
                 let plan = Plan::with_skips([block]);
                 let h = forward_from(model, input.clone(), layer, &plan, Scales::FromPlan, run)?;
-                skipped_loss[slot(block)] +=
-                    scalar(&sequence_loss(model, seq, &h, None, LossKind::Ce, run)?)?;
+                skipped_loss[slot(block)] += score_sequence(model, seq, &h, None, run)?.nll;
             }
         }
         progress(si + 1, data.sequences.len());
@@ -150,8 +150,4 @@ pub fn compute_importance(
         base_loss: base_mean,
         tokens,
     })
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(f64::from(t.to_scalar::<f32>()?))
 }

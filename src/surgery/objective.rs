@@ -1,6 +1,9 @@
 //! The losses that importance, fitting and search minimise, and the held-out
 //! measurements every method is judged by. Only scored positions (answer
-//! tokens) produce logits, in chunks so a 49k vocabulary stays small.
+//! tokens) produce logits, in chunks so a 49k vocabulary stays small. Every
+//! number reported (`mean_loss`, `measure`) is scored by `eval::score`, as
+//! `eval` scores; the fit's differentiable loss (`sequence_loss`) is the one
+//! tensor expression of its own, since it needs gradients.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,20 +12,28 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::data::{Sequence, TokenSet};
+use crate::eval::score::{score_rows, Reference, Scores, LOGIT_CHUNK};
 use crate::model::{Model, Pass, RunOptions, ScaledPlan, Scales};
 use crate::plan::Plan;
 
-/// Scored positions per logits chunk.
-const LOGIT_CHUNK: usize = 128;
-
 /// What a fit minimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossKind {
     /// Cross-entropy on the data's tokens (the reference: the base model's greedy answers).
     Ce,
     /// KL(base ‖ plan) over the full next-token distribution (distillation).
     Kl,
+}
+
+impl LossKind {
+    /// This loss's mean per scored token, from the scores of a set.
+    pub fn mean(self, scores: &Scores) -> f64 {
+        match self {
+            LossKind::Ce => scores.mean_nll(),
+            LossKind::Kl => scores.mean_kl(),
+        }
+    }
 }
 
 impl std::fmt::Display for LossKind {
@@ -107,8 +118,31 @@ pub fn scored_rows(hidden: &Tensor, seq: &Sequence) -> Result<Tensor> {
     Ok(hidden.narrow(0, seq.scored_from - 1, seq.scored())?)
 }
 
+/// The scored tokens of a sequence, in the order of `scored_rows`.
+pub fn scored_targets(seq: &Sequence) -> &[u32] {
+    &seq.ids[seq.scored_from..]
+}
+
+/// NLL, and KL and agreement against `base` when given, of one sequence from
+/// its final-normed hidden states (t, h) under a plan: the scorer `eval` uses.
+pub fn score_sequence(
+    model: &Model,
+    seq: &Sequence,
+    hidden: &Tensor,
+    base: Option<Reference>,
+    run: RunOptions,
+) -> Result<Scores> {
+    score_rows(
+        model,
+        &scored_rows(hidden, seq)?,
+        base,
+        scored_targets(seq),
+        run,
+    )
+}
+
 /// The base model's log-probabilities at a sequence's scored positions, one
-/// tensor per logits chunk (computed once and reused across many plans).
+/// tensor per logits chunk (the differentiable KL loss's target).
 pub fn base_log_probs(model: &Model, base_rows: &Tensor) -> Result<Vec<Tensor>> {
     let n = base_rows.dim(0)?;
     (0..n)
@@ -274,18 +308,23 @@ pub fn mean_loss_from(
     start: Start,
     cancel: &AtomicBool,
 ) -> Result<f64> {
-    let mut sum = 0.0;
+    if kind == LossKind::Kl && base.is_none() {
+        bail!("the KL loss needs the base model's states");
+    }
+    let mut scores = Scores::default();
     for (i, seq) in data.sequences.iter().enumerate() {
         if cancel.load(Ordering::Relaxed) {
             bail!("cancelled");
         }
         let h = start.forward(model, seq, i, plan, Scales::FromPlan, RunOptions::FAST)?;
-        let b = base.map(|b| &b.hidden[i]);
-        sum += f64::from(
-            sequence_loss(model, seq, &h, b, kind, RunOptions::FAST)?.to_scalar::<f32>()?,
-        );
+        // Cross-entropy needs no base logits.
+        let b = match kind {
+            LossKind::Kl => base.map(|b| Reference::Hidden(&b.hidden[i])),
+            LossKind::Ce => None,
+        };
+        scores.add(&score_sequence(model, seq, &h, b, RunOptions::FAST)?);
     }
-    Ok(sum / data.scored_tokens() as f64)
+    Ok(kind.mean(&scores))
 }
 
 /// A plan's quality on a set: perplexity of the set's tokens, KL(base ‖ plan)
@@ -305,47 +344,20 @@ pub fn measure(
     plan: &Plan,
     cancel: &AtomicBool,
 ) -> Result<SetReport> {
-    let (mut nll, mut kl, mut agree) = (0.0f64, 0.0f64, 0usize);
     let run = RunOptions::FAST;
+    let mut scores = Scores::default();
     for (i, seq) in data.sequences.iter().enumerate() {
         if cancel.load(Ordering::Relaxed) {
             bail!("cancelled");
         }
         let h = forward_full(model, seq, plan, Scales::FromPlan, run)?;
-        let rows = scored_rows(&h, seq)?;
-        let n = seq.scored();
-        for start in (0..n).step_by(LOGIT_CHUNK) {
-            let len = LOGIT_CHUNK.min(n - start);
-            let logits = model
-                .transformer
-                .logits(&rows.narrow(0, start, len)?, run)?;
-            let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let from = seq.scored_from + start;
-            let targets = Tensor::new(&seq.ids[from..from + len], model.device())?;
-            nll -= f64::from(
-                logq.gather(&targets.unsqueeze(1)?, 1)?
-                    .sum_all()?
-                    .to_scalar::<f32>()?,
-            );
-            let base_logits = model
-                .transformer
-                .logits(&base.hidden[i].narrow(0, start, len)?, run)?;
-            let logp = candle_nn::ops::log_softmax(&base_logits, D::Minus1)?;
-            kl += f64::from(
-                (logp.exp()? * (&logp - &logq)?)?
-                    .sum_all()?
-                    .to_scalar::<f32>()?,
-            );
-            let a: Vec<u32> = base_logits.argmax(D::Minus1)?.to_vec1()?;
-            let b: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-            agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
-        }
+        let b = Reference::Hidden(&base.hidden[i]);
+        scores.add(&score_sequence(model, seq, &h, Some(b), run)?);
     }
-    let n = data.scored_tokens();
     Ok(SetReport {
-        perplexity: (nll / n as f64).exp(),
-        kl_to_base: kl / n as f64,
-        top1_agreement: agree as f64 / n as f64,
-        scored_tokens: n,
+        perplexity: scores.mean_nll().exp(),
+        kl_to_base: scores.mean_kl(),
+        top1_agreement: scores.agreement(),
+        scored_tokens: scores.scored,
     })
 }

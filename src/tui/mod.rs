@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{self, ModelArgs, PlanArgs};
 use crate::model::Model;
 use crate::plan::Plan;
+use crate::setup::{self, ModelSource, PlanSource};
 use app::{App, ModelInfo};
 use autosave::Autosave;
 
@@ -43,12 +43,12 @@ pub fn model_info(model: &Model, setup: &jobs::Setup) -> ModelInfo {
     }
 }
 
-/// Opens the workbench on the model, with `--plan` / `--skip` as the first plan.
-pub fn run(margs: &ModelArgs, pargs: &PlanArgs) -> Result<()> {
+/// Opens the workbench on the model, with the given plan (if any) as the first plan.
+pub fn run(msource: &ModelSource, psource: &PlanSource) -> Result<()> {
     // Before anything starts rayon's pool.
     event::lower_compute_priority();
-    let model = cli::load_model(margs)?;
-    let (plan, _) = cli::load_plan(pargs, &model)?;
+    let model = setup::load_model(msource)?;
+    let (plan, _) = setup::load_plan(psource, &model)?;
     let setup = jobs::Setup::for_model(&model)?;
     let mut app = App::new(
         model_info(&model, &setup),
@@ -62,7 +62,7 @@ pub fn run(margs: &ModelArgs, pargs: &PlanArgs) -> Result<()> {
         Ok(n) => app.set_status(format!("restored the last session ({n} plans)"), false),
         Err(e) => app.set_status(format!("last session not restored: {e:#}"), true),
     }
-    if pargs.plan.is_some() || pargs.skip.is_some() {
+    if psource.is_given() {
         // Evaluated below by `start`.
         let _ = app.push_plan(plan);
     }

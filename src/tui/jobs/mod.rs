@@ -9,9 +9,8 @@ pub mod search;
 
 use anyhow::{bail, Result};
 
-use crate::commands::eval::DEFAULT_EVAL_TEXT;
 use crate::eval::bench::BenchOptions;
-use crate::eval::data::TokenSet;
+use crate::eval::data::{TokenSet, DEFAULT_EVAL_TEXT};
 use crate::model::{Model, RunOptions};
 
 /// Tokens per evaluation window in the workbench (the CLI default is 512).
