@@ -52,6 +52,8 @@ pub enum Command {
     Search(SearchArgs),
     /// Hopscotch against training-free selections at k = 1..K, on held-out data.
     Compare(CompareArgs),
+    /// Lossless speed from a plan: the model under --plan drafts, the full model verifies (greedy).
+    Speculate(SpeculateArgs),
 }
 
 /// Export targets.
@@ -334,6 +336,38 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
     /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Keep going after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SpeculateArgs {
+    /// One prompt (or use --prompts).
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file with one prompt per line.
+    #[arg(long)]
+    pub prompts: Option<std::path::PathBuf>,
+    /// New tokens per prompt.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Tokens drafted per verify pass (1..=16).
+    #[arg(long, default_value_t = 4)]
+    pub draft_len: usize,
+    /// Longest n-gram the prompt-lookup baseline matches.
+    #[arg(long, default_value_t = 3)]
+    pub ngram: usize,
+    /// Timed runs of each method per prompt, interleaved (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Wrap each prompt in the model's chat template.
     #[arg(long)]
     pub chat: bool,
     /// Keep going after the end-of-sequence token.

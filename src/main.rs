@@ -36,6 +36,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
+        Some(Command::Speculate(args)) => commands::speculate::run(&cli.model, &cli.plan, args),
         None => scalpel::tui::run(&cli.model.source(), &cli.plan.source()),
     }
 }

@@ -157,9 +157,9 @@ impl Probe for Recorder {
         _layer: usize,
         _heads: &[u32],
         ctx: &Tensor,
-    ) -> candle_core::Result<()> {
+    ) -> candle_core::Result<Option<Tensor>> {
         self.context = Some(ctx.clone());
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions, TensorScales};
+use scalpel::model::{LocalModel, Model, Pass, Probe, Resolved, RunOptions, TensorScales};
 use scalpel::plan::{BlockId, Plan};
 
 fn loss(model: &Model, ids: &[u32], plan: &Plan, scales: &[Tensor]) -> Tensor {
@@ -106,6 +106,82 @@ fn scale_gradients_match_finite_differences() {
         assert!(
             nonzero >= 4 * n - 4,
             "{name}: only {nonzero} non-trivial gradients"
+        );
+    }
+}
+
+/// Multiplies layer 1's per-head attention context by a gate of ones.
+struct HeadGate {
+    gate: Tensor,
+}
+
+impl Probe for HeadGate {
+    fn wants_head_context(&self, layer: usize) -> bool {
+        layer == 1
+    }
+    fn head_context(
+        &mut self,
+        _layer: usize,
+        _heads: &[u32],
+        ctx: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let n = ctx.dim(2)?;
+        ctx.broadcast_mul(&self.gate.reshape((1, 1, n, 1))?)
+            .map(Some)
+    }
+}
+
+#[test]
+fn a_head_gate_on_the_probed_context_gets_finite_difference_gradients() {
+    // The gradient of the loss w.r.t. a per-head gate of ones is
+    // Σ ∂L/∂ctx·ctx over that head: ShadowLLM's plainact score.
+    let dir = common::tiny_dir("llama");
+    let resolved = Resolved {
+        local: LocalModel::HfDir(dir),
+        origin: "test".into(),
+    };
+    let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
+    let r = common::read_json(common::tiny_dir("llama").join("reference.json"));
+    let ids: Vec<u32> = common::json_ints::<u32>(&r["token_ids"]);
+    let plan = Plan::base();
+    let n_heads = model.cfg().n_heads;
+    let gate_loss = |gate: &Tensor| -> Tensor {
+        let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+        let mut probe = HeadGate { gate: gate.clone() };
+        let run = RunOptions::DIFFERENTIABLE;
+        let t = &model.transformer;
+        let h = t
+            .forward_hidden(&input, &mut Pass::plan(&plan, run).with_probe(&mut probe))
+            .unwrap();
+        let logits = t.logits(&h.squeeze(0).unwrap(), run).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        logp.gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap()
+    };
+    let gate = Var::new(vec![1f64; n_heads].as_slice(), &Device::Cpu).unwrap();
+    let grads = gate_loss(gate.as_tensor()).backward().unwrap();
+    let g: Vec<f64> = grads.get(gate.as_tensor()).unwrap().to_vec1().unwrap();
+    let h = 1e-5;
+    for (head, &gh) in g.iter().enumerate() {
+        let at = |delta: f64| {
+            let mut v = vec![1f64; n_heads];
+            v[head] += delta;
+            let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+            gate_loss(&t).to_scalar::<f64>().unwrap()
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        assert!(fd.abs() > 1e-6, "head {head}: the gate must matter");
+        assert!(
+            (gh - fd).abs() < 1e-4 * fd.abs() + 1e-9,
+            "head {head}: autograd {gh} vs finite difference {fd}"
         );
     }
 }

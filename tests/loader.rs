@@ -566,3 +566,24 @@ fn a_smollm2_deci_gguf_pads_only_its_zero_ffn_stand_ins() {
     // Same stored weights, same kernels: measured 0.
     assert!(diff < 1e-6, "max |Δlogit| = {diff}");
 }
+
+#[test]
+fn a_gguf_with_rope_freqs_is_not_exported_as_a_folder_that_would_lose_them() {
+    let cfg = common::read_json(common::tiny_dir("llama-tied").join("config.json"));
+    let work = common::scratch_dir();
+    let gguf = write_tiny_gguf(
+        "llama-tied",
+        work.path(),
+        GgufOptions {
+            rope_freqs: Some(llama3_freq_factors(&cfg)),
+            ..Default::default()
+        },
+    );
+    let model = load_as(LocalModel::Gguf(gguf), DType::F32);
+    let out = work.path().join("folder");
+    std::fs::create_dir_all(&out).unwrap();
+    let err = scalpel::export::decilm::write_folder(&model, &scalpel::plan::Plan::base(), "", &out)
+        .unwrap_err();
+    assert!(err.to_string().contains("rope_freqs"), "{err}");
+    assert!(!out.join("model.safetensors").exists());
+}

@@ -12,4 +12,5 @@ pub mod importance;
 pub mod info;
 pub mod report;
 pub mod search;
+pub mod speculate;
 pub mod surgery_common;

@@ -184,6 +184,15 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
 
 /// Fills `dir` (empty) with config, weights, tokenizer and model card.
 pub fn write_folder(model: &Model, plan: &Plan, card: &str, dir: &Path) -> Result<()> {
+    if model.cfg().rope_freq_factors.is_some() {
+        // transformers would rebuild the frequencies from `rope_scaling`,
+        // which a GGUF with `rope_freqs.weight` does not carry: refuse
+        // rather than write a folder that computes other positions.
+        anyhow::bail!(
+            "this model's RoPE frequencies come from the GGUF's `rope_freqs.weight`, which a \
+             Nemotron-NAS folder cannot express; export --format gguf instead"
+        );
+    }
     let config = config_json(model, plan)?;
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let mut text = serde_json::to_string_pretty(v)?;

@@ -146,11 +146,17 @@ pub trait Probe {
         false
     }
     /// Attention output per head before `o_proj`, (batch, tokens, heads,
-    /// head dim), for the query heads `heads` that were computed. Part of
-    /// the graph: gradients with respect to it are available after
-    /// `backward()` in the differentiable mode.
-    fn head_context(&mut self, _layer: usize, _heads: &[u32], _ctx: &Tensor) -> Result<()> {
-        Ok(())
+    /// head dim), for the query heads `heads` that were computed. A probe
+    /// may return a tensor of the same shape to use instead: `ctx` times a
+    /// per-head gate `Var` of ones makes the gate's gradient Σ ∂L/∂ctx·ctx
+    /// per head (candle keeps gradients only for variables).
+    fn head_context(
+        &mut self,
+        _layer: usize,
+        _heads: &[u32],
+        _ctx: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// Whether `layer` should report its attention probabilities (this runs
     /// the dense attention path).

@@ -13,6 +13,8 @@
 //! keys live in the sequence state with their positions (`model::state`);
 //! masks and rotary positions come from those.
 
+use std::rc::Rc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -450,7 +452,7 @@ impl Transformer {
         let y = match probe {
             Some(p) if p.wants_head_context(call.layer) => {
                 let ctx = y.reshape((b, tq, n_q, hd))?;
-                p.head_context(call.layer, &heads, &ctx)?;
+                let ctx = p.head_context(call.layer, &heads, &ctx)?.unwrap_or(ctx);
                 ctx.reshape((b, tq, n_q * hd))?
             }
             _ => y,
@@ -550,12 +552,14 @@ struct AttnCall<'a> {
 /// keys and window are the same (the common case: every layer alike).
 #[derive(Default)]
 struct MaskMemo {
-    last: Option<(
-        Vec<u32>,
-        Vec<u32>,
-        Option<usize>,
-        Option<std::rc::Rc<AttentionMask>>,
-    )>,
+    last: Option<MemoEntry>,
+}
+
+struct MemoEntry {
+    queries: Vec<u32>,
+    keys: Vec<u32>,
+    window: Option<usize>,
+    mask: Option<Rc<AttentionMask>>,
 }
 
 impl MaskMemo {
@@ -566,17 +570,22 @@ impl MaskMemo {
         window: Option<usize>,
         t: &Transformer,
         run: RunOptions,
-    ) -> Result<Option<std::rc::Rc<AttentionMask>>> {
-        if let Some((q, k, w, m)) = &self.last {
-            if q == queries && k == keys && *w == window {
-                return Ok(m.clone());
+    ) -> Result<Option<Rc<AttentionMask>>> {
+        if let Some(e) = &self.last {
+            if e.queries == queries && e.keys == keys && e.window == window {
+                return Ok(e.mask.clone());
             }
         }
         let fused = run.mode == Mode::Fast;
-        let m = AttentionMask::new(queries, keys, window, &t.device, t.dtype, fused)?
-            .map(std::rc::Rc::new);
-        self.last = Some((queries.to_vec(), keys.to_vec(), window, m.clone()));
-        Ok(m)
+        let mask =
+            AttentionMask::new(queries, keys, window, &t.device, t.dtype, fused)?.map(Rc::new);
+        self.last = Some(MemoEntry {
+            queries: queries.to_vec(),
+            keys: keys.to_vec(),
+            window,
+            mask: mask.clone(),
+        });
+        Ok(mask)
     }
 }
 
