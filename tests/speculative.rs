@@ -84,7 +84,7 @@ fn the_full_model_as_its_own_draft_accepts_everything() {
         &model,
         &ids[..8],
         Drafter::SelfPlan(&Plan::base()),
-        spec_opts(17, 4),
+        spec_opts(16, 4),
     )
     .unwrap();
     assert_eq!(got.acceptance_rate, 1.0);
