@@ -23,8 +23,11 @@ pub struct AttentionMask {
 
 impl AttentionMask {
     /// The mask for queries at `query_pos` over keys at `key_pos`
-    /// (increasing), or `None` when every query sees every key. `fused`: the
-    /// scores will be f32 on the CPU and need no gradient.
+    /// (increasing), or `None` when every query sees every key and the
+    /// fused kernel cannot run. `fused`: the scores will be f32 on the CPU
+    /// and need no gradient; then the fused kernel serves even a query that
+    /// sees everything, so a decode step and a verify pass over several rows
+    /// compute each row's softmax the same way (identical greedy output).
     pub fn new(
         query_pos: &[u32],
         key_pos: &[u32],
@@ -47,13 +50,14 @@ impl AttentionMask {
             })
             .collect();
         let keys = key_pos.len();
-        if ranges
+        let fused = fused && device.is_cpu() && dtype == DType::F32;
+        let sees_all = ranges
             .iter()
-            .all(|&(lo, hi)| lo == 0 && hi as usize == keys)
-        {
+            .all(|&(lo, hi)| lo == 0 && hi as usize == keys);
+        if !fused && sees_all {
             return Ok(None);
         }
-        let additive = if fused && device.is_cpu() && dtype == DType::F32 {
+        let additive = if fused {
             None
         } else {
             Some(additive_mask(&ranges, keys, device)?.to_dtype(dtype)?)
@@ -220,17 +224,13 @@ mod tests {
     }
 
     #[test]
-    fn a_query_that_sees_everything_needs_no_mask() {
-        let none = AttentionMask::new(
-            &[9],
-            &positions(0..10),
-            None,
-            &Device::Cpu,
-            DType::F32,
-            true,
-        )
-        .unwrap();
+    fn a_query_that_sees_everything_needs_no_mask_tensor() {
+        let all = positions(0..10);
+        let none = AttentionMask::new(&[9], &all, None, &Device::Cpu, DType::F32, false).unwrap();
         assert!(none.is_none());
+        // The fused kernel still runs, as it does for several rows.
+        let fused = AttentionMask::new(&[9], &all, None, &Device::Cpu, DType::F32, true).unwrap();
+        assert_eq!(fused.unwrap().span(0, 1), (0, 10));
         // Past the window, decode needs one.
         let some = AttentionMask::new(
             &[9],
