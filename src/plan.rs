@@ -317,24 +317,24 @@ impl PlanFile {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read plan file {}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses a plan file's text; `origin` names it in errors (a path).
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
         let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
         if format != PLAN_FORMAT {
-            bail!(
-                "{} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")",
-                path.display()
-            );
+            bail!("{origin} is not a scalpel plan (no \"format\": \"{PLAN_FORMAT}\")");
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         if version != u64::from(PLAN_VERSION) {
             bail!(
-                "{} is plan format version {version}; this scalpel reads version {PLAN_VERSION}",
-                path.display()
+                "{origin} is plan format version {version}; this scalpel reads version {PLAN_VERSION}"
             );
         }
-        serde_json::from_value(value)
-            .with_context(|| format!("{} is a malformed scalpel plan", path.display()))
+        serde_json::from_value(value).with_context(|| format!("{origin} is a malformed scalpel plan"))
     }
 
     /// Refuses the plan unless it was made for `model`, then validates it.
