@@ -152,6 +152,49 @@ fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
 }
 
 #[test]
+fn resume_with_other_data_is_refused_naming_what_differs() {
+    let model = common::load_tiny("qwen2");
+    let calib = common::random_set(&model, 41, 4, 16);
+    let heldout = common::random_set(&model, 42, 2, 16);
+    let dir = common::scratch_dir();
+    let path = dir.path().join("part.json");
+    let mut opts = SearchOptions::new(2, LossKind::Kl);
+    opts.shortlist = 1;
+    opts.checkpoint = Some(path.clone());
+    let cancel = AtomicBool::new(false);
+    let part = search(&model, &calib, &heldout, &opts, &cancel, |e| {
+        if matches!(e, SearchEvent::StepDone { step: 1, .. }) {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(part.steps.len(), 1);
+    opts.resume_from = load_checkpoint(&model, &opts, &path).unwrap();
+    let never = AtomicBool::new(false);
+    let resume = |train: &TokenSet, validation: &TokenSet| {
+        search(&model, train, validation, &opts, &never, |_| {})
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+
+    // Other calibration tokens of the same size (another generation seed).
+    let other = common::random_set(&model, 43, 4, 16);
+    let err = resume(&other, &heldout);
+    assert!(err.contains("other data"), "{err}");
+    assert!(err.contains("calibration sha256"), "{err}");
+    assert!(!err.contains("calibration sequences"), "{err}");
+    // Fewer, longer sequences; and a different validation split.
+    let err = resume(&common::random_set(&model, 41, 3, 20), &heldout);
+    assert!(err.contains("calibration sequences: checkpoint 4, now 3"), "{err}");
+    let err = resume(&calib, &common::random_set(&model, 42, 3, 16));
+    assert!(err.contains("validation sequences: checkpoint 2, now 3"), "{err}");
+    assert!(!err.contains("calibration"), "{err}");
+    // The same data resumes.
+    search(&model, &calib, &heldout, &opts, &never, |_| {}).unwrap();
+}
+
+#[test]
 fn more_blocks_than_layers_is_refused() {
     let model = common::load_tiny("llama");
     let calib = common::random_set(&model, 31, 2, 16);
