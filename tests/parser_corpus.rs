@@ -60,7 +60,10 @@ fn every_corpus_input_parses_or_fails_cleanly() {
                 Err(_) => err += 1,
             }
         }
-        eprintln!("{target}: {} corpus inputs, {ok} load, {err} refused", corpus.len());
+        eprintln!(
+            "{target}: {} corpus inputs, {ok} load, {err} refused",
+            corpus.len()
+        );
     }
 }
 
