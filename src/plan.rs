@@ -334,7 +334,8 @@ impl PlanFile {
                 "{origin} is plan format version {version}; this scalpel reads version {PLAN_VERSION}"
             );
         }
-        serde_json::from_value(value).with_context(|| format!("{origin} is a malformed scalpel plan"))
+        serde_json::from_value(value)
+            .with_context(|| format!("{origin} is a malformed scalpel plan"))
     }
 
     /// Refuses the plan unless it was made for `model`, then validates it.

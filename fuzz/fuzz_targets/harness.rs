@@ -68,6 +68,9 @@ pub fn plan(data: &[u8]) -> Result<()> {
     let back = PlanFile::from_json(&saved, "saved fuzz plan")
         .unwrap_or_else(|e| panic!("a valid plan does not reload: {e:#}\n{saved}"));
     assert_eq!(back.plan, pf.plan, "a plan changed through save and reload");
-    ensure!(back.model == pf.model, "the model identity changed on reload");
+    ensure!(
+        back.model == pf.model,
+        "the model identity changed on reload"
+    );
     Ok(())
 }

@@ -224,7 +224,9 @@ fn check_gguf_header<R: Read + Seek>(w: &mut Walker<'_, R>) -> Result<()> {
         // Every tensor lies in the file and no GGML type packs more than
         // eight elements per byte, so a bigger shape is corrupt.
         if elems.is_none_or(|e| e / 8 > w.end) {
-            bail!("GGUF tensor `{name}` has a shape larger than the whole file; the file is corrupt");
+            bail!(
+                "GGUF tensor `{name}` has a shape larger than the whole file; the file is corrupt"
+            );
         }
         w.skip(12, &what)?; // dtype (u32) and data offset (u64)
     }
@@ -267,7 +269,10 @@ mod tests {
 
     #[test]
     fn a_valid_header_reads() {
-        let mut bytes = header(&[("general.alignment", 4, &32u32.to_le_bytes())], &[("t", &[4])]);
+        let mut bytes = header(
+            &[("general.alignment", 4, &32u32.to_le_bytes())],
+            &[("t", &[4])],
+        );
         let data_start = bytes.len().next_multiple_of(32);
         bytes.resize(data_start + 16, 0);
         let content = read(bytes).unwrap();
