@@ -233,10 +233,53 @@ fn check_gguf_header<R: Read + Seek>(w: &mut Walker<'_, R>) -> Result<()> {
     Ok(())
 }
 
+/// A shard named by `model.safetensors.index.json` must be a file in the
+/// model's folder: an absolute path or `..` would read files elsewhere.
+pub fn check_shard_name(name: &str) -> Result<()> {
+    let path = std::path::Path::new(name);
+    let mut parts = path.components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(_)), None) => Ok(()),
+        _ => bail!(
+            "model.safetensors.index.json names the shard `{name}`, which is not a file in the \
+             model's folder; the index is corrupt"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    #[test]
+    fn shards_outside_the_model_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = |shard: &str| {
+            let json = serde_json::json!({"weight_map": {"lm_head.weight": shard}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                json.to_string(),
+            )
+            .unwrap();
+            super::super::weights::safetensors_files(dir.path())
+        };
+        let shard = "model-00001-of-00002.safetensors";
+        assert_eq!(index(shard).unwrap(), vec![dir.path().join(shard)]);
+        // These used to be joined to the folder: an absolute path replaced it.
+        for name in [
+            "/etc/passwd",
+            "../other/model.safetensors",
+            "sub/../../x",
+            "",
+        ] {
+            let err = index(name).unwrap_err().to_string();
+            assert!(
+                err.contains("not a file in the model's folder"),
+                "{name}: {err}"
+            );
+        }
+    }
 
     fn header(kvs: &[(&str, u32, &[u8])], tensors: &[(&str, &[u64])]) -> Vec<u8> {
         let mut b = Vec::new();

@@ -205,6 +205,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         files.sort();
         files.dedup();
+        for f in &files {
+            super::header_check::check_shard_name(f)?;
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     bail!(
