@@ -174,12 +174,13 @@ impl ModelConfig {
             self.n_kv_heads.checked_mul(self.head_dim),
             MAX_WIDTH,
         )?;
-        // Rotary tables hold context × head_dim / 2 entries (1M positions of 128 fit).
+        // Rotary tables hold context × head_dim / 2 entries: Qwen2.5-1M's
+        // 1,010,000 positions of 128 fit; 2^26 entries are 512 MB of cos and sin.
         let rope = self.max_position_embeddings.checked_mul(self.head_dim / 2);
         fits(
             "the rotary table (context length × head dimension / 2)",
             rope,
-            1 << 27,
+            1 << 26,
         )?;
         Ok(())
     }

@@ -221,6 +221,11 @@ fn check_gguf_header<R: Read + Seek>(w: &mut Walker<'_, R>) -> Result<()> {
             let d = w.length(version, &what)?;
             elems = elems.and_then(|e| e.checked_mul(d));
         }
+        // candle reads an empty tensor through a misaligned pointer (a
+        // panic in debug builds, undefined behaviour otherwise).
+        if elems == Some(0) {
+            bail!("GGUF tensor `{name}` has a 0 in its shape (no elements); the file is corrupt");
+        }
         // Every tensor lies in the file and no GGML type packs more than
         // eight elements per byte, so a bigger shape is corrupt.
         if elems.is_none_or(|e| e / 8 > w.end) {
@@ -335,6 +340,14 @@ mod tests {
         let bytes = header(&[], &[("t", &[1 << 32, 1 << 32, 1 << 32])]);
         let err = read(bytes).unwrap_err().to_string();
         assert!(err.contains("tensor `t` has a shape larger"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_tensor_is_refused() {
+        let mut bytes = header(&[], &[("t", &[4, 0])]);
+        bytes.resize(bytes.len().next_multiple_of(32) + 16, 0);
+        let err = read(bytes).unwrap_err().to_string();
+        assert!(err.contains("tensor `t` has a 0 in its shape"), "{err}");
     }
 
     #[test]
