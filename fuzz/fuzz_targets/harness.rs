@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use scalpel::model::{LocalModel, Model, Resolved};
-use scalpel::plan::PlanFile;
+use scalpel::plan::{ModelIdentity, PlanFile};
 
 /// The micro Llama the seeds describe (hidden 4, one layer, vocabulary 4).
 pub const MICRO_CONFIG: &str = include_str!("../seeds/hf_config/micro-llama.json");
@@ -63,6 +63,14 @@ pub fn hf_config(data: &[u8]) -> Result<()> {
 pub fn plan(data: &[u8]) -> Result<()> {
     let text = std::str::from_utf8(data)?;
     let pf = PlanFile::from_json(text, "fuzz input")?;
+    // The refusal of a plan for another model formats the plan's identity.
+    let other = ModelIdentity {
+        name: "other".into(),
+        architecture: "llama".into(),
+        n_layers: 4,
+        content_hash: "0".repeat(64),
+    };
+    let _ = pf.check_model(&other).map_err(|e| e.to_string());
     pf.check_model(&pf.model)?;
     let saved = serde_json::to_string_pretty(&pf)?;
     let back = PlanFile::from_json(&saved, "saved fuzz plan")
