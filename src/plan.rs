@@ -362,7 +362,8 @@ impl fmt::Display for ModelIdentity {
             self.name,
             self.architecture,
             self.n_layers,
-            &self.content_hash[..self.content_hash.len().min(12)]
+            // By characters: a plan file's hash may be any text.
+            self.content_hash.chars().take(12).collect::<String>()
         )
     }
 }
@@ -580,6 +581,18 @@ mod tests {
             .validate(30)
             .unwrap_err();
         assert!(err.to_string().contains("only 30 layers"), "{err}");
+    }
+
+    #[test]
+    fn an_identity_with_a_non_ascii_hash_displays() {
+        // Cutting at byte 12 inside `é` panicked when a plan's model did not match.
+        let id = ModelIdentity {
+            name: "m".into(),
+            architecture: "llama".into(),
+            n_layers: 4,
+            content_hash: "aéééééééé".into(),
+        };
+        assert_eq!(id.to_string(), "m (llama, 4 layers, hash aéééééééé)");
     }
 
     #[test]

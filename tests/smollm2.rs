@@ -61,8 +61,13 @@ fn last_position_top5_and_argmax_match_pytorch() {
         for entry in run["last_top5"].as_array().unwrap() {
             let id = entry["id"].as_u64().unwrap() as usize;
             let want = entry["logit"].as_f64().unwrap() as f32;
+            eprintln!(
+                "skip {skips:?}: logit[{id}] |Δ| = {:e}",
+                (logits[id] - want).abs()
+            );
+            // Measured: at most 9.5e-6 (skip attn 10,15,20,25).
             assert!(
-                (logits[id] - want).abs() < 0.01,
+                (logits[id] - want).abs() < 3e-5,
                 "skip {skips:?}: logit[{id}] = {} vs {want}",
                 logits[id]
             );
@@ -106,12 +111,17 @@ fn windows_scored_in_parallel_give_the_sequential_result_exactly() {
 }
 
 #[test]
-fn perplexity_matches_pytorch_within_0_2_percent() {
+fn perplexity_matches_pytorch_within_3e_5() {
     for (plan, want) in [(Plan::base(), 22.3452), (skip4(), 32.7714)] {
         let got = perplexity(&plan);
         let rel = (got - want).abs() / want;
+        eprintln!(
+            "{}: perplexity {got:.6} vs PyTorch {want}: relative {rel:e}",
+            plan.describe()
+        );
+        // Measured: 8.6e-6 (base, 22.345391) and 9.9e-6 (skips, 32.771725).
         assert!(
-            rel < 0.002,
+            rel < 3e-5,
             "{}: perplexity {got:.4} vs PyTorch {want} ({:.3}%)",
             plan.describe(),
             rel * 100.0
@@ -149,7 +159,9 @@ fn differentiable_mode_equals_fast_mode() {
             .unwrap()
     };
     let diff = common::max_abs_diff(&run(RunOptions::FAST), &run(RunOptions::DIFFERENTIABLE));
-    assert!(diff < 1e-3, "fast vs differentiable: max |Δlogit| = {diff}");
+    eprintln!("fast vs differentiable: max |Δlogit| = {diff:e}");
+    // Measured: 1.5e-4.
+    assert!(diff < 5e-4, "fast vs differentiable: max |Δlogit| = {diff}");
 }
 
 #[test]

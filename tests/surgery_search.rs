@@ -85,8 +85,14 @@ fn step_one_picks_the_block_with_the_lowest_refitted_loss() {
             let want = losses[c.block.layer];
             let refit = c.refit_loss.unwrap();
             let got = c.full_loss.map_or(refit, |s| s.min(refit));
+            eprintln!(
+                "exact={exact} {}: search vs brute force relative Δloss {:e}",
+                c.block,
+                (got - want).abs() / want.abs().max(1.0)
+            );
+            // Measured: identical (0); this allows f64 rounding only.
             assert!(
-                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                (got - want).abs() <= 1e-12 * want.abs().max(1.0),
                 "{}: {got} vs {want}",
                 c.block
             );
@@ -137,9 +143,17 @@ fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
     let resumed = search(&model, &calib, &heldout, &opts, &never, |_| {}).unwrap();
     assert_eq!(resumed.plan.skip, full.plan.skip);
     let (a, b) = (resumed.plan.scales.unwrap(), full.plan.scales.unwrap());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.as_array().into_iter().zip(y.as_array()))
+        .map(|(u, v)| (u - v).abs())
+        .fold(0f32, f32::max);
+    eprintln!("resumed vs uninterrupted: max |Δscale| = {worst:e}");
     for (x, y) in a.iter().zip(&b) {
         for (u, v) in x.as_array().iter().zip(y.as_array()) {
-            assert!((u - v).abs() < 1e-6, "{a:?} vs {b:?}");
+            // Measured: identical (0); this allows a few f32 ulps near 1.
+            assert!((u - v).abs() < 5e-7, "{a:?} vs {b:?}");
         }
     }
     let done = PlanFile::load(&path).unwrap();
@@ -149,6 +163,55 @@ fn resumed_search_equals_uninterrupted_and_cancel_leaves_a_valid_plan() {
     let mut other = opts.clone();
     other.shortlist = 3;
     assert!(load_checkpoint(&model, &other, &path).is_err());
+}
+
+#[test]
+fn resume_with_other_data_is_refused_naming_what_differs() {
+    let model = common::load_tiny("qwen2");
+    let calib = common::random_set(&model, 41, 4, 16);
+    let heldout = common::random_set(&model, 42, 2, 16);
+    let dir = common::scratch_dir();
+    let path = dir.path().join("part.json");
+    let mut opts = SearchOptions::new(2, LossKind::Kl);
+    opts.shortlist = 1;
+    opts.checkpoint = Some(path.clone());
+    let cancel = AtomicBool::new(false);
+    let part = search(&model, &calib, &heldout, &opts, &cancel, |e| {
+        if matches!(e, SearchEvent::StepDone { step: 1, .. }) {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(part.steps.len(), 1);
+    opts.resume_from = load_checkpoint(&model, &opts, &path).unwrap();
+    let never = AtomicBool::new(false);
+    let resume = |train: &TokenSet, validation: &TokenSet| {
+        search(&model, train, validation, &opts, &never, |_| {})
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+
+    // Other calibration tokens of the same size (another generation seed).
+    let other = common::random_set(&model, 43, 4, 16);
+    let err = resume(&other, &heldout);
+    assert!(err.contains("other data"), "{err}");
+    assert!(err.contains("calibration sha256"), "{err}");
+    assert!(!err.contains("calibration sequences"), "{err}");
+    // Fewer, longer sequences; and a different validation split.
+    let err = resume(&common::random_set(&model, 41, 3, 20), &heldout);
+    assert!(
+        err.contains("calibration sequences: checkpoint 4, now 3"),
+        "{err}"
+    );
+    let err = resume(&calib, &common::random_set(&model, 42, 3, 16));
+    assert!(
+        err.contains("validation sequences: checkpoint 2, now 3"),
+        "{err}"
+    );
+    assert!(!err.contains("calibration"), "{err}");
+    // The same data resumes.
+    search(&model, &calib, &heldout, &opts, &never, |_| {}).unwrap();
 }
 
 #[test]
@@ -190,7 +253,9 @@ fn cached_layer_inputs_reproduce_the_full_forward_pass() {
                 t.flatten_all().unwrap().to_vec1().unwrap()
             };
             let diff = common::max_abs_diff(&flat(&full), &flat(&from));
-            assert!(diff < 1e-5, "sequence {i}, from layer {layer}: {diff}");
+            eprintln!("sequence {i}, from layer {layer}: max |Δ| = {diff:e}");
+            // Measured: identical (0); this allows a few f32 ulps of the stream.
+            assert!(diff < 1e-6, "sequence {i}, from layer {layer}: {diff}");
         }
     }
 }

@@ -8,7 +8,12 @@ use scalpel::model::{Model, Pass, RunOptions};
 use scalpel::plan::{BlockId, LayerScales, Plan};
 
 const MODELS: [&str; 4] = ["llama", "llama-tied", "qwen2", "mistral"];
-const TOL: f32 = 1e-4;
+/// Logits against transformers: measured at most 2.0e-5 (mistral, fast mode).
+const TOL: f32 = 5e-5;
+/// Incremental decode against the full sequence: measured at most 1.2e-5 (mistral).
+const DECODE_TOL: f32 = 3e-5;
+/// RoPE inverse frequencies, relative: measured at most 3.4e-6 (llama-tied's Llama-3.1 scaling).
+const ROPE_TOL: f32 = 1e-5;
 
 fn logits(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Vec<f32> {
     let input = Tensor::new(ids, &Device::Cpu)
@@ -88,6 +93,7 @@ fn logits_match_transformers_for_every_variant() {
             for run in [RunOptions::FAST, RunOptions::DIFFERENTIABLE] {
                 let got = logits(&model, &ids, &plan, run);
                 let diff = common::max_abs_diff(&got, &expected);
+                eprintln!("{name} {key} {:?}: max |Δlogit| = {diff:e}", run.mode);
                 assert!(
                     diff < TOL,
                     "{name} {key} {:?}: max |Δlogit| = {diff}",
@@ -110,9 +116,15 @@ fn rope_frequencies_match_transformers() {
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
         let got = model.cfg().rope_inv_freq();
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(g, e)| (g - e).abs() / e.abs().max(1e-3))
+            .fold(0f32, f32::max);
+        eprintln!("{name}: inv_freq max relative error {worst:e}");
         for (g, e) in got.iter().zip(&expected) {
             assert!(
-                (g - e).abs() <= 1e-5 * e.abs().max(1e-3),
+                (g - e).abs() <= ROPE_TOL * e.abs().max(1e-3),
                 "{name}: inv_freq {g} vs {e}"
             );
         }
@@ -170,7 +182,8 @@ fn incremental_decode_matches_full_sequence() {
         }
         assert_eq!(got.len(), ids.len() * vocab);
         let diff = common::max_abs_diff(&got, &full);
-        assert!(diff < TOL, "{name}: decode vs full max |Δ| = {diff}");
+        eprintln!("{name}: decode vs full max |Δ| = {diff:e}");
+        assert!(diff < DECODE_TOL, "{name}: decode vs full max |Δ| = {diff}");
         // Skipped attention layers (1 and 2) keep no KV cache.
         assert_eq!(cache.cached_layers(), vec![0, 3], "{name}");
     }

@@ -163,6 +163,7 @@ impl ModelConfig {
     }
 
     fn check(&self) -> Result<()> {
+        self.check_sizes()?;
         if self.n_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             bail!("model config has zero layers, hidden size or vocabulary");
         }
@@ -173,12 +174,51 @@ impl ModelConfig {
                 self.n_kv_heads
             );
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             bail!(
-                "head dimension {} is odd; RoPE needs an even one",
+                "head dimension {} is zero or odd; RoPE needs an even one",
                 self.head_dim
             );
         }
+        Ok(())
+    }
+
+    /// Refuses sizes no real model has: the engine allocates from them
+    /// (rotary tables, zero blocks for no-op layers) before any weight
+    /// could contradict them, and their products must not overflow.
+    fn check_sizes(&self) -> Result<()> {
+        let fits = |what: &str, v: Option<usize>, max: usize| -> Result<usize> {
+            match v {
+                Some(v) if v <= max => Ok(v),
+                _ => bail!(
+                    "model config: {what} is {}, more than scalpel supports ({max}); \
+                     the config is corrupt",
+                    v.map_or("beyond any integer".into(), |v| v.to_string())
+                ),
+            }
+        };
+        const MAX_WIDTH: usize = 1 << 20;
+        fits("the hidden size", Some(self.hidden_size), MAX_WIDTH)?;
+        fits("the FFN width", Some(self.intermediate_size), MAX_WIDTH)?;
+        fits("the vocabulary", Some(self.vocab_size), 1 << 24)?;
+        fits("the layer count", Some(self.n_layers), 1 << 12)?;
+        fits("the head dimension", Some(self.head_dim), 1 << 12)?;
+        fits("the attention head count", Some(self.n_heads), 1 << 16)?;
+        let q = self.n_heads.checked_mul(self.head_dim);
+        fits("heads × head dimension", q, MAX_WIDTH)?;
+        fits(
+            "KV heads × head dimension",
+            self.n_kv_heads.checked_mul(self.head_dim),
+            MAX_WIDTH,
+        )?;
+        // Rotary tables hold context × head_dim / 2 entries: Qwen2.5-1M's
+        // 1,010,000 positions of 128 fit; 2^26 entries are 512 MB of cos and sin.
+        let rope = self.max_position_embeddings.checked_mul(self.head_dim / 2);
+        fits(
+            "the rotary table (context length × head dimension / 2)",
+            rope,
+            1 << 26,
+        )?;
         Ok(())
     }
 
@@ -445,7 +485,8 @@ fn deci_shape(blocks: &[DeciBlock]) -> Result<DeciShape> {
 /// vLLM's and NVIDIA's rule: `int(2·mult·hidden/3)` rounded up to 256.
 pub fn ffn_mult_to_intermediate(ffn_mult: f64, hidden: usize) -> usize {
     let raw = (2.0 * ffn_mult * hidden as f64 / 3.0) as usize;
-    raw.div_ceil(256) * 256
+    // Saturates for a corrupt ffn_mult; `check_sizes` then refuses it.
+    raw.div_ceil(256).saturating_mul(256)
 }
 
 /// The blocks a Nemotron-NAS `config.json` marks as no-ops (empty for
@@ -543,6 +584,46 @@ fn gguf_uint(v: &candle_core::quantized::gguf_file::Value) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_no_model_has_are_refused_by_name() {
+        let config = |set: &[(&str, u64)]| {
+            let mut v = serde_json::json!({"architectures": ["LlamaForCausalLM"],
+                "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 2, "num_attention_heads": 2});
+            for (key, value) in set {
+                v[*key] = (*value).into();
+            }
+            v.to_string()
+        };
+        ModelConfig::from_hf_json(&config(&[("head_dim", 4)])).unwrap();
+        for (set, named) in [
+            // heads × head_dim overflowed usize in the weight shapes (a panic).
+            (
+                &[("head_dim", 1 << 40), ("num_attention_heads", 1 << 30)][..],
+                "head dimension",
+            ),
+            (&[("num_attention_heads", 1 << 42)], "attention head count"),
+            (
+                &[("num_attention_heads", 1 << 12), ("head_dim", 1 << 12)],
+                "heads × head",
+            ),
+            (&[("num_attention_heads", 16)], "head dimension 0"),
+            (&[("max_position_embeddings", 1 << 40)], "rotary table"),
+            (&[("num_hidden_layers", 1_000_000)], "layer count"),
+        ] {
+            let err = ModelConfig::from_hf_json(&config(set))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{set:?}: {err}");
+        }
+        // A corrupt Nemotron-NAS ffn_mult overflowed the width rounding (a panic).
+        let deci = r#"{"architectures":["DeciLMForCausalLM"],"vocab_size":10,"hidden_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"block_configs":[{"attention":
+            {"n_heads_in_group":1},"ffn":{"ffn_mult":1e300}}]}"#;
+        let err = ModelConfig::from_hf_json(deci).unwrap_err().to_string();
+        assert!(err.contains("FFN width"), "{err}");
+    }
 
     #[test]
     fn unknown_architecture_is_named() {

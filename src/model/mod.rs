@@ -4,6 +4,7 @@ mod attention;
 pub mod config;
 mod frozen;
 pub mod fused;
+pub mod header_check;
 pub mod mask;
 pub mod pass;
 pub mod source;

@@ -149,16 +149,9 @@ impl GgufSource {
 /// The GGUF tensor of RoPE frequency factors (no Hugging Face counterpart).
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// candle's GGUF reader trusts length fields; a corrupt file can make it
-/// panic on a huge allocation. Catch that and report a corrupt file.
+/// candle's GGUF reader trusts some length fields: the header is checked first.
 fn read_gguf_header(reader: &mut BufReader<File>) -> Result<gguf_file::Content> {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        gguf_file::Content::read(reader)
-    }));
-    match result {
-        Ok(r) => Ok(r?),
-        Err(_) => bail!("the GGUF header is corrupt"),
-    }
+    super::header_check::read_gguf_content(reader)
 }
 
 impl WeightSource for GgufSource {
@@ -277,6 +270,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         files.sort();
         files.dedup();
+        for f in &files {
+            super::header_check::check_shard_name(f)?;
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     bail!(

@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::fit::{fit_with_states, EpochOutcome, FitEpoch, FitOptions, FitResult, Trainer};
 use super::objective::{mean_loss_from, score_sequence, BaseStates, LayerInputs, LossKind, Start};
@@ -55,7 +56,15 @@ pub struct SearchOptions {
     pub checkpoint: Option<PathBuf>,
     /// Steps already done (from `load_checkpoint`), continued from.
     #[serde(skip)]
-    pub resume_from: Vec<SearchStep>,
+    pub resume_from: Resume,
+}
+
+/// A checkpoint's finished steps and the data they were searched on.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub steps: Vec<SearchStep>,
+    /// The checkpoint's [`data_fingerprint`]; a resume must use the same data.
+    pub data: Option<serde_json::Value>,
 }
 
 impl SearchOptions {
@@ -80,7 +89,7 @@ impl SearchOptions {
                 ..FitOptions::default()
             },
             checkpoint: None,
-            resume_from: Vec::new(),
+            resume_from: Resume::default(),
         }
     }
 
@@ -140,6 +149,52 @@ impl SearchOptions {
             "refit": {"epochs": self.refit.epochs, "lr": self.refit.lr, "batch_size": self.refit.batch_size},
         })
     }
+}
+
+/// What identifies the data a search runs on: per set, its source, size and
+/// a hash of every token and scored position. It covers every data setting
+/// (text file, sample count, answer length, generation seed, validation
+/// split), since each of them changes the sequences.
+pub fn data_fingerprint(train: &TokenSet, validation: &TokenSet) -> serde_json::Value {
+    let describe = |set: &TokenSet| {
+        let mut hasher = Sha256::new();
+        for seq in &set.sequences {
+            hasher.update((seq.ids.len() as u64).to_le_bytes());
+            hasher.update((seq.scored_from as u64).to_le_bytes());
+            for id in &seq.ids {
+                hasher.update(id.to_le_bytes());
+            }
+        }
+        serde_json::json!({
+            "source": set.source,
+            "sequences": set.sequences.len(),
+            "tokens": set.total_tokens(),
+            "scored_tokens": set.scored_tokens(),
+            "sha256": format!("{:x}", hasher.finalize()),
+        })
+    };
+    serde_json::json!({"calibration": describe(train), "validation": describe(validation)})
+}
+
+/// Refuses a resume whose data differ from the checkpoint's, naming what differs.
+fn check_resume_data(recorded: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    let mut diffs = Vec::new();
+    for set in ["calibration", "validation"] {
+        for field in ["source", "sequences", "tokens", "scored_tokens", "sha256"] {
+            let (was, is) = (&recorded[set][field], &now[set][field]);
+            if was != is {
+                diffs.push(format!("{set} {field}: checkpoint {was}, now {is}"));
+            }
+        }
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "the checkpoint was searched on other data ({}); resume with the same data options \
+             (--calib, --calib-samples, --max-answer-tokens) or start anew without --resume",
+            diffs.join("; ")
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,7 +291,16 @@ pub fn search(
     opts.validate(n)?;
     let kinds = opts.kinds();
     let available = n * kinds.len();
-    let mut steps = opts.resume_from.clone();
+    let data_fp = data_fingerprint(data, validation);
+    let mut steps = opts.resume_from.steps.clone();
+    if !steps.is_empty() {
+        let recorded = opts
+            .resume_from
+            .data
+            .as_ref()
+            .context("the checkpoint does not record its data; start the search anew")?;
+        check_resume_data(recorded, &data_fp)?;
+    }
     if steps.len() > opts.blocks {
         steps.truncate(opts.blocks);
     }
@@ -455,7 +519,7 @@ pub fn search(
         });
         steps.push(step);
         if let Some(path) = &opts.checkpoint {
-            save_checkpoint(model, &steps, None, opts, path)?;
+            save_checkpoint(model, &steps, None, opts, &data_fp, path)?;
         }
     }
 
@@ -481,7 +545,7 @@ pub fn search(
     timings.final_fit = t_fit.elapsed().as_secs_f64();
     timings.total = t_all.elapsed().as_secs_f64();
     if let Some(path) = &opts.checkpoint {
-        save_checkpoint(model, &steps, Some(&fit), opts, path)?;
+        save_checkpoint(model, &steps, Some(&fit), opts, &data_fp, path)?;
     }
     Ok(SearchResult {
         plan: fit.plan.clone(),
@@ -618,6 +682,7 @@ pub fn save_checkpoint(
     steps: &[SearchStep],
     fit: Option<&FitResult>,
     opts: &SearchOptions,
+    data: &serde_json::Value,
     path: &Path,
 ) -> Result<()> {
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
@@ -641,17 +706,15 @@ pub fn save_checkpoint(
             "blocks": opts.blocks,
             "complete": fit.is_some_and(|f| !f.cancelled) && steps.len() >= opts.blocks,
             "settings": opts.fingerprint(),
+            "data": data,
         }),
     );
     pf.save(path)
 }
 
-/// The finished steps in a checkpoint, checked against the model and settings.
-pub fn load_checkpoint(
-    model: &Model,
-    opts: &SearchOptions,
-    path: &Path,
-) -> Result<Vec<SearchStep>> {
+/// The finished steps in a checkpoint, checked against the model and
+/// settings (its data are checked when the search starts).
+pub fn load_checkpoint(model: &Model, opts: &SearchOptions, path: &Path) -> Result<Resume> {
     let pf = model.load_plan(path)?;
     let settings = pf
         .provenance
@@ -673,6 +736,8 @@ pub fn load_checkpoint(
         .metrics
         .get("search_steps")
         .with_context(|| format!("{} has no search steps", path.display()))?;
-    serde_json::from_value(steps.clone())
-        .with_context(|| format!("{}: malformed search steps", path.display()))
+    let steps = serde_json::from_value(steps.clone())
+        .with_context(|| format!("{}: malformed search steps", path.display()))?;
+    let data = pf.provenance["search"].get("data").cloned();
+    Ok(Resume { steps, data })
 }
