@@ -591,6 +591,7 @@ mod tests {
             architecture: "llama".into(),
             n_layers: 4,
             content_hash: "aéééééééé".into(),
+            shape: None,
         };
         assert_eq!(id.to_string(), "m (llama, 4 layers, hash aéééééééé)");
     }

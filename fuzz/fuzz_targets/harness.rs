@@ -69,6 +69,7 @@ pub fn plan(data: &[u8]) -> Result<()> {
         architecture: "llama".into(),
         n_layers: 4,
         content_hash: "0".repeat(64),
+        shape: None,
     };
     let _ = pf.check_model(&other).map_err(|e| e.to_string());
     pf.check_model(&pf.model)?;
