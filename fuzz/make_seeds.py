@@ -195,7 +195,12 @@ deci_cfg = dict(micro_config, architectures=["DeciLMForCausalLM"], model_type="n
                 block_configs=[{"attention": {"no_op": True, "n_heads_in_group": 1},
                                 "ffn": {"no_op": False, "ffn_mult": 3.0}}])
 del deci_cfg["intermediate_size"]
-write("hf_config", "micro-deci.json", json.dumps(deci_cfg))
+# Not a seed (seeds must load): ffn_mult 3.0 rounds the FFN up to 256 wide, the
+# micro weights are 4 wide, and a width that disagrees with the config is
+# refused by name. Kept in the corpus as corpus/hf_config/micro-deci-ffn-mult.json.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       "corpus/hf_config/micro-deci-ffn-mult.json"), "w") as f:
+    f.write(json.dumps(deci_cfg))
 
 plan = {
     "format": "scalpel-plan", "version": 1,

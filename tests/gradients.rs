@@ -9,18 +9,20 @@ use scalpel::model::{LocalModel, Model, Pass, Probe, Resolved, RunOptions, Tenso
 use scalpel::plan::{BlockId, Plan};
 
 fn loss(model: &Model, ids: &[u32], plan: &Plan, scales: &[Tensor]) -> Tensor {
+    let params = TensorScales(scales);
+    let mut pass = Pass::plan(plan, RunOptions::DIFFERENTIABLE).with_params(&params);
+    loss_of(model, ids, &mut pass)
+}
+
+/// Mean next-token cross-entropy of `ids` through `pass` (differentiable).
+fn loss_of(model: &Model, ids: &[u32], pass: &mut Pass) -> Tensor {
     let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
     let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
     let t = &model.transformer;
-    let h = t
-        .forward_hidden(
-            &input,
-            &mut Pass::plan(plan, RunOptions::DIFFERENTIABLE).with_params(&TensorScales(scales)),
-        )
-        .unwrap();
+    let h = t.forward_hidden(&input, pass).unwrap();
     let logits = t
         .logits(&h.squeeze(0).unwrap(), RunOptions::DIFFERENTIABLE)
         .unwrap();
@@ -158,25 +160,9 @@ fn a_head_gate_on_the_probed_context_gets_finite_difference_gradients() {
     let plan = Plan::base();
     let n_heads = model.cfg().n_heads;
     let gate_loss = |gate: &Tensor| -> Tensor {
-        let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
         let mut probe = HeadGate { gate: gate.clone() };
-        let run = RunOptions::DIFFERENTIABLE;
-        let t = &model.transformer;
-        let h = t
-            .forward_hidden(&input, &mut Pass::plan(&plan, run).with_probe(&mut probe))
-            .unwrap();
-        let logits = t.logits(&h.squeeze(0).unwrap(), run).unwrap();
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        logp.gather(&targets.unsqueeze(1).unwrap(), 1)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .neg()
-            .unwrap()
+        let mut pass = Pass::plan(&plan, RunOptions::DIFFERENTIABLE).with_probe(&mut probe);
+        loss_of(&model, &ids, &mut pass)
     };
     let gate = Var::new(vec![1f64; n_heads].as_slice(), &Device::Cpu).unwrap();
     let grads = gate_loss(gate.as_tensor()).backward().unwrap();

@@ -248,18 +248,24 @@ fn identity_changes_with_the_stored_values() {
 
 // ---- 2. Llama-3 GGUFs: rope_freqs.weight ----
 
-#[test]
-fn llama3_gguf_with_rope_freqs_matches_transformers() {
+/// `llama-tied` as a GGUF with llama.cpp's frequency factors and no
+/// RoPE-scaling metadata.
+fn llama3_gguf_with_rope_freqs(dir: &Path) -> PathBuf {
     let cfg = common::read_json(common::tiny_dir("llama-tied").join("config.json"));
-    let work = common::scratch_dir();
-    let gguf = write_tiny_gguf(
+    write_tiny_gguf(
         "llama-tied",
-        work.path(),
+        dir,
         GgufOptions {
             rope_freqs: Some(llama3_freq_factors(&cfg)),
             ..Default::default()
         },
-    );
+    )
+}
+
+#[test]
+fn llama3_gguf_with_rope_freqs_matches_transformers() {
+    let work = common::scratch_dir();
+    let gguf = llama3_gguf_with_rope_freqs(work.path());
     let model = load_as(LocalModel::Gguf(gguf), DType::F32);
     let r = reference("llama-tied");
     let expected_freq: Vec<f32> = r["rope_inv_freq"]
@@ -569,16 +575,8 @@ fn a_smollm2_deci_gguf_pads_only_its_zero_ffn_stand_ins() {
 
 #[test]
 fn a_gguf_with_rope_freqs_is_not_exported_as_a_folder_that_would_lose_them() {
-    let cfg = common::read_json(common::tiny_dir("llama-tied").join("config.json"));
     let work = common::scratch_dir();
-    let gguf = write_tiny_gguf(
-        "llama-tied",
-        work.path(),
-        GgufOptions {
-            rope_freqs: Some(llama3_freq_factors(&cfg)),
-            ..Default::default()
-        },
-    );
+    let gguf = llama3_gguf_with_rope_freqs(work.path());
     let model = load_as(LocalModel::Gguf(gguf), DType::F32);
     let out = work.path().join("folder");
     std::fs::create_dir_all(&out).unwrap();
