@@ -139,8 +139,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     );
     if summary.mismatches > 0 {
         println!(
-            "{} prompt(s) differ from plain greedy decoding (the batched verify and single-token \
-             decode disagree on a near-tie); see --json `first_mismatch`",
+            "{} prompt(s) differ from plain greedy decoding: with quantized weights the k + 1-row \
+             verify does not compute a row exactly as a one-row decode step does (see --json \
+             `first_mismatch`; --weights f32 gives identical output)",
             summary.mismatches
         );
     }
