@@ -7,21 +7,29 @@ use anyhow::Result;
 use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
 
+/// A prompt's ids: the chat template around it, or BOS first where the
+/// model's metadata says so.
+pub fn prompt_ids(model: &crate::model::Model, text: &str, chat: bool) -> Result<Vec<u32>> {
+    let codec = model.codec()?;
+    let text = if chat {
+        codec.chat_prompt(text)?
+    } else {
+        text.to_string()
+    };
+    let mut ids = codec.encode_with_specials(&text)?;
+    if model.cfg().add_bos && !chat {
+        if let Some(bos) = model.cfg().bos_token_id {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     let model = cli::load_model(margs)?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     let codec = model.codec()?;
-    let prompt_text = if args.chat {
-        codec.chat_prompt(&args.prompt)?
-    } else {
-        args.prompt.clone()
-    };
-    let mut prompt = codec.encode_with_specials(&prompt_text)?;
-    if model.cfg().add_bos && !args.chat {
-        if let Some(bos) = model.cfg().bos_token_id {
-            prompt.insert(0, bos);
-        }
-    }
+    let prompt = prompt_ids(&model, &args.prompt, args.chat)?;
     let run = args.weights.run_options(&model, true)?;
     let opts = generate::GenOptions {
         max_new_tokens: args.max_tokens,

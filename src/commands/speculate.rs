@@ -69,12 +69,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let run = args.weights.run_options(&model, true)?;
     let prompts = texts
         .iter()
-        .map(|t| encode(&model, t, args.chat))
+        .map(|t| super::generate::prompt_ids(&model, t, args.chat))
         .collect::<Result<Vec<_>>>()?;
 
     let pb = progress::bar(prompts.len() * args.runs, "runs");
     let mut results = Vec::new();
-    let mut last_text = String::new();
     let mut last_tokens = Vec::new();
     for prompt in &prompts {
         let r = measure_prompt(&model, prompt, &plan, run, &args, || pb.inc(1))?;
@@ -82,9 +81,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         results.push(r.0);
     }
     pb.finish_and_clear();
-    if let Ok(codec) = model.codec() {
-        last_text = codec.decode(&last_tokens)?;
-    }
+    let last_text = model.codec()?.decode(&last_tokens)?;
     let summary = summarize(&results);
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
@@ -146,23 +143,6 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         );
     }
     Ok(())
-}
-
-/// A prompt's ids as `generate` builds them (chat template, BOS rule).
-fn encode(model: &Model, text: &str, chat: bool) -> Result<Vec<u32>> {
-    let codec = model.codec()?;
-    let text = if chat {
-        codec.chat_prompt(text)?
-    } else {
-        text.to_string()
-    };
-    let mut ids = codec.encode_with_specials(&text)?;
-    if model.cfg().add_bos && !chat {
-        if let Some(bos) = model.cfg().bos_token_id {
-            ids.insert(0, bos);
-        }
-    }
-    Ok(ids)
 }
 
 fn measure_prompt(
