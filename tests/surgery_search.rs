@@ -233,7 +233,7 @@ fn more_blocks_than_layers_is_refused() {
 
 #[test]
 fn cached_layer_inputs_reproduce_the_full_forward_pass() {
-    use scalpel::model::{RunOptions, Scales};
+    use scalpel::model::RunOptions;
     use scalpel::surgery::objective::forward_full;
     let model = common::load_tiny("llama");
     let data = common::random_set(&model, 31, 2, 24);
@@ -244,10 +244,10 @@ fn cached_layer_inputs_reproduce_the_full_forward_pass() {
     plan.scales = Some(scales);
     let inputs = LayerInputs::compute(&model, &data, &plan, &never).unwrap();
     for (i, seq) in data.sequences.iter().enumerate() {
-        let full = forward_full(&model, seq, &plan, Scales::FromPlan, RunOptions::FAST).unwrap();
+        let full = forward_full(&model, seq, &plan, &plan, RunOptions::FAST).unwrap();
         for layer in 0..model.n_layers() {
             let from = Start::Layer(layer, &inputs)
-                .forward(&model, seq, i, &plan, Scales::FromPlan, RunOptions::FAST)
+                .forward(&model, seq, i, &plan, &plan, RunOptions::FAST)
                 .unwrap();
             let flat = |t: &candle_core::Tensor| -> Vec<f32> {
                 t.flatten_all().unwrap().to_vec1().unwrap()

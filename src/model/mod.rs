@@ -6,6 +6,7 @@ mod frozen;
 pub mod fused;
 pub mod header_check;
 pub mod mask;
+pub mod params;
 pub mod pass;
 pub mod source;
 pub mod state;
@@ -18,10 +19,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 pub use config::{Arch, ModelConfig};
-pub use pass::{
-    AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Residual, ScaledPlan, Scales,
-    TensorScales,
-};
+pub use params::{ParamValues, ParamsOver, TrainableParams};
+pub use pass::{AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Residual, TensorScales};
 pub use source::{LocalModel, Resolved};
 pub use state::SeqState;
 pub use tokenizer::TextCodec;

@@ -112,29 +112,6 @@ impl ParamSource for TensorScales<'_> {
     }
 }
 
-/// Where a plan's residual scales come from, for code that runs plans:
-/// the plan's own constants, or one `[4]` tensor per layer.
-#[derive(Clone, Copy)]
-pub enum Scales<'a> {
-    FromPlan,
-    Tensors(&'a [Tensor]),
-}
-
-/// A plan with its scales from `scales`.
-pub struct ScaledPlan<'a> {
-    pub plan: &'a Plan,
-    pub scales: Scales<'a>,
-}
-
-impl ParamSource for ScaledPlan<'_> {
-    fn residual(&self, layer: usize) -> Result<Residual> {
-        match self.scales {
-            Scales::FromPlan => self.plan.residual(layer),
-            Scales::Tensors(ts) => TensorScales(ts).residual(layer),
-        }
-    }
-}
-
 /// Sees what a pass computes. Every method has a default that ignores it.
 pub trait Probe {
     /// A computed block's input and output residual streams.

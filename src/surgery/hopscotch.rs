@@ -33,7 +33,7 @@ use super::objective::{mean_loss_from, score_sequence, BaseStates, LayerInputs, 
 use super::unless_cancelled;
 use crate::eval::data::TokenSet;
 use crate::eval::score::{reference_logits, Reference, Scores};
-use crate::model::{Model, RunOptions, Scales};
+use crate::model::{Model, RunOptions};
 use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -610,8 +610,7 @@ fn screen(
             }
             let mut p = plan.clone();
             p.skip.insert(c);
-            let h =
-                Start::Layer(c.layer, inputs).forward(model, seq, si, &p, Scales::FromPlan, run)?;
+            let h = Start::Layer(c.layer, inputs).forward(model, seq, si, &p, &p, run)?;
             let b = base_logits.as_deref().map(Reference::Logits);
             scores[ci].add(&score_sequence(model, seq, &h, b, run)?);
         }
@@ -639,7 +638,7 @@ pub fn refit_candidate(
     if let Start::Layer(layer, inputs) = start {
         trainer = trainer.starting_at(layer, inputs);
     }
-    let initial = trainer.scales()?;
+    let initial = trainer.params().values()?;
     let mut last = Vec::new();
     let mut epoch = 0;
     let mut cuts = 0;
@@ -654,7 +653,7 @@ pub fn refit_candidate(
                         plan.describe()
                     );
                 }
-                trainer.set_scales(&initial)?;
+                trainer.params().restore(&initial)?;
                 let lr = trainer.lr / 10.0;
                 trainer.reset_optimizer(lr)?;
                 epoch = 0;

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objective::{forward_from, input_ids, score_sequence};
 use crate::eval::data::TokenSet;
-use crate::model::{Model, Pass, Probe, RunOptions, Scales};
+use crate::model::{Model, Pass, Probe, RunOptions};
 use crate::plan::{BlockId, BlockKind, Plan};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -126,7 +126,7 @@ pub fn compute_importance(
                     bail!("importance cancelled");
                 }
                 let plan = Plan::with_skips([block]);
-                let h = forward_from(model, input.clone(), layer, &plan, Scales::FromPlan, run)?;
+                let h = forward_from(model, input.clone(), layer, &plan, &plan, run)?;
                 skipped_loss[slot(block)] += score_sequence(model, seq, &h, None, run)?.nll;
             }
         }

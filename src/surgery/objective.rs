@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::data::{Sequence, TokenSet};
 use crate::eval::score::{score_rows, Reference, Scores, LOGIT_CHUNK};
-use crate::model::{Model, Pass, RunOptions, ScaledPlan, Scales};
+use crate::model::{Model, ParamSource, Pass, RunOptions};
 use crate::plan::Plan;
 
 /// What a fit minimises.
@@ -73,7 +73,7 @@ impl BaseStates {
             if cancel.load(Ordering::Relaxed) {
                 bail!("cancelled");
             }
-            let h = forward_full(model, seq, &base, Scales::FromPlan, RunOptions::FAST)?;
+            let h = forward_full(model, seq, &base, &base, RunOptions::FAST)?;
             hidden.push(scored_rows(&h, seq)?);
         }
         Ok(Self { hidden })
@@ -85,16 +85,17 @@ pub fn input_ids(model: &Model, seq: &Sequence) -> Result<Tensor> {
     Ok(Tensor::new(seq.ids.as_slice(), model.device())?.unsqueeze(0)?)
 }
 
-/// Final-normed hidden states (t, h) of a whole sequence under a plan.
+/// Final-normed hidden states (t, h) of a whole sequence under a plan, its
+/// parameters from `params` (the plan itself for its constant scales).
 pub fn forward_full(
     model: &Model,
     seq: &Sequence,
     plan: &Plan,
-    scales: Scales,
+    params: &dyn ParamSource,
     run: RunOptions,
 ) -> Result<Tensor> {
     let x = model.transformer.embed_tokens(&input_ids(model, seq)?)?;
-    forward_from(model, x, 0, plan, scales, run)
+    forward_from(model, x, 0, plan, params, run)
 }
 
 /// Final-normed hidden states (t, h) from the residual stream `x` entering layer `from`.
@@ -103,12 +104,11 @@ pub fn forward_from(
     x: Tensor,
     from: usize,
     plan: &Plan,
-    scales: Scales,
+    params: &dyn ParamSource,
     run: RunOptions,
 ) -> Result<Tensor> {
     let t = &model.transformer;
-    let params = ScaledPlan { plan, scales };
-    let mut pass = Pass::plan(plan, run).with_params(&params);
+    let mut pass = Pass::plan(plan, run).with_params(params);
     let x = t.run_layers(x, from..t.n_layers(), &mut pass)?;
     Ok(t.final_norm(&x, run)?.squeeze(0)?)
 }
@@ -274,13 +274,13 @@ impl Start<'_> {
         seq: &Sequence,
         index: usize,
         plan: &Plan,
-        scales: Scales,
+        params: &dyn ParamSource,
         run: RunOptions,
     ) -> Result<Tensor> {
         match self {
-            Start::Embeddings => forward_full(model, seq, plan, scales, run),
+            Start::Embeddings => forward_full(model, seq, plan, params, run),
             Start::Layer(layer, inputs) => {
-                forward_from(model, inputs.get(index, layer)?, layer, plan, scales, run)
+                forward_from(model, inputs.get(index, layer)?, layer, plan, params, run)
             }
         }
     }
@@ -308,6 +308,21 @@ pub fn mean_loss_from(
     start: Start,
     cancel: &AtomicBool,
 ) -> Result<f64> {
+    mean_loss_with(model, data, base, plan, plan, kind, start, cancel)
+}
+
+/// `mean_loss_from` with the plan's parameters from `params` (trained ones).
+#[allow(clippy::too_many_arguments)]
+pub fn mean_loss_with(
+    model: &Model,
+    data: &TokenSet,
+    base: Option<&BaseStates>,
+    plan: &Plan,
+    params: &dyn ParamSource,
+    kind: LossKind,
+    start: Start,
+    cancel: &AtomicBool,
+) -> Result<f64> {
     if kind == LossKind::Kl && base.is_none() {
         bail!("the KL loss needs the base model's states");
     }
@@ -316,7 +331,7 @@ pub fn mean_loss_from(
         if cancel.load(Ordering::Relaxed) {
             bail!("cancelled");
         }
-        let h = start.forward(model, seq, i, plan, Scales::FromPlan, RunOptions::FAST)?;
+        let h = start.forward(model, seq, i, plan, params, RunOptions::FAST)?;
         // Cross-entropy needs no base logits.
         let b = match kind {
             LossKind::Kl => base.map(|b| Reference::Hidden(&b.hidden[i])),
@@ -350,7 +365,7 @@ pub fn measure(
         if cancel.load(Ordering::Relaxed) {
             bail!("cancelled");
         }
-        let h = forward_full(model, seq, plan, Scales::FromPlan, run)?;
+        let h = forward_full(model, seq, plan, plan, run)?;
         let b = Reference::Hidden(&base.hidden[i]);
         scores.add(&score_sequence(model, seq, &h, Some(b), run)?);
     }
