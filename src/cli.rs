@@ -102,9 +102,16 @@ pub struct ReportArgs {
     /// Evaluate at most this many 512-token windows per plan (default: all).
     #[arg(long)]
     pub max_windows: Option<usize>,
-    /// Timed prefill runs per plan for the speed column.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs per plan for the speed columns (interleaved across plans;
+    /// the median and the spread are shown).
+    #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// The largest perplexity increase (percent) the recommendation accepts.
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    pub budget: f64,
+    /// Also print the page to a PDF beside it (needs headless Chromium).
+    #[arg(long)]
+    pub pdf: bool,
     /// Replace an existing report.
     #[arg(long)]
     pub force: bool,

@@ -1,7 +1,10 @@
 //! `scalpel report`: measures each plan on the model and writes the
-//! trade-off report (self-contained HTML plus the charts as SVG files).
+//! trade-off report (self-contained HTML plus the charts as SVG files, and
+//! a PDF on request). Everything that can be refused is refused before the
+//! first measurement: output paths, plans, the browser for `--pdf`.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
@@ -10,14 +13,25 @@ use crate::cli::{self, ReportArgs};
 use crate::eval::bench::{self, BenchOptions};
 use crate::eval::perplexity::{self, EvalOptions};
 use crate::export;
+use crate::model::source::DEFAULT_HUB_ID;
 use crate::model::{Model, RunOptions};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanFile};
 use crate::progress;
-use crate::report::{charts, html, Report, Row, Settings};
+use crate::report::{charts, html, Report, Row, Settings, SpeedKind};
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
 const BENCH_DECODE: usize = 32;
+const CHARTS: [&str; 3] = ["quality-vs-speed", "quality-vs-blocks", "speed-vs-blocks"];
+
+/// A plan to measure, with what the report says about where it came from.
+struct Entry {
+    name: String,
+    plan: Plan,
+    method: String,
+    details: Vec<(String, String)>,
+    file: Option<PathBuf>,
+}
 
 pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     if args.runs == 0 {
@@ -26,13 +40,28 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     if args.max_windows == Some(0) {
         bail!("--max-windows must be at least 1");
     }
-    let chart_paths: Vec<PathBuf> = ["quality-vs-blocks", "speed-vs-blocks", "quality-vs-speed"]
+    if !(args.budget.is_finite() && args.budget >= 0.0) {
+        bail!("--budget must be a perplexity increase in percent, 0 or more");
+    }
+    let chart_paths: Vec<PathBuf> = CHARTS
         .iter()
-        .map(|stem| chart_path(&args.out, stem))
+        .map(|s| sibling(&args.out, s, "svg"))
         .collect();
-    for p in std::iter::once(&args.out).chain(&chart_paths) {
+    let pdf_path = args.pdf.then(|| args.out.with_extension("pdf"));
+    for p in std::iter::once(&args.out)
+        .chain(&chart_paths)
+        .chain(pdf_path.as_ref())
+    {
         export::check_output(p, args.force)?;
     }
+    check_writable_folder(&args.out)?;
+    let browser = match args.pdf {
+        true => Some(find_browser().context(
+            "--pdf prints the page with headless Chromium, which is not installed: install it \
+             (Debian: apt-get install chromium) or leave out --pdf and print the HTML from a browser",
+        )?),
+        false => None,
+    };
     let (text, text_name) = match &args.text {
         Some(p) => (
             std::fs::read_to_string(p)
@@ -46,10 +75,22 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     };
     let model = cli::load_model(margs)?;
     // Every plan must belong to this model; refuse before measuring anything.
-    let mut plans: Vec<(String, Plan)> = vec![("base".into(), model.implied_plan.clone())];
+    let mut entries = vec![Entry {
+        name: "base".into(),
+        plan: model.implied_plan.clone(),
+        method: "base".into(),
+        details: Vec::new(),
+        file: None,
+    }];
     for p in &args.plans {
         let pf = model.load_plan(p)?;
-        plans.push((plan_name(p), model.with_implied(&pf.plan)));
+        entries.push(Entry {
+            name: plan_name(p),
+            plan: model.with_implied(&pf.plan),
+            method: method_of(&pf),
+            details: details_of(&pf),
+            file: Some(p.clone()),
+        });
     }
     let mut ids = model.codec()?.encode(&text)?;
     if let Some(n) = args.max_windows {
@@ -58,49 +99,93 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("the evaluation text is too short");
     }
+    let model_name = user_model_name(margs);
     let run = RunOptions::FAST;
-    let mut rows = Vec::new();
-    let mut windows = 0;
-    for (name, plan) in &plans {
-        let row = measure(&model, name, plan, &ids, run, args.runs)?;
-        eprintln!(
-            "scalpel: {name}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base)",
-            row.perplexity, row.decode_tokens_per_sec, row.decode_speedup
-        );
-        windows = ids.len().div_ceil(WINDOW);
-        rows.push(row);
-    }
+    let quality: Vec<_> = entries
+        .iter()
+        .map(|e| measure_quality(&model, e, &ids, run))
+        .collect::<Result<_>>()?;
+    let bopts = BenchOptions {
+        prefill_tokens: BENCH_PREFILL,
+        decode_tokens: BENCH_DECODE,
+        context_tokens: 16,
+        runs: args.runs,
+        run: RunOptions {
+            quantized: model.has_quantized && model.device().is_cpu(),
+            ..run
+        },
+    };
+    let plans: Vec<&Plan> = entries.iter().map(|e| &e.plan).collect();
+    let pb = progress::bar(args.runs, "speed (all plans, interleaved)");
+    let speeds = bench::bench_interleaved(&model, &plans, bopts, |d, _| pb.set_position(d as u64));
+    pb.finish_and_clear();
+    let speeds = speeds?;
+    let n_blocks = 2 * model.n_layers();
+    let windows = ids.len().div_ceil(WINDOW);
+    let rows: Vec<Row> = entries
+        .iter()
+        .zip(quality)
+        .zip(speeds)
+        .map(|((e, q), s)| {
+            let row = Row {
+                name: e.name.clone(),
+                method: e.method.clone(),
+                skipped: e.plan.skip.iter().map(|b| b.to_string()).collect(),
+                blocks_total: n_blocks,
+                has_scales: e.plan.has_scales(),
+                perplexity: q.perplexity,
+                kl_to_base: q.kl_to_base,
+                top1_agreement: q.top1_agreement,
+                prefill_tokens_per_sec: s.prefill_tokens_per_sec,
+                decode_tokens_per_sec: s.decode_tokens_per_sec,
+                prefill_speedup: s.prefill_speedup,
+                decode_speedup: s.decode_speedup,
+                // Skipped blocks are not computed: every speed here is timed.
+                speed_kind: SpeedKind::Executed,
+                details: e.details.clone(),
+                commands: reproduce(margs, e, &args, windows),
+            };
+            eprintln!(
+                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base, runs {:.3}–{:.3}×)",
+                row.name,
+                row.perplexity,
+                row.decode_tokens_per_sec.median,
+                row.decode_speedup.median,
+                row.decode_speedup.min,
+                row.decode_speedup.max
+            );
+            row
+        })
+        .collect();
     let report = Report {
-        title: format!("Block-skipping trade-offs: {}", model.identity.name),
+        title: format!("Trade-offs of pruning {model_name}"),
         rows,
         settings: Settings {
-            model: model.identity.to_string(),
+            model: model_name,
+            architecture: model.identity.architecture.clone(),
+            origin: model.origin.clone(),
             text: text_name,
             tokens: ids.len(),
             windows,
             window: WINDOW,
             threads: candle_core::utils::get_num_threads(),
             device: margs.device.clone(),
-            weights: if model.has_quantized && model.device().is_cpu() {
+            machine: machine(),
+            weights: if bopts.run.quantized {
                 "quality on dequantized f32 weights (exact); speed on the file's quantized weights"
                     .into()
             } else {
                 "f32 (bf16 on GPU) for quality and speed".into()
             },
             bench: format!(
-                "prefill {BENCH_PREFILL} tokens then decode {BENCH_DECODE}, median of {} runs; \
-                 speed-ups against the base model timed in the same run",
+                "prefill {BENCH_PREFILL} tokens, then decode {BENCH_DECODE} after a 16-token \
+                 prompt; {} runs of every plan, interleaved (one of each in turn), after one \
+                 warm-up run each",
                 args.runs
             ),
-            generated_by: format!(
-                "scalpel {} report --plans {}",
-                env!("CARGO_PKG_VERSION"),
-                args.plans
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
+            quality_budget_pct: args.budget,
+            generated_by: std::env::args().collect::<Vec<_>>().join(" "),
+            date: date_utc(),
         },
     };
     let svgs = charts::all(&report.rows)?;
@@ -109,65 +194,221 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         write_text(path, svg, args.force)?;
     }
     write_text(&args.out, &page, args.force)?;
+    if let (Some(browser), Some(pdf)) = (browser, &pdf_path) {
+        print_pdf(&browser, &args.out, pdf)?;
+    }
     println!(
-        "wrote {} ({} plans + base; charts {})",
+        "wrote {} ({} plans + base; charts {}{})",
         args.out.display(),
         args.plans.len(),
         chart_paths
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        pdf_path
+            .map(|p| format!("; {}", p.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }
 
-fn measure(
+fn measure_quality(
     model: &Model,
-    name: &str,
-    plan: &Plan,
+    e: &Entry,
     ids: &[u32],
     run: RunOptions,
-    runs: usize,
-) -> Result<Row> {
+) -> Result<perplexity::EvalReport> {
     let opts = EvalOptions {
         window: WINDOW,
-        compare_base: !plan.skip.is_empty() || plan.has_scales(),
+        compare_base: !e.plan.skip.is_empty() || e.plan.has_scales(),
         run,
         parallel_windows: false,
     };
-    let pb = progress::bar(ids.len().div_ceil(WINDOW), &format!("{name}: quality"));
-    let q = perplexity::evaluate(model, ids, plan, opts, &AtomicBool::new(false), |d, _| {
-        pb.set_position(d as u64)
-    });
+    let pb = progress::bar(ids.len().div_ceil(WINDOW), &format!("{}: quality", e.name));
+    let q = perplexity::evaluate(
+        model,
+        ids,
+        &e.plan,
+        opts,
+        &AtomicBool::new(false),
+        |d, _| pb.set_position(d as u64),
+    );
     pb.finish_and_clear();
-    let q = q?;
-    let bopts = BenchOptions {
-        prefill_tokens: BENCH_PREFILL,
-        decode_tokens: BENCH_DECODE,
-        context_tokens: 16,
-        runs,
-        run: RunOptions {
-            quantized: model.has_quantized && model.device().is_cpu(),
-            ..run
-        },
+    q
+}
+
+/// How a plan was made, from what its file records.
+fn method_of(pf: &PlanFile) -> String {
+    if let Some(section) = pf.sections.names().next() {
+        return section.to_string();
+    }
+    let command = pf.provenance.get("command").and_then(|v| v.as_str());
+    match command {
+        Some("search") => "Hopscotch search".into(),
+        Some("fit") => "fitted by hand".into(),
+        Some(other) => other.to_string(),
+        None if pf.plan.has_scales() => "fitted by hand".into(),
+        None => "by hand".into(),
+    }
+}
+
+/// A plan's mode-specific facts worth showing (its sections, and what its
+/// metrics record about how it was made).
+fn details_of(pf: &PlanFile) -> Vec<(String, String)> {
+    let mut d: Vec<(String, String)> = pf
+        .sections
+        .names()
+        .map(|n| (format!("section {n}"), "present".to_string()))
+        .collect();
+    for (k, label) in [
+        ("fit_best_epoch", "best fit epoch"),
+        ("search_seconds", "search time (s)"),
+    ] {
+        if let Some(v) = pf.metrics.get(k) {
+            d.push((label.into(), v.to_string()));
+        }
+    }
+    if !pf.artifacts.is_empty() {
+        let names: Vec<&str> = pf.artifacts.iter().map(|a| a.name.as_str()).collect();
+        d.push(("trained parameters".into(), names.join(", ")));
+    }
+    d
+}
+
+/// The commands that reproduce a row's numbers.
+fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usize) -> Vec<String> {
+    let model = margs
+        .model
+        .as_ref()
+        .map(|m| format!(" --model {m}"))
+        .unwrap_or_default();
+    let plan = e
+        .file
+        .as_ref()
+        .map(|p| format!(" --plan {}", p.display()))
+        .unwrap_or_default();
+    let text = args
+        .text
+        .as_ref()
+        .map(|p| format!(" --text {}", p.display()))
+        .unwrap_or_default();
+    let windows = args
+        .max_windows
+        .map(|_| format!(" (the first {windows} windows)"))
+        .unwrap_or_default();
+    vec![
+        format!("scalpel{model} eval{plan}{text}{windows}"),
+        format!(
+            "scalpel{model} bench{plan} --prefill {BENCH_PREFILL} --decode {BENCH_DECODE} --runs {}",
+            args.runs
+        ),
+    ]
+}
+
+/// The model as the user named it: the hub id, or the file or folder name.
+fn user_model_name(margs: &cli::ModelArgs) -> String {
+    match &margs.model {
+        None => format!("{DEFAULT_HUB_ID} (the default)"),
+        Some(m) => {
+            let p = Path::new(m);
+            match (p.exists(), p.file_name()) {
+                (true, Some(f)) => f.to_string_lossy().into_owned(),
+                _ => m.clone(),
+            }
+        }
+    }
+}
+
+/// CPU model and core count, for the footer.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!(
+        "{cpu}, {} cores, {} {}",
+        num_cpus::get(),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}
+
+fn date_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The output's folder must exist and take a file, checked before minutes
+/// of measuring.
+fn check_writable_folder(out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    let pb = progress::bar(runs, &format!("{name}: speed"));
-    let s = bench::bench(model, plan, bopts, |d, _| pb.set_position(d as u64));
-    pb.finish_and_clear();
-    let s = s?;
-    Ok(Row {
-        name: name.to_string(),
-        skipped: plan.skip.iter().map(|b| b.to_string()).collect(),
-        has_scales: plan.has_scales(),
-        perplexity: q.perplexity,
-        kl_to_base: q.kl_to_base,
-        top1_agreement: q.top1_agreement,
-        prefill_tokens_per_sec: s.pruned.prefill_tokens_per_sec.median,
-        decode_tokens_per_sec: s.pruned.decode_tokens_per_sec.median,
-        prefill_speedup: s.prefill_speedup,
-        decode_speedup: s.decode_speedup,
-    })
+    if !dir.is_dir() {
+        bail!(
+            "the output folder {} does not exist; create it first (mkdir -p {})",
+            dir.display(),
+            dir.display()
+        );
+    }
+    tempfile::Builder::new()
+        .prefix(".scalpel-report-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot write to the output folder {}", dir.display()))?;
+    Ok(())
+}
+
+pub fn find_browser() -> Option<String> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|name| {
+            Command::new(name)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(str::to_string)
+}
+
+fn print_pdf(browser: &str, html: &Path, pdf: &Path) -> Result<()> {
+    let html = std::fs::canonicalize(html)?;
+    let profile = tempfile::tempdir()?;
+    let tmp = pdf.with_extension("pdf.partial");
+    let o = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-pdf-header-footer",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--print-to-pdf={}", tmp.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .with_context(|| format!("cannot run {browser}"))?;
+    let ok = o.status.success() && std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0);
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "{browser} could not print {} to PDF: {}",
+            html.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    std::fs::rename(&tmp, pdf).with_context(|| format!("cannot write {}", pdf.display()))
 }
 
 fn plan_name(p: &Path) -> String {
@@ -177,12 +418,12 @@ fn plan_name(p: &Path) -> String {
 }
 
 /// `report.html` -> `report-quality-vs-blocks.svg` beside it.
-fn chart_path(out: &Path, stem: &str) -> PathBuf {
+fn sibling(out: &Path, stem: &str, ext: &str) -> PathBuf {
     let base = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "report".into());
-    out.with_file_name(format!("{base}-{stem}.svg"))
+    out.with_file_name(format!("{base}-{stem}.{ext}"))
 }
 
 fn write_text(path: &Path, text: &str, force: bool) -> Result<()> {

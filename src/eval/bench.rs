@@ -48,6 +48,16 @@ impl Stat {
             runs,
         }
     }
+
+    /// A value known exactly (no runs behind it).
+    pub fn exact(v: f64) -> Self {
+        Self {
+            median: v,
+            min: v,
+            max: v,
+            runs: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,13 +121,9 @@ fn time_once(model: &Model, plan: &Plan, opts: &BenchOptions, ids: &[u32]) -> Re
     Ok((prefill, decode))
 }
 
-pub fn bench(
-    model: &Model,
-    plan: &Plan,
-    opts: BenchOptions,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<BenchReport> {
-    model.check_plan(plan)?;
+/// Deterministic pseudo-random ids for a benchmark (content does not change
+/// the cost), after checking the lengths fit the model.
+fn bench_ids(model: &Model, opts: &BenchOptions) -> Result<Vec<u32>> {
     let max = model.transformer.max_positions();
     if opts.context_tokens == 0 {
         anyhow::bail!("the decode context must hold at least one token");
@@ -139,6 +145,17 @@ pub fn bench(
     let ids: Vec<u32> = (0..n as u64)
         .map(|i| ((i * 2_654_435_761 + 12_345) % u64::from(vocab)) as u32)
         .collect();
+    Ok(ids)
+}
+
+pub fn bench(
+    model: &Model,
+    plan: &Plan,
+    opts: BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BenchReport> {
+    model.check_plan(plan)?;
+    let ids = bench_ids(model, &opts)?;
     // One warm-up of each so allocation and caches settle.
     time_once(
         model,
@@ -186,4 +203,82 @@ pub fn bench(
         base,
         pruned,
     })
+}
+
+/// One plan's speed in an interleaved comparison, and its ratio to the
+/// first plan's (the base).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanSpeed {
+    pub prefill_tokens_per_sec: Stat,
+    pub decode_tokens_per_sec: Stat,
+    /// Median: the ratio of medians; min/max: of the per-run ratios.
+    pub prefill_speedup: Stat,
+    pub decode_speedup: Stat,
+}
+
+/// The ratio of `plan`'s runs to `base`'s runs, paired run by run.
+fn ratio(plan: &Stat, base: &Stat) -> Stat {
+    let per_run: Vec<f64> = plan
+        .runs
+        .iter()
+        .zip(&base.runs)
+        .map(|(p, b)| p / b)
+        .collect();
+    let spread = Stat::from(per_run);
+    Stat {
+        median: plan.median / base.median,
+        ..spread
+    }
+}
+
+/// Times every plan in `plans` (the first is the base), one run of each in
+/// turn per round so drift hits all of them alike. The base's speed-ups are
+/// exactly 1 by construction, never the base timed against itself.
+pub fn bench_interleaved(
+    model: &Model,
+    plans: &[&Plan],
+    opts: BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<PlanSpeed>> {
+    if plans.is_empty() || opts.runs == 0 {
+        anyhow::bail!("nothing to time: give at least one plan and one run");
+    }
+    for p in plans {
+        model.check_plan(p)?;
+    }
+    let ids = bench_ids(model, &opts)?;
+    for p in plans {
+        time_once(model, p, &BenchOptions { runs: 1, ..opts }, &ids)?;
+    }
+    let mut times = vec![(Vec::new(), Vec::new()); plans.len()];
+    for r in 0..opts.runs {
+        for (p, t) in plans.iter().zip(times.iter_mut()) {
+            let (pre, dec) = time_once(model, p, &opts, &ids)?;
+            t.0.push(pre);
+            t.1.push(dec);
+        }
+        progress(r + 1, opts.runs);
+    }
+    let stats: Vec<(Stat, Stat)> = times
+        .into_iter()
+        .map(|(p, d)| (Stat::from(p), Stat::from(d)))
+        .collect();
+    let (base_p, base_d) = stats[0].clone();
+    Ok(stats
+        .into_iter()
+        .enumerate()
+        .map(|(i, (p, d))| {
+            let (pr, dr) = if i == 0 {
+                (Stat::exact(1.0), Stat::exact(1.0))
+            } else {
+                (ratio(&p, &base_p), ratio(&d, &base_d))
+            };
+            PlanSpeed {
+                prefill_tokens_per_sec: p,
+                decode_tokens_per_sec: d,
+                prefill_speedup: pr,
+                decode_speedup: dr,
+            }
+        })
+        .collect())
 }

@@ -1,115 +1,294 @@
-//! The report's charts, drawn with plotters' SVG backend into strings.
+//! The report's charts, drawn with plotters' SVG backend into strings: the
+//! quality–speed plane with its Pareto frontier and the runs' spread as
+//! error bars, and quality and speed against the blocks removed, one colour
+//! per method throughout.
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
+use super::frontier::pareto;
 use super::Row;
 
-/// One scatter chart: a point per plan, labelled with its name.
-pub struct Scatter<'a> {
-    pub title: &'a str,
-    pub x_label: &'a str,
-    pub y_label: &'a str,
-    pub x: fn(&Row) -> f64,
-    pub y: fn(&Row) -> f64,
+const WIDTH: u32 = 720;
+const HEIGHT: u32 = 460;
+
+/// Colours by method, the same in every chart (colour-blind-safe palette).
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0, 114, 178),   // blue
+    RGBColor(230, 159, 0),   // orange
+    RGBColor(0, 158, 115),   // green
+    RGBColor(204, 121, 167), // purple
+    RGBColor(213, 94, 0),    // vermilion
+    RGBColor(86, 180, 233),  // sky
+];
+const BASE_COLOUR: RGBColor = RGBColor(60, 60, 60);
+
+/// The methods in the order they first appear, the base first.
+pub fn methods(rows: &[Row]) -> Vec<String> {
+    let mut m: Vec<String> = Vec::new();
+    for r in rows {
+        if !m.contains(&r.method) {
+            m.push(r.method.clone());
+        }
+    }
+    m.sort_by_key(|x| x != "base");
+    m
 }
 
-/// The three trade-off charts, as (file stem, caption, SVG text).
-pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, &'static str, String)>> {
-    let blocks = |r: &Row| r.skipped.len() as f64;
-    let charts = [
-        (
-            "quality-vs-blocks",
-            "What each plan costs in quality: perplexity on the held-out text against the number \
-             of blocks it skips.",
-            Scatter {
-                title: "Perplexity vs blocks skipped",
-                x_label: "blocks skipped",
-                y_label: "perplexity (lower is better)",
-                x: blocks,
-                y: |r| r.perplexity,
-            },
-        ),
-        (
-            "speed-vs-blocks",
-            "What each plan buys: decode speed relative to the base model, timed in the same run.",
-            Scatter {
-                title: "Decode speed-up vs blocks skipped",
-                x_label: "blocks skipped",
-                y_label: "decode speed-up vs base (×)",
-                x: blocks,
-                y: |r| r.decode_speedup,
-            },
-        ),
-        (
-            "quality-vs-speed",
-            "The trade-off itself: plans toward the lower right are faster and better.",
-            Scatter {
-                title: "Perplexity vs decode speed",
-                x_label: "decode tokens/s",
-                y_label: "perplexity (lower is better)",
-                x: |r| r.decode_tokens_per_sec,
-                y: |r| r.perplexity,
-            },
-        ),
-    ];
-    charts
-        .into_iter()
-        .map(|(stem, caption, c)| Ok((stem, caption, scatter(rows, &c)?)))
-        .collect()
+fn colour(methods: &[String], method: &str) -> RGBColor {
+    if method == "base" {
+        return BASE_COLOUR;
+    }
+    let i = methods
+        .iter()
+        .filter(|m| *m != "base")
+        .position(|m| m == method)
+        .unwrap_or(0);
+    PALETTE[i % PALETTE.len()]
 }
 
 /// A padded axis range that always has some width.
-fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
-    });
+fn range(values: impl Iterator<Item = f64>, min_pad: f64) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = ((hi - lo) * 0.12).max(hi.abs() * 0.02).max(0.5);
+    let pad = ((hi - lo) * 0.12).max(min_pad);
     (lo - pad, hi + pad)
 }
 
-pub fn scatter(rows: &[Row], c: &Scatter) -> Result<String> {
+fn ppl_change(r: &Row, base: f64) -> f64 {
+    r.perplexity_change_pct(base)
+}
+
+/// The three charts, as (file stem, caption, SVG text).
+pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, String, String)>> {
+    let base = rows
+        .iter()
+        .find(|r| r.is_base())
+        .map_or(f64::NAN, |r| r.perplexity);
+    Ok(vec![
+        (
+            "quality-vs-speed",
+            "The trade-off: decode speed-up against the perplexity it costs. Plans on the line \
+             (the Pareto frontier) are the ones no other plan beats on both; bars show the \
+             spread of the interleaved runs."
+                .to_string(),
+            quality_vs_speed(rows, base)?,
+        ),
+        (
+            "quality-vs-blocks",
+            "What removing blocks costs in quality, per method.".to_string(),
+            by_blocks(
+                rows,
+                "Perplexity change vs blocks removed",
+                "perplexity change vs base (%, lower is better)",
+                |r| (ppl_change(r, base), None),
+            )?,
+        ),
+        (
+            "speed-vs-blocks",
+            "What removing blocks buys in decode speed (executed: the skipped work is not \
+             computed), with the spread of the runs."
+                .to_string(),
+            by_blocks(
+                rows,
+                "Decode speed-up vs blocks removed",
+                "decode speed-up vs base (×)",
+                |r| {
+                    (
+                        r.decode_speedup.median,
+                        Some((r.decode_speedup.min, r.decode_speedup.max)),
+                    )
+                },
+            )?,
+        ),
+    ])
+}
+
+fn err(title: &str) -> impl Fn(&dyn std::fmt::Display) -> anyhow::Error + '_ {
+    move |e| anyhow!("drawing `{title}`: {e}")
+}
+
+/// Decode speed-up (x, with error bars) against perplexity change (y),
+/// the frontier drawn through its points.
+pub fn quality_vs_speed(rows: &[Row], base: f64) -> Result<String> {
+    let title = "Perplexity change vs decode speed-up";
+    let e = err(title);
+    let methods = methods(rows);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (640, 420)).into_drawing_area();
-        let err = |e: &dyn std::fmt::Display| anyhow!("drawing `{}`: {e}", c.title);
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let (x0, x1) = range(rows.iter().map(c.x));
-        let (y0, y1) = range(rows.iter().map(c.y));
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (x0, x1) = range(
+            rows.iter()
+                .flat_map(|r| [r.decode_speedup.min, r.decode_speedup.max]),
+            0.03,
+        );
+        let (y0, y1) = range(rows.iter().map(|r| ppl_change(r, base)), 1.0);
         let mut chart = ChartBuilder::on(&root)
-            .caption(c.title, ("sans-serif", 20))
+            .caption(title, ("sans-serif", 20))
             .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
             .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| err(&e))?;
+            .map_err(|x| e(&x))?;
         chart
             .configure_mesh()
-            .x_desc(c.x_label)
-            .y_desc(c.y_label)
+            .x_desc("decode speed-up vs base (×, higher is better)")
+            .y_desc("perplexity change (%, lower is better)")
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
-            .map_err(|e| err(&e))?;
-        let points: Vec<(f64, f64, &str)> = rows
+            .map_err(|x| e(&x))?;
+        let pts: Vec<(f64, f64)> = rows
             .iter()
-            .map(|r| ((c.x)(r), (c.y)(r), r.name.as_str()))
+            .map(|r| (r.decode_speedup.median, ppl_change(r, base)))
             .collect();
+        let front: Vec<(f64, f64)> = pareto(&pts).into_iter().map(|i| pts[i]).collect();
         chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|(x, y, _)| Circle::new((*x, *y), 5, RGBColor(31, 119, 180).filled())),
+            .draw_series(LineSeries::new(
+                front,
+                RGBColor(150, 150, 150).stroke_width(2),
+            ))
+            .map_err(|x| e(&x))?
+            .label("Pareto frontier")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RGBColor(150, 150, 150)));
+        for r in rows {
+            let c = colour(&methods, &r.method);
+            let y = ppl_change(r, base);
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    [(r.decode_speedup.min, y), (r.decode_speedup.max, y)],
+                    c.stroke_width(2),
+                )))
+                .map_err(|x| e(&x))?;
+        }
+        draw_points(&mut chart, rows, &methods, |r| {
+            (r.decode_speedup.median, ppl_change(r, base))
+        })
+        .map_err(|x| e(&x))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(200, 200, 200))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    Ok(svg)
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A labelled point per plan, one legend entry per method.
+fn draw_points(
+    chart: &mut Chart,
+    rows: &[Row],
+    methods: &[String],
+    at: impl Fn(&Row) -> (f64, f64),
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    for m in methods {
+        let c = colour(methods, m);
+        let mine: Vec<&Row> = rows.iter().filter(|r| &r.method == m).collect();
+        chart
+            .draw_series(mine.iter().map(|r| Circle::new(at(r), 5, c.filled())))?
+            .label(m.clone())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
+        chart.draw_series(mine.iter().map(|r| {
+            let (x, y) = at(r);
+            Text::new(
+                format!(" {}", r.name),
+                (x, y),
+                ("sans-serif", 13).into_font(),
             )
-            .map_err(|e| err(&e))?;
+        }))?;
+    }
+    Ok(())
+}
+
+/// A value per plan (with an optional spread) against the blocks it
+/// removes, each method's plans joined in order of blocks removed.
+fn by_blocks(
+    rows: &[Row],
+    title: &str,
+    y_label: &str,
+    value: impl Fn(&Row) -> (f64, Option<(f64, f64)>),
+) -> Result<String> {
+    let e = err(title);
+    let methods = methods(rows);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (x0, x1) = range(rows.iter().map(|r| r.skipped.len() as f64), 0.5);
+        let (y0, y1) = range(
+            rows.iter().flat_map(|r| {
+                let (v, s) = value(r);
+                let (lo, hi) = s.unwrap_or((v, v));
+                [v, lo, hi]
+            }),
+            0.03,
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(&x))?;
         chart
-            .draw_series(points.iter().map(|(x, y, name)| {
-                Text::new(name.to_string(), (*x, *y), ("sans-serif", 13).into_font())
-            }))
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))?;
+            .configure_mesh()
+            .x_desc("blocks removed")
+            .y_desc(y_label)
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for m in &methods {
+            let c = colour(&methods, m);
+            let mut line: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| &r.method == m || r.is_base())
+                .map(|r| (r.skipped.len() as f64, value(r).0))
+                .collect();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if m != "base" && line.len() > 1 {
+                chart
+                    .draw_series(LineSeries::new(line, c.mix(0.6).stroke_width(1)))
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        for r in rows {
+            if let (_, Some((lo, hi))) = value(r) {
+                let x = r.skipped.len() as f64;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        [(x, lo), (x, hi)],
+                        colour(&methods, &r.method).stroke_width(2),
+                    )))
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        draw_points(&mut chart, rows, &methods, |r| {
+            (r.skipped.len() as f64, value(r).0)
+        })
+        .map_err(|x| e(&x))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(200, 200, 200))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
     }
     Ok(svg)
 }
@@ -117,40 +296,39 @@ pub fn scatter(rows: &[Row], c: &Scatter) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(name: &str, skipped: usize, ppl: f64, speed: f64) -> Row {
-        Row {
-            name: name.into(),
-            skipped: (0..skipped).map(|i| format!("attn.{i}")).collect(),
-            has_scales: false,
-            perplexity: ppl,
-            kl_to_base: 0.0,
-            top1_agreement: 1.0,
-            prefill_tokens_per_sec: speed,
-            decode_tokens_per_sec: speed,
-            prefill_speedup: speed / 100.0,
-            decode_speedup: speed / 100.0,
-        }
-    }
+    use crate::report::testing::row;
 
     #[test]
     fn charts_are_svg_with_a_point_and_label_per_plan() {
-        let rows = vec![row("base", 0, 10.0, 100.0), row("four<&>", 4, 11.0, 110.0)];
+        let rows = vec![
+            row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)),
+            row("four<&>", "Hopscotch", 4, 11.0, (1.1, 1.05, 1.12)),
+            row("two", "manual", 2, 10.4, (1.02, 0.99, 1.04)),
+        ];
         let charts = all(&rows).unwrap();
         assert_eq!(charts.len(), 3);
         for (_, _, svg) in charts {
             assert!(svg.starts_with("<svg"), "{}", &svg[..80]);
-            assert_eq!(svg.matches("<circle").count(), 2, "{svg}");
-            assert!(
-                svg.contains("four&lt;&amp;&gt;") || svg.contains("four"),
-                "{svg}"
-            );
+            // A point per plan plus one legend marker per method.
+            assert_eq!(svg.matches("<circle").count(), 3 + 3, "{svg}");
+            assert!(svg.contains("four&lt;&amp;&gt;"), "{svg}");
+            for m in ["base", "Hopscotch", "manual"] {
+                assert!(svg.contains(m), "legend names {m}");
+            }
         }
     }
 
     #[test]
+    fn each_method_keeps_its_colour_and_the_base_is_grey() {
+        let ms = vec!["base".to_string(), "Hopscotch".into(), "manual".into()];
+        assert_eq!(colour(&ms, "base"), BASE_COLOUR);
+        assert_eq!(colour(&ms, "Hopscotch"), PALETTE[0]);
+        assert_eq!(colour(&ms, "manual"), PALETTE[1]);
+    }
+
+    #[test]
     fn a_single_point_still_gets_an_axis_range() {
-        let (lo, hi) = range([3.0].into_iter());
+        let (lo, hi) = range([3.0].into_iter(), 0.5);
         assert!(lo < 3.0 && hi > 3.0);
     }
 }

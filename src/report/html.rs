@@ -1,8 +1,11 @@
-//! The self-contained HTML page: charts inlined as SVG, the comparison
-//! table and the measurement settings. No scripts, no external files.
+//! The self-contained HTML page: the headline, the charts inlined as SVG,
+//! the comparison table with the runs' spread, each plan's mode details and
+//! reproducing commands, and the machine and settings. No scripts, no
+//! external files.
 
 use std::fmt::Write as _;
 
+use super::headline::{frontier_rows, headline, what_it_removes};
 use super::Report;
 
 pub fn escape(s: &str) -> String {
@@ -12,22 +15,37 @@ pub fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1500px;\
+padding:0 1em;color:#222;line-height:1.4}\n\
+.headline{font-size:1.15em;background:#f4f7fb;border-left:5px solid #0072b2;padding:.6em 1em}\n\
+.headline li{margin:.3em 0}\n.headline li:first-child{font-weight:bold;list-style:none;margin-left:-1.2em}\n\
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,680px),1fr));gap:1em}\n\
+figure{margin:0}\nfigure svg{width:100%;height:auto}\nfigcaption{font-size:.9em;color:#555}\n\
+table{border-collapse:collapse;margin:1em 0}\nth,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\n\
+td.name,th.name,td.blocks{text-align:left}\ntr.frontier td.name{font-weight:bold}\n\
+.spread{color:#666;font-size:.85em}\ncode{font-size:90%}\n\
+@media print{body{max-width:none;margin:0}.charts{grid-template-columns:1fr 1fr}figure{break-inside:avoid}}\n";
+
 /// The page; `charts` are (id, caption, svg) as drawn by `charts::all`.
-pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
+pub fn page(report: &Report, charts: &[(&str, String, String)]) -> String {
     let mut h = String::new();
     let t = escape(&report.title);
+    let s = &report.settings;
     let _ = write!(
         h,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{t}</title>\n\
-         <style>\nbody{{font-family:sans-serif;margin:2em auto;max-width:1400px;color:#222}}\n\
-         .charts{{display:flex;flex-wrap:wrap;gap:1em}}\nfigure{{margin:0}}\n\
-         table{{border-collapse:collapse;margin:1em 0}}\nth,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\n\
-         td.name,th.name,td.blocks{{text-align:left}}\ncode{{font-size:90%}}\n</style>\n</head>\n<body>\n\
-         <h1>{t}</h1>\n<p>Each row is one plan for <b>{}</b>: which attention/MLP blocks it skips, the quality \
-         it keeps and the speed it gains, all measured on this machine with the settings at the end.</p>\n",
-        escape(&report.settings.model)
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{t}</title>\n\
+         <style>\n{STYLE}</style>\n</head>\n<body>\n<h1>{t}</h1>\n\
+         <p>Each row is one plan for <b>{}</b> ({}): what it removes, the quality it keeps and the \
+         speed it gains, all measured on this machine with the settings at the end.</p>\n",
+        escape(&s.model),
+        escape(&s.architecture)
     );
-    h.push_str("<h2>Trade-offs</h2>\n<div class=\"charts\">\n");
+    h.push_str("<ul class=\"headline\" id=\"headline\">\n");
+    for line in headline(report, 5) {
+        let _ = writeln!(h, "<li>{}</li>", escape(&line));
+    }
+    h.push_str("</ul>\n<h2>Trade-offs</h2>\n<div class=\"charts\">\n");
     for (id, caption, svg) in charts {
         let _ = writeln!(
             h,
@@ -35,44 +53,12 @@ pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
             escape(caption)
         );
     }
-    h.push_str("</div>\n<h2>Comparison</h2>\n<table id=\"comparison\">\n<tr><th class=\"name\">plan</th>\
-        <th>blocks skipped</th><th>perplexity</th><th>Δ perplexity</th><th>KL to base (nats/token)</th>\
-        <th>top-1 agreement</th><th>prefill tok/s</th><th>decode tok/s</th><th>prefill speed-up</th>\
-        <th>decode speed-up</th><th class=\"name\">skipped blocks</th></tr>\n");
-    let base_ppl = report
-        .rows
-        .first()
-        .map(|r| r.perplexity)
-        .unwrap_or(f64::NAN);
-    for r in &report.rows {
-        let blocks = if r.skipped.is_empty() {
-            "none".to_string()
-        } else {
-            r.skipped.join(" ")
-        };
-        let _ = writeln!(
-            h,
-            "<tr><td class=\"name\">{}{}</td><td>{}</td><td>{:.3}</td><td>{:+.2}%</td><td>{:.4}</td>\
-             <td>{:.1}%</td><td>{:.1}</td><td>{:.1}</td><td>{:.3}×</td><td>{:.3}×</td>\
-             <td class=\"blocks\"><code>{}</code></td></tr>",
-            escape(&r.name),
-            if r.has_scales { " (+scales)" } else { "" },
-            r.skipped.len(),
-            r.perplexity,
-            (r.perplexity / base_ppl - 1.0) * 100.0,
-            r.kl_to_base,
-            r.top1_agreement * 100.0,
-            r.prefill_tokens_per_sec,
-            r.decode_tokens_per_sec,
-            r.prefill_speedup,
-            r.decode_speedup,
-            escape(&blocks)
-        );
-    }
-    h.push_str("</table>\n<h2>Settings</h2>\n<table id=\"settings\">\n");
-    let s = &report.settings;
+    comparison_table(&mut h, report);
+    details(&mut h, report);
+    h.push_str("<h2>Settings</h2>\n<table id=\"settings\">\n");
     for (k, v) in [
-        ("model", s.model.clone()),
+        ("model", format!("{} ({})", s.model, s.architecture)),
+        ("files", s.origin.clone()),
         ("evaluation text", s.text.clone()),
         (
             "perplexity",
@@ -82,9 +68,18 @@ pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
             ),
         ),
         ("speed", s.bench.clone()),
+        (
+            "quality budget",
+            format!(
+                "+{:.0}% perplexity for the recommendation",
+                s.quality_budget_pct
+            ),
+        ),
+        ("machine", s.machine.clone()),
         ("device", format!("{}, {} threads", s.device, s.threads)),
         ("weights", s.weights.clone()),
         ("generated by", s.generated_by.clone()),
+        ("date", s.date.clone()),
     ] {
         let _ = writeln!(
             h,
@@ -94,4 +89,79 @@ pub fn page(report: &Report, charts: &[(&str, &str, String)]) -> String {
     }
     h.push_str("</table>\n</body>\n</html>\n");
     h
+}
+
+fn comparison_table(h: &mut String, report: &Report) {
+    h.push_str(
+        "<h2>Comparison</h2>\n<p>Speed-ups are against the unmodified model timed in the same \
+         interleaved runs (median; the spread is the smallest and largest per-run ratio). A \
+         speed-up whose spread includes 1.00× is not a measurable change. Bold plans are on the \
+         frontier.</p>\n<table id=\"comparison\">\n<tr><th class=\"name\">plan</th>\
+         <th class=\"name\">method</th><th class=\"name\">what it removes</th><th>blocks removed</th>\
+         <th>perplexity</th><th>Δ perplexity</th><th>KL to base (nats/token)</th>\
+         <th>top-1 agreement</th><th>decode tok/s</th><th>decode speed-up</th>\
+         <th>prefill tok/s</th><th>prefill speed-up</th><th>speed</th>\
+         <th class=\"name\">skipped blocks</th></tr>\n",
+    );
+    let base = report.base_perplexity();
+    let frontier = frontier_rows(&report.rows);
+    for (i, r) in report.rows.iter().enumerate() {
+        let blocks = if r.skipped.is_empty() {
+            "none".to_string()
+        } else {
+            r.skipped.join(" ")
+        };
+        let spread = |lo: f64, hi: f64, digits: usize| {
+            format!("<br><span class=\"spread\">{lo:.digits$}–{hi:.digits$}</span>")
+        };
+        let _ =
+            writeln!(
+            h,
+            "<tr{}><td class=\"name\">{}</td><td class=\"name\">{}</td><td class=\"name\">{}</td>\
+             <td>{} of {}</td><td>{:.3}</td><td>{:+.2}%</td><td>{:.4}</td><td>{:.1}%</td>\
+             <td>{:.1}{}</td><td>{:.3}×{}</td><td>{:.1}{}</td><td>{:.3}×{}</td><td>{}</td>\
+             <td class=\"blocks\"><code>{}</code></td></tr>",
+            if frontier.contains(&i) { " class=\"frontier\"" } else { "" },
+            escape(&r.name),
+            escape(&r.method),
+            escape(&what_it_removes(r)),
+            r.skipped.len(),
+            r.blocks_total,
+            r.perplexity,
+            r.perplexity_change_pct(base),
+            r.kl_to_base,
+            r.top1_agreement * 100.0,
+            r.decode_tokens_per_sec.median,
+            spread(r.decode_tokens_per_sec.min, r.decode_tokens_per_sec.max, 1),
+            r.decode_speedup.median,
+            spread(r.decode_speedup.min, r.decode_speedup.max, 3),
+            r.prefill_tokens_per_sec.median,
+            spread(r.prefill_tokens_per_sec.min, r.prefill_tokens_per_sec.max, 1),
+            r.prefill_speedup.median,
+            spread(r.prefill_speedup.min, r.prefill_speedup.max, 3),
+            r.speed_kind.label(),
+            escape(&blocks)
+        );
+    }
+    h.push_str("</table>\n");
+}
+
+/// Per plan: the mode's own facts and the commands that reproduce it.
+fn details(h: &mut String, report: &Report) {
+    h.push_str("<h2>How to reproduce each number</h2>\n<table id=\"reproduce\">\n");
+    for r in &report.rows {
+        let mut cell = String::new();
+        for (k, v) in &r.details {
+            let _ = write!(cell, "{}: {}<br>", escape(k), escape(v));
+        }
+        for c in &r.commands {
+            let _ = write!(cell, "<code>{}</code><br>", escape(c));
+        }
+        let _ = writeln!(
+            h,
+            "<tr><th class=\"name\">{}</th><td class=\"name\">{cell}</td></tr>",
+            escape(&r.name)
+        );
+    }
+    h.push_str("</table>\n");
 }
