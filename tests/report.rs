@@ -167,10 +167,7 @@ fn report_cmd(out: &Path, plans: &[&str], extra: &[&str]) -> assert_cmd::assert:
     if !extra.contains(&"--runs") {
         c.args(["--runs", "1"]);
     }
-    c.args(extra)
-        .arg("--out")
-        .arg(out)
-        .assert()
+    c.args(extra).arg("--out").arg(out).assert()
 }
 
 /// Nothing was measured: no per-plan result line was printed.

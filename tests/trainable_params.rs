@@ -75,11 +75,8 @@ fn training_some_layers_leaves_the_others_at_the_plans_constants() {
     assert_eq!(names, vec![residual_name(1), residual_name(2)]);
     let trained = TrainableParams::new();
     let over = trained.over(&plan);
-    for l in 0..n {
-        assert_eq!(
-            scales_of(&over.residual(l).unwrap()),
-            constants[l].as_array()
-        );
+    for (l, c) in constants.iter().enumerate() {
+        assert_eq!(scales_of(&over.residual(l).unwrap()), c.as_array());
     }
     let moved: Vec<f32> = r.best[&residual_name(2)].to_vec1().unwrap();
     assert!(

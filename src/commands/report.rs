@@ -13,7 +13,7 @@ use crate::cli::{self, ReportArgs};
 use crate::eval::bench::{self, BenchOptions};
 use crate::eval::perplexity::{self, EvalOptions};
 use crate::export;
-use crate::model::source::DEFAULT_HUB_ID;
+use crate::model::source::DEFAULT_GGUF_NAME;
 use crate::model::{Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
 use crate::progress;
@@ -309,7 +309,7 @@ fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usiz
 /// The model as the user named it: the hub id, or the file or folder name.
 fn user_model_name(margs: &cli::ModelArgs) -> String {
     match &margs.model {
-        None => format!("{DEFAULT_HUB_ID} (the default)"),
+        None => format!("{DEFAULT_GGUF_NAME} (the default model)"),
         Some(m) => {
             let p = Path::new(m);
             match (p.exists(), p.file_name()) {

@@ -216,7 +216,8 @@ fn draw_points(
 }
 
 /// A value per plan (with an optional spread) against the blocks it
-/// removes, each method's plans joined in order of blocks removed.
+/// removes. Points are not joined: plans of one method need not be steps
+/// of one sequence.
 fn by_blocks(
     rows: &[Row],
     title: &str,
@@ -252,20 +253,6 @@ fn by_blocks(
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|x| e(&x))?;
-        for m in &methods {
-            let c = colour(&methods, m);
-            let mut line: Vec<(f64, f64)> = rows
-                .iter()
-                .filter(|r| &r.method == m || r.is_base())
-                .map(|r| (r.skipped.len() as f64, value(r).0))
-                .collect();
-            line.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if m != "base" && line.len() > 1 {
-                chart
-                    .draw_series(LineSeries::new(line, c.mix(0.6).stroke_width(1)))
-                    .map_err(|x| e(&x))?;
-            }
-        }
         for r in rows {
             if let (_, Some((lo, hi))) = value(r) {
                 let x = r.skipped.len() as f64;

@@ -19,7 +19,7 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-w
 padding:0 1em;color:#222;line-height:1.4}\n\
 .headline{font-size:1.15em;background:#f4f7fb;border-left:5px solid #0072b2;padding:.6em 1em}\n\
 .headline li{margin:.3em 0}\n.headline li:first-child{font-weight:bold;list-style:none;margin-left:-1.2em}\n\
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,680px),1fr));gap:1em}\n\
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:1em}\n\
 figure{margin:0}\nfigure svg{width:100%;height:auto}\nfigcaption{font-size:.9em;color:#555}\n\
 table{border-collapse:collapse;margin:1em 0}\nth,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\n\
 td.name,th.name,td.blocks{text-align:left}\ntr.frontier td.name{font-weight:bold}\n\
