@@ -504,3 +504,28 @@ fn one_and_two_threads_generate_the_same_tokens() {
     assert_eq!(one.len(), 24);
     assert_eq!(one, generated_tokens(2));
 }
+
+/// With every row on the lean path, speculation is lossless with the
+/// quantized weights too: a verify row is bit-identical to its decode step.
+#[test]
+fn smollm2_quantized_speculation_equals_plain_greedy_decoding() {
+    use scalpel::eval::speculative::{speculate, Drafter, SpecOptions};
+    let model = smollm2();
+    let prompt = reference_prompt();
+    let plain = tokens(&greedy(model, &prompt, &Plan::base(), LEAN, 32));
+    let draft = Plan::with_skips([6, 7, 25, 28].map(BlockId::attn));
+    for draft_len in [1, 4, 8] {
+        let opts = SpecOptions {
+            max_new_tokens: 32,
+            draft_len,
+            stop_at_eos: false,
+            run: LEAN,
+        };
+        let r = speculate(model, &prompt, Drafter::SelfPlan(&draft), opts).unwrap();
+        assert!(r.accepted > 0, "k = {draft_len}: nothing accepted");
+        assert_eq!(
+            r.new_tokens, plain,
+            "k = {draft_len}: speculation changed the output"
+        );
+    }
+}
