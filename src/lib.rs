@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod eval;
 pub mod export;
+pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod progress;

@@ -95,6 +95,7 @@ fn scale_linear(l: &Linear, factor: f64) -> Result<Linear> {
         weight: scale(&l.weight)?,
         bias: l.bias.as_ref().map(scale).transpose()?,
         quantized: None,
+        kernel: None,
     })
 }
 

@@ -9,7 +9,7 @@
 //! length change. Differentiable passes concatenate instead, so gradients
 //! flow through the cache.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 
 /// Keys are allocated in steps of at least this many positions.
 const MIN_CAPACITY: usize = 256;
@@ -81,6 +81,27 @@ impl KvStore {
         differentiable: bool,
     ) -> Result<()> {
         let t = k.dim(2)?;
+        self.check_append(t, positions)?;
+        if differentiable {
+            let (k, v) = match self.keys_values()? {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+                None => (k.clone(), v.clone()),
+            };
+            self.k = Some(k);
+            self.v = Some(v);
+            self.positions.extend_from_slice(positions);
+            return Ok(());
+        }
+        self.reserve(k, v, positions)?;
+        let n = self.len();
+        let (dst_k, dst_v) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        dst_k.slice_set(&k.contiguous()?, 2, n)?;
+        dst_v.slice_set(&v.contiguous()?, 2, n)?;
+        self.positions.extend_from_slice(positions);
+        Ok(())
+    }
+
+    fn check_append(&self, t: usize, positions: &[u32]) -> Result<()> {
         if positions.len() != t {
             candle_core::bail!("kv append: {t} keys for {} positions", positions.len());
         }
@@ -92,30 +113,79 @@ impl KvStore {
         if !increasing || !after_last {
             candle_core::bail!("kv append: positions must increase (roll back first)");
         }
-        if differentiable {
-            let (k, v) = match self.keys_values()? {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
-                None => (k.clone(), v.clone()),
-            };
-            self.k = Some(k);
-            self.v = Some(v);
-            self.positions.extend_from_slice(positions);
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// Room for `positions` after the live entries: drops what the sliding
+    /// window no longer reaches, then grows if still needed.
+    fn reserve(&mut self, k_like: &Tensor, v_like: &Tensor, positions: &[u32]) -> Result<()> {
+        let t = positions.len();
         if let Some(&first) = positions.first() {
             if self.len() + t > self.capacity() {
                 self.drop_unreachable(first)?;
             }
         }
         if self.len() + t > self.capacity() {
-            self.grow(k, v, self.len() + t)?;
+            self.grow(k_like, v_like, self.len() + t)?;
         }
-        let n = self.len();
-        let (dst_k, dst_v) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        dst_k.slice_set(&k.contiguous()?, 2, n)?;
-        dst_v.slice_set(&v.contiguous()?, 2, n)?;
+        Ok(())
+    }
+
+    /// `append` for the lean CPU path: keys and values as f32 rows, one per
+    /// position, each `kv_heads · head_dim` long (head-major), copied into
+    /// the preallocated storage in place (no tensor is built unless the
+    /// storage must grow). Same position rules and sliding window.
+    pub fn append_rows(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        positions: &[u32],
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let t = positions.len();
+        let row = kv_heads * head_dim;
+        if k.len() != t * row || v.len() != t * row {
+            candle_core::bail!("kv append: rows of {row} expected for {t} positions");
+        }
+        self.check_append(t, positions)?;
+        if self.len() + t > self.capacity() {
+            let like = Tensor::zeros((1, kv_heads, 1, head_dim), DType::F32, &Device::Cpu)?;
+            self.reserve(&like, &like, positions)?;
+        }
+        let at = self.len();
+        for (dst, src) in [(&self.k, k), (&self.v, v)] {
+            let dst = dst.as_ref().expect("kv storage reserved above");
+            dst.inplace_op1(&WriteRows {
+                rows: src,
+                at,
+                kv_heads,
+                head_dim,
+            })?;
+        }
         self.positions.extend_from_slice(positions);
         Ok(())
+    }
+
+    /// The live storage as f32 slices for the lean CPU path: `f(keys,
+    /// values, capacity)`, where key `j` of KV head `h` starts at
+    /// `(h · capacity + j) · head_dim`. `None` when empty.
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Result<Option<R>> {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return Ok(None);
+        };
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let cap = self.capacity();
+        let (ks, _) = k.storage_and_layout();
+        let (vs, _) = v.storage_and_layout();
+        match (&*ks, &*vs) {
+            (Storage::Cpu(ks), Storage::Cpu(vs)) => {
+                Ok(Some(f(ks.as_slice()?, vs.as_slice()?, cap)))
+            }
+            _ => candle_core::bail!("kv store: the lean path needs CPU storage"),
+        }
     }
 
     /// Reallocates with room for at least `needed` entries, copying the live ones.
@@ -201,6 +271,37 @@ impl KvStore {
             window: self.window,
             capacity_hint: self.capacity_hint,
         })
+    }
+}
+
+/// Copies f32 rows (t, kv heads · head dim) into a (1, kv heads, capacity,
+/// head dim) buffer from entry `at` on, in place.
+struct WriteRows<'a> {
+    rows: &'a [f32],
+    at: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(dst) = storage else {
+            candle_core::bail!("kv store: the lean path writes f32 storage");
+        };
+        let (hd, row) = (self.head_dim, self.kv_heads * self.head_dim);
+        let cap = layout.dims()[2];
+        let base = layout.start_offset();
+        for (t, src) in self.rows.chunks_exact(row).enumerate() {
+            for h in 0..self.kv_heads {
+                let d = base + (h * cap + self.at + t) * hd;
+                dst[d..d + hd].copy_from_slice(&src[h * hd..(h + 1) * hd]);
+            }
+        }
+        Ok(())
     }
 }
 

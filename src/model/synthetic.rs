@@ -69,6 +69,7 @@ pub fn build(shape: &str, device: &Device) -> Result<Model> {
             weight: rand(rows, cols)?,
             bias: None,
             quantized: None,
+            kernel: None,
         })
     };
     let (h, q, kv) = (

@@ -14,6 +14,7 @@
 //! masks and rotary positions come from those.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -25,7 +26,12 @@ use super::fused;
 use super::mask::AttentionMask;
 use super::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
 use super::state::{position_range, KvStore, SeqState};
+use crate::kernels::QWeight;
 use crate::plan::{BlockId, LayerScales};
+
+#[path = "lean/mod.rs"]
+mod lean;
+pub use lean::MAX_ROWS as LEAN_MAX_ROWS;
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
 /// work, and optionally the original quantized weights for fast decode.
@@ -34,6 +40,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub quantized: Option<QMatMul>,
+    /// The file's own quantized weights for the lean CPU path (`model::lean`).
+    pub kernel: Option<Arc<QWeight>>,
 }
 
 impl Linear {
@@ -64,6 +72,7 @@ impl Linear {
                 .map(|b| b.index_select(rows, 0))
                 .transpose()?,
             quantized: None,
+            kernel: None,
         })
     }
 
@@ -73,6 +82,7 @@ impl Linear {
             weight: self.weight.index_select(cols, 1)?.contiguous()?,
             bias: self.bias.clone(),
             quantized: None,
+            kernel: None,
         })
     }
 }
@@ -111,20 +121,26 @@ pub enum Mode {
 pub struct RunOptions {
     pub mode: Mode,
     pub quantized: bool,
+    /// Quantized passes of few rows may take the lean CPU path
+    /// (`model/lean`); `false` forces the candle ops (for comparisons).
+    pub lean: bool,
 }
 
 impl RunOptions {
     pub const FAST: Self = Self {
         mode: Mode::Fast,
         quantized: false,
+        lean: true,
     };
     pub const DIFFERENTIABLE: Self = Self {
         mode: Mode::Differentiable,
         quantized: false,
+        lean: true,
     };
     pub const QUANTIZED: Self = Self {
         mode: Mode::Fast,
         quantized: true,
+        lean: true,
     };
 
     /// The options for a prefill of `tokens` positions. Quantized kernels
@@ -155,10 +171,13 @@ pub struct Transformer {
     pub norm: Tensor,
     /// `None` when tied to the embeddings.
     pub lm_head: Option<Linear>,
+    /// The tied embeddings' kernel, when they are the output matrix.
+    pub embed_kernel: Option<Arc<QWeight>>,
     cos: Tensor,
     sin: Tensor,
     pub device: Device,
     pub dtype: DType,
+    lean: lean::Cache,
 }
 
 impl Transformer {
@@ -186,13 +205,21 @@ impl Transformer {
             layers,
             norm,
             lm_head,
+            embed_kernel: None,
             device,
             dtype,
+            lean: lean::Cache::default(),
         })
     }
 
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Whether quantized passes of up to `LEAN_MAX_ROWS` rows run on the
+    /// lean CPU path (every projection has a kernel, a plain decoder).
+    pub fn lean_ready(&self) -> Result<bool> {
+        self.lean.ready(self)
     }
 
     pub fn max_positions(&self) -> usize {
@@ -255,6 +282,9 @@ impl Transformer {
                 start as usize + t,
                 self.max_positions()
             );
+        }
+        if let Some(y) = lean::run_layers(self, &x, layers.clone(), pass)? {
+            return Ok(y);
         }
         let positions = position_range(start, t);
         let mut masks = MaskMemo::default();
@@ -319,6 +349,9 @@ impl Transformer {
 
     /// Logits for hidden states (any leading shape), at least f32.
     pub fn logits(&self, hidden: &Tensor, run: RunOptions) -> Result<Tensor> {
+        if let Some(logits) = lean::logits(self, hidden, run)? {
+            return Ok(logits);
+        }
         let logits = match (&self.lm_head, &self.embed_quantized) {
             (Some(head), _) => head.forward(hidden, run)?,
             (None, Some(q)) if run.quantized => q.forward(hidden)?,

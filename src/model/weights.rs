@@ -15,12 +15,25 @@ use sha2::{Digest, Sha256};
 
 use super::config::ModelConfig;
 use super::transformer::{Attention, Layer, Linear, Mlp, Transformer};
+use crate::kernels::QWeight;
 use crate::plan::BlockId;
 
 /// One tensor as loaded: dense values, plus the quantized original if any.
 pub struct Loaded {
     pub dense: Tensor,
     pub quantized: Option<Arc<QTensor>>,
+    /// The tensor exactly as the file stores it (before any requantization
+    /// for candle), for the lean decode path's kernels.
+    pub original: Option<Arc<QTensor>>,
+}
+
+/// The lean path's kernel for a file tensor, zero copy (CPU only; `None`
+/// for types the kernels do not handle, which then run the candle path).
+fn kernel_of(original: &Option<Arc<QTensor>>) -> Result<Option<Arc<QWeight>>> {
+    match original {
+        Some(q) if q.device().is_cpu() => Ok(QWeight::from_qtensor(q.clone())?.map(Arc::new)),
+        _ => Ok(None),
+    }
 }
 
 /// A tensor as the file stores it: its type there, its shape and the bytes
@@ -162,6 +175,8 @@ impl WeightSource for GgufSource {
             .tensor(&mut self.reader, &name, &self.device)
             .with_context(|| format!("cannot read tensor `{name}` from {}", self.path.display()))?;
         let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
+        let q = Arc::new(q);
+        let original = Some(q.clone());
         let quantized = match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
             // candle has no SIMD CPU kernel for these (a scalar loop runs
@@ -171,9 +186,13 @@ impl WeightSource for GgufSource {
                 let f32_weights = q.dequantize(&self.device)?;
                 Some(Arc::new(QTensor::quantize(&f32_weights, GgmlDType::Q8_0)?))
             }
-            _ => Some(Arc::new(q)),
+            _ => Some(q),
         };
-        Ok(Loaded { dense, quantized })
+        Ok(Loaded {
+            dense,
+            quantized,
+            original,
+        })
     }
 
     fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample> {
@@ -290,6 +309,7 @@ impl WeightSource for SafetensorsSource {
         Ok(Loaded {
             dense: t.to_dtype(self.dtype)?,
             quantized: None,
+            original: None,
         })
     }
 
@@ -374,6 +394,7 @@ pub fn build_transformer_with_noops(
                 return Ok(Loaded {
                     dense: dense.to_dtype(src.dtype())?,
                     quantized: None,
+                    original: None,
                 });
             }
             bail!("the weights lack `{name}` (expected for this architecture)");
@@ -387,6 +408,7 @@ pub fn build_transformer_with_noops(
             return Ok(Loaded {
                 dense: padded,
                 quantized: None,
+                original: None,
             });
         }
         let file_name = src.file_name(name);
@@ -418,6 +440,7 @@ pub fn build_transformer_with_noops(
                 weight: w.dense,
                 bias,
                 quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
+                kernel: kernel_of(&w.original)?,
             })
         };
         let ab = cfg.attention_bias;
@@ -450,13 +473,19 @@ pub fn build_transformer_with_noops(
             weight: w.dense,
             bias: None,
             quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
+            kernel: kernel_of(&w.original)?,
         })
     };
     let embed_q = match embed.quantized {
         Some(q) if cfg.tie_word_embeddings => Some(QMatMul::from_arc(q)?),
         _ => None,
     };
-    let t = Transformer::new(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
+    let embed_kernel = match cfg.tie_word_embeddings {
+        true => kernel_of(&embed.original)?,
+        false => None,
+    };
+    let mut t = Transformer::new(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
+    t.embed_kernel = embed_kernel;
     Ok((t, format!("{:x}", hasher.finalize())))
 }
 

@@ -1,0 +1,458 @@
+//! The lean CPU path for decoding and small verifies: one pass over a few
+//! rows with the file's own quantized weights (`crate::kernels`), on
+//! preallocated f32 buffers, with no candle op per step.
+//!
+//! candle runs ~25 ops per layer per token, each with an allocation and a
+//! hand-off to its thread pool; on a 135M model at one row that overhead
+//! and candle's quantized kernels were most of a decode step. Here each
+//! layer is RMSNorm, Q/K/V, RoPE, an in-place K/V write into the layer's
+//! `KvStore`, attention parallel over heads on the kernels' pool, o_proj,
+//! the scaled residual, RMSNorm, gate/up, SiLU·mul, down and the residual,
+//! all on one reusable workspace.
+//!
+//! It runs when the pass is fast, quantized, on the CPU in f32, unprobed,
+//! with constant residual scales, at most `MAX_ROWS` rows, and every
+//! projection of the model has a kernel (`Transformer::lean_ready`).
+//! Blocks the policy skips compute nothing and write no K/V; any other
+//! answer (row, head or neuron subsets, K/V only) runs that block through
+//! the candle path on the same state, so every policy stays correct. A
+//! subset variant here is a filter on the attention tasks (heads) or a
+//! `QWeight::matmul_range` over the selected outputs (rows, neurons).
+//!
+//! `SCALPEL_LEAN=0` in the environment (or `RunOptions::lean = false`)
+//! forces the candle path, for comparisons.
+
+mod attend;
+mod ops;
+
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{mlp, rms_norm, AttnCall, Layer, Linear, MaskMemo, Mode, RunOptions, Transformer};
+use crate::kernels::QWeight;
+use crate::model::config::Arch;
+use crate::model::pass::{AttnExec, MlpExec, Pass, Residual};
+use crate::model::state::{position_range, KvStore};
+use crate::plan::LayerScales;
+use attend::{Heads, Keys};
+
+/// Rows up to which a pass runs here (a decode step is 1, a speculative
+/// verify of k drafts is k + 1); longer prefills take the dense GEMM.
+pub const MAX_ROWS: usize = 32;
+
+/// What the lean path keeps per model: f32 copies of the small tensors
+/// (norms, biases, RoPE tables), made on first use, and one workspace.
+#[derive(Default)]
+pub struct Cache {
+    prepared: OnceLock<Option<Prepared>>,
+    workspace: Mutex<Workspace>,
+}
+
+struct Prepared {
+    layers: Vec<LayerParams>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+struct LayerParams {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+}
+
+/// Activation buffers, grown to the largest pass seen and reused.
+#[derive(Default)]
+struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    ctx: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Workspace {
+    fn size(&mut self, t: &Transformer, rows: usize) {
+        let c = &t.cfg;
+        let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        for (buf, width) in [
+            (&mut self.h, c.hidden_size),
+            (&mut self.q, q),
+            (&mut self.k, kv),
+            (&mut self.v, kv),
+            (&mut self.ctx, q),
+            (&mut self.out, c.hidden_size),
+            (&mut self.gate, c.intermediate_size),
+            (&mut self.up, c.intermediate_size),
+        ] {
+            buf.resize(rows * width, 0.0);
+        }
+    }
+}
+
+/// Whether `SCALPEL_LEAN=0` forces the candle path (read once).
+fn disabled_by_env() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("SCALPEL_LEAN").is_ok_and(|v| v.trim() == "0"))
+}
+
+fn wants_lean(t: &Transformer, run: RunOptions, rows: usize) -> bool {
+    run.lean
+        && run.quantized
+        && run.mode == Mode::Fast
+        && (1..=MAX_ROWS).contains(&rows)
+        && t.device.is_cpu()
+        && t.dtype == DType::F32
+        && !disabled_by_env()
+}
+
+fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// The kernel of a projection the lean path can run (no bias: callers
+/// handle the q/k/v biases themselves).
+fn kernel(l: &Linear, out: usize, inp: usize) -> Option<&QWeight> {
+    let k = l.kernel.as_deref()?;
+    (k.out_dim() == out && k.in_dim() == inp).then_some(k)
+}
+
+impl Cache {
+    pub(super) fn ready(&self, t: &Transformer) -> Result<bool> {
+        Ok(self.prepared(t)?.is_some())
+    }
+
+    /// The prepared tensors, or `None` when this model cannot run here.
+    fn prepared(&self, t: &Transformer) -> Result<Option<&Prepared>> {
+        if let Some(p) = self.prepared.get() {
+            return Ok(p.as_ref());
+        }
+        let p = prepare(t)?;
+        Ok(self.prepared.get_or_init(|| p).as_ref())
+    }
+}
+
+fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
+    let c = &t.cfg;
+    // Plain Llama-style decoders only; others keep the candle path.
+    let arch_ok = matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral);
+    if !arch_ok || !t.device.is_cpu() || t.dtype != DType::F32 || !c.head_dim.is_multiple_of(2) {
+        return Ok(None);
+    }
+    let (h, q, kv, f) = (
+        c.hidden_size,
+        c.n_heads * c.head_dim,
+        c.n_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut layers = Vec::with_capacity(t.layers.len());
+    for l in &t.layers {
+        let (a, m) = (&l.attn, &l.mlp);
+        let all = [
+            (&a.q, q, h),
+            (&a.k, kv, h),
+            (&a.v, kv, h),
+            (&a.o, h, q),
+            (&m.gate, f, h),
+            (&m.up, f, h),
+            (&m.down, h, f),
+        ];
+        if all.iter().any(|(l, o, i)| kernel(l, *o, *i).is_none()) {
+            return Ok(None);
+        }
+        if [&a.o, &m.gate, &m.up, &m.down]
+            .iter()
+            .any(|l| l.bias.is_some())
+        {
+            return Ok(None);
+        }
+        let bias = |l: &Linear| l.bias.as_ref().map(to_f32).transpose();
+        layers.push(LayerParams {
+            attn_norm: to_f32(&l.attn_norm)?,
+            mlp_norm: to_f32(&l.mlp_norm)?,
+            q_bias: bias(&a.q)?,
+            k_bias: bias(&a.k)?,
+            v_bias: bias(&a.v)?,
+        });
+    }
+    Ok(Some(Prepared {
+        layers,
+        cos: to_f32(&t.cos)?,
+        sin: to_f32(&t.sin)?,
+    }))
+}
+
+/// Runs `layers` over the residual stream `x` (1, rows, hidden) on the lean
+/// path, or `None` (nothing done) when this pass cannot run here.
+pub(super) fn run_layers(
+    t: &Transformer,
+    x: &Tensor,
+    layers: Range<usize>,
+    pass: &mut Pass,
+) -> Result<Option<Tensor>> {
+    let (b, rows, hidden) = x.dims3()?;
+    if b != 1 || pass.probe.is_some() || !wants_lean(t, pass.run, rows) {
+        return Ok(None);
+    }
+    let Some(prep) = t.lean.prepared(t)? else {
+        return Ok(None);
+    };
+    let mut scales = Vec::with_capacity(layers.len());
+    for i in layers.clone() {
+        match pass.params.residual(i)? {
+            Residual::Const(s) => scales.push(s),
+            Residual::Tensor(_) => return Ok(None),
+        }
+    }
+    // A second pass running at the same time (another thread) gets its own.
+    let mut own = None;
+    let mut guard = t.lean.workspace.try_lock().ok();
+    let ws: &mut Workspace = match guard.as_deref_mut() {
+        Some(ws) => ws,
+        None => own.insert(Workspace::default()),
+    };
+    ws.size(t, rows);
+    ws.x.clear();
+    ws.x.extend_from_slice(&to_f32(x)?);
+    let start = pass.state.as_ref().map_or(0, |s| s.next_position());
+    let positions = position_range(start, rows);
+    let mut step = Step {
+        t,
+        prep,
+        positions: &positions,
+        masks: MaskMemo::default(),
+        rows,
+    };
+    for (i, s) in layers.zip(scales) {
+        step.layer(i, s, ws, pass)?;
+    }
+    Tensor::from_slice(&ws.x, (1, rows, hidden), &t.device).map(Some)
+}
+
+/// One lean pass's fixed context.
+struct Step<'a> {
+    t: &'a Transformer,
+    prep: &'a Prepared,
+    positions: &'a [u32],
+    /// For blocks that run through the candle path.
+    masks: MaskMemo,
+    rows: usize,
+}
+
+impl Step<'_> {
+    fn residual_tensor(&self, ws: &Workspace) -> Result<Tensor> {
+        Tensor::from_slice(
+            &ws.x,
+            (1, self.rows, self.t.cfg.hidden_size),
+            &self.t.device,
+        )
+    }
+
+    fn layer(
+        &mut self,
+        i: usize,
+        s: LayerScales,
+        ws: &mut Workspace,
+        pass: &mut Pass,
+    ) -> Result<()> {
+        let [b_att, s_att, b_mlp, s_mlp] = s.as_array();
+        let layer = &self.t.layers[i];
+        match pass.policy.attn(i, &self.residual_tensor(ws)?)? {
+            AttnExec::Skip => ops::scale(&mut ws.x, s_att),
+            AttnExec::Full => {
+                let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
+                self.attention(i, layer, ws, store)?;
+                ops::residual(&mut ws.x, &ws.out, b_att, s_att);
+            }
+            exec => {
+                let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
+                self.candle_attention(i, layer, &exec, ws, store, pass.run)?;
+                ops::residual(&mut ws.x, &ws.out, b_att, s_att);
+            }
+        }
+        match pass.policy.mlp(i, &self.residual_tensor(ws)?)? {
+            MlpExec::Skip => ops::scale(&mut ws.x, s_mlp),
+            MlpExec::Full => {
+                self.mlp(i, layer, ws);
+                ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
+            }
+            exec => {
+                let x1 = self.residual_tensor(ws)?;
+                let eps = self.t.cfg.rms_norm_eps;
+                let h = rms_norm(&x1, &layer.mlp_norm, eps, Mode::Fast)?;
+                let m = mlp(&layer.mlp, &h, &exec, pass.run)?;
+                copy_into(&m, &mut ws.out)?;
+                ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
+            }
+        }
+        Ok(())
+    }
+
+    /// Full attention of layer `i` into `ws.out`, writing K/V to `store`.
+    fn attention(
+        &self,
+        i: usize,
+        layer: &Layer,
+        ws: &mut Workspace,
+        store: Option<&mut KvStore>,
+    ) -> Result<()> {
+        let c = &self.t.cfg;
+        let (p, rows) = (&self.prep.layers[i], self.rows);
+        let heads = Heads {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let a = &layer.attn;
+        ops::rms_norm(&ws.x, &p.attn_norm, c.rms_norm_eps as f32, &mut ws.h);
+        for (l, bias, y) in [
+            (&a.q, &p.q_bias, &mut ws.q),
+            (&a.k, &p.k_bias, &mut ws.k),
+            (&a.v, &p.v_bias, &mut ws.v),
+        ] {
+            matmul(l, &ws.h, rows, y);
+            if let Some(bias) = bias {
+                ops::add_bias(y, bias);
+            }
+        }
+        let (cos, sin) = (&self.prep.cos, &self.prep.sin);
+        let hd = c.head_dim;
+        ops::rope(&mut ws.q, self.positions, hd, c.rope_layout, cos, sin);
+        ops::rope(&mut ws.k, self.positions, hd, c.rope_layout, cos, sin);
+        let window = self.t.attention_window(i);
+        let Workspace {
+            q,
+            k,
+            v,
+            ctx,
+            scores,
+            ..
+        } = ws;
+        match store {
+            Some(store) => {
+                store.append_rows(k, v, self.positions, c.n_kv_heads, hd)?;
+                let key_pos = store.positions();
+                store.with_f32(|k, v, cap| {
+                    let keys = Keys {
+                        k,
+                        v,
+                        head_stride: cap * hd,
+                        key_stride: hd,
+                        positions: key_pos,
+                    };
+                    attend::attend(q, self.positions, &keys, window, heads, scores, ctx);
+                })?;
+            }
+            None => {
+                let keys = Keys {
+                    k,
+                    v,
+                    head_stride: hd,
+                    key_stride: c.n_kv_heads * hd,
+                    positions: self.positions,
+                };
+                attend::attend(q, self.positions, &keys, window, heads, scores, ctx);
+            }
+        }
+        matmul(&a.o, &ws.ctx, rows, &mut ws.out);
+        Ok(())
+    }
+
+    /// An attention answer the lean path does not compute (subsets, K/V
+    /// only) through the candle path, on the same state, into `ws.out`.
+    fn candle_attention(
+        &mut self,
+        i: usize,
+        layer: &Layer,
+        exec: &AttnExec,
+        ws: &mut Workspace,
+        store: Option<&mut KvStore>,
+        run: RunOptions,
+    ) -> Result<()> {
+        let x = self.residual_tensor(ws)?;
+        let h = rms_norm(&x, &layer.attn_norm, self.t.cfg.rms_norm_eps, Mode::Fast)?;
+        let call = AttnCall {
+            layer: i,
+            positions: self.positions,
+            exec,
+            run,
+        };
+        match self
+            .t
+            .attention(&layer.attn, &h, call, store, &mut self.masks, None)?
+        {
+            Some(a) => copy_into(&a, &mut ws.out),
+            None => {
+                ws.out.fill(0.0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The gated MLP of layer `i` over `ws.x` into `ws.out`.
+    fn mlp(&self, i: usize, layer: &Layer, ws: &mut Workspace) {
+        let c = &self.t.cfg;
+        let m = &layer.mlp;
+        let p = &self.prep.layers[i];
+        ops::rms_norm(&ws.x, &p.mlp_norm, c.rms_norm_eps as f32, &mut ws.h);
+        matmul(&m.gate, &ws.h, self.rows, &mut ws.gate);
+        matmul(&m.up, &ws.h, self.rows, &mut ws.up);
+        // `ws.scores` doubles as the exp scratch.
+        let n = ws.gate.len();
+        if ws.scores.len() < n {
+            ws.scores.resize(n, 0.0);
+        }
+        ops::silu_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n]);
+        matmul(&m.down, &ws.gate, self.rows, &mut ws.out);
+    }
+}
+
+/// `y = x Wᵀ` with a projection's kernel (present: `prepare` checked).
+fn matmul(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) {
+    let k = l
+        .kernel
+        .as_deref()
+        .expect("lean path: kernel checked at prepare");
+    k.matmul(x, rows, y);
+}
+
+fn copy_into(t: &Tensor, out: &mut [f32]) -> Result<()> {
+    let v = to_f32(t)?;
+    out.copy_from_slice(&v);
+    Ok(())
+}
+
+/// Logits of `hidden` (..., hidden) with the output matrix's kernel, or
+/// `None` when the candle path computes them.
+pub(super) fn logits(t: &Transformer, hidden: &Tensor, run: RunOptions) -> Result<Option<Tensor>> {
+    let h = t.cfg.hidden_size;
+    let rows = hidden.elem_count() / h.max(1);
+    if !wants_lean(t, run, rows) || hidden.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (weight, bias) = match &t.lm_head {
+        Some(head) => (head.kernel.as_deref(), head.bias.as_ref()),
+        None => (t.embed_kernel.as_deref(), None),
+    };
+    let Some(w) = weight.filter(|w| w.in_dim() == h) else {
+        return Ok(None);
+    };
+    let x = to_f32(hidden)?;
+    let vocab = w.out_dim();
+    let mut y = vec![0f32; rows * vocab];
+    w.matmul(&x, rows, &mut y);
+    if let Some(b) = bias {
+        ops::add_bias(&mut y, &to_f32(b)?);
+    }
+    let mut shape = hidden.dims().to_vec();
+    *shape.last_mut().expect("hidden has a feature axis") = vocab;
+    Tensor::from_vec(y, shape, &t.device).map(Some)
+}

@@ -1,0 +1,206 @@
+//! The lean path's row operations on plain f32 slices: no tensors, no
+//! allocation. Each works row by row, so a row's result never depends on
+//! how many rows a pass carries (a decode step and a speculative verify
+//! compute each row alike).
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use crate::model::config::RopeLayout;
+use crate::model::fused::exp_in_place;
+
+const LANES: usize = 16;
+
+/// Σ a·b, in 16 interleaved partial sums so the loop vectorises.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a·x`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()`) into `out`, as candle's
+/// `rms_norm`: x / sqrt(mean(x²) + eps) · w.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let m = (dot(xr, xr) / n as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * g;
+        }
+    }
+}
+
+/// Rotary embedding in place of `heads` heads of `head_dim` per row of `x`
+/// (rows of `heads · head_dim`), row `r` at `positions[r]`; `cos`/`sin` are
+/// the model's tables, `head_dim / 2` values per position.
+pub fn rope(
+    x: &mut [f32],
+    positions: &[u32],
+    head_dim: usize,
+    layout: RopeLayout,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = head_dim / 2;
+    let row = x.len() / positions.len().max(1);
+    for (xr, &p) in x.chunks_exact_mut(row).zip(positions) {
+        let at = p as usize * half;
+        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+        for h in xr.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match layout {
+                    RopeLayout::Halves => (i, i + half),
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * c[i] - x1 * s[i];
+                h[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+/// `gate = silu(gate) · up`, as `fused::silu_mul`: exp(-g) vectorised,
+/// then g / (1 + exp(-g)) · up. `scratch` is as long as `gate`.
+pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32], scratch: &mut [f32]) {
+    for (e, g) in scratch.iter_mut().zip(gate.iter()) {
+        *e = -g;
+    }
+    exp_in_place(scratch);
+    for ((g, u), e) in gate.iter_mut().zip(up).zip(scratch.iter()) {
+        *g = *g / (1.0 + e) * u;
+    }
+}
+
+/// `x = b·block + s·x`, the scaled residual, with the candle path's
+/// arithmetic (a scale of 1 multiplies nothing).
+pub fn residual(x: &mut [f32], block: &[f32], b: f32, s: f32) {
+    for (x, &a) in x.iter_mut().zip(block) {
+        let a = if b == 1.0 { a } else { a * b };
+        let v = if s == 1.0 { *x } else { *x * s };
+        *x = a + v;
+    }
+}
+
+/// `x = s·x` (a skipped block's residual).
+pub fn scale(x: &mut [f32], s: f32) {
+    if s != 1.0 {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+}
+
+/// Adds `bias` to every row of `y`.
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// Softmax in place, with the f64 sum of `fused`'s kernel.
+pub fn softmax_in_place(s: &mut [f32]) {
+    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    s.iter_mut().for_each(|v| *v -= m);
+    exp_in_place(s);
+    let sum: f64 = s.iter().map(|&v| f64::from(v)).sum();
+    let inv = (1.0 / sum) as f32;
+    s.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// A slice that pool tasks write in disjoint ranges.
+pub struct Shared<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _slice: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks only reach the data through `range`, whose callers write
+// disjoint ranges (each task its own).
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    pub fn new(s: &'a mut [f32]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _slice: PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No two live results may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: Range<usize>) -> &mut [f32] {
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "shared range out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_a_plain_sum_on_odd_lengths() {
+        for n in [1, 15, 16, 17, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
+            assert!((f64::from(dot(&a, &b)) - plain).abs() < 1e-5, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut s = vec![1.0, 3.0, 2.0, -50.0];
+        softmax_in_place(&mut s);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(s[1] > s[2] && s[2] > s[0] && s[0] > s[3]);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_keeps_norms() {
+        let hd = 8;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..2 * hd / 2)
+            .map(|i| {
+                let a = (i / (hd / 2)) as f32 * 0.3 * (1 + i % (hd / 2)) as f32;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        for layout in [RopeLayout::Halves, RopeLayout::Interleaved] {
+            let x: Vec<f32> = (0..2 * hd).map(|i| i as f32 - 3.0).collect();
+            let mut at0 = x.clone();
+            rope(&mut at0, &[0, 0], hd, layout, &cos, &sin);
+            assert_eq!(at0, x);
+            let mut at1 = x.clone();
+            rope(&mut at1, &[1, 1], hd, layout, &cos, &sin);
+            assert_ne!(at1, x);
+            let norm = |v: &[f32]| dot(v, v);
+            assert!((norm(&at1) - norm(&x)).abs() < 1e-3);
+        }
+    }
+}
