@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::model::{Model, RunOptions};
+use crate::model::{KeepWeights, LoadOptions, Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
 use crate::setup::{self, ModelSource, PlanSource};
 use crate::surgery::objective::LossKind;
@@ -26,6 +26,10 @@ pub struct Cli {
     pub model: ModelArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// The workbench's weights: `quantized` loads no f32 copy (its
+    /// measurements then run the quantized matmuls).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,10 +293,29 @@ pub enum Weights {
     /// Dequantized f32 (bf16 on GPU): exact, matches the PyTorch reference.
     F32,
     /// The file's quantized weights (GGUF only): faster decode, ~0.3% PPL drift.
+    /// Loads no f32 copy of them (models that do not fit in memory as f32).
     Quantized,
 }
 
 impl Weights {
+    /// Which copies a load for this choice keeps.
+    pub fn keep(self) -> KeepWeights {
+        match self {
+            Weights::Quantized => KeepWeights::QuantizedOnly,
+            Weights::Auto | Weights::F32 => KeepWeights::Both,
+        }
+    }
+
+    /// The load options for this choice and a run of `context_tokens`
+    /// tokens in each of `sequences` sequences.
+    pub fn load_options(self, context_tokens: usize, sequences: usize) -> LoadOptions {
+        LoadOptions {
+            keep: self.keep(),
+            context_tokens,
+            sequences,
+        }
+    }
+
     /// `prefer_quantized`: what `auto` means for this command.
     pub fn run_options(self, model: &Model, prefer_quantized: bool) -> Result<RunOptions> {
         let quantized = match self {
@@ -415,6 +438,7 @@ impl ModelArgs {
             model: self.model.clone(),
             offline: self.offline,
             device: self.device.clone(),
+            load: LoadOptions::default(),
         }
     }
 }
@@ -431,6 +455,13 @@ impl PlanArgs {
 /// Resolves and loads the model `--model`, `--offline` and `--device` name.
 pub fn load_model(args: &ModelArgs) -> Result<Model> {
     setup::load_model(&args.source())
+}
+
+/// As `load_model`, keeping the copies and checking the memory `load` says.
+pub fn load_model_for(args: &ModelArgs, load: LoadOptions) -> Result<Model> {
+    let mut source = args.source();
+    source.load = load;
+    setup::load_model(&source)
 }
 
 /// The plan from `--plan` and `--skip` together, checked against the model.

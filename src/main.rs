@@ -37,6 +37,10 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
         Some(Command::Speculate(args)) => commands::speculate::run(&cli.model, &cli.plan, args),
-        None => scalpel::tui::run(&cli.model.source(), &cli.plan.source()),
+        None => {
+            let mut source = cli.model.source();
+            source.load.keep = cli.weights.keep();
+            scalpel::tui::run(&source, &cli.plan.source())
+        }
     }
 }

@@ -19,6 +19,8 @@ pub struct ModelSource {
     pub offline: bool,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Which weight copies to keep, and the context the memory check allows for.
+    pub load: model::LoadOptions,
 }
 
 /// The plan to start from: a saved plan file and/or a list of blocks to skip.
@@ -95,7 +97,7 @@ pub fn load_model(source: &ModelSource) -> Result<Model> {
     let device = device(&source.device)?;
     let resolved = model::source::resolve(source.model.as_deref(), source.offline)?;
     let pb = crate::progress::spinner(&format!("loading {}", resolved.local.path().display()));
-    let m = Model::load(&resolved, &device);
+    let m = Model::load_for(&resolved, &device, &source.load);
     pb.finish_and_clear();
     let m = m?;
     eprintln!("scalpel: model {} — {}", m.identity, m.origin);

@@ -349,7 +349,7 @@ fn a_head_subset_equals_zeroing_the_other_heads_context() {
         .unwrap()
         .reshape((t, nh * hd))
         .unwrap();
-    let o = &model.transformer.layers[0].attn.o.weight;
+    let o = model.transformer.layers[0].attn.o.dense_weight().unwrap();
     let want = masked.matmul(&o.t().unwrap()).unwrap();
     let sub = record(
         &model,
@@ -422,15 +422,21 @@ fn a_neuron_subset_equals_zeroing_the_other_neurons() {
     let layer = &model.transformer.layers[0];
     let x = sub.input(BlockId::mlp(0)).squeeze(0).unwrap();
     let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, model.cfg().rms_norm_eps as f32).unwrap();
-    let gate = h.matmul(&layer.mlp.gate.weight.t().unwrap()).unwrap();
-    let up = h.matmul(&layer.mlp.up.weight.t().unwrap()).unwrap();
+    let gate = h
+        .matmul(&layer.mlp.gate.dense_weight().unwrap().t().unwrap())
+        .unwrap();
+    let up = h
+        .matmul(&layer.mlp.up.dense_weight().unwrap().t().unwrap())
+        .unwrap();
     let act = (gate.silu().unwrap() * up).unwrap();
     let keep: Vec<f32> = (0..128)
         .map(|n| f32::from(u8::from(neurons.contains(&n))))
         .collect();
     let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
     let act = act.broadcast_mul(&keep).unwrap();
-    let want = act.matmul(&layer.mlp.down.weight.t().unwrap()).unwrap();
+    let want = act
+        .matmul(&layer.mlp.down.dense_weight().unwrap().t().unwrap())
+        .unwrap();
     assert_close(
         &to_vec(&sub.delta(BlockId::mlp(0))),
         &to_vec(&want),

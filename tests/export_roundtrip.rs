@@ -54,7 +54,7 @@ fn logits(t: &Transformer, ids: &[u32], plan: &Plan) -> Vec<f32> {
 fn with_eps(t: &Transformer, eps: f64) -> Transformer {
     let mut cfg = t.cfg.clone();
     cfg.rms_norm_eps = eps;
-    Transformer::new(
+    Transformer::with_embeddings(
         cfg,
         t.embed.clone(),
         t.embed_quantized.clone(),

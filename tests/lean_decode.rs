@@ -391,8 +391,9 @@ fn quantized_window_model(dir: &Path) -> Model {
     };
     let mut model = Model::load(&resolved, &Device::Cpu).unwrap();
     let quantize = |l: &mut Linear| {
-        let q = Arc::new(QTensor::quantize(&l.weight, GgmlDType::Q8_0).unwrap());
-        l.weight = q.dequantize(&Device::Cpu).unwrap();
+        let w = l.weight.as_ref().expect("a dense fixture");
+        let q = Arc::new(QTensor::quantize(w, GgmlDType::Q8_0).unwrap());
+        l.weight = Some(q.dequantize(&Device::Cpu).unwrap());
         l.quantized = Some(QMatMul::from_arc(q.clone()).unwrap());
         l.kernel = Some(Arc::new(
             QWeight::from_qtensor(q).unwrap().expect("a Q8_0 kernel"),

@@ -18,19 +18,22 @@ use scalpel::tui::app::{App, ModelInfo};
 /// Every weight of the model, flattened (to prove fitting leaves them alone).
 fn weights(model: &Model) -> Vec<f32> {
     let t = &model.transformer;
-    let mut all: Vec<f32> = t.embed.flatten_all().unwrap().to_vec1().unwrap();
+    let mut all: Vec<f32> = t
+        .embed_weight()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for l in &t.layers {
-        for w in [
-            &l.attn.q.weight,
-            &l.attn.k.weight,
-            &l.attn.v.weight,
-            &l.attn.o.weight,
-            &l.mlp.gate.weight,
-            &l.mlp.up.weight,
-            &l.mlp.down.weight,
-            &l.attn_norm,
-            &l.mlp_norm,
-        ] {
+        let linears = [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o];
+        let linears = linears
+            .into_iter()
+            .chain([&l.mlp.gate, &l.mlp.up, &l.mlp.down]);
+        let dense: Vec<Tensor> = linears
+            .map(|lin| lin.dense_weight().unwrap().into_owned())
+            .collect();
+        for w in dense.iter().chain([&l.attn_norm, &l.mlp_norm]) {
             all.extend(w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
     }

@@ -11,15 +11,18 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     if args.runs == 0 || args.prefill < 1 || args.decode < 1 {
         bail!("--runs, --prefill and --decode must be at least 1");
     }
+    let context = args.prefill.max(args.context + args.decode);
+    let load = args.weights.load_options(context, 1);
     let model: Model = match &args.synthetic {
         Some(shape) => {
             let device = crate::setup::device(&margs.device)?;
+            synthetic::check_memory(shape, &device, &load)?;
             let pb = progress::spinner(&format!("building synthetic {shape}"));
-            let m = synthetic::build(shape, &device);
+            let m = synthetic::build_with(shape, &device, load.keep);
             pb.finish_and_clear();
             m?
         }
-        None => cli::load_model(margs)?,
+        None => cli::load_model_for(margs, load)?,
     };
     let (plan, _) = cli::load_plan(pargs, &model)?;
     let run = args.weights.run_options(&model, true)?;

@@ -19,7 +19,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
     if text.trim().is_empty() {
         bail!("the evaluation text is empty");
     }
-    let model = cli::load_model(margs)?;
+    // One window per thread at a time (main() set one thread per op).
+    let load = args
+        .weights
+        .load_options(args.window, rayon::current_num_threads());
+    let model = cli::load_model_for(margs, load)?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;

@@ -26,7 +26,9 @@ pub fn prompt_ids(model: &crate::model::Model, text: &str, chat: bool) -> Result
 }
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
-    let model = cli::load_model(margs)?;
+    // The prompt's length in bytes bounds its tokens (before the tokenizer is loaded).
+    let context = args.prompt.len() + args.max_tokens + 64;
+    let model = cli::load_model_for(margs, args.weights.load_options(context, 1))?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     let codec = model.codec()?;
     let prompt = prompt_ids(&model, &args.prompt, args.chat)?;

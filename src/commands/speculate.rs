@@ -57,7 +57,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     if texts.is_empty() {
         bail!("the prompt file has no prompts");
     }
-    let model = cli::load_model(margs)?;
+    let longest = texts.iter().map(String::len).max().unwrap_or(0);
+    // Bytes bound tokens; the draft and the verifier each hold a sequence.
+    let context = longest + args.max_tokens + args.draft_len + 64;
+    let model = cli::load_model_for(margs, args.weights.load_options(context, 2))?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     if plan.skip.is_empty() {
         eprintln!("scalpel: note: the plan skips nothing, so the draft is the full model");

@@ -128,10 +128,16 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
     let cfg = &t.cfg;
     let f32 = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::F32)?.contiguous()?) };
     let mut out = HashMap::new();
-    out.insert("model.embed_tokens.weight".to_string(), f32(&t.embed)?);
+    out.insert(
+        "model.embed_tokens.weight".to_string(),
+        f32(&t.embed_weight()?.into_owned())?,
+    );
     out.insert("model.norm.weight".to_string(), f32(&t.norm)?);
     if let Some(head) = &t.lm_head {
-        out.insert("lm_head.weight".to_string(), f32(&head.weight)?);
+        out.insert(
+            "lm_head.weight".to_string(),
+            f32(&head.dense_weight()?.into_owned())?,
+        );
     }
     let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
     for (i, layer) in t.layers.iter().enumerate() {
@@ -139,11 +145,14 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
         if !plan.is_skipped(BlockId::attn(i)) {
             let (q, k) = if interleaved {
                 (
-                    unpermute(&layer.attn.q.weight, cfg.n_heads)?,
-                    unpermute(&layer.attn.k.weight, cfg.n_kv_heads)?,
+                    unpermute(&layer.attn.q.dense_weight()?.into_owned(), cfg.n_heads)?,
+                    unpermute(&layer.attn.k.dense_weight()?.into_owned(), cfg.n_kv_heads)?,
                 )
             } else {
-                (layer.attn.q.weight.clone(), layer.attn.k.weight.clone())
+                (
+                    layer.attn.q.dense_weight()?.into_owned(),
+                    layer.attn.k.dense_weight()?.into_owned(),
+                )
             };
             out.insert(
                 format!("{p}.input_layernorm.weight"),
@@ -153,11 +162,11 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
             out.insert(format!("{p}.self_attn.k_proj.weight"), f32(&k)?);
             out.insert(
                 format!("{p}.self_attn.v_proj.weight"),
-                f32(&layer.attn.v.weight)?,
+                f32(&layer.attn.v.dense_weight()?.into_owned())?,
             );
             out.insert(
                 format!("{p}.self_attn.o_proj.weight"),
-                f32(&layer.attn.o.weight)?,
+                f32(&layer.attn.o.dense_weight()?.into_owned())?,
             );
         }
         if !plan.is_skipped(BlockId::mlp(i)) {
@@ -167,15 +176,15 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
             );
             out.insert(
                 format!("{p}.mlp.gate_proj.weight"),
-                f32(&layer.mlp.gate.weight)?,
+                f32(&layer.mlp.gate.dense_weight()?.into_owned())?,
             );
             out.insert(
                 format!("{p}.mlp.up_proj.weight"),
-                f32(&layer.mlp.up.weight)?,
+                f32(&layer.mlp.up.dense_weight()?.into_owned())?,
             );
             out.insert(
                 format!("{p}.mlp.down_proj.weight"),
-                f32(&layer.mlp.down.weight)?,
+                f32(&layer.mlp.down.dense_weight()?.into_owned())?,
             );
         }
     }

@@ -68,7 +68,7 @@ pub fn fold_transformer(t: &Transformer, plan: &Plan) -> Result<Transformer> {
         .zip(&factors)
         .map(|(layer, f)| fold_layer(layer, f))
         .collect::<Result<Vec<Layer>>>()?;
-    Ok(Transformer::new(
+    Ok(Transformer::with_embeddings(
         t.cfg.clone(),
         t.embed.clone(),
         t.embed_quantized.clone(),
@@ -91,12 +91,10 @@ fn scale_linear(l: &Linear, factor: f64) -> Result<Linear> {
         return Ok(l.clone());
     }
     let scale = |t: &Tensor| t.affine(factor, 0.0);
-    Ok(Linear {
-        weight: scale(&l.weight)?,
-        bias: l.bias.as_ref().map(scale).transpose()?,
-        quantized: None,
-        kernel: None,
-    })
+    Ok(Linear::dense(
+        scale(l.dense_weight()?.as_ref())?,
+        l.bias.as_ref().map(scale).transpose()?,
+    ))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod frozen;
 pub mod fused;
 pub mod header_check;
 pub mod mask;
+pub mod memory;
 pub mod params;
 pub mod pass;
 pub mod source;
@@ -19,12 +20,14 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 pub use config::{Arch, ModelConfig};
+pub use memory::LoadOptions;
 pub use params::{ParamValues, ParamsOver, TrainableParams};
 pub use pass::{AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Residual, TensorScales};
 pub use source::{LocalModel, Resolved};
 pub use state::SeqState;
 pub use tokenizer::TextCodec;
 pub use transformer::{Mode, RunOptions, Transformer};
+pub use weights::KeepWeights;
 
 use crate::plan::{ModelIdentity, Plan, PlanFile};
 
@@ -63,21 +66,37 @@ impl Model {
 
     /// Opens a resolved model on `device` (f32 on CPU, bf16 on GPU).
     pub fn load(resolved: &Resolved, device: &Device) -> Result<Self> {
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
-        Self::load_as(resolved, device, dtype)
+        Self::load_as(resolved, device, default_dtype(device))
+    }
+
+    /// As `load`, keeping the copies and checking the memory `opts` says.
+    pub fn load_for(resolved: &Resolved, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(resolved, device, default_dtype(device), opts)
     }
 
     /// Opens a model with weights in `dtype` (f64 serves gradient checks).
     pub fn load_as(resolved: &Resolved, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(resolved, device, dtype, &LoadOptions::default())
+    }
+
+    /// Opens a model as `opts` says (which copies of the weights to keep,
+    /// and the context its memory estimate allows for). The estimate is
+    /// checked against the memory available before any tensor is read.
+    pub fn load_with(
+        resolved: &Resolved,
+        device: &Device,
+        dtype: DType,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let (cfg, transformer, hash, codec, name, noops) = match &resolved.local {
             LocalModel::Gguf(path) => {
-                let mut src = weights::GgufSource::open(path, device, dtype)?;
+                let src = weights::GgufSource::open(path, device, dtype)?;
                 let mut cfg = ModelConfig::from_gguf(&src.content)
                     .with_context(|| format!("cannot use {}", path.display()))?;
+                check_memory(&path.display().to_string(), device, opts, |o| {
+                    memory::estimate(&cfg, gguf_tensors(&src.content), device, dtype, o)
+                })?;
+                let mut src = src.keep(opts.keep);
                 if let Some(factors) = src.rope_freq_factors()? {
                     cfg.set_rope_freq_factors(factors)
                         .with_context(|| format!("cannot use {}", path.display()))?;
@@ -132,6 +151,10 @@ impl Model {
                 }
                 let noops = config::deci_noop_blocks_hf(&text)?;
                 let mut src = weights::SafetensorsSource::open(dir, device, dtype)?;
+                let tensors = src.stored_tensors();
+                check_memory(&dir.display().to_string(), device, opts, |o| {
+                    memory::estimate(&cfg, tensors.iter().copied(), device, dtype, o)
+                })?;
                 let (t, hash) = weights::build_transformer_with_noops(
                     &cfg,
                     &mut src,
@@ -192,6 +215,54 @@ impl Model {
     }
 }
 
+/// f32 on CPU, bf16 on GPU.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// The tensors of a GGUF file as the memory estimate sees them.
+fn gguf_tensors(
+    content: &candle_core::quantized::gguf_file::Content,
+) -> impl Iterator<Item = memory::StoredTensor> + '_ {
+    use candle_core::quantized::GgmlDType;
+    content
+        .tensor_infos
+        .values()
+        .map(|info| memory::StoredTensor {
+            elems: info.shape.elem_count() as u64,
+            stored: match info.ggml_dtype {
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => memory::Stored::Float,
+                q => memory::Stored::Quantized(q),
+            },
+        })
+}
+
+/// Refuses a load of `what` whose estimate (`estimate(opts)`) exceeds the
+/// memory available, suggesting the quantized-only load where it helps.
+/// Only host memory is checked: on a GPU the weights live on the device.
+pub fn check_memory(
+    what: &str,
+    device: &Device,
+    opts: &LoadOptions,
+    estimate: impl Fn(&LoadOptions) -> memory::MemoryNeed,
+) -> Result<()> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    let need = estimate(opts);
+    let quantized_only = LoadOptions {
+        keep: KeepWeights::QuantizedOnly,
+        ..*opts
+    };
+    let alt = estimate(&quantized_only);
+    let alt = (alt.weights() < need.weights()).then_some(alt);
+    memory::check(&format!("loading {what}"), &need, alt.as_ref(), opts)
+}
+
 /// MLP blocks whose down projection is all zero (llama.cpp `deci` exports
 /// write a skipped MLP that way): they contribute nothing, so skip them.
 fn zero_mlp_blocks(t: &Transformer) -> Result<Vec<crate::plan::BlockId>> {
@@ -200,7 +271,7 @@ fn zero_mlp_blocks(t: &Transformer) -> Result<Vec<crate::plan::BlockId>> {
         let max = layer
             .mlp
             .down
-            .weight
+            .dense_weight()?
             .abs()?
             .max_all()?
             .to_dtype(DType::F32)?

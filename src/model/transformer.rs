@@ -13,10 +13,11 @@
 //! keys live in the sequence state with their positions (`model::state`);
 //! masks and rotary positions come from those.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::attention;
@@ -34,10 +35,14 @@ mod lean;
 pub use lean::MAX_ROWS as LEAN_MAX_ROWS;
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
-/// work, and optionally the original quantized weights for fast decode.
+/// work, and optionally the original quantized weights for fast decode. A
+/// quantized-only load (`--weights quantized`) keeps no dense copy: the
+/// quantized matmul runs, and what needs dense values dequantizes them on
+/// the spot (`dense_weight`), one matrix at a time.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    /// `None` in a quantized-only load (then `quantized` is set).
+    pub weight: Option<Tensor>,
     pub bias: Option<Tensor>,
     pub quantized: Option<QMatMul>,
     /// The file's own quantized weights for the lean CPU path (`model::lean`).
@@ -45,11 +50,29 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A dense layer (no quantized copy).
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Some(weight),
+            bias,
+            quantized: None,
+            kernel: None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, run: RunOptions) -> Result<Tensor> {
-        let y = match (&self.quantized, run.quantized, run.mode) {
-            (Some(q), true, _) => q.forward(x)?,
-            (_, _, Mode::Differentiable) => frozen_matmul(x, &self.weight)?,
-            _ => fused::linear(x, &self.weight)?,
+        let y = match (&self.quantized, &self.weight, run.quantized, run.mode) {
+            (Some(q), _, true, _) => q.forward(x)?,
+            (_, Some(w), _, Mode::Differentiable) => frozen_matmul(x, w)?,
+            (_, Some(w), _, Mode::Fast) => fused::linear(x, w)?,
+            // Quantized-only: the fast path is the quantized matmul; a
+            // differentiable pass dequantizes this matrix for the call.
+            (Some(_), None, _, Mode::Differentiable) => {
+                let w = self.dense_weight()?.to_dtype(x.dtype())?;
+                frozen_matmul(x, &w)?
+            }
+            (Some(q), None, _, Mode::Fast) => q.forward(x)?,
+            (None, None, _, _) => candle_core::bail!("a linear layer without weights"),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -57,15 +80,43 @@ impl Linear {
         }
     }
 
+    /// The dense weight (out, in): the stored one, or the quantized one
+    /// dequantized now (f32) when the load kept no dense copy.
+    pub fn dense_weight(&self) -> Result<Cow<'_, Tensor>> {
+        match (&self.weight, &self.quantized) {
+            (Some(w), _) => Ok(Cow::Borrowed(w)),
+            (None, Some(QMatMul::QTensor(q))) => Ok(Cow::Owned(q.dequantize(&q.device())?)),
+            (None, Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t))) => Ok(Cow::Borrowed(t)),
+            (None, None) => candle_core::bail!("a linear layer without weights"),
+        }
+    }
+
+    /// Bytes this layer holds for its weights (dense and quantized).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = self.weight.as_ref().map_or(0, tensor_bytes);
+        let bias = self.bias.as_ref().map_or(0, tensor_bytes);
+        let quantized = match &self.quantized {
+            Some(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+            None => 0,
+        };
+        dense + bias + quantized
+    }
+
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        match (&self.weight, &self.quantized) {
+            (Some(w), _) => w.dims()[0],
+            (None, Some(QMatMul::QTensor(q))) => q.shape().dims()[0],
+            (None, Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t))) => t.dims()[0],
+            (None, None) => 0,
+        }
     }
 
     /// The output features `rows` only (dense weights; the quantized copy
     /// is dropped).
     pub fn rows(&self, rows: &Tensor) -> Result<Self> {
         Ok(Self {
-            weight: self.weight.index_select(rows, 0)?,
+            weight: Some(self.dense_weight()?.index_select(rows, 0)?),
             bias: self
                 .bias
                 .as_ref()
@@ -79,7 +130,7 @@ impl Linear {
     /// The input features `cols` only (dense weights).
     pub fn cols(&self, cols: &Tensor) -> Result<Self> {
         Ok(Self {
-            weight: self.weight.index_select(cols, 1)?.contiguous()?,
+            weight: Some(self.dense_weight()?.index_select(cols, 1)?.contiguous()?),
             bias: self.bias.clone(),
             quantized: None,
             kernel: None,
@@ -165,7 +216,11 @@ pub const DENSE_PREFILL_MIN_TOKENS: usize = 32;
 
 pub struct Transformer {
     pub cfg: ModelConfig,
-    pub embed: Tensor,
+    /// Dense token embeddings; `None` in a quantized-only load, where rows
+    /// are dequantized from `embed_quantized` as tokens are looked up.
+    pub embed: Option<Tensor>,
+    /// The quantized embeddings: the tied output projection for decode,
+    /// and the lookup table of a quantized-only load.
     pub embed_quantized: Option<QMatMul>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
@@ -189,8 +244,24 @@ impl Transformer {
         norm: Tensor,
         lm_head: Option<Linear>,
     ) -> Result<Self> {
-        let device = embed.device().clone();
-        let dtype = embed.dtype();
+        Self::with_embeddings(cfg, Some(embed), embed_quantized, layers, norm, lm_head)
+    }
+
+    /// As `new`, with the dense embeddings optional (quantized-only load:
+    /// then `embed_quantized` must be set). Device and dtype follow `norm`.
+    pub fn with_embeddings(
+        cfg: ModelConfig,
+        embed: Option<Tensor>,
+        embed_quantized: Option<QMatMul>,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Option<Linear>,
+    ) -> Result<Self> {
+        if embed.is_none() && !matches!(embed_quantized, Some(QMatMul::QTensor(_))) {
+            candle_core::bail!("a model needs dense or quantized token embeddings");
+        }
+        let device = norm.device().clone();
+        let dtype = embed.as_ref().map_or(norm.dtype(), Tensor::dtype);
         let inv_freq = cfg.rope_inv_freq();
         let max_pos = cfg.max_position_embeddings.max(4096);
         let inv = Tensor::new(inv_freq.as_slice(), &device)?;
@@ -229,9 +300,54 @@ impl Transformer {
     /// Token embeddings, shape (batch, seq, hidden).
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))
+        let flat = ids.flatten_all()?;
+        let rows = match (&self.embed, &self.embed_quantized) {
+            (Some(e), _) => e.index_select(&flat, 0)?,
+            (None, Some(QMatMul::QTensor(q))) => {
+                quantized_rows(q, &flat.to_vec1::<u32>()?)?.to_dtype(self.dtype)?
+            }
+            _ => candle_core::bail!("this model has no token embeddings"),
+        };
+        rows.reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// The dense embedding matrix (vocab, hidden): the stored one, or the
+    /// quantized one dequantized now.
+    pub fn embed_weight(&self) -> Result<Cow<'_, Tensor>> {
+        match (&self.embed, &self.embed_quantized) {
+            (Some(e), _) => Ok(Cow::Borrowed(e)),
+            (None, Some(QMatMul::QTensor(q))) => Ok(Cow::Owned(
+                q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+            )),
+            _ => candle_core::bail!("this model has no token embeddings"),
+        }
+    }
+
+    /// Bytes held for weights (dense and quantized copies, norms, biases;
+    /// not the RoPE tables or any cache).
+    pub fn weight_bytes(&self) -> usize {
+        let embed = self.embed.as_ref().map_or(0, tensor_bytes)
+            + match &self.embed_quantized {
+                Some(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+                Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+                None => 0,
+            };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                let m = &l.mlp;
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                    .iter()
+                    .map(|lin| lin.weight_bytes())
+                    .sum::<usize>()
+                    + tensor_bytes(&l.attn_norm)
+                    + tensor_bytes(&l.mlp_norm)
+            })
+            .sum();
+        let head = self.lm_head.as_ref().map_or(0, Linear::weight_bytes);
+        embed + layers + head + tensor_bytes(&self.norm)
     }
 
     /// The sliding window of `layer`'s attention, if any.
@@ -355,8 +471,16 @@ impl Transformer {
         let logits = match (&self.lm_head, &self.embed_quantized) {
             (Some(head), _) => head.forward(hidden, run)?,
             (None, Some(q)) if run.quantized => q.forward(hidden)?,
-            (None, _) if run.mode == Mode::Differentiable => frozen_matmul(hidden, &self.embed)?,
-            (None, _) => fused::linear(hidden, &self.embed)?,
+            (None, _) if self.embed.is_none() => match (&self.embed_quantized, run.mode) {
+                // Quantized-only: the quantized matmul, or for gradients
+                // the dequantized matrix for this call.
+                (Some(q), Mode::Fast) => q.forward(hidden)?,
+                _ => frozen_matmul(hidden, self.embed_weight()?.as_ref())?,
+            },
+            (None, _) if run.mode == Mode::Differentiable => {
+                frozen_matmul(hidden, self.embed_weight()?.as_ref())?
+            }
+            (None, _) => fused::linear(hidden, self.embed_weight()?.as_ref())?,
         };
         // Half-precision logits are upcast for stable log-softmax.
         match logits.dtype() {
@@ -525,6 +649,38 @@ impl Transformer {
             (RopeLayout::Interleaved, Mode::Differentiable) => re::rope_i_slow(x, &cos, &sin),
         }
     }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Rows `ids` of a quantized (rows, cols) matrix, dequantized (f32): only
+/// those rows' blocks are read, so no dense copy of the matrix is made.
+fn quantized_rows(q: &QTensor, ids: &[u32]) -> Result<Tensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    if cols % dtype.block_size() != 0 {
+        candle_core::bail!("embedding rows of {cols} do not split into {dtype:?} blocks");
+    }
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut picked = Vec::with_capacity(ids.len() * row_bytes);
+    for &id in ids {
+        let id = id as usize;
+        if id >= rows {
+            candle_core::bail!("token id {id} is outside the vocabulary of {rows}");
+        }
+        picked.extend_from_slice(&data[id * row_bytes..(id + 1) * row_bytes]);
+    }
+    let device = q.device();
+    let sub = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &picked,
+        vec![ids.len(), cols],
+        &device,
+    )?;
+    sub.dequantize(&device)
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {

@@ -1,6 +1,8 @@
 //! Reading weights from GGUF files and Hugging Face safetensors into the
 //! engine's structs. GGUF tensors are dequantized at load (f32 on CPU, bf16
-//! on GPU) and the quantized originals are kept for fast decode.
+//! on GPU) and the quantized originals are kept for fast decode; a
+//! quantized-only load (`KeepWeights::QuantizedOnly`) skips the dense copy
+//! of every quantized matrix, for models that do not fit as f32.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -19,8 +21,10 @@ use crate::kernels::QWeight;
 use crate::plan::BlockId;
 
 /// One tensor as loaded: dense values, plus the quantized original if any.
+/// At least one of the two is set; `dense` is `None` only for a quantized
+/// tensor of a quantized-only load.
 pub struct Loaded {
-    pub dense: Tensor,
+    pub dense: Option<Tensor>,
     pub quantized: Option<Arc<QTensor>>,
     /// The tensor exactly as the file stores it (before any requantization
     /// for candle), for the lean decode path's kernels.
@@ -34,6 +38,45 @@ fn kernel_of(original: &Option<Arc<QTensor>>) -> Result<Option<Arc<QWeight>>> {
         Some(q) if q.device().is_cpu() => Ok(QWeight::from_qtensor(q.clone())?.map(Arc::new)),
         _ => Ok(None),
     }
+}
+
+impl Loaded {
+    pub fn dense(dense: Tensor) -> Self {
+        Self {
+            dense: Some(dense),
+            quantized: None,
+            original: None,
+        }
+    }
+
+    pub fn dims(&self) -> Vec<usize> {
+        match (&self.dense, &self.quantized) {
+            (Some(d), _) => d.dims().to_vec(),
+            (None, Some(q)) => q.shape().dims().to_vec(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The dense values, dequantizing the quantized tensor if no dense copy
+    /// was kept (for the small tensors: norms, biases, padded matrices).
+    pub fn into_dense(self, dtype: DType) -> Result<Tensor> {
+        match (self.dense, self.quantized) {
+            (Some(d), _) => Ok(d),
+            (None, Some(q)) => Ok(q.dequantize(&q.device())?.to_dtype(dtype)?),
+            (None, None) => bail!("a tensor with neither dense nor quantized values"),
+        }
+    }
+}
+
+/// Which copies of the quantized matrices a load keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepWeights {
+    /// Dense (f32 / bf16) and quantized: exact paths and fast decode.
+    #[default]
+    Both,
+    /// Only the quantized ones (the file's, or Q8_0 for Q4_1/Q5_x on CPU):
+    /// dense values are dequantized when a path needs them.
+    QuantizedOnly,
 }
 
 /// A tensor as the file stores it: its type there, its shape and the bytes
@@ -98,9 +141,16 @@ pub struct GgufSource {
     pub content: gguf_file::Content,
     device: Device,
     dtype: DType,
+    keep: KeepWeights,
 }
 
 impl GgufSource {
+    /// Which copies `load` keeps (both by default).
+    pub fn keep(mut self, keep: KeepWeights) -> Self {
+        self.keep = keep;
+        self
+    }
+
     pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let file_len = file.metadata()?.len();
@@ -139,6 +189,7 @@ impl GgufSource {
             content,
             device: device.clone(),
             dtype,
+            keep: KeepWeights::Both,
         })
     }
 
@@ -174,11 +225,17 @@ impl WeightSource for GgufSource {
             .content
             .tensor(&mut self.reader, &name, &self.device)
             .with_context(|| format!("cannot read tensor `{name}` from {}", self.path.display()))?;
-        let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
+        let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let keep_dense = is_float || self.keep == KeepWeights::Both;
+        let dense = if keep_dense {
+            Some(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
         let q = Arc::new(q);
-        let original = Some(q.clone());
+        let original = (!is_float).then(|| q.clone());
         let quantized = match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            _ if is_float => None,
             // candle has no SIMD CPU kernel for these (a scalar loop runs
             // instead, ~10x slower): keep the decode copy as Q8_0, which has one
             // and represents their 16/32 levels per block almost exactly.
@@ -300,17 +357,27 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+impl SafetensorsSource {
+    /// Every tensor's element count, for the memory estimate (all dense).
+    pub fn stored_tensors(&self) -> Vec<super::memory::StoredTensor> {
+        self.tensors
+            .tensors()
+            .into_iter()
+            .map(|(_, view)| super::memory::StoredTensor {
+                elems: view.shape().iter().product::<usize>() as u64,
+                stored: super::memory::Stored::Float,
+            })
+            .collect()
+    }
+}
+
 impl WeightSource for SafetensorsSource {
     fn load(&mut self, hf_name: &str) -> Result<Loaded> {
         let t = self
             .tensors
             .load(hf_name, &self.device)
             .with_context(|| format!("cannot read tensor `{hf_name}`"))?;
-        Ok(Loaded {
-            dense: t.to_dtype(self.dtype)?,
-            quantized: None,
-            original: None,
-        })
+        Ok(Loaded::dense(t.to_dtype(self.dtype)?))
     }
 
     fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample> {
@@ -383,6 +450,7 @@ pub fn build_transformer_with_noops(
         hash_stored(&mut hasher, ROPE_FREQS, &src.stored_sample(ROPE_FREQS)?);
     }
     let device = src.device();
+    let dtype = src.dtype();
     let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
         if !src.contains(name) {
             if let Some(fill) = noop_placeholder(name, noops) {
@@ -391,25 +459,22 @@ pub fn build_transformer_with_noops(
                     Placeholder::Ones => (Tensor::ones(expect, DType::F32, &device)?, "ones"),
                 };
                 hash_placeholder(&mut hasher, name, expect, label);
-                return Ok(Loaded {
-                    dense: dense.to_dtype(src.dtype())?,
-                    quantized: None,
-                    original: None,
-                });
+                return Ok(Loaded::dense(dense.to_dtype(src.dtype())?));
             }
             bail!("the weights lack `{name}` (expected for this architecture)");
         }
         hash_stored(&mut hasher, name, &src.stored_sample(name)?);
         let t = src.load(name)?;
-        if t.dense.dims() == expect {
+        let dims = t.dims();
+        if dims == expect {
             return Ok(t);
         }
-        if let Some(padded) = pad_narrow_ffn(name, &t.dense, expect, narrow_ffn)? {
-            return Ok(Loaded {
-                dense: padded,
-                quantized: None,
-                original: None,
-            });
+        if is_narrow_ffn(name, &dims, expect, narrow_ffn) {
+            let dense = t.into_dense(src.dtype())?;
+            if let Some(padded) = pad_narrow_ffn(name, &dense, expect, narrow_ffn)? {
+                return Ok(Loaded::dense(padded));
+            }
+            bail!("tensor `{name}` could not be padded to {expect:?}");
         }
         let file_name = src.file_name(name);
         let also = if file_name == name {
@@ -421,7 +486,7 @@ pub fn build_transformer_with_noops(
             "tensor `{file_name}`{also} has shape {:?} in the file, but the model's config \
              expects {expect:?}: the weights do not match their config (a mismatched or \
              corrupt file)",
-            t.dense.dims()
+            dims
         )
     };
 
@@ -432,7 +497,10 @@ pub fn build_transformer_with_noops(
         let mut linear = |proj: &str, group: &str, bias: bool| -> Result<Linear> {
             let w = get(&format!("{p}.{group}.{proj}.weight"), &shapes[proj])?;
             let bias = if bias {
-                Some(get(&format!("{p}.{group}.{proj}.bias"), &shapes[proj][..1])?.dense)
+                Some(
+                    get(&format!("{p}.{group}.{proj}.bias"), &shapes[proj][..1])?
+                        .into_dense(dtype)?,
+                )
             } else {
                 None
             };
@@ -455,8 +523,9 @@ pub fn build_transformer_with_noops(
             up: linear("up_proj", "mlp", false)?,
             down: linear("down_proj", "mlp", false)?,
         };
-        let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?.dense;
-        let mlp_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[h])?.dense;
+        let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?.into_dense(dtype)?;
+        let mlp_norm =
+            get(&format!("{p}.post_attention_layernorm.weight"), &[h])?.into_dense(dtype)?;
         layers.push(Layer {
             attn_norm,
             attn,
@@ -464,7 +533,7 @@ pub fn build_transformer_with_noops(
             mlp,
         });
     }
-    let norm = get("model.norm.weight", &[h])?.dense;
+    let norm = get("model.norm.weight", &[h])?.into_dense(dtype)?;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
@@ -476,15 +545,18 @@ pub fn build_transformer_with_noops(
             kernel: kernel_of(&w.original)?,
         })
     };
+    // The quantized embeddings serve the tied output projection, and the
+    // token lookup of a quantized-only load.
     let embed_q = match embed.quantized {
-        Some(q) if cfg.tie_word_embeddings => Some(QMatMul::from_arc(q)?),
+        Some(q) if cfg.tie_word_embeddings || embed.dense.is_none() => Some(QMatMul::from_arc(q)?),
         _ => None,
     };
     let embed_kernel = match cfg.tie_word_embeddings {
         true => kernel_of(&embed.original)?,
         false => None,
     };
-    let mut t = Transformer::new(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
+    let mut t =
+        Transformer::with_embeddings(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
     t.embed_kernel = embed_kernel;
     Ok((t, format!("{:x}", hasher.finalize())))
 }
@@ -512,6 +584,28 @@ fn noop_placeholder(hf_name: &str, noops: &BTreeSet<BlockId>) -> Option<Placehol
         return None;
     };
     noops.contains(&block).then_some(fill)
+}
+
+/// Whether `hf_name` is the FFN weight of a `narrow_ffn` layer, stored with
+/// the declared width (so `pad_narrow_ffn` applies).
+fn is_narrow_ffn(
+    hf_name: &str,
+    dims: &[usize],
+    expect: &[usize],
+    narrow_ffn: &BTreeMap<usize, usize>,
+) -> bool {
+    let Some((layer, proj)) = hf_name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once(".mlp."))
+    else {
+        return false;
+    };
+    let known = matches!(
+        proj,
+        "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+    );
+    let narrow = layer.parse::<usize>().ok().and_then(|l| narrow_ffn.get(&l));
+    known && narrow.is_some() && dims.len() == 2 && expect.len() == 2
 }
 
 /// Zero-pads the FFN weight of a `narrow_ffn` layer whose stored width is
