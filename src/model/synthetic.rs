@@ -49,6 +49,7 @@ pub fn config(shape: &str) -> Result<ModelConfig> {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         add_bos: true,
+        gemma3: None,
     })
 }
 
@@ -92,6 +93,7 @@ pub fn build(shape: &str, device: &Device) -> Result<Model> {
                 up: lin(cfg.intermediate_size, h)?,
                 down: lin(h, cfg.intermediate_size)?,
             },
+            gemma: None,
         });
     }
     let embed = rand(cfg.vocab_size, h)?;
