@@ -12,9 +12,9 @@ pub fn run(margs: &ModelArgs, args: &FetchArgs) -> Result<()> {
              --model PATH or a hub id",
             source::GEMMA3_NAME
         ),
-        (Some(name), Some(model)) if model != name => bail!(
-            "`scalpel fetch {name}` and --model {model} name different models; give one"
-        ),
+        (Some(name), Some(model)) if model != name => {
+            bail!("`scalpel fetch {name}` and --model {model} name different models; give one")
+        }
         (Some(name), _) => Some(name.as_str()),
         (None, model) => model.as_deref(),
     };

@@ -43,8 +43,14 @@ impl Arch {
                  runs the text-only one (`Gemma3ForCausalLM`, model_type `gemma3_text`) or a \
                  Gemma 3 GGUF"
             ),
-            "gemma" | "gemmaforcausallm" | "gemma2" | "gemma2forcausallm" | "gemma3n"
-            | "gemma3nforcausallm" | "gemma3nforconditionalgeneration" | "gemma3n_text" => bail!(
+            "gemma"
+            | "gemmaforcausallm"
+            | "gemma2"
+            | "gemma2forcausallm"
+            | "gemma3n"
+            | "gemma3nforcausallm"
+            | "gemma3nforconditionalgeneration"
+            | "gemma3n_text" => bail!(
                 "unsupported architecture `{}`: of the Gemma family scalpel runs Gemma 3 \
                  (text) only; Gemma 1/2 and Gemma 3n differ in their layers (soft-capping, \
                  per-layer embeddings)",
@@ -399,7 +405,10 @@ impl ModelConfig {
             gemma3: gemma3.map(|g| g.params),
         };
         if arch == Arch::Gemma3 {
-            let act = raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref());
+            let act = raw
+                .hidden_activation
+                .as_deref()
+                .or(raw.hidden_act.as_deref());
             if act.is_some_and(|a| !matches!(a, "gelu_pytorch_tanh" | "gelu_tanh")) {
                 bail!(
                     "Gemma 3 activation `{}` is not supported (gelu_pytorch_tanh is)",
@@ -494,7 +503,9 @@ impl ModelConfig {
             bos_token_id: tok_u32("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
             add_bos: tok_bool("tokenizer.ggml.add_bos_token").unwrap_or(arch != Arch::Qwen2),
-            gemma3: gemma.then(|| gemma3_from_gguf(n_layers, hidden_size, n_heads, head_dim, |k| get_u(k).ok())),
+            gemma3: gemma.then(|| {
+                gemma3_from_gguf(n_layers, hidden_size, n_heads, head_dim, |k| get_u(k).ok())
+            }),
         };
         cfg.check()?;
         Ok(cfg)

@@ -194,7 +194,10 @@ fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
             scores.len()
         );
     }
-    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+    let types: Vec<i32> = match md
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+    {
         Some(t) => t.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
@@ -223,7 +226,7 @@ fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(model);
     let space = Replace::new(" ", "▁")
         .map_err(|e| anyhow!("cannot build the SentencePiece normalizer: {e}"))?;
-    tokenizer.with_normalizer(Some(space));
+    let _ = tokenizer.with_normalizer(Some(space));
     let unspace = Replace::new("▁", " ")
         .map_err(|e| anyhow!("cannot build the SentencePiece decoder: {e}"))?;
     tokenizer.with_decoder(Some(DecoderSequence::new(vec![

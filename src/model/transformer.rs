@@ -220,10 +220,11 @@ impl Transformer {
     /// Token embeddings, shape (batch, seq, hidden) (Gemma: times √hidden).
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         match self.cfg.embed_scale() {
             Some(scale) => x.affine(scale, 0.0),
             None => Ok(x),

@@ -255,7 +255,9 @@ impl WeightSource for GgufSource {
     }
 
     fn contains(&self, hf_name: &str) -> bool {
-        self.content.tensor_infos.contains_key(&self.name_of(hf_name))
+        self.content
+            .tensor_infos
+            .contains_key(&self.name_of(hf_name))
     }
 
     fn gemma_norms_include_one(&self) -> bool {
@@ -412,6 +414,13 @@ pub fn build_transformer_with_noops(
     if src.contains(ROPE_FREQS) {
         hash_stored(&mut hasher, ROPE_FREQS, &src.stored_sample(ROPE_FREQS)?);
     }
+    let gemma = cfg.gemma3.is_some();
+    // Gemma's RMSNorm multiplies by 1 + w; the engine's by its weight.
+    let norm_offset = if gemma && !src.gemma_norms_include_one() {
+        1.0
+    } else {
+        0.0
+    };
     let device = src.device();
     let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
         if !src.contains(name) {
@@ -453,13 +462,6 @@ pub fn build_transformer_with_noops(
         )
     };
 
-    let gemma = cfg.gemma3.is_some();
-    // Gemma's RMSNorm multiplies by 1 + w; the engine's by its weight.
-    let norm_offset = if gemma && !src.gemma_norms_include_one() {
-        1.0
-    } else {
-        0.0
-    };
     let mlp_norm_name = if gemma {
         "pre_feedforward_layernorm"
     } else {
