@@ -575,7 +575,18 @@ fn real_gemma3_tokenizes_eval_txt_as_the_reference() {
     let text = std::fs::read_to_string(common::shared_dir().join("peers/eval.txt")).unwrap();
     let ids = codec.encode(&text).unwrap();
     let want = eval_ids();
-    assert_eq!(ids.len(), want.len());
+    let show = |ids: &[u32]| -> Vec<String> {
+        ids.iter()
+            .map(|&i| codec.tokenizer.id_to_token(i).unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(
+        ids.len(),
+        want.len(),
+        "{:?}\n{:?}",
+        show(&ids[..40]),
+        show(&want[..40])
+    );
     assert_eq!(ids, want);
     assert_eq!(codec.decode(&ids).unwrap(), text);
     // The generation prompt of the peers' runs: BOS, then the text.
@@ -598,28 +609,60 @@ fn real_gemma3_tokenizes_eval_txt_as_the_reference() {
     assert_eq!(ids[..2], [2, 105], "{ids:?}");
 }
 
-#[test]
-fn real_gemma3_perplexity_matches_pytorch() {
-    let model = gemma3();
-    assert!(model.cfg().add_bos);
+fn pt_reference() -> serde_json::Value {
+    common::read_json(common::shared_dir().join("peers/results/pt_gemma3.json"))
+}
+
+fn eval_windows(ids: &[u32], parallel_windows: bool) -> scalpel::eval::perplexity::EvalReport {
     let opts = EvalOptions {
         window: 512,
         compare_base: false,
         run: RunOptions::FAST,
-        parallel_windows: true,
+        parallel_windows,
     };
-    let start = std::time::Instant::now();
-    let r = evaluate(
-        model,
-        &eval_ids(),
+    evaluate(
+        gemma3(),
+        ids,
         &Plan::base(),
         opts,
         &AtomicBool::new(false),
         |_, _| {},
     )
-    .unwrap();
-    let pt = common::read_json(common::shared_dir().join("peers/results/pt_gemma3.json"));
-    let want = pt["ppl"]["ppl"].as_f64().unwrap();
+    .unwrap()
+}
+
+/// The first window (BOS + 511 tokens) against PyTorch's mean NLL there:
+/// what CI can afford on 2 cores (the full run is the ignored test below).
+#[test]
+fn real_gemma3_first_windows_match_pytorch() {
+    assert!(gemma3().cfg().add_bos);
+    let start = std::time::Instant::now();
+    // Two full windows: BOS + 511 tokens each.
+    let r = eval_windows(&eval_ids()[..1022], false);
+    let per_window = &pt_reference()["ppl"]["per_window_mean_nll"];
+    let want = (per_window[0].as_f64().unwrap() + per_window[1].as_f64().unwrap()) / 2.0;
+    eprintln!(
+        "gemma3 270m f32, windows 0-1: mean NLL {:.6} vs PyTorch {want:.6} (Δ {:e}), {:.1}s",
+        r.mean_nll,
+        (r.mean_nll - want).abs(),
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.windows, 2);
+    // 0.05% of the perplexity is 5e-4 in mean NLL.
+    assert!(
+        (r.mean_nll - want).abs() < 5e-4,
+        "mean NLL {} vs {want}",
+        r.mean_nll
+    );
+}
+
+/// All of eval.txt: perplexity within 0.05% of PyTorch's 17.6783.
+#[test]
+#[ignore = "about 10 minutes on a busy 2-core machine; run with --ignored"]
+fn real_gemma3_perplexity_matches_pytorch() {
+    let start = std::time::Instant::now();
+    let r = eval_windows(&eval_ids(), true);
+    let want = pt_reference()["ppl"]["ppl"].as_f64().unwrap();
     let rel = (r.perplexity - want).abs() / want;
     eprintln!(
         "gemma3 270m f32: perplexity {:.4} vs PyTorch {want:.4} (rel {rel:e}), {} windows, {:.1}s, {:.0} tok/s",

@@ -165,17 +165,19 @@ pub const GEMMA3_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in message
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 
-/// A SentencePiece tokenizer (`tokenizer.ggml.model = llama`: Gemma, the
-/// original Llama) from GGUF tokens and scores, as transformers builds it
-/// from a GGUF: a Unigram model over the scores with byte fallback, spaces
-/// written as `▁`, no pre-tokenizer. Control tokens are special and
+/// A SentencePiece-BPE tokenizer (`tokenizer.ggml.model = llama`: Gemma,
+/// the original Llama) from GGUF tokens and scores, as transformers builds
+/// it from a GGUF: BPE with byte fallback whose merges are every split of a
+/// token into two tokens, ranked by the merged token's score (llama.cpp's
+/// SentencePiece merge order), spaces written as `▁`, no pre-tokenizer.
+/// Control tokens are special and
 /// user-defined ones (Gemma's newline and tab runs) are matched whole
 /// before the model, as llama.cpp does.
 fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
     use tokenizers::decoders::byte_fallback::ByteFallback;
     use tokenizers::decoders::fuse::Fuse;
     use tokenizers::decoders::sequence::Sequence as DecoderSequence;
-    use tokenizers::models::unigram::Unigram;
+    use tokenizers::models::bpe::BPE;
     use tokenizers::normalizers::replace::Replace;
     use tokenizers::AddedToken;
 
@@ -214,14 +216,29 @@ fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
     let unk = md
         .get("tokenizer.ggml.unknown_token_id")
         .and_then(|v| v.to_u32().ok())
-        .map(|u| u as usize);
+        .and_then(|u| vocab.get(u as usize))
+        .map(|(piece, _)| piece.clone());
     let added: Vec<(String, bool)> = vocab
         .iter()
         .zip(&types)
         .filter(|(_, &ty)| ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED)
         .map(|((piece, _), &ty)| (piece.clone(), ty == TOKEN_CONTROL))
         .collect();
-    let model = Unigram::from(vocab, unk, true)
+    let merges = sentencepiece_merges(&vocab);
+    let ids: tokenizers::models::bpe::Vocab = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, (piece, _))| (piece.clone(), i as u32))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(ids, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let model = builder
+        .build()
         .map_err(|e| anyhow!("cannot build the SentencePiece tokenizer: {e}"))?;
     let mut tokenizer = Tokenizer::new(model);
     let space = Replace::new(" ", "▁")
@@ -247,6 +264,39 @@ fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
         .add_tokens(as_added(plain, false))
         .map_err(|e| anyhow!("cannot add the GGUF user-defined tokens: {e}"))?;
     Ok(tokenizer)
+}
+
+/// BPE merges for a SentencePiece vocabulary: every split of a token into
+/// two tokens, the merged token's score first (higher wins), then longer
+/// left and right parts, as transformers' `generate_merges` orders them.
+fn sentencepiece_merges(vocab: &[(String, f64)]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (p.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
+    for (piece, score) in vocab {
+        let mut local = Vec::new();
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                local.push((li, ri, l, r));
+            }
+        }
+        local.sort_by_key(|&(li, ri, _, _)| (li, ri));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, l, r)| (*score, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // Stable, descending on (score, left length, right length).
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// BOS before text from a Hugging Face folder, decided as transformers
