@@ -177,6 +177,7 @@ fn reference_logits(w: &Weights, ids: &[u32], plan: &Plan) -> Vec<Vec<f64>> {
             row.iter().map(|v| *v as f64 * scale).collect()
         })
         .collect();
+    #[allow(clippy::needless_range_loop)] // `l` also names the layer's tensors
     for l in 0..LAYERS {
         let p = |n: &str| format!("model.layers.{l}.{n}");
         let s = plan.scales_for(l);
@@ -422,6 +423,7 @@ fn gemma3_scale_gradients_match_finite_differences() {
     let grads = loss(&tensors).backward().unwrap();
     let h = 1e-5;
     let (mut nontrivial, mut worst) = (0, 0f64);
+    #[allow(clippy::needless_range_loop)] // `layer` also selects the perturbed scale
     for layer in 0..LAYERS {
         let g: Vec<f64> = grads.get(&tensors[layer]).unwrap().to_vec1().unwrap();
         for k in 0..4 {
