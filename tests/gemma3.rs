@@ -650,9 +650,9 @@ fn real_gemma3_first_windows_match_pytorch() {
         start.elapsed().as_secs_f64()
     );
     assert_eq!(r.windows, 2);
-    // 0.05% of the perplexity is 5e-4 in mean NLL.
+    // Measured: Δ 1.5e-5 (0.0015% in perplexity; the issue allows 0.05%).
     assert!(
-        (r.mean_nll - want).abs() < 5e-4,
+        (r.mean_nll - want).abs() < 1e-4,
         "mean NLL {} vs {want}",
         r.mean_nll
     );
