@@ -42,8 +42,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print the model's configuration, identity and block sizes.
     Info,
-    /// Download the model (default, or a --model hub id) into the cache and print where it is.
-    Fetch,
+    /// Download the model (default, `gemma3-270m`, or a --model hub id) into the cache and print where it is.
+    Fetch(FetchArgs),
     /// Write the model under a plan as a Nemotron-NAS folder, a llama.cpp GGUF or a mergekit recipe.
     Export(ExportArgs),
     /// A self-contained HTML trade-off report (charts + table) comparing plans.
@@ -273,6 +273,12 @@ pub struct ModelArgs {
     /// thread; other commands split each op over all threads.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct FetchArgs {
+    /// A model scalpel knows by name (`gemma3-270m`); else --model or the default.
+    pub name: Option<String>,
 }
 
 #[derive(Args, Debug, Clone, Default)]

@@ -29,7 +29,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Generate(args)) => commands::generate::run(&cli.model, &cli.plan, args),
         Some(Command::Bench(args)) => commands::bench::run(&cli.model, &cli.plan, args),
         Some(Command::Info) => commands::info::run(&cli.model),
-        Some(Command::Fetch) => commands::fetch::run(&cli.model),
+        Some(Command::Fetch(args)) => commands::fetch::run(&cli.model, &args),
         Some(Command::Export(args)) => commands::export::run(&cli.model, &cli.plan, args),
         Some(Command::Report(args)) => commands::report::run(&cli.model, args),
         Some(Command::Importance(args)) => commands::importance::run(&cli.model, &cli.plan, args),

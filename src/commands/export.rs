@@ -27,6 +27,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
             model.implied_plan.describe()
         );
     }
+    export::check_architecture(model.cfg(), expresses(args.format))?;
     let (plan, plan_file) = cli::load_plan(pargs, &model)?;
     if let Some(pf) = &plan_file {
         export::check_expressible(pf, expresses(args.format))?;

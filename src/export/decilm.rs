@@ -36,6 +36,7 @@ pub fn ffn_mult_for(intermediate: usize, hidden: usize) -> Result<f64> {
 /// The `config.json` for `plan` on `model`.
 pub fn config_json(model: &Model, plan: &Plan) -> Result<serde_json::Value> {
     let cfg = model.cfg();
+    super::check_architecture(cfg, &super::DECILM)?;
     if cfg.arch != crate::model::Arch::Llama && cfg.arch != crate::model::Arch::Mistral {
         bail!(
             "Nemotron-NAS is a Llama-layer format; `{}` models (attention biases) have no form in it",

@@ -80,6 +80,13 @@ pub fn fold_transformer(t: &Transformer, plan: &Plan) -> Result<Transformer> {
 
 fn fold_layer(layer: &Layer, f: &FoldFactors) -> Result<Layer> {
     let mut out = layer.clone();
+    if let Some(g) = out.gemma.as_mut() {
+        // Gemma's post-norms would undo a factor on o_proj / down_proj; the
+        // norms' own weights carry it instead (their output is linear in them).
+        g.post_attn_norm = g.post_attn_norm.affine(f.o_proj, 0.0)?;
+        g.post_mlp_norm = g.post_mlp_norm.affine(f.down_proj, 0.0)?;
+        return Ok(out);
+    }
     out.attn.o = scale_linear(&layer.attn.o, f.o_proj)?;
     out.mlp.down = scale_linear(&layer.mlp.down, f.down_proj)?;
     Ok(out)

@@ -77,6 +77,10 @@ pub fn write_deci_gguf(
         .unwrap_or_default();
     match arch.as_str() {
         "llama" => {}
+        "gemma3" => bail!(
+            "a gguf (llama.cpp deci) export cannot express Gemma 3 (gemma3): `deci` extends \
+             `llama`, which has no sandwich or q/k norms, GELU MLP or local/global layers"
+        ),
         "deci" => bail!(
             "{} is already a pruned `deci` export; export from the original model instead",
             source.display()

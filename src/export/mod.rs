@@ -42,6 +42,23 @@ pub const MERGEKIT: Expresses = Expresses {
     artifacts: false,
 };
 
+/// Refuses, by name, a model architecture the format cannot express.
+/// Gemma 3 has no form in any of them: Nemotron-NAS and llama.cpp `deci`
+/// are Llama layers (no sandwich or q/k norms, one RoPE base, SiLU), and a
+/// mergekit slice renumbers layers, which moves Gemma's every-6th-layer
+/// global attention onto other layers.
+pub fn check_architecture(cfg: &crate::model::ModelConfig, target: &Expresses) -> Result<()> {
+    if cfg.gemma3.is_some() {
+        bail!(
+            "a {} export cannot express Gemma 3 (gemma3): its sandwich and q/k norms, GELU MLP \
+             and interleaved local/global layers have no form there. Run the plan with scalpel \
+             itself",
+            target.format
+        );
+    }
+    Ok(())
+}
+
 /// Refuses, by name, a plan section or artifact the format cannot express:
 /// an export without it would not compute what the plan computes.
 pub fn check_expressible(file: &PlanFile, target: &Expresses) -> Result<()> {

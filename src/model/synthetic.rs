@@ -59,6 +59,7 @@ pub fn config(shape: &str) -> Result<ModelConfig> {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         add_bos: true,
+        gemma3: None,
     })
 }
 
@@ -217,6 +218,7 @@ fn assemble(
                 up: lin(cfg.intermediate_size, h)?,
                 down: lin(h, cfg.intermediate_size)?,
             },
+            gemma: None,
         });
     }
     let head = lin(cfg.vocab_size, h)?;

@@ -21,8 +21,16 @@ pub struct TextCodec {
 
 impl TextCodec {
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let mut tokenizer = Tokenizer::from_gguf(ct)
-            .map_err(|e| anyhow!("cannot build the tokenizer from GGUF metadata: {e}"))?;
+        let model = ct
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok());
+        let mut tokenizer = if model.map(String::as_str) == Some("llama") {
+            sentencepiece_from_gguf(ct)?
+        } else {
+            Tokenizer::from_gguf(ct)
+                .map_err(|e| anyhow!("cannot build the tokenizer from GGUF metadata: {e}"))?
+        };
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
@@ -44,11 +52,19 @@ impl TextCodec {
             let id = ct.metadata.get(key)?.to_u32().ok()?;
             tokenizer.id_to_token(id)
         };
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok());
+        let chat_template = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned())
+            .or_else(|| {
+                (arch.map(String::as_str) == Some("gemma3")).then(|| GEMMA3_CHAT_TEMPLATE.into())
+            });
         Ok(Self {
-            chat_template: ct
-                .metadata
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok().cloned()),
+            chat_template,
             bos_token: token_at("tokenizer.ggml.bos_token_id"),
             eos_token: token_at("tokenizer.ggml.eos_token_id"),
             tokenizer,
@@ -136,6 +152,151 @@ impl TextCodec {
             .render(ctx)
             .context("the model's chat template failed to render")
     }
+}
+
+/// Gemma 3's chat template (the instruction-tuned checkpoints' own, without
+/// the system-prompt and image branches), for GGUF files that carry none.
+pub const GEMMA3_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}\
+{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}\
+<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// llama.cpp's GGUF token types.
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+/// A SentencePiece-BPE tokenizer (`tokenizer.ggml.model = llama`: Gemma,
+/// the original Llama) from GGUF tokens and scores, as transformers builds
+/// it from a GGUF: BPE with byte fallback whose merges are every split of a
+/// token into two tokens, ranked by the merged token's score (llama.cpp's
+/// SentencePiece merge order), spaces written as `▁`, no pre-tokenizer.
+/// Control tokens are special and
+/// user-defined ones (Gemma's newline and tab runs) are matched whole
+/// before the model, as llama.cpp does.
+fn sentencepiece_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::AddedToken;
+
+    let md = &ct.metadata;
+    let list = |key: &str| -> Result<&Vec<gguf_file::Value>> {
+        md.get(key)
+            .and_then(|v| v.to_vec().ok())
+            .with_context(|| format!("the GGUF SentencePiece tokenizer lacks `{key}`"))
+    };
+    let tokens = list("tokenizer.ggml.tokens")?;
+    let scores = list("tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        anyhow::bail!(
+            "the GGUF tokenizer has {} tokens but {} scores",
+            tokens.len(),
+            scores.len()
+        );
+    }
+    let types: Vec<i32> = match md
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+    {
+        Some(t) => t.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+        None => vec![1; tokens.len()],
+    };
+    let mut vocab = Vec::with_capacity(tokens.len());
+    for (t, s) in tokens.iter().zip(scores) {
+        let piece = t
+            .to_string()
+            .map_err(|e| anyhow!("a GGUF token is not a string: {e}"))?;
+        let score = s
+            .to_f32()
+            .map_err(|e| anyhow!("a GGUF token score is not a number: {e}"))?;
+        vocab.push((piece.clone(), f64::from(score)));
+    }
+    let unk = md
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(|u| vocab.get(u as usize))
+        .map(|(piece, _)| piece.clone());
+    let added: Vec<(String, bool)> = vocab
+        .iter()
+        .zip(&types)
+        .filter(|(_, &ty)| ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED)
+        .map(|((piece, _), &ty)| (piece.clone(), ty == TOKEN_CONTROL))
+        .collect();
+    let merges = sentencepiece_merges(&vocab);
+    let ids: tokenizers::models::bpe::Vocab = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, (piece, _))| (piece.clone(), i as u32))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(ids, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let model = builder
+        .build()
+        .map_err(|e| anyhow!("cannot build the SentencePiece tokenizer: {e}"))?;
+    let mut tokenizer = Tokenizer::new(model);
+    let space = Replace::new(" ", "▁")
+        .map_err(|e| anyhow!("cannot build the SentencePiece normalizer: {e}"))?;
+    let _ = tokenizer.with_normalizer(Some(space));
+    let unspace = Replace::new("▁", " ")
+        .map_err(|e| anyhow!("cannot build the SentencePiece decoder: {e}"))?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+        unspace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|(_, sp)| *sp);
+    let as_added = |list: Vec<(String, bool)>, special: bool| -> Vec<AddedToken> {
+        list.into_iter()
+            .map(|(p, _)| AddedToken::from(p, special).normalized(false))
+            .collect()
+    };
+    tokenizer
+        .add_special_tokens(as_added(special, true))
+        .map_err(|e| anyhow!("cannot add the GGUF control tokens: {e}"))?;
+    tokenizer
+        .add_tokens(as_added(plain, false))
+        .map_err(|e| anyhow!("cannot add the GGUF user-defined tokens: {e}"))?;
+    Ok(tokenizer)
+}
+
+/// BPE merges for a SentencePiece vocabulary: every split of a token into
+/// two tokens, the merged token's score first (higher wins), then longer
+/// left and right parts, as transformers' `generate_merges` orders them.
+fn sentencepiece_merges(vocab: &[(String, f64)]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (p.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
+    for (piece, score) in vocab {
+        let mut local = Vec::new();
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                local.push((li, ri, l, r));
+            }
+        }
+        local.sort_by_key(|&(li, ri, _, _)| (li, ri));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, l, r)| (*score, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // Stable, descending on (score, left length, right length).
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// BOS before text from a Hugging Face folder, decided as transformers

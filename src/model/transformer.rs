@@ -157,8 +157,22 @@ pub struct Mlp {
 pub struct Layer {
     pub attn_norm: Tensor,
     pub attn: Attention,
+    /// Before the MLP (Gemma: `pre_feedforward_layernorm`).
     pub mlp_norm: Tensor,
     pub mlp: Mlp,
+    /// Gemma 3's extra norms; `None` for the Llama family.
+    pub gemma: Option<GemmaNorms>,
+}
+
+/// The norms a Gemma 3 layer adds: RMSNorm of each query and key head
+/// before RoPE, and of each block's output before the residual add (the
+/// "sandwich"). Weights are the effective ones, `1 + w` of the checkpoint.
+#[derive(Debug, Clone)]
+pub struct GemmaNorms {
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    pub post_attn_norm: Tensor,
+    pub post_mlp_norm: Tensor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +244,8 @@ pub struct Transformer {
     pub embed_kernel: Option<Arc<QWeight>>,
     cos: Tensor,
     sin: Tensor,
+    /// Gemma 3's local layers rotate with their own base.
+    local_rope: Option<(Tensor, Tensor)>,
     pub device: Device,
     pub dtype: DType,
     lean: lean::Cache,
@@ -262,14 +278,16 @@ impl Transformer {
         }
         let device = norm.device().clone();
         let dtype = embed.as_ref().map_or(norm.dtype(), Tensor::dtype);
-        let inv_freq = cfg.rope_inv_freq();
         let max_pos = cfg.max_position_embeddings.max(4096);
-        let inv = Tensor::new(inv_freq.as_slice(), &device)?;
-        let t = Tensor::arange(0u32, max_pos as u32, &device)?.to_dtype(DType::F32)?;
-        let freqs = t.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
+        let (cos, sin) = rope_tables(&cfg.rope_inv_freq(), max_pos, &device, dtype)?;
+        let local_rope = cfg
+            .rope_local_inv_freq()
+            .map(|inv| rope_tables(&inv, max_pos, &device, dtype))
+            .transpose()?;
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos,
+            sin,
+            local_rope,
             cfg,
             embed,
             embed_quantized,
@@ -297,7 +315,7 @@ impl Transformer {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// Token embeddings, shape (batch, seq, hidden).
+    /// Token embeddings, shape (batch, seq, hidden) (Gemma: times √hidden).
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
@@ -308,7 +326,11 @@ impl Transformer {
             }
             _ => candle_core::bail!("this model has no token embeddings"),
         };
-        rows.reshape((b, t, self.cfg.hidden_size))
+        let x = rows.reshape((b, t, self.cfg.hidden_size))?;
+        match self.cfg.embed_scale() {
+            Some(scale) => x.affine(scale, 0.0),
+            None => Ok(x),
+        }
     }
 
     /// The dense embedding matrix (vocab, hidden): the stored one, or the
@@ -350,9 +372,10 @@ impl Transformer {
         embed + layers + head + tensor_bytes(&self.norm)
     }
 
-    /// The sliding window of `layer`'s attention, if any.
-    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
-        self.cfg.sliding_window
+    /// The sliding window of `layer`'s attention, if any (Gemma 3: local
+    /// layers only).
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.cfg.layer_window(layer)
     }
 
     /// An empty sequence state for this model, with room for `tokens`
@@ -413,16 +436,18 @@ impl Transformer {
             if let Some(p) = pass.probe.as_deref_mut() {
                 p.attn_decision(i, &exec)?;
             }
+            let eps = self.cfg.rms_norm_eps;
             let a = if exec == AttnExec::Skip {
                 None
             } else {
-                let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps, run.mode)?;
+                let h = rms_norm(&x, &layer.attn_norm, eps, run.mode)?;
                 let store = pass.state.as_deref_mut().and_then(|s| s.kv_mut(i));
                 let ctx = AttnCall {
                     layer: i,
                     positions: &positions,
                     exec: &exec,
                     run,
+                    norms: layer.gemma.as_ref(),
                 };
                 self.attention(
                     &layer.attn,
@@ -432,6 +457,12 @@ impl Transformer {
                     &mut masks,
                     pass.probe.as_deref_mut(),
                 )?
+            };
+            // Gemma's sandwich: the block's output is normed before it is
+            // scaled and added, x1 = b_att·post_norm(Attn(norm(x))) + s_att·x.
+            let a = match (a, &layer.gemma) {
+                (Some(a), Some(g)) => Some(rms_norm(&a, &g.post_attn_norm, eps, run.mode)?),
+                (a, _) => a,
             };
             let x1 = match a {
                 Some(a) => {
@@ -451,8 +482,17 @@ impl Transformer {
             x = if exec == MlpExec::Skip {
                 s.apply(3, &x1)?
             } else {
-                let h = rms_norm(&x1, &layer.mlp_norm, self.cfg.rms_norm_eps, run.mode)?;
-                let m = mlp(&layer.mlp, &h, &exec, run)?;
+                let h = rms_norm(&x1, &layer.mlp_norm, eps, run.mode)?;
+                let act = if layer.gemma.is_some() {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                };
+                let m = mlp(&layer.mlp, &h, &exec, run, act)?;
+                let m = match &layer.gemma {
+                    Some(g) => rms_norm(&m, &g.post_mlp_norm, eps, run.mode)?,
+                    None => m,
+                };
                 let out = (s.apply(2, &m)? + s.apply(3, &x1)?)?;
                 if let Some(p) = pass.probe.as_deref_mut() {
                     p.block(BlockId::mlp(i), &x1, &out)?;
@@ -527,17 +567,18 @@ impl Transformer {
         // Keys and values of the rows that write them, rotated at their positions.
         let (kv_in, kv_positions) = pick(kv_rows)?;
         let tk = kv_positions.len();
-        let k = attn
-            .k
-            .forward(&kv_in, run)?
-            .reshape((b, tk, nkv, hd))?
-            .transpose(1, 2)?;
+        let k = attn.k.forward(&kv_in, run)?.reshape((b, tk, nkv, hd))?;
+        let k = match call.norms {
+            Some(n) => rms_norm(&k, &n.k_norm, cfg.rms_norm_eps, run.mode)?,
+            None => k,
+        }
+        .transpose(1, 2)?;
         let v = attn
             .v
             .forward(&kv_in, run)?
             .reshape((b, tk, nkv, hd))?
             .transpose(1, 2)?;
-        let k = self.rope(&k.contiguous()?, &kv_positions, run.mode)?;
+        let k = self.rope(&k.contiguous()?, &kv_positions, call.layer, run.mode)?;
         let v = v.contiguous()?;
         let (keys, values, key_positions) = match store {
             Some(store) => {
@@ -588,8 +629,20 @@ impl Transformer {
             )
         };
         let n_q = heads.len();
-        let q = q.reshape((b, tq, n_q, hd))?.transpose(1, 2)?;
-        let q = self.rope(&q.contiguous()?, &q_positions, run.mode)?;
+        let q = q.reshape((b, tq, n_q, hd))?;
+        let q = match call.norms {
+            Some(n) => rms_norm(&q, &n.q_norm, cfg.rms_norm_eps, run.mode)?,
+            None => q,
+        }
+        .transpose(1, 2)?;
+        let q = self.rope(&q.contiguous()?, &q_positions, call.layer, run.mode)?;
+        // `attend` scales by 1/√head_dim; Gemma asks for 1/√query_pre_attn_scalar.
+        let q = match &cfg.gemma3 {
+            Some(g) if g.query_pre_attn_scalar != hd as f64 => {
+                q.affine((hd as f64 / g.query_pre_attn_scalar).sqrt(), 0.0)?
+            }
+            _ => q,
+        };
         let window = self.attention_window(call.layer);
         let mask = masks.get(&q_positions, &key_positions, window, self, run)?;
         let mut probe = probe;
@@ -624,20 +677,31 @@ impl Transformer {
         scatter_rows(&out, query_rows, (b, t, hidden)).map(Some)
     }
 
-    /// Rotary embedding of x (b, heads, t, hd) at `positions`.
-    fn rope(&self, x: &Tensor, positions: &[u32], mode: Mode) -> Result<Tensor> {
+    /// The cos/sin tables `layer` rotates with (Gemma 3's local layers
+    /// have their own base).
+    fn rope_tables_of(&self, layer: usize) -> (&Tensor, &Tensor) {
+        match &self.local_rope {
+            Some((cos, sin)) if self.attention_window(layer).is_some() => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
+    }
+
+    /// Rotary embedding of x (b, heads, t, hd) at `positions`, with
+    /// `layer`'s tables.
+    fn rope(&self, x: &Tensor, positions: &[u32], layer: usize, mode: Mode) -> Result<Tensor> {
         let t = positions.len();
         let contiguous = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        let (cos_table, sin_table) = self.rope_tables_of(layer);
         let (cos, sin) = match positions.first() {
             Some(&p) if contiguous => (
-                self.cos.narrow(0, p as usize, t)?,
-                self.sin.narrow(0, p as usize, t)?,
+                cos_table.narrow(0, p as usize, t)?,
+                sin_table.narrow(0, p as usize, t)?,
             ),
             _ => {
                 let idx = Tensor::new(positions, &self.device)?;
                 (
-                    self.cos.index_select(&idx, 0)?,
-                    self.sin.index_select(&idx, 0)?,
+                    cos_table.index_select(&idx, 0)?,
+                    sin_table.index_select(&idx, 0)?,
                 )
             }
         };
@@ -683,6 +747,19 @@ fn quantized_rows(q: &QTensor, ids: &[u32]) -> Result<Tensor> {
     sub.dequantize(&device)
 }
 
+/// cos and sin of every position × inverse frequency, (positions, hd / 2).
+fn rope_tables(
+    inv_freq: &[f32],
+    positions: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let inv = Tensor::new(inv_freq, device)?;
+    let t = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?;
+    let freqs = t.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
@@ -690,14 +767,24 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
     }
 }
 
+/// The gated MLP's activation: SiLU (Llama family) or GELU with the tanh
+/// approximation (Gemma, `gelu_pytorch_tanh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Silu,
+    GeluTanh,
+}
+
 /// The MLP block over normed input `x` (b, t, hidden) as `exec` says.
-fn mlp(m: &Mlp, x: &Tensor, exec: &MlpExec, run: RunOptions) -> Result<Tensor> {
+fn mlp(m: &Mlp, x: &Tensor, exec: &MlpExec, run: RunOptions, act: Activation) -> Result<Tensor> {
     let dense = |m: &Mlp, x: &Tensor| -> Result<Tensor> {
         let gate = m.gate.forward(x, run)?;
         let up = m.up.forward(x, run)?;
-        let act = match run.mode {
-            Mode::Fast => fused::silu_mul(&gate, &up)?,
-            Mode::Differentiable => (gate.silu()? * up)?,
+        let act = match (act, run.mode) {
+            (Activation::Silu, Mode::Fast) => fused::silu_mul(&gate, &up)?,
+            (Activation::Silu, Mode::Differentiable) => (gate.silu()? * up)?,
+            // candle's `gelu` is the tanh approximation (`gelu_erf` is exact).
+            (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
         };
         m.down.forward(&act, run)
     };
@@ -735,6 +822,8 @@ struct AttnCall<'a> {
     positions: &'a [u32],
     exec: &'a AttnExec,
     run: RunOptions,
+    /// Gemma's q/k norms, for its layers.
+    norms: Option<&'a GemmaNorms>,
 }
 
 /// The last mask built in a pass, reused while the next layer's queries,

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::config::ModelConfig;
-use super::transformer::{Attention, Layer, Linear, Mlp, Transformer};
+use super::transformer::{Attention, GemmaNorms, Layer, Linear, Mlp, Transformer};
 use crate::kernels::QWeight;
 use crate::plan::BlockId;
 
@@ -99,6 +99,11 @@ pub trait WeightSource {
     fn contains(&self, hf_name: &str) -> bool;
     fn device(&self) -> Device;
     fn dtype(&self) -> DType;
+    /// Whether Gemma norm weights are stored as the effective `1 + w`
+    /// (llama.cpp's converter adds the 1) rather than as the checkpoint's `w`.
+    fn gemma_norms_include_one(&self) -> bool {
+        false
+    }
 }
 
 /// HF name -> GGUF name (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`).
@@ -135,8 +140,33 @@ pub fn gguf_name(hf: &str) -> String {
     hf.to_string()
 }
 
+/// HF name -> GGUF name for a Gemma 3 file: its sandwich norms take the
+/// names llama.cpp gives them (`post_attention_layernorm` is the attention
+/// block's output norm there, not the MLP's input norm as for Llama).
+pub fn gemma3_gguf_name(hf: &str) -> String {
+    if let Some((layer, tail)) = hf
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+    {
+        let mapped = match tail {
+            "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
+            "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),
+            "post_feedforward_layernorm.weight" => Some("post_ffw_norm.weight"),
+            "self_attn.q_norm.weight" => Some("attn_q_norm.weight"),
+            "self_attn.k_norm.weight" => Some("attn_k_norm.weight"),
+            _ => None,
+        };
+        if let Some(m) = mapped {
+            return format!("blk.{layer}.{m}");
+        }
+    }
+    gguf_name(hf)
+}
+
 pub struct GgufSource {
     path: PathBuf,
+    /// A Gemma 3 file (its own tensor names and norm convention).
+    gemma: bool,
     reader: BufReader<File>,
     pub content: gguf_file::Content,
     device: Device,
@@ -183,8 +213,14 @@ impl GgufSource {
                 );
             }
         }
+        let gemma = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .is_some_and(|a| a == "gemma3");
         Ok(Self {
             path: path.to_path_buf(),
+            gemma,
             reader,
             content,
             device: device.clone(),
@@ -218,9 +254,19 @@ fn read_gguf_header(reader: &mut BufReader<File>) -> Result<gguf_file::Content> 
     super::header_check::read_gguf_content(reader)
 }
 
+impl GgufSource {
+    fn name_of(&self, hf_name: &str) -> String {
+        if self.gemma {
+            gemma3_gguf_name(hf_name)
+        } else {
+            gguf_name(hf_name)
+        }
+    }
+}
+
 impl WeightSource for GgufSource {
     fn load(&mut self, hf_name: &str) -> Result<Loaded> {
-        let name = gguf_name(hf_name);
+        let name = self.name_of(hf_name);
         let q = self
             .content
             .tensor(&mut self.reader, &name, &self.device)
@@ -253,7 +299,7 @@ impl WeightSource for GgufSource {
     }
 
     fn stored_sample(&mut self, hf_name: &str) -> Result<StoredSample> {
-        let name = gguf_name(hf_name);
+        let name = self.name_of(hf_name);
         let info = self
             .content
             .tensor_infos
@@ -281,11 +327,17 @@ impl WeightSource for GgufSource {
     }
 
     fn file_name(&self, hf_name: &str) -> String {
-        gguf_name(hf_name)
+        self.name_of(hf_name)
     }
 
     fn contains(&self, hf_name: &str) -> bool {
-        self.content.tensor_infos.contains_key(&gguf_name(hf_name))
+        self.content
+            .tensor_infos
+            .contains_key(&self.name_of(hf_name))
+    }
+
+    fn gemma_norms_include_one(&self) -> bool {
+        self.gemma
     }
 
     fn device(&self) -> Device {
@@ -449,6 +501,13 @@ pub fn build_transformer_with_noops(
     if src.contains(ROPE_FREQS) {
         hash_stored(&mut hasher, ROPE_FREQS, &src.stored_sample(ROPE_FREQS)?);
     }
+    let gemma = cfg.gemma3.is_some();
+    // Gemma's RMSNorm multiplies by 1 + w; the engine's by its weight.
+    let norm_offset = if gemma && !src.gemma_norms_include_one() {
+        1.0
+    } else {
+        0.0
+    };
     let device = src.device();
     let dtype = src.dtype();
     let mut get = |name: &str, expect: &[usize]| -> Result<Loaded> {
@@ -490,6 +549,11 @@ pub fn build_transformer_with_noops(
         )
     };
 
+    let mlp_norm_name = if gemma {
+        "pre_feedforward_layernorm"
+    } else {
+        "post_attention_layernorm"
+    };
     let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
@@ -523,17 +587,31 @@ pub fn build_transformer_with_noops(
             up: linear("up_proj", "mlp", false)?,
             down: linear("down_proj", "mlp", false)?,
         };
-        let attn_norm = get(&format!("{p}.input_layernorm.weight"), &[h])?.into_dense(dtype)?;
-        let mlp_norm =
-            get(&format!("{p}.post_attention_layernorm.weight"), &[h])?.into_dense(dtype)?;
+        let mut norm = |name: &str, width: usize| -> Result<Tensor> {
+            let w = get(&format!("{p}.{name}.weight"), &[width])?.into_dense(dtype)?;
+            plus_offset(w, norm_offset)
+        };
+        let attn_norm = norm("input_layernorm", h)?;
+        let mlp_norm = norm(mlp_norm_name, h)?;
+        let gemma_norms = if gemma {
+            Some(GemmaNorms {
+                q_norm: norm("self_attn.q_norm", cfg.head_dim)?,
+                k_norm: norm("self_attn.k_norm", cfg.head_dim)?,
+                post_attn_norm: norm("post_attention_layernorm", h)?,
+                post_mlp_norm: norm("post_feedforward_layernorm", h)?,
+            })
+        } else {
+            None
+        };
         layers.push(Layer {
             attn_norm,
             attn,
             mlp_norm,
             mlp,
+            gemma: gemma_norms,
         });
     }
-    let norm = get("model.norm.weight", &[h])?.into_dense(dtype)?;
+    let norm = plus_offset(get("model.norm.weight", &[h])?.into_dense(dtype)?, norm_offset)?;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
@@ -559,6 +637,14 @@ pub fn build_transformer_with_noops(
         Transformer::with_embeddings(cfg.clone(), embed.dense, embed_q, layers, norm, lm_head)?;
     t.embed_kernel = embed_kernel;
     Ok((t, format!("{:x}", hasher.finalize())))
+}
+
+/// `w + offset` (Gemma checkpoints' norm weights: offset 1).
+fn plus_offset(w: Tensor, offset: f64) -> Result<Tensor> {
+    if offset == 0.0 {
+        return Ok(w);
+    }
+    Ok(w.affine(1.0, offset)?)
 }
 
 enum Placeholder {

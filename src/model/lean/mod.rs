@@ -30,7 +30,9 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{mlp, rms_norm, AttnCall, Layer, Linear, MaskMemo, Mode, RunOptions, Transformer};
+use super::{
+    mlp, rms_norm, Activation, AttnCall, Layer, Linear, MaskMemo, Mode, RunOptions, Transformer,
+};
 use crate::kernels::QWeight;
 use crate::model::config::Arch;
 use crate::model::pass::{AttnExec, MlpExec, Pass, Residual};
@@ -143,7 +145,8 @@ impl Cache {
 fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
     let c = &t.cfg;
     // Plain Llama-style decoders only; others keep the candle path.
-    let arch_ok = matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral);
+    let arch_ok =
+        matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral) && c.is_plain_llama();
     if !arch_ok || !t.device.is_cpu() || t.dtype != DType::F32 || !c.head_dim.is_multiple_of(2) {
         return Ok(None);
     }
@@ -288,7 +291,8 @@ impl Step<'_> {
                 let x1 = self.residual_tensor(ws)?;
                 let eps = self.t.cfg.rms_norm_eps;
                 let h = rms_norm(&x1, &layer.mlp_norm, eps, Mode::Fast)?;
-                let m = mlp(&layer.mlp, &h, &exec, pass.run)?;
+                // Plain Llama-style layers only (see `prepare`): SiLU.
+                let m = mlp(&layer.mlp, &h, &exec, pass.run, Activation::Silu)?;
                 copy_into(&m, &mut ws.out)?;
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }
@@ -384,6 +388,7 @@ impl Step<'_> {
             positions: self.positions,
             exec,
             run,
+            norms: None,
         };
         match self
             .t
