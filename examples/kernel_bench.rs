@@ -65,6 +65,14 @@ fn main() -> candle_core::Result<()> {
         "shape", "rows", "ours ms", "GB/s", "candle ms", "candle-q8", "speedup"
     );
     for (out, inp) in SHAPES {
+        if inp % dtype.block_size() != 0 {
+            println!(
+                "{:>12} skipped: {inp} columns are not a multiple of {dtype:?}'s {}-element blocks",
+                format!("{out}x{inp}"),
+                dtype.block_size()
+            );
+            continue;
+        }
         let budget = 0.3;
         let wf = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu)?;
         let q = Arc::new(QTensor::quantize(&wf, dtype)?);

@@ -126,15 +126,27 @@ fn each_format_and_kernel_matches_the_dequantized_reference() {
     for (f, &dtype) in FORMATS.iter().enumerate() {
         // Squared-error sums over all shapes, so the tiny shapes' chance errors do not dominate.
         let mut ours_err = vec![(0f64, 0f64); kernels.len()];
+        // The same sums over the shapes candle also runs (an even number of blocks).
+        let mut ours_even = vec![(0f64, 0f64); kernels.len()];
         let mut candle_err = (0f64, 0f64);
-        for (s, &(out, blocks, rows)) in [(1, 1, 1), (3, 3, 2), (17, 5, 17), (33, 3, 9), (64, 2, 4)]
-            .iter()
-            .enumerate()
+        for (s, &(out, blocks, rows)) in [
+            (1, 1, 1),
+            (3, 3, 2),
+            (17, 5, 17),
+            (33, 3, 9),
+            (64, 2, 4),
+            (40, 4, 3),
+        ]
+        .iter()
+        .enumerate()
         {
             let c = case(dtype, out, blocks, rows, (f * 100 + s) as u64);
             let reference = reference(&c);
-            let (n, d) = err_parts(&candle_matmul(&c), &reference);
-            candle_err = (candle_err.0 + n, candle_err.1 + d);
+            // candle's Q4_1/Q5 kernels require an even number of blocks per row.
+            if blocks % 2 == 0 {
+                let (n, d) = err_parts(&candle_matmul(&c), &reference);
+                candle_err = (candle_err.0 + n, candle_err.1 + d);
+            }
             let portable = ours(&c, &pool, Kernel::Portable);
             for (k, &kernel) in kernels.iter().enumerate() {
                 let y = ours(&c, &pool, kernel);
@@ -144,6 +156,9 @@ fn each_format_and_kernel_matches_the_dequantized_reference() {
                 );
                 let (n, d) = err_parts(&y, &reference);
                 ours_err[k] = (ours_err[k].0 + n, ours_err[k].1 + d);
+                if blocks % 2 == 0 {
+                    ours_even[k] = (ours_even[k].0 + n, ours_even[k].1 + d);
+                }
                 // The SIMD variants sum the same integers in another order: float noise only.
                 let vs_portable =
                     rel_err(&y, &portable.iter().map(|&v| v as f64).collect::<Vec<_>>());
@@ -157,14 +172,23 @@ fn each_format_and_kernel_matches_the_dequantized_reference() {
         let candle = (candle_err.0 / candle_err.1).sqrt();
         for (k, &kernel) in kernels.iter().enumerate() {
             let e = (ours_err[k].0 / ours_err[k].1).sqrt();
+            let even = (ours_even[k].0 / ours_even[k].1).sqrt();
             eprintln!(
-                "{dtype:?} {:>11}: relative error {e:.2e} (candle QMatMul {candle:.2e})",
+                "{dtype:?} {:>11}: relative error {e:.2e}; on candle's shapes {even:.2e} \
+                 (candle QMatMul {candle:.2e})",
                 kernel.name()
             );
-            // 8-bit activation blocks: about candle's own error on the same data.
+            // 8-bit activation blocks, measured like candle's own error: 7e-3..9e-3 with a
+            // scale per 32 elements, ~1.9e-2 with one per 256 (the K-quants, as Q8_K).
+            let bound = if dtype.block_size() == 256 {
+                2.5e-2
+            } else {
+                1.2e-2
+            };
+            assert!(e < bound, "{dtype:?} {kernel:?}: relative error {e:.2e}");
             assert!(
-                e < 1.3 * candle + 1e-5,
-                "{dtype:?} {kernel:?}: relative error {e:.2e} (candle {candle:.2e})"
+                even < 1.3 * candle + 1e-5,
+                "{dtype:?} {kernel:?}: relative error {even:.2e} (candle {candle:.2e})"
             );
         }
     }

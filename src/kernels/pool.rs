@@ -110,8 +110,15 @@ impl Pool {
         IN_TASK.with(|t| t.set(false));
         // Close the job to late joiners, then wait for the joined ones to finish.
         st.ctrl.fetch_or(CLOSED, Ordering::SeqCst);
+        let mut spins = 0u32;
         while st.ctrl.load(Ordering::SeqCst) & ACTIVE_MASK != 0 {
-            std::hint::spin_loop();
+            spins = spins.saturating_add(1);
+            if spins > 4096 {
+                // A joined worker was descheduled (a busy machine): let it run.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         *st.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
