@@ -11,7 +11,13 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use scalpel::kernels::{active_kernel, pool, Kernel, QWeight};
 
-const SHAPES: [(usize, usize); 5] = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)];
+const SHAPES: [(usize, usize); 5] = [
+    (576, 576),
+    (192, 576),
+    (1536, 576),
+    (576, 1536),
+    (49152, 576),
+];
 const ROWS: [usize; 5] = [1, 2, 4, 8, 16];
 
 /// Median seconds per call over repeats filling about `budget` seconds.
@@ -77,9 +83,12 @@ fn main() -> candle_core::Result<()> {
                 mm.forward(&x).unwrap();
             });
             let theirs8 = match &q8 {
-                Some(m) => format!("{:10.3}", 1e3 * time(budget, || {
-                    m.forward(&x).unwrap();
-                })),
+                Some(m) => format!(
+                    "{:10.3}",
+                    1e3 * time(budget, || {
+                        m.forward(&x).unwrap();
+                    })
+                ),
                 None => format!("{:>10}", "-"),
             };
             println!(

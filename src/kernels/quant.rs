@@ -37,7 +37,11 @@ thread_local! {
 
 impl std::fmt::Debug for QWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QWeight({:?}, {}x{})", self.format, self.out_dim, self.in_dim)
+        write!(
+            f,
+            "QWeight({:?}, {}x{})",
+            self.format, self.out_dim, self.in_dim
+        )
     }
 }
 

@@ -142,10 +142,6 @@ fn q6k_dot(blk: &[u8], x: &[i8]) -> f32 {
             }
         }
     }
-    let total: i32 = sums
-        .iter()
-        .zip(sc)
-        .map(|(&s, &c)| s * c as i8 as i32)
-        .sum();
+    let total: i32 = sums.iter().zip(sc).map(|(&s, &c)| s * c as i8 as i32).sum();
     dd * total as f32
 }

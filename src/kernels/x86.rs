@@ -44,7 +44,8 @@ trait Dot {
 /// crate's minimum Rust version; the instructions are only reached after runtime detection.
 struct Vnni;
 impl Dot for Vnni {
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
     unsafe fn dot(mut acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         std::arch::asm!(
             "vpdpbusd {acc}, {u}, {s}",
@@ -53,7 +54,8 @@ impl Dot for Vnni {
         );
         acc
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
     unsafe fn madd_acc(mut acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         std::arch::asm!(
             "vpdpwssd {acc}, {a}, {b}",
@@ -303,15 +305,12 @@ unsafe fn blocks32<D: Dot, B: Block32, const R: usize>(
             let q = B::values(blk);
             let aq = if B::SIGNED { _mm256_abs_epi8(q) } else { q };
             for r in 0..R {
-                let x = _mm256_loadu_si256(acts.qs.as_ptr().add((r0 + r) * n + (s + b) * 32)
-                    as *const __m256i);
+                let x = _mm256_loadu_si256(
+                    acts.qs.as_ptr().add((r0 + r) * n + (s + b) * 32) as *const __m256i
+                );
                 let x = if B::SIGNED { _mm256_sign_epi8(x, q) } else { x };
                 let p = D::dot(_mm256_setzero_si256(), aq, x);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p),
-                    _mm256_set1_ps(dwdx[r][b]),
-                    acc[r],
-                );
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwdx[r][b]), acc[r]);
             }
         }
         s += len;
@@ -392,7 +391,10 @@ unsafe fn q45k<D: Dot, B: BlockK45, const R: usize>(
         let mut sumi = [_mm256_setzero_si256(); R];
         for c in 0..4 {
             let (lo, hi) = B::values(blk, c);
-            let (sl, sh) = (_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+            let (sl, sh) = (
+                _mm256_set1_epi16(sc[2 * c]),
+                _mm256_set1_epi16(sc[2 * c + 1]),
+            );
             for r in 0..R {
                 let x = acts.qs.as_ptr().add((r0 + r) * n + i * 256 + 64 * c);
                 let xl = _mm256_loadu_si256(x as *const __m256i);
@@ -404,9 +406,8 @@ unsafe fn q45k<D: Dot, B: BlockK45, const R: usize>(
         let mins = _mm256_loadu_si256(mins.as_ptr() as *const __m256i);
         for r in 0..R {
             let row_block = (r0 + r) * nb + i;
-            let bsums = _mm256_loadu_si256(
-                acts.sums16.as_ptr().add(row_block * 16) as *const __m256i
-            );
+            let bsums =
+                _mm256_loadu_si256(acts.sums16.as_ptr().add(row_block * 16) as *const __m256i);
             let m = hsum_epi32(_mm256_madd_epi16(mins, bsums));
             let dx = acts.d[row_block];
             acc[r] += d * dx * hsum_epi32(sumi[r]) as f32 - dmin * dx * m as f32;
@@ -437,8 +438,14 @@ unsafe fn q6k<D: Dot, B, const R: usize>(w: *const u8, acts: &Acts, r0: usize, o
             let l1 = _mm256_loadu_si256(blk.add(64 * half + 32) as *const __m256i);
             let h = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
             let q = [
-                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)),
-                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 4), m2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 2), m2),
+                ),
                 _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
                     _mm256_and_si256(h, m2),
@@ -452,12 +459,29 @@ unsafe fn q6k<D: Dot, B, const R: usize>(w: *const u8, acts: &Acts, r0: usize, o
                 // Scales of groups g and g+1 (16 elements each) over the 16 i16 pair sums.
                 let g = (8 * half + 2 * k) as i8;
                 let pick = _mm_set_epi8(
-                    g + 1, g + 1, g + 1, g + 1, g + 1, g + 1, g + 1, g + 1,
-                    g, g, g, g, g, g, g, g,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g + 1,
+                    g,
+                    g,
+                    g,
+                    g,
+                    g,
+                    g,
+                    g,
+                    g,
                 );
                 let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc_bytes, pick));
                 for r in 0..R {
-                    let x = acts.qs.as_ptr().add((r0 + r) * n + i * 256 + 128 * half + 32 * k);
+                    let x = acts
+                        .qs
+                        .as_ptr()
+                        .add((r0 + r) * n + i * 256 + 128 * half + 32 * k);
                     let x = _mm256_loadu_si256(x as *const __m256i);
                     sumi[r] = D::madd_acc(sumi[r], _mm256_maddubs_epi16(qk, x), sc);
                 }
@@ -465,9 +489,8 @@ unsafe fn q6k<D: Dot, B, const R: usize>(w: *const u8, acts: &Acts, r0: usize, o
         }
         for r in 0..R {
             let row_block = (r0 + r) * nb + i;
-            let bsums = _mm256_loadu_si256(
-                acts.sums16.as_ptr().add(row_block * 16) as *const __m256i
-            );
+            let bsums =
+                _mm256_loadu_si256(acts.sums16.as_ptr().add(row_block * 16) as *const __m256i);
             // The values are stored +32: subtract 32 * sum_g scale_g * sum(x in g).
             let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales16, bsums), 5);
             let total = hsum_epi32(_mm256_sub_epi32(sumi[r], offset));
