@@ -56,6 +56,9 @@ pub struct MemoryNeed {
     /// Dense (f32 / bf16) tensors: every float tensor, plus the copies of
     /// the quantized ones when they are kept.
     pub dense: u64,
+    /// candle's x86 CPU kernels keep a repacked copy of each Q4_K, Q6_K
+    /// and Q8_0 matrix after its first matmul (as large as the matrix).
+    pub repacked: u64,
     /// The largest temporary of the load itself (one tensor dequantized).
     pub load_transient: u64,
     pub kv_cache: u64,
@@ -69,6 +72,7 @@ impl MemoryNeed {
     pub fn total(&self) -> u64 {
         self.quantized
             + self.dense
+            + self.repacked
             + self.load_transient
             + self.kv_cache
             + self.activations
@@ -82,10 +86,12 @@ impl MemoryNeed {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} weights ({} quantized + {} f32/bf16), {} KV cache, {} activations, {} while loading",
+            "{} weights ({} quantized + {} f32/bf16), {} kernels' repacked copies, {} KV cache, \
+             {} activations, {} while loading",
             gib(self.weights()),
             gib(self.quantized),
             gib(self.dense),
+            gib(self.repacked),
             gib(self.kv_cache),
             gib(self.activations),
             gib(self.load_transient),
@@ -100,6 +106,13 @@ fn kept_type(dtype: GgmlDType, device: &Device) -> GgmlDType {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => GgmlDType::Q8_0,
         other => other,
     }
+}
+
+/// Whether candle's CPU matmul keeps a repacked copy of a `dtype` matrix.
+fn repacked_on(dtype: GgmlDType, device: &Device) -> bool {
+    cfg!(target_arch = "x86_64")
+        && device.is_cpu()
+        && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0)
 }
 
 fn quantized_bytes(elems: u64, dtype: GgmlDType) -> u64 {
@@ -127,6 +140,9 @@ pub fn estimate(
             Stored::Quantized(q) => {
                 let kept = kept_type(q, device);
                 need.quantized += quantized_bytes(t.elems, kept);
+                if repacked_on(kept, device) {
+                    need.repacked += quantized_bytes(t.elems, kept);
+                }
                 let read = quantized_bytes(t.elems, q);
                 let dequantized = opts.keep == KeepWeights::Both || kept != q;
                 let temp = read + if dequantized { t.elems * 4 } else { 0 };
