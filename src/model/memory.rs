@@ -306,7 +306,11 @@ pub fn check(
 
 /// `12G`, `512M`, `1048576`, `1.5G` (binary units).
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
+    // `512MiB`, `512MB` and `512M` alike.
+    let s = s
+        .trim()
+        .trim_end_matches(['B', 'b'])
+        .trim_end_matches(['i', 'I']);
     let (num, mult) = match s.char_indices().last()? {
         (i, c) if c.is_ascii_alphabetic() => {
             let mult: u64 = match c.to_ascii_uppercase() {
@@ -316,7 +320,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
                 'T' => 1 << 40,
                 _ => return None,
             };
-            (s[..i].trim_end_matches(['i', 'I']).trim(), mult)
+            (s[..i].trim(), mult)
         }
         _ => (s, 1),
     };
