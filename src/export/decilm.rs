@@ -131,13 +131,13 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
     let mut out = HashMap::new();
     out.insert(
         "model.embed_tokens.weight".to_string(),
-        f32(&t.embed_weight()?.into_owned())?,
+        f32(t.embed_weight()?.as_ref())?,
     );
     out.insert("model.norm.weight".to_string(), f32(&t.norm)?);
     if let Some(head) = &t.lm_head {
         out.insert(
             "lm_head.weight".to_string(),
-            f32(&head.dense_weight()?.into_owned())?,
+            f32(head.dense_weight()?.as_ref())?,
         );
     }
     let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
@@ -146,8 +146,8 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
         if !plan.is_skipped(BlockId::attn(i)) {
             let (q, k) = if interleaved {
                 (
-                    unpermute(&layer.attn.q.dense_weight()?.into_owned(), cfg.n_heads)?,
-                    unpermute(&layer.attn.k.dense_weight()?.into_owned(), cfg.n_kv_heads)?,
+                    unpermute(layer.attn.q.dense_weight()?.as_ref(), cfg.n_heads)?,
+                    unpermute(layer.attn.k.dense_weight()?.as_ref(), cfg.n_kv_heads)?,
                 )
             } else {
                 (
@@ -163,11 +163,11 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
             out.insert(format!("{p}.self_attn.k_proj.weight"), f32(&k)?);
             out.insert(
                 format!("{p}.self_attn.v_proj.weight"),
-                f32(&layer.attn.v.dense_weight()?.into_owned())?,
+                f32(layer.attn.v.dense_weight()?.as_ref())?,
             );
             out.insert(
                 format!("{p}.self_attn.o_proj.weight"),
-                f32(&layer.attn.o.dense_weight()?.into_owned())?,
+                f32(layer.attn.o.dense_weight()?.as_ref())?,
             );
         }
         if !plan.is_skipped(BlockId::mlp(i)) {
@@ -177,15 +177,15 @@ pub fn folded_tensors(model: &Model, plan: &Plan) -> Result<HashMap<String, Tens
             );
             out.insert(
                 format!("{p}.mlp.gate_proj.weight"),
-                f32(&layer.mlp.gate.dense_weight()?.into_owned())?,
+                f32(layer.mlp.gate.dense_weight()?.as_ref())?,
             );
             out.insert(
                 format!("{p}.mlp.up_proj.weight"),
-                f32(&layer.mlp.up.dense_weight()?.into_owned())?,
+                f32(layer.mlp.up.dense_weight()?.as_ref())?,
             );
             out.insert(
                 format!("{p}.mlp.down_proj.weight"),
-                f32(&layer.mlp.down.dense_weight()?.into_owned())?,
+                f32(layer.mlp.down.dense_weight()?.as_ref())?,
             );
         }
     }

@@ -56,6 +56,9 @@ pub struct MemoryNeed {
     /// Dense (f32 / bf16) tensors: every float tensor, plus the copies of
     /// the quantized ones when they are kept.
     pub dense: u64,
+    /// candle's x86 CPU kernels keep a repacked copy of each Q4_K, Q6_K
+    /// and Q8_0 matrix after its first matmul (as large as the matrix).
+    pub repacked: u64,
     /// The largest temporary of the load itself (one tensor dequantized).
     pub load_transient: u64,
     pub kv_cache: u64,
@@ -69,6 +72,7 @@ impl MemoryNeed {
     pub fn total(&self) -> u64 {
         self.quantized
             + self.dense
+            + self.repacked
             + self.load_transient
             + self.kv_cache
             + self.activations
@@ -82,10 +86,12 @@ impl MemoryNeed {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} weights ({} quantized + {} f32/bf16), {} KV cache, {} activations, {} while loading",
+            "{} weights ({} quantized + {} f32/bf16), {} kernels' repacked copies, {} KV cache, \
+             {} activations, {} while loading",
             gib(self.weights()),
             gib(self.quantized),
             gib(self.dense),
+            gib(self.repacked),
             gib(self.kv_cache),
             gib(self.activations),
             gib(self.load_transient),
@@ -100,6 +106,13 @@ fn kept_type(dtype: GgmlDType, device: &Device) -> GgmlDType {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => GgmlDType::Q8_0,
         other => other,
     }
+}
+
+/// Whether candle's CPU matmul keeps a repacked copy of a `dtype` matrix.
+fn repacked_on(dtype: GgmlDType, device: &Device) -> bool {
+    cfg!(target_arch = "x86_64")
+        && device.is_cpu()
+        && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0)
 }
 
 fn quantized_bytes(elems: u64, dtype: GgmlDType) -> u64 {
@@ -127,6 +140,9 @@ pub fn estimate(
             Stored::Quantized(q) => {
                 let kept = kept_type(q, device);
                 need.quantized += quantized_bytes(t.elems, kept);
+                if repacked_on(kept, device) {
+                    need.repacked += quantized_bytes(t.elems, kept);
+                }
                 let read = quantized_bytes(t.elems, q);
                 let dequantized = opts.keep == KeepWeights::Both || kept != q;
                 let temp = read + if dequantized { t.elems * 4 } else { 0 };
@@ -290,7 +306,11 @@ pub fn check(
 
 /// `12G`, `512M`, `1048576`, `1.5G` (binary units).
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
+    // `512MiB`, `512MB` and `512M` alike.
+    let s = s
+        .trim()
+        .trim_end_matches(['B', 'b'])
+        .trim_end_matches(['i', 'I']);
     let (num, mult) = match s.char_indices().last()? {
         (i, c) if c.is_ascii_alphabetic() => {
             let mult: u64 = match c.to_ascii_uppercase() {
@@ -300,12 +320,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
                 'T' => 1 << 40,
                 _ => return None,
             };
-            (s[..i].trim_end_matches(['i', 'I']).trim(), mult)
+            (s[..i].trim(), mult)
         }
         _ => (s, 1),
     };
     let n: f64 = num.parse().ok()?;
-    (n.is_finite() && n >= 0.0).then(|| (n * mult as f64) as u64)
+    (n.is_finite() && n >= 0.0).then_some((n * mult as f64) as u64)
 }
 
 pub fn gib(bytes: u64) -> String {

@@ -102,7 +102,7 @@ pub fn build_with(shape: &str, device: &Device, keep: KeepWeights) -> Result<Mod
 
 /// The matrix type of a random quantized matrix with rows of `cols`.
 pub fn quant_type(cols: usize) -> GgmlDType {
-    if cols % GgmlDType::Q4K.block_size() == 0 {
+    if cols.is_multiple_of(GgmlDType::Q4K.block_size()) {
         GgmlDType::Q4K
     } else {
         GgmlDType::Q4_0

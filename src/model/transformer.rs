@@ -724,7 +724,7 @@ fn tensor_bytes(t: &Tensor) -> usize {
 fn quantized_rows(q: &QTensor, ids: &[u32]) -> Result<Tensor> {
     let (rows, cols) = q.shape().dims2()?;
     let dtype = q.dtype();
-    if cols % dtype.block_size() != 0 {
+    if !cols.is_multiple_of(dtype.block_size()) {
         candle_core::bail!("embedding rows of {cols} do not split into {dtype:?} blocks");
     }
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
