@@ -173,7 +173,7 @@ impl KvPolicy {
             let Some(keep) = keep else {
                 continue;
             };
-            if keep.len() == 1 {
+            if matches!(spec, KvSpec::Window { .. } | KvSpec::Streaming { .. }) {
                 // The same slots in every head: positions stay shared.
                 store.select(&keep[0])?;
                 continue;
