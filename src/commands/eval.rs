@@ -131,7 +131,11 @@ fn run_kv(
             "decode          {} steps after a {}-token prefill ({})",
             args.decode_speed,
             prompt.len(),
-            if decode_run.quantized { "quantized weights" } else { "f32 weights" }
+            if decode_run.quantized {
+                "quantized weights"
+            } else {
+                "f32 weights"
+            }
         );
         for s in &rows {
             println!(

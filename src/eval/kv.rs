@@ -293,7 +293,10 @@ impl Probe for RecallProbe<'_> {
         probs: &Tensor,
         key_positions: &[u32],
     ) -> candle_core::Result<()> {
-        let contiguous = key_positions.iter().enumerate().all(|(i, &p)| p as usize == i);
+        let contiguous = key_positions
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| p as usize == i);
         if !contiguous {
             candle_core::bail!("attention recall: the full cache must hold positions 0..n");
         }
@@ -381,7 +384,11 @@ pub fn decode_speed(
         &mut Pass::plan(&base, run.for_prefill(prompt.len())).with_state(&mut prefilled),
     )?;
     let last = h.narrow(1, prompt.len() - 1, 1)?.squeeze(1)?;
-    let first: u32 = t.logits(&last, run)?.argmax(D::Minus1)?.squeeze(0)?.to_scalar()?;
+    let first: u32 = t
+        .logits(&last, run)?
+        .argmax(D::Minus1)?
+        .squeeze(0)?
+        .to_scalar()?;
     let mut all: Vec<KvSpec> = vec![KvSpec::Full];
     all.extend(specs.iter().filter(|s| **s != KvSpec::Full).cloned());
     let mut speeds = vec![Vec::new(); all.len()];

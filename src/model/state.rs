@@ -193,7 +193,9 @@ impl KvStore {
         if keep.len() != heads || keep.iter().any(|h| h.len() != n) {
             candle_core::bail!("kv select per head: {heads} heads, each keeping {n} entries");
         }
-        let bad = |h: &Vec<usize>| h.windows(2).any(|w| w[0] >= w[1]) || h.iter().any(|&i| i >= self.len());
+        let bad = |h: &Vec<usize>| {
+            h.windows(2).any(|w| w[0] >= w[1]) || h.iter().any(|&i| i >= self.len())
+        };
         if keep.iter().any(bad) || slot_positions.windows(2).any(|w| w[0] >= w[1]) {
             candle_core::bail!("kv select per head: indices and positions must increase");
         }

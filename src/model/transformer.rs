@@ -440,9 +440,13 @@ impl Transformer {
             .as_ref()
             .is_some_and(|p| p.wants_attention(call.layer));
         let chosen = match probe.as_deref_mut() {
-            Some(p) if all_heads => {
-                p.attend(call.layer, &q, (&keys, &values), &key_positions, &q_positions)?
-            }
+            Some(p) if all_heads => p.attend(
+                call.layer,
+                &q,
+                (&keys, &values),
+                &key_positions,
+                &q_positions,
+            )?,
             _ => None,
         };
         let y = if let Some(y) = chosen {

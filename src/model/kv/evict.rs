@@ -35,7 +35,12 @@ pub fn h2o_keep(scores: &[f32], budget: usize, recent_share: f64) -> Vec<usize> 
 /// SnapKV: the last `observed` slots (the observation window's own keys)
 /// plus the `budget - observed` earlier slots whose observed attention,
 /// average-pooled over `kernel` neighbours, is largest.
-pub fn snapkv_keep(observed_attention: &[f32], budget: usize, observed: usize, kernel: usize) -> Vec<usize> {
+pub fn snapkv_keep(
+    observed_attention: &[f32],
+    budget: usize,
+    observed: usize,
+    kernel: usize,
+) -> Vec<usize> {
     let n = observed_attention.len();
     if n <= budget {
         return (0..n).collect();

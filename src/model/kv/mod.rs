@@ -113,7 +113,9 @@ impl KvPolicy {
             (KvSpec::Quest { .. }, None, _) => KeptKeys::All,
             (_, _, Some(own)) => KeptKeys::Positions(own.clone()),
             (_, _, None) => {
-                let p = state.kv(layer).map_or(Vec::new(), |s| s.positions().to_vec());
+                let p = state
+                    .kv(layer)
+                    .map_or(Vec::new(), |s| s.positions().to_vec());
                 KeptKeys::Positions(vec![p; self.kv_heads])
             }
         }
@@ -146,7 +148,9 @@ impl KvPolicy {
             }
             let keep: Option<Vec<Vec<usize>>> = match spec {
                 KvSpec::Full | KvSpec::Quest { .. } => None,
-                KvSpec::Window { budget } => (n > budget).then(|| vec![evict::window_keep(n, budget)]),
+                KvSpec::Window { budget } => {
+                    (n > budget).then(|| vec![evict::window_keep(n, budget)])
+                }
                 KvSpec::Streaming { budget, sinks } => {
                     (n > budget).then(|| vec![evict::streaming_keep(n, budget, sinks)])
                 }
@@ -166,7 +170,9 @@ impl KvPolicy {
                 } => (prefill && n > budget).then(|| {
                     book.scores
                         .iter()
-                        .map(|s| evict::snapkv_keep(s, budget, observation.min(self.pass_tokens), kernel))
+                        .map(|s| {
+                            evict::snapkv_keep(s, budget, observation.min(self.pass_tokens), kernel)
+                        })
                         .collect()
                 }),
             };
@@ -240,7 +246,10 @@ impl Probe for KvPolicy {
         if b != 1 {
             candle_core::bail!("KV budget policies run one sequence at a time (batch {b})");
         }
-        let probs = probs.to_dtype(candle_core::DType::F32)?.squeeze(0)?.to_vec3::<f32>()?;
+        let probs = probs
+            .to_dtype(candle_core::DType::F32)?
+            .squeeze(0)?
+            .to_vec3::<f32>()?;
         let group = nh / self.kv_heads;
         let (from, accumulate) = match self.spec {
             KvSpec::SnapKv { observation, .. } => (t - observation.min(t), false),

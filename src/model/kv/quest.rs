@@ -99,7 +99,9 @@ impl PageBounds {
             Tensor::from_vec(flat, (1, nkv, pages, d), dev)
         };
         let (mins, maxs) = (table(&self.mins)?, table(&self.maxs)?);
-        let q = q.to_dtype(DType::F32)?.reshape((b, nkv, (nh / nkv) * t, d))?;
+        let q = q
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, (nh / nkv) * t, d))?;
         let pos = q.relu()?;
         let neg = (&q - &pos)?;
         let bound = (pos.matmul(&maxs.t()?)? + neg.matmul(&mins.t()?)?)?;

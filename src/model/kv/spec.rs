@@ -147,7 +147,8 @@ impl FromStr for KvSpec {
                 }
             }
             "snapkv" => {
-                let observation = field(spec, "the observation window", arg(1), DEFAULT_OBSERVATION)?;
+                let observation =
+                    field(spec, "the observation window", arg(1), DEFAULT_OBSERVATION)?;
                 let kernel = field(spec, "the pooling kernel", arg(2), DEFAULT_KERNEL)?;
                 if observation == 0 || observation >= budget {
                     bail!("KV policy `{spec}`: the observation window must be between 1 and the budget ({budget}) minus one");
