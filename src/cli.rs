@@ -357,6 +357,25 @@ pub struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// KV budget policies to evaluate at long context, comma-separated:
+    /// full, window:B, streaming:B[:SINKS], h2o:B[:RECENT_SHARE],
+    /// snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE] (budgets in tokens).
+    /// Default: the plan's `kv` section, if any.
+    #[arg(long)]
+    pub kv: Option<String>,
+    /// Tokens per window for --kv (default: the model's positions, at most 8192).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Prefill chunk for --kv: the policy acts after every chunk.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// With --kv: skip attention recall (the full model then runs its fast attention path).
+    #[arg(long)]
+    pub no_recall: bool,
+    /// With --kv: instead of quality, time this many decode steps per policy (and the full
+    /// cache) after a --context prefill.
+    #[arg(long, default_value_t = 0)]
+    pub decode_speed: usize,
 }
 
 #[derive(Args, Debug)]

@@ -15,7 +15,7 @@ mod artifacts;
 mod sections;
 
 pub use artifacts::{sha256_hex, Artifact};
-pub use sections::{SectionSpec, Sections, SECTIONS};
+pub use sections::{KvSection, SectionSpec, Sections, KV_SECTION, SECTIONS};
 
 /// Attention or MLP sub-block of a decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

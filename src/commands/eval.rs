@@ -5,7 +5,10 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{self, EvalArgs};
-use crate::eval::perplexity;
+use crate::eval::{kv, perplexity};
+use crate::model::kv::KvSpec;
+use crate::model::{Model, RunOptions};
+use crate::plan::{KvSection, Plan, KV_SECTION};
 use crate::progress;
 
 pub use crate::eval::data::DEFAULT_EVAL_TEXT;
@@ -24,9 +27,24 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         .weights
         .load_options(args.window, rayon::current_num_threads());
     let model = cli::load_model_for(margs, load)?;
-    let (plan, _) = cli::load_plan(pargs, &model)?;
+    let (plan, file) = cli::load_plan(pargs, &model)?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
+    let section = match &file {
+        Some(f) => f.sections.get::<KvSection>(KV_SECTION)?,
+        None => None,
+    };
+    let specs = match (&args.kv, section) {
+        (Some(list), _) => Some(KvSpec::parse_list(list)?),
+        (None, Some(s)) => Some(vec![s.spec()?]),
+        (None, None) => None,
+    };
+    if let Some(specs) = specs {
+        return run_kv(&model, &plan, &ids, &specs, &args, run);
+    }
+    if args.context.is_some() || args.decode_speed > 0 {
+        bail!("--context and --decode-speed go with --kv (a KV budget policy); use --window for plain perplexity");
+    }
     let opts = perplexity::EvalOptions {
         window: args.window,
         compare_base: !args.no_base,
@@ -76,5 +94,110 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
             rayon::current_num_threads()
         );
     }
+    Ok(())
+}
+
+/// `eval --kv`: the policies against the full cache at long context.
+fn run_kv(
+    model: &Model,
+    plan: &Plan,
+    ids: &[u32],
+    specs: &[KvSpec],
+    args: &EvalArgs,
+    run: RunOptions,
+) -> Result<()> {
+    if *plan != Plan::base() {
+        bail!("--kv measures KV policies on the full model; a plan that skips blocks or rescales them is not combined with one yet (drop --plan, or give a plan with only a `kv` section)");
+    }
+    let max = model.transformer.max_positions();
+    let context = args.context.unwrap_or(max.min(8192));
+    let opts = kv::KvEvalOptions {
+        context,
+        chunk: args.chunk,
+        recall: !args.no_recall,
+        run,
+        parallel_windows: true,
+    };
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    if args.decode_speed > 0 {
+        let cfg = model.cfg();
+        let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
+        let mut prompt = perplexity::windows(ids, context, bos).swap_remove(0);
+        prompt.truncate(max - args.decode_speed - 1);
+        let decode_run = args.weights.run_options(model, true)?;
+        let rows = kv::decode_speed(model, &prompt, specs, args.decode_speed, 3, decode_run)?;
+        if args.json {
+            let v = serde_json::json!({"context": prompt.len(), "steps": args.decode_speed, "decode_speed": rows});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        println!(
+            "decode          {} steps after a {}-token prefill ({})",
+            args.decode_speed,
+            prompt.len(),
+            if decode_run.quantized {
+                "quantized weights"
+            } else {
+                "f32 weights"
+            }
+        );
+        for s in &rows {
+            println!(
+                "  {:<22} {:>7.1} tok/s  KV {:>6.1} MiB  {}",
+                s.policy,
+                s.decode_tokens_per_sec,
+                mib(s.kv_bytes),
+                if s.executed { "executed" } else { "baseline" }
+            );
+        }
+        return Ok(());
+    }
+    let report = kv::evaluate_kv(model, ids, specs, opts, |_, _| {})?;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = serde_json::to_value(&model.identity)?;
+        v["threads"] = rayon::current_num_threads().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "context         {} tokens in {} window{}, prefill chunks of {}; scored: positions ≥ {} ({} tokens)",
+        report.context,
+        report.windows,
+        if report.windows == 1 { "" } else { "s" },
+        report.chunk,
+        report.scored_from,
+        report.scored_tokens
+    );
+    println!(
+        "full cache      perplexity {:.4}, KV {:.1} MiB",
+        report.full_perplexity,
+        mib(report.full_kv_bytes)
+    );
+    println!(
+        "{:<22} {:>10} {:>8} {:>9} {:>7} {:>7} {:>8}",
+        "policy", "perplexity", "Δ", "KL", "top-1", "recall", "KV MiB"
+    );
+    for r in &report.rows {
+        let recall = r
+            .attention_recall
+            .map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
+        println!(
+            "{:<22} {:>10.4} {:>+7.2}% {:>9.5} {:>6.2}% {:>7} {:>8.1}{}",
+            r.policy,
+            r.perplexity,
+            (r.perplexity / report.full_perplexity - 1.0) * 100.0,
+            r.kl_to_full,
+            r.top1_agreement * 100.0,
+            recall,
+            mib(r.kv_bytes),
+            if r.budget_covers_context {
+                "  (the budget holds the whole context: this is the full cache)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("({:.1}s)", report.seconds);
     Ok(())
 }

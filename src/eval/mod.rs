@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod data;
 pub mod generate;
+pub mod kv;
 pub mod perplexity;
 pub mod score;
 pub mod speculative;

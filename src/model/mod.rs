@@ -5,6 +5,7 @@ pub mod config;
 mod frozen;
 pub mod fused;
 pub mod header_check;
+pub mod kv;
 pub mod mask;
 pub mod memory;
 pub mod params;

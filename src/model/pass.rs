@@ -145,6 +145,23 @@ pub trait Probe {
     fn attention(&mut self, _layer: usize, _probs: &Tensor, _key_positions: &[u32]) -> Result<()> {
         Ok(())
     }
+    /// Attention computed here instead of by the engine: a KV budget policy
+    /// that attends to a subset of the stored keys per query (Quest). Given
+    /// the rotated queries (batch, heads, queries, head dim), the stored
+    /// keys and values (batch, kv heads, keys, head dim) at `key_positions`
+    /// and the queries' positions, returns (batch, queries, heads · head
+    /// dim), or `None` to attend to every key. Asked only when every query
+    /// head is computed.
+    fn attend(
+        &mut self,
+        _layer: usize,
+        _q: &Tensor,
+        _kv: (&Tensor, &Tensor),
+        _key_positions: &[u32],
+        _query_positions: &[u32],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// The policy's decision for a block.
     fn attn_decision(&mut self, _layer: usize, _exec: &AttnExec) -> Result<()> {
         Ok(())

@@ -250,6 +250,43 @@ impl KvStore {
         Ok(())
     }
 
+    /// Per-head eviction: KV head `h` keeps its entries `keep[h]`
+    /// (increasing, the same count for every head), in order. Heads then
+    /// hold different tokens in one slot, so slot `j` takes position
+    /// `slot_positions[j]` (increasing; a KV budget policy passes the latest
+    /// position any head keeps there, so a later query still sees every
+    /// slot, and keeps each head's own positions itself). Keys were rotated
+    /// when written, so nothing is re-rotated.
+    pub fn select_per_head(&mut self, keep: &[Vec<usize>], slot_positions: Vec<u32>) -> Result<()> {
+        let n = slot_positions.len();
+        let heads = self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
+        if keep.len() != heads || keep.iter().any(|h| h.len() != n) {
+            candle_core::bail!("kv select per head: {heads} heads, each keeping {n} entries");
+        }
+        let bad = |h: &Vec<usize>| {
+            h.windows(2).any(|w| w[0] >= w[1]) || h.iter().any(|&i| i >= self.len())
+        };
+        if keep.iter().any(bad) || slot_positions.windows(2).any(|w| w[0] >= w[1]) {
+            candle_core::bail!("kv select per head: indices and positions must increase");
+        }
+        if let (Some((k, v)), Some(dk), Some(dv)) = (self.keys_values()?, &self.k, &self.v) {
+            let dev = k.device().clone();
+            let mut ks = Vec::with_capacity(heads);
+            let mut vs = Vec::with_capacity(heads);
+            for (h, idx) in keep.iter().enumerate() {
+                let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+                let idx = Tensor::new(idx.as_slice(), &dev)?;
+                let pick = |t: &Tensor| t.narrow(1, h, 1)?.contiguous()?.index_select(&idx, 2);
+                ks.push(pick(&k)?);
+                vs.push(pick(&v)?);
+            }
+            dk.slice_set(&Tensor::cat(&ks, 1)?, 2, 0)?;
+            dv.slice_set(&Tensor::cat(&vs, 1)?, 2, 0)?;
+        }
+        self.positions = slot_positions;
+        Ok(())
+    }
+
     /// Bytes held by the live entries.
     pub fn bytes(&self) -> usize {
         match &self.k {

@@ -649,7 +649,19 @@ impl Transformer {
         let wants_probs = probe
             .as_ref()
             .is_some_and(|p| p.wants_attention(call.layer));
-        let y = if wants_probs {
+        let chosen = match probe.as_deref_mut() {
+            Some(p) if all_heads => p.attend(
+                call.layer,
+                &q,
+                (&keys, &values),
+                &key_positions,
+                &q_positions,
+            )?,
+            _ => None,
+        };
+        let y = if let Some(y) = chosen {
+            y
+        } else if wants_probs {
             let (y, probs) =
                 attention::dense_with_probs(&q, &keys, &values, mask.as_deref(), differentiable)?;
             if let Some(p) = probe.as_deref_mut() {

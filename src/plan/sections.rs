@@ -19,9 +19,35 @@ pub struct SectionSpec {
     pub check: fn(&serde_json::Value) -> Result<()>,
 }
 
-/// Every section this build knows. None yet: the modes that need them
-/// (drafting, sparsity, KV budgets, routing, attention replacement) add theirs.
-pub const SECTIONS: &[SectionSpec] = &[];
+/// Every section this build knows; the modes that need one (drafting,
+/// sparsity, routing, attention replacement) add theirs.
+pub const SECTIONS: &[SectionSpec] = &[SectionSpec {
+    name: KV_SECTION,
+    what: "a KV-cache budget policy for long context, in `eval --kv` syntax",
+    check: check_kv,
+}];
+
+/// The name of the KV budget section.
+pub const KV_SECTION: &str = "kv";
+
+/// The `kv` section: `{"policy": "quest:512"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvSection {
+    pub policy: String,
+}
+
+impl KvSection {
+    pub fn spec(&self) -> Result<crate::model::kv::KvSpec> {
+        self.policy.parse()
+    }
+}
+
+fn check_kv(value: &serde_json::Value) -> Result<()> {
+    let section: KvSection = serde_json::from_value(value.clone())
+        .context("expected {\"policy\": \"<policy>\"}, e.g. {\"policy\": \"quest:512\"}")?;
+    section.spec().map(|_| ())
+}
 
 /// A plan's sections, by name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
