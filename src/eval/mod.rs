@@ -5,5 +5,6 @@ pub mod bench;
 pub mod data;
 pub mod generate;
 pub mod perplexity;
+pub mod prompt_sets;
 pub mod score;
 pub mod speculative;
