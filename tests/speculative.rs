@@ -154,8 +154,17 @@ fn generate_through_speculation_gives_the_plain_greedy_text() {
         .unwrap();
     let draft = draft.to_str().unwrap();
     let base = [
-        "--model", gguf, "generate", "--prompt", "The old lighthouse keeper", "-n", "24",
-        "--ignore-eos", "--weights", "f32", "--json",
+        "--model",
+        gguf,
+        "generate",
+        "--prompt",
+        "The old lighthouse keeper",
+        "-n",
+        "24",
+        "--ignore-eos",
+        "--weights",
+        "f32",
+        "--json",
     ];
     let plain = stdout_json(&scalpel(&base));
     for k in ["3", "auto"] {
@@ -220,7 +229,11 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
     assert!((result.start.proxy_speedup - 1.0).abs() < 1e-12);
     let mut best = result.start.proxy_speedup;
     for s in &result.steps {
-        assert!(s.score.proxy_speedup > best, "step {} did not improve", s.step);
+        assert!(
+            s.score.proxy_speedup > best,
+            "step {} did not improve",
+            s.step
+        );
         best = s.score.proxy_speedup;
         let top = s
             .candidates

@@ -26,7 +26,10 @@ const Z_999: f64 = 3.090;
 
 /// The full model's sampling distribution after `ids`.
 fn full_probs(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::new(ids, model.device()).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let base = Plan::base();
     let h = model
         .transformer
@@ -36,7 +39,10 @@ fn full_probs(model: &Model, ids: &[u32]) -> Vec<f32> {
         .unwrap();
     let last = h.narrow(0, ids.len() - 1, 1).unwrap();
     let logits = model.transformer.logits(&last, RunOptions::FAST).unwrap();
-    Sampler::new(0, TEMPERATURE).probs(&logits).unwrap().remove(0)
+    Sampler::new(0, TEMPERATURE)
+        .probs(&logits)
+        .unwrap()
+        .remove(0)
 }
 
 /// Bins over sequences of `len` tokens: a leaf per sequence likely enough,
@@ -72,7 +78,15 @@ impl Bins {
         }
     }
 
-    fn expand(&mut self, model: &Model, prompt: &[u32], prefix: &[u32], mass: f64, len: usize, n: f64) {
+    fn expand(
+        &mut self,
+        model: &Model,
+        prompt: &[u32],
+        prefix: &[u32],
+        mass: f64,
+        len: usize,
+        n: f64,
+    ) {
         if prefix.len() == len {
             let i = self.add(mass * n);
             self.index.insert(prefix.to_vec(), i);
@@ -200,7 +214,10 @@ fn speculative_sampling_has_the_full_models_distribution() {
     let (stat, crit, df) = bins.chi_square(&plain);
     eprintln!("plain sampling: chi2 {stat:.1}, df {df}, critical (p=0.001) {crit:.1}");
     assert!(df >= 20, "too few bins ({df}) for a meaningful test");
-    assert!(stat < crit, "plain sampling fails: chi2 {stat:.1} ≥ {crit:.1}");
+    assert!(
+        stat < crit,
+        "plain sampling fails: chi2 {stat:.1} ≥ {crit:.1}"
+    );
 
     for k in [1, 2] {
         let (samples, alpha) = run(k, AcceptRule::SpeculativeSampling);
@@ -214,5 +231,8 @@ fn speculative_sampling_has_the_full_models_distribution() {
     let (samples, _) = run(2, AcceptRule::AcceptAll);
     let (stat, crit, df) = bins.chi_square(&samples);
     eprintln!("accept-all (wrong): chi2 {stat:.1}, df {df}, critical {crit:.1}");
-    assert!(stat > crit, "the wrong rule passed: chi2 {stat:.1} < {crit:.1}");
+    assert!(
+        stat > crit,
+        "the wrong rule passed: chi2 {stat:.1} < {crit:.1}"
+    );
 }

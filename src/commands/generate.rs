@@ -44,7 +44,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
                 plan: Some(path.clone()),
                 skip: None,
             };
-            Some(setup::load_plan(&source, &model).context("--speculative")?.0)
+            Some(
+                setup::load_plan(&source, &model)
+                    .context("--speculative")?
+                    .0,
+            )
         }
         None => None,
     };
@@ -89,8 +93,13 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             seed: opts.seed,
             accept: AcceptRule::SpeculativeSampling,
         };
-        let report =
-            speculative::speculate_with(&model, &prompt, Drafter::SelfPlan(&draft), spec, on_token)?;
+        let report = speculative::speculate_with(
+            &model,
+            &prompt,
+            Drafter::SelfPlan(&draft),
+            spec,
+            on_token,
+        )?;
         if args.json {
             let mut v = serde_json::to_value(&report)?;
             v["text"] = codec.decode(&report.new_tokens)?.into();

@@ -6,10 +6,10 @@ use anyhow::{bail, Result};
 use super::surgery_common as common;
 use crate::cli::{self, SearchArgs, SearchObjective};
 use crate::eval::data::{prompts, CALIBRATION_PROMPTS};
+use crate::surgery::hopscotch::{load_checkpoint, search, SearchEvent, SearchOptions};
 use crate::surgery::speculative_search::{
     load_draft_search, save_draft_search, search_draft, SpecSearchEvent, SpecSearchOptions,
 };
-use crate::surgery::hopscotch::{load_checkpoint, search, SearchEvent, SearchOptions};
 
 pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     if args.objective == SearchObjective::Speculative {
@@ -196,7 +196,13 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    save_draft_search(&model, &result.steps, &settings, !result.cancelled, &args.out)?;
+    save_draft_search(
+        &model,
+        &result.steps,
+        &settings,
+        !result.cancelled,
+        &args.out,
+    )?;
     if result.cancelled {
         println!(
             "cancelled: {} steps kept in {}; continue with --resume",

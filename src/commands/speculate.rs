@@ -281,8 +281,9 @@ struct Summary {
 }
 
 fn summarize(results: &[&PromptResult]) -> Summary {
-    let median =
-        |f: &dyn Fn(&PromptResult) -> f64| Stat::from(results.iter().map(|r| f(r)).collect()).median;
+    let median = |f: &dyn Fn(&PromptResult) -> f64| {
+        Stat::from(results.iter().map(|r| f(r)).collect()).median
+    };
     let mismatches = results
         .iter()
         .map(|r| r.identical.map(|same| usize::from(!same)))

@@ -10,11 +10,23 @@ use serde::Deserialize;
 
 /// The built-in sets, in table order.
 pub const KINDS: [(&str, &str); 6] = [
-    ("conversation", include_str!("../../assets/prompts/conversation.jsonl")),
-    ("instructions", include_str!("../../assets/prompts/instructions.jsonl")),
-    ("summarisation", include_str!("../../assets/prompts/summarisation.jsonl")),
+    (
+        "conversation",
+        include_str!("../../assets/prompts/conversation.jsonl"),
+    ),
+    (
+        "instructions",
+        include_str!("../../assets/prompts/instructions.jsonl"),
+    ),
+    (
+        "summarisation",
+        include_str!("../../assets/prompts/summarisation.jsonl"),
+    ),
     ("qa", include_str!("../../assets/prompts/qa.jsonl")),
-    ("reasoning", include_str!("../../assets/prompts/reasoning.jsonl")),
+    (
+        "reasoning",
+        include_str!("../../assets/prompts/reasoning.jsonl"),
+    ),
     ("code", include_str!("../../assets/prompts/code.jsonl")),
 ];
 
@@ -125,6 +137,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2"), "{err}");
-        assert_eq!(parse_jsonl("{\"prompt\": \"a\"}", "x").unwrap()[0].kind, "x");
+        assert_eq!(
+            parse_jsonl("{\"prompt\": \"a\"}", "x").unwrap()[0].kind,
+            "x"
+        );
     }
 }

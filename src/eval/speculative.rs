@@ -57,7 +57,9 @@ pub enum DraftLen {
     /// after one that accepted them all it falls by the same (kept within
     /// [`AUTO_GAMMA_MIN`], [`AUTO_GAMMA_MAX`]). Prompt lookup has no
     /// probabilities and drafts `max`.
-    Auto { max: usize },
+    Auto {
+        max: usize,
+    },
 }
 
 pub const AUTO_GAMMA_START: f64 = 0.5;

@@ -172,7 +172,9 @@ pub fn search_draft(
     let start = score_draft(model, &Plan::base(), prompts, opts)?;
     let mut steps = resume;
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
-    let mut best = steps.last().map_or(start.proxy_speedup, |s| s.score.proxy_speedup);
+    let mut best = steps
+        .last()
+        .map_or(start.proxy_speedup, |s| s.score.proxy_speedup);
     let mut cancelled = false;
     'steps: while steps.len() < opts.max_blocks {
         let step = steps.len() + 1;
@@ -244,11 +246,15 @@ pub fn save_draft_search(
 ) -> Result<()> {
     let plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
     let mut pf = PlanFile::new(model.identity.clone(), plan);
-    pf.metrics
-        .insert("speculative_search_steps".into(), serde_json::to_value(steps)?);
+    pf.metrics.insert(
+        "speculative_search_steps".into(),
+        serde_json::to_value(steps)?,
+    );
     if let Some(last) = steps.last() {
-        pf.metrics
-            .insert("speculative_proxy".into(), serde_json::to_value(last.score)?);
+        pf.metrics.insert(
+            "speculative_proxy".into(),
+            serde_json::to_value(last.score)?,
+        );
     }
     pf.provenance.insert("command".into(), "search".into());
     pf.provenance.insert(
