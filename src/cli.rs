@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::eval::speculative::DraftLen;
 use crate::model::{KeepWeights, LoadOptions, Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
 use crate::setup::{self, ModelSource, PlanSource};
@@ -200,11 +201,37 @@ pub struct FitArgs {
     pub json: bool,
 }
 
+/// What `search` optimises.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchObjective {
+    /// Hopscotch: the lowest calibration loss with refitted scales.
+    Hopscotch,
+    /// The best self-speculative draft: measured acceptance over weights read (see the README).
+    Speculative,
+}
+
 #[derive(Args, Debug)]
 pub struct SearchArgs {
-    /// Attention blocks to skip.
+    /// Attention blocks to skip (speculative: the most blocks removed).
     #[arg(long)]
     pub blocks: usize,
+    #[arg(long, value_enum, default_value = "hopscotch")]
+    pub objective: SearchObjective,
+    /// Speculative: calibration prompts drafted per candidate (the built-in calibration prompts).
+    #[arg(long, default_value_t = 3)]
+    pub spec_prompts: usize,
+    /// Speculative: new tokens per calibration prompt.
+    #[arg(long, default_value_t = 24)]
+    pub spec_tokens: usize,
+    /// Speculative: tokens drafted per verify (1..=16 or auto).
+    #[arg(long, default_value = "4")]
+    pub draft_len: DraftLen,
+    /// Speculative: assumed cost of one verify pass in decode steps (1: k + 1 rows cost one step).
+    #[arg(long, default_value_t = 1.0)]
+    pub verify_cost: f64,
+    /// Speculative: weights used while drafting (auto: quantized when the file is).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
     #[arg(long, default_value = "hopscotch-plan.json")]
     pub out: PathBuf,
     /// Continue the search saved in --out.
@@ -398,24 +425,45 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
+    /// Generate through self-speculative decoding with this plan file as the
+    /// draft: the output is the full model's (greedy: the same tokens;
+    /// sampled: the same distribution). Not with --plan/--skip.
+    #[arg(long, value_name = "PLAN")]
+    pub speculative: Option<PathBuf>,
+    /// With --speculative: tokens drafted per verify, 1..=16 or `auto`.
+    #[arg(long, default_value = "4", requires = "speculative")]
+    pub draft_len: DraftLen,
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct SpeculateArgs {
-    /// One prompt (or use --prompts).
-    #[arg(long, conflicts_with = "prompts")]
+    /// One prompt (or use --prompts / --prompt-set).
+    #[arg(long)]
     pub prompt: Option<String>,
-    /// A file with one prompt per line.
+    /// A prompt file: JSON lines `{"kind": …, "prompt": …}` (.jsonl), or one prompt per line.
     #[arg(long)]
     pub prompts: Option<std::path::PathBuf>,
+    /// A built-in prompt set (assets/prompts/), run through the chat template: all,
+    /// conversation, instructions, summarisation, qa, reasoning or code.
+    #[arg(long, value_name = "NAME")]
+    pub prompt_set: Option<String>,
+    /// At most this many prompts of each kind (default: all ten).
+    #[arg(long)]
+    pub per_kind: Option<usize>,
     /// New tokens per prompt.
     #[arg(short = 'n', long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// Tokens drafted per verify pass (1..=16).
-    #[arg(long, default_value_t = 4)]
-    pub draft_len: usize,
+    /// Tokens drafted per verify pass: 1..=16, or `auto` (up to 8, stopping
+    /// when the draft is unsure; see the README).
+    #[arg(long, default_value = "4")]
+    pub draft_len: DraftLen,
+    /// Sampling temperature (0 = greedy); > 0 uses speculative sampling.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f64,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
     /// Longest n-gram the prompt-lookup baseline matches.
     #[arg(long, default_value_t = 3)]
     pub ngram: usize,

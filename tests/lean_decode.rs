@@ -523,12 +523,7 @@ fn smollm2_quantized_speculation_equals_plain_greedy_decoding() {
     let plain = tokens(&greedy(model, &prompt, &Plan::base(), LEAN, 32));
     let draft = Plan::with_skips([6, 7, 25, 28].map(BlockId::attn));
     for draft_len in [1, 4, 8] {
-        let opts = SpecOptions {
-            max_new_tokens: 32,
-            draft_len,
-            stop_at_eos: false,
-            run: LEAN,
-        };
+        let opts = SpecOptions::greedy(32, draft_len, LEAN);
         let r = speculate(model, &prompt, Drafter::SelfPlan(&draft), opts).unwrap();
         assert!(r.accepted > 0, "k = {draft_len}: nothing accepted");
         assert_eq!(

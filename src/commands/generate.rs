@@ -2,10 +2,13 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
+use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
+use crate::plan::Plan;
+use crate::setup::{self, PlanSource};
 
 /// A prompt's ids: the chat template around it, or BOS first where the
 /// model's metadata says so.
@@ -26,10 +29,31 @@ pub fn prompt_ids(model: &crate::model::Model, text: &str, chat: bool) -> Result
 }
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
+    if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
+        bail!(
+            "--speculative generates the full model's output with its plan as the draft; \
+             it cannot be combined with --plan or --skip (put the draft's skips in the \
+             --speculative plan file)"
+        );
+    }
     // The prompt's length in bytes bounds its tokens (before the tokenizer is loaded).
     let context = args.prompt.len() + args.max_tokens + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 1))?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
+    let draft = match &args.speculative {
+        Some(path) => {
+            let source = PlanSource {
+                plan: Some(path.clone()),
+                skip: None,
+            };
+            Some(
+                setup::load_plan(&source, &model)
+                    .context("--speculative")?
+                    .0,
+            )
+        }
+        None => None,
+    };
     let codec = model.codec()?;
     let prompt = prompt_ids(&model, &args.prompt, args.chat)?;
     let run = args.weights.run_options(&model, true)?;
@@ -49,7 +73,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         print!("{}", args.prompt);
         out.flush()?;
     }
-    let report = generate::generate(&model, &prompt, &plan, opts, |tok| {
+    let on_token = |tok| {
         ids.push(tok);
         if !args.json {
             let text = codec.decode(&ids)?;
@@ -60,7 +84,49 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             }
         }
         Ok(())
-    })?;
+    };
+    if let Some(draft) = draft {
+        let spec = SpecOptions {
+            max_new_tokens: opts.max_new_tokens,
+            draft_len: args.draft_len,
+            stop_at_eos: opts.stop_at_eos,
+            run,
+            temperature: opts.temperature,
+            seed: opts.seed,
+            accept: AcceptRule::SpeculativeSampling,
+        };
+        let report = speculative::speculate_with(
+            &model,
+            &prompt,
+            Drafter::SelfPlan(&draft),
+            spec,
+            on_token,
+        )?;
+        if args.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["text"] = codec.decode(&report.new_tokens)?.into();
+            v["plan"] = Plan::base().describe().into();
+            v["draft_plan"] = draft.describe().into();
+            v["draft_len"] = args.draft_len.describe().into();
+            v["weights"] = generate::weights_used(run, report.prompt_tokens, "f32").into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!();
+            eprintln!(
+                "decode {:.1} tok/s ({} tokens), self-speculative with draft {}: α {:.3}, \
+                 τ {:.2} tokens per verify, mean draft {:.2}, weights {}",
+                report.decode_tokens_per_sec,
+                report.new_tokens.len(),
+                draft.describe(),
+                report.acceptance_rate,
+                report.mean_accepted,
+                report.mean_draft_len,
+                generate::weights_used(run, report.prompt_tokens, "f32"),
+            );
+        }
+        return Ok(());
+    }
+    let report = generate::generate(&model, &prompt, &plan, opts, on_token)?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["text"] = codec.decode(&report.new_tokens)?.into();

@@ -4,10 +4,17 @@
 use anyhow::{bail, Result};
 
 use super::surgery_common as common;
-use crate::cli::{self, SearchArgs};
+use crate::cli::{self, SearchArgs, SearchObjective};
+use crate::eval::data::{prompts, CALIBRATION_PROMPTS};
 use crate::surgery::hopscotch::{load_checkpoint, search, SearchEvent, SearchOptions};
+use crate::surgery::speculative_search::{
+    load_draft_search, save_draft_search, search_draft, SpecSearchEvent, SpecSearchOptions,
+};
 
 pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
+    if args.objective == SearchObjective::Speculative {
+        return run_speculative(margs, args);
+    }
     let cancel = common::cancel_on_ctrl_c();
     let model = cli::load_model(margs)?;
     let mut opts = if args.exact {
@@ -102,4 +109,134 @@ pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
 fn fmt_secs(s: f64) -> String {
     let s = s.max(0.0) as u64;
     format!("{}:{:02}", s / 60, s % 60)
+}
+
+/// `search --objective speculative`: greedy removal of the block that most
+/// raises the self-speculative throughput proxy, saved after every step.
+fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
+    let cancel = common::cancel_on_ctrl_c();
+    if args.spec_prompts == 0 || args.spec_tokens < 2 {
+        bail!("--spec-prompts must be at least 1 and --spec-tokens at least 2");
+    }
+    if !(args.verify_cost > 0.0 && args.verify_cost.is_finite()) {
+        bail!("--verify-cost must be a positive number of decode steps");
+    }
+    let model = cli::load_model(margs)?;
+    let run = args.weights.run_options(&model, true)?;
+    let opts = SpecSearchOptions {
+        max_blocks: args.blocks,
+        include_mlp: args.include_mlp,
+        draft_len: args.draft_len,
+        max_new_tokens: args.spec_tokens,
+        verify_cost: args.verify_cost,
+        run,
+    };
+    let settings = serde_json::json!({
+        "objective": "speculative",
+        "include_mlp": opts.include_mlp,
+        "draft_len": opts.draft_len.describe(),
+        "prompts": args.spec_prompts,
+        "tokens": opts.max_new_tokens,
+        "verify_cost": opts.verify_cost,
+        "quantized": run.quantized,
+    });
+    let resume = if args.resume {
+        if !args.out.exists() {
+            bail!(
+                "--resume: {} does not exist; run without --resume to start",
+                args.out.display()
+            );
+        }
+        load_draft_search(&model, &settings, &args.out)?
+    } else {
+        Vec::new()
+    };
+    let calib = prompts(CALIBRATION_PROMPTS);
+    let prompt_ids = calib
+        .iter()
+        .take(args.spec_prompts)
+        .map(|p| super::generate::prompt_ids(&model, p, true))
+        .collect::<Result<Vec<_>>>()?;
+    if !resume.is_empty() {
+        eprintln!("scalpel: resuming after {} finished steps", resume.len());
+    }
+    let mut done = resume.clone();
+    let result = search_draft(&model, &prompt_ids, &opts, resume, &cancel, |e| {
+        match e {
+            SpecSearchEvent::Candidate {
+                step,
+                block,
+                score,
+                done: n,
+                total,
+                eta_secs,
+            } => eprintln!(
+                "step {step}: {block:<8} α {:.3} τ {:.2} c {:.3} proxy {:.3}×   [{n}/{total}, eta {}]",
+                score.acceptance_rate,
+                score.mean_accepted,
+                score.weight_fraction,
+                score.proxy_speedup,
+                fmt_secs(*eta_secs)
+            ),
+            SpecSearchEvent::StepDone(s) => {
+                done.push(s.clone());
+                save_draft_search(&model, &done, &settings, false, &args.out)?;
+                eprintln!(
+                    "step {}: skip {} (proxy {:.3}×, {:.1}s) — saved to {}",
+                    s.step,
+                    s.chosen,
+                    s.score.proxy_speedup,
+                    s.seconds,
+                    args.out.display()
+                );
+            }
+            SpecSearchEvent::NoGain { step, best } => eprintln!(
+                "step {step}: no removal raises the proxy above {best:.3}×; stopping"
+            ),
+        }
+        Ok(())
+    })?;
+    save_draft_search(
+        &model,
+        &result.steps,
+        &settings,
+        !result.cancelled,
+        &args.out,
+    )?;
+    if result.cancelled {
+        println!(
+            "cancelled: {} steps kept in {}; continue with --resume",
+            result.steps.len(),
+            args.out.display()
+        );
+        return Ok(());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "plan": result.plan, "start": result.start, "steps": result.steps,
+                "seconds": result.seconds,
+            }))?
+        );
+    } else {
+        let last = result.steps.last().map_or(result.start, |s| s.score);
+        println!("skip      {}", result.plan.describe());
+        println!(
+            "draft     α {:.3}, τ {:.2}, weights read {:.3} (not timed), proxy speed-up {:.3}× \
+             (verify cost {} step)",
+            last.acceptance_rate,
+            last.mean_accepted,
+            last.weight_fraction,
+            last.proxy_speedup,
+            opts.verify_cost
+        );
+        println!("time      {:.1}s", result.seconds);
+        println!(
+            "plan      {} (scalpel speculate --plan {} to measure)",
+            args.out.display(),
+            args.out.display()
+        );
+    }
+    Ok(())
 }

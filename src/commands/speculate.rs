@@ -1,14 +1,17 @@
-//! `scalpel speculate`: plain greedy decoding, self-speculative decoding
-//! with the plan as the draft, and prompt lookup, interleaved on the same
-//! prompts, with the output checked token for token against plain decoding.
+//! `scalpel speculate`: plain decoding, self-speculative decoding with the
+//! plan as the draft, and prompt lookup, interleaved on the same prompts,
+//! with greedy output checked token for token against plain decoding, and
+//! a table per prompt kind (Spec-Bench's protocol: batch 1, per-kind and
+//! overall speed-up, mean accepted tokens).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::{self, SpeculateArgs};
 use crate::eval::bench::Stat;
 use crate::eval::generate::{self, GenOptions};
-use crate::eval::speculative::{self, Drafter, SpecOptions, SpecReport};
+use crate::eval::prompt_sets::{self, Prompt};
+use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions, SpecReport};
 use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
@@ -16,16 +19,21 @@ use crate::progress;
 /// What one prompt measured (medians over the runs).
 #[derive(Debug, Serialize)]
 struct PromptResult {
+    kind: String,
     prompt_tokens: usize,
-    identical: bool,
-    prompt_lookup_identical: bool,
+    /// Greedy: the output equals plain decoding's (sampled: null, the
+    /// draws differ by design; the distribution is the same).
+    identical: Option<bool>,
+    prompt_lookup_identical: Option<bool>,
     /// Index of the first token that differs from plain decoding.
     first_mismatch: Option<usize>,
     acceptance_rate: f64,
     mean_accepted: f64,
+    /// Tokens drafted per verify (k, or its mean with `--draft-len auto`).
+    mean_draft_len: f64,
     /// Time of one draft step over one plain decode step.
     draft_cost_ratio: f64,
-    /// Time of one verify pass (draft_len + 1 rows) over one plain decode step.
+    /// Time of one verify pass (mean_draft_len + 1 rows) over one plain decode step.
     verify_cost_ratio: f64,
     plain_tokens_per_sec: Stat,
     speculative_tokens_per_sec: Stat,
@@ -33,33 +41,37 @@ struct PromptResult {
     prompt_lookup_mean_accepted: f64,
 }
 
+fn read_prompts(args: &SpeculateArgs) -> Result<Vec<Prompt>> {
+    Ok(match (&args.prompt, &args.prompts, &args.prompt_set) {
+        (Some(p), None, None) => vec![Prompt {
+            kind: "prompt".into(),
+            prompt: p.clone(),
+        }],
+        (None, Some(path), None) => prompt_sets::from_file(path)?,
+        (None, None, Some(name)) => prompt_sets::builtin(name, args.per_kind)?,
+        (None, None, None) => {
+            bail!("give --prompt TEXT, --prompts FILE or --prompt-set NAME (e.g. all)")
+        }
+        _ => bail!("give only one of --prompt, --prompts and --prompt-set"),
+    })
+}
+
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -> Result<()> {
-    if args.draft_len == 0 || args.draft_len > 16 {
-        bail!(
-            "--draft-len must be between 1 and 16 (got {})",
-            args.draft_len
-        );
+    if !(args.temp >= 0.0 && args.temp.is_finite()) {
+        bail!("--temp must be 0 (greedy) or positive (got {})", args.temp);
     }
     if args.runs == 0 || args.max_tokens == 0 {
         bail!("--runs and -n must be at least 1");
     }
-    let texts: Vec<String> = match (&args.prompt, &args.prompts) {
-        (Some(p), None) => vec![p.clone()],
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect(),
-        _ => bail!("give --prompt TEXT or --prompts FILE"),
-    };
-    if texts.is_empty() {
-        bail!("the prompt file has no prompts");
+    if args.per_kind == Some(0) {
+        bail!("--per-kind must be at least 1");
     }
-    let longest = texts.iter().map(String::len).max().unwrap_or(0);
+    let texts = read_prompts(&args)?;
+    // The built-in sets are measured through the chat template (Spec-Bench).
+    let chat = args.chat || args.prompt_set.is_some();
+    let longest = texts.iter().map(|p| p.prompt.len()).max().unwrap_or(0);
     // Bytes bound tokens; the draft and the verifier each hold a sequence.
-    let context = longest + args.max_tokens + args.draft_len + 64;
+    let context = longest + args.max_tokens + args.draft_len.max() + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 2))?;
     let (plan, _) = cli::load_plan(pargs, &model)?;
     if plan.skip.is_empty() {
@@ -72,26 +84,37 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let run = args.weights.run_options(&model, true)?;
     let prompts = texts
         .iter()
-        .map(|t| super::generate::prompt_ids(&model, t, args.chat))
+        .map(|t| super::generate::prompt_ids(&model, &t.prompt, chat))
         .collect::<Result<Vec<_>>>()?;
 
     let pb = progress::bar(prompts.len() * args.runs, "runs");
     let mut results = Vec::new();
     let mut last_tokens = Vec::new();
-    for prompt in &prompts {
-        let r = measure_prompt(&model, prompt, &plan, run, &args, || pb.inc(1))?;
-        last_tokens = r.1;
-        results.push(r.0);
+    for (prompt, text) in prompts.iter().zip(&texts) {
+        let (r, tokens) = measure_prompt(&model, prompt, &plan, run, &args, || pb.inc(1))?;
+        last_tokens = tokens;
+        results.push(PromptResult {
+            kind: text.kind.clone(),
+            ..r
+        });
     }
     pb.finish_and_clear();
     let last_text = model.codec()?.decode(&last_tokens)?;
-    let summary = summarize(&results);
+    let summary = summarize(&results.iter().collect::<Vec<_>>());
+    let kinds = per_kind(&results);
+    let weights = generate::weights_used(run, 1, "f32");
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
+        let mut by_kind = serde_json::Map::new();
+        for (kind, s) in &kinds {
+            by_kind.insert(kind.clone(), serde_json::to_value(s)?);
+        }
+        v["kinds"] = by_kind.into();
         v["prompts"] = serde_json::to_value(&results)?;
         v["plan"] = plan.describe().into();
-        v["draft_len"] = args.draft_len.into();
-        v["weights"] = generate::weights_used(run, 1, "f32").into();
+        v["draft_len"] = args.draft_len.describe().into();
+        v["temperature"] = args.temp.into();
+        v["weights"] = weights.into();
         if results.len() == 1 {
             v["new_tokens"] = serde_json::to_value(&last_tokens)?;
             v["text"] = last_text.into();
@@ -100,49 +123,58 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         return Ok(());
     }
     println!(
-        "model {} | plan {} | draft {} | {} prompts × {} runs, greedy, weights {} (executed)",
+        "model {} | plan {} | draft {} | {} prompts × {} runs, {}, weights {weights} (executed)",
         model.identity.name,
         plan.describe(),
-        args.draft_len,
+        args.draft_len.describe(),
         results.len(),
         args.runs,
-        generate::weights_used(run, 1, "f32")
-    );
-    println!("| method | decode tok/s (median of prompts) | speed-up | α | τ | identical |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| plain | {:.1} | 1.000× | | | |",
-        summary.plain_tokens_per_sec
+        if args.temp > 0.0 {
+            format!("sampled at temperature {}", args.temp)
+        } else {
+            "greedy".into()
+        },
     );
     println!(
-        "| self-speculative | {:.1} | {:.3}× | {:.3} | {:.2} | {}/{} |",
-        summary.speculative_tokens_per_sec,
-        summary.speedup,
-        summary.acceptance_rate,
-        summary.mean_accepted,
-        results.iter().filter(|r| r.identical).count(),
-        results.len()
+        "| kind | prompts | plain tok/s | self-speculative tok/s | prompt lookup tok/s | α | τ | k | c | verify/step | identical |"
     );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<(&str, &Summary)> = kinds.iter().map(|(k, s)| (k.as_str(), s)).collect();
+    if kinds.len() > 1 {
+        rows.push(("overall", &summary));
+    }
+    for (kind, s) in rows {
+        println!(
+            "| {kind} | {} | {:.1} | {:.1} ({:.3}×) | {:.1} ({:.3}×) | {:.3} | {:.2} | {:.2} | {:.3} | {:.3} | {} |",
+            s.prompts,
+            s.plain_tokens_per_sec,
+            s.speculative_tokens_per_sec,
+            s.speedup,
+            s.prompt_lookup_tokens_per_sec,
+            s.prompt_lookup_speedup,
+            s.acceptance_rate,
+            s.mean_accepted,
+            s.mean_draft_len,
+            s.draft_cost_ratio,
+            s.verify_cost_ratio,
+            match s.mismatches {
+                Some(m) => format!("{}/{}", s.prompts - m, s.prompts),
+                None => "sampled".into(),
+            }
+        );
+    }
     println!(
-        "| prompt lookup | {:.1} | {:.3}× | | {:.2} | {}/{} |",
-        summary.prompt_lookup_tokens_per_sec,
-        summary.prompt_lookup_tokens_per_sec / summary.plain_tokens_per_sec,
-        summary.prompt_lookup_mean_accepted,
-        results.iter().filter(|r| r.prompt_lookup_identical).count(),
-        results.len()
+        "tok/s: decode, median of {} runs per prompt, then median over prompts; speed-up: median of \
+         per-prompt ratios; c: draft step / plain decode step; verify/step: a verify of k + 1 rows / \
+         plain decode step",
+        args.runs
     );
-    println!(
-        "draft step / decode step c = {:.3}; verify of {} rows / decode step = {:.3}",
-        summary.draft_cost_ratio,
-        args.draft_len + 1,
-        summary.verify_cost_ratio
-    );
-    if summary.mismatches > 0 {
+    if summary.mismatches.is_some_and(|m| m > 0) {
         println!(
             "{} prompt(s) differ from plain greedy decoding: with quantized weights the k + 1-row \
              verify does not compute a row exactly as a one-row decode step does (see --json \
              `first_mismatch`; --weights f32 gives identical output)",
-            summary.mismatches
+            summary.mismatches.unwrap_or(0)
         );
     }
     Ok(())
@@ -158,8 +190,8 @@ fn measure_prompt(
 ) -> Result<(PromptResult, Vec<u32>)> {
     let gen = GenOptions {
         max_new_tokens: args.max_tokens,
-        temperature: 0.0,
-        seed: 0,
+        temperature: args.temp,
+        seed: args.seed,
         stop_at_eos: !args.ignore_eos,
         run,
     };
@@ -168,6 +200,9 @@ fn measure_prompt(
         draft_len: args.draft_len,
         stop_at_eos: !args.ignore_eos,
         run,
+        temperature: args.temp,
+        seed: args.seed,
+        accept: AcceptRule::SpeculativeSampling,
     };
     let (mut plain, mut selfspec, mut lookup) = (vec![], vec![], vec![]);
     let mut reference = Vec::new();
@@ -195,20 +230,22 @@ fn measure_prompt(
     }
     let (s, l) = (s_last.unwrap(), l_last.unwrap());
     let step = Stat::from(plain_step).median;
-    let first_mismatch = reference
-        .iter()
-        .zip(&s.new_tokens)
-        .position(|(a, b)| a != b)
-        .or((reference.len() != s.new_tokens.len())
-            .then(|| reference.len().min(s.new_tokens.len())));
+    let greedy = args.temp <= 0.0;
+    let first_mismatch = if greedy {
+        first_difference(&reference, &s.new_tokens)
+    } else {
+        None
+    };
     let draft_steps = s.drafted.max(1) as f64;
     let result = PromptResult {
+        kind: String::new(),
         prompt_tokens: prompt.len(),
-        identical: first_mismatch.is_none(),
-        prompt_lookup_identical: l.new_tokens == reference,
+        identical: greedy.then_some(first_mismatch.is_none()),
+        prompt_lookup_identical: greedy.then_some(l.new_tokens == reference),
         first_mismatch,
         acceptance_rate: s.acceptance_rate,
         mean_accepted: s.mean_accepted,
+        mean_draft_len: s.mean_draft_len,
         draft_cost_ratio: s.draft_seconds / draft_steps / step,
         verify_cost_ratio: s.verify_seconds / s.verifies.max(1) as f64 / step,
         plain_tokens_per_sec: Stat::from(plain),
@@ -219,39 +256,74 @@ fn measure_prompt(
     Ok((result, s.new_tokens))
 }
 
-/// Over all prompts: medians of the per-prompt medians and ratios.
+fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+/// Over a set of prompts: medians of the per-prompt medians and ratios.
 #[derive(Debug, Serialize)]
 struct Summary {
-    identical: bool,
-    mismatches: usize,
+    prompts: usize,
+    /// Greedy only (null when sampled).
+    identical: Option<bool>,
+    mismatches: Option<usize>,
     acceptance_rate: f64,
     mean_accepted: f64,
+    mean_draft_len: f64,
     draft_cost_ratio: f64,
     verify_cost_ratio: f64,
     plain_tokens_per_sec: f64,
     speculative_tokens_per_sec: f64,
     speedup: f64,
     prompt_lookup_tokens_per_sec: f64,
+    prompt_lookup_speedup: f64,
     prompt_lookup_mean_accepted: f64,
 }
 
-fn summarize(results: &[PromptResult]) -> Summary {
-    let median =
-        |f: &dyn Fn(&PromptResult) -> f64| Stat::from(results.iter().map(f).collect()).median;
-    let plain = median(&|r| r.plain_tokens_per_sec.median);
-    let spec = median(&|r| r.speculative_tokens_per_sec.median);
-    let mismatches = results.iter().filter(|r| !r.identical).count();
+fn summarize(results: &[&PromptResult]) -> Summary {
+    let median = |f: &dyn Fn(&PromptResult) -> f64| {
+        Stat::from(results.iter().map(|r| f(r)).collect()).median
+    };
+    let mismatches = results
+        .iter()
+        .map(|r| r.identical.map(|same| usize::from(!same)))
+        .sum::<Option<usize>>();
     Summary {
-        identical: mismatches == 0,
+        prompts: results.len(),
+        identical: mismatches.map(|m| m == 0),
         mismatches,
         acceptance_rate: median(&|r| r.acceptance_rate),
         mean_accepted: median(&|r| r.mean_accepted),
+        mean_draft_len: median(&|r| r.mean_draft_len),
         draft_cost_ratio: median(&|r| r.draft_cost_ratio),
         verify_cost_ratio: median(&|r| r.verify_cost_ratio),
-        plain_tokens_per_sec: plain,
-        speculative_tokens_per_sec: spec,
+        plain_tokens_per_sec: median(&|r| r.plain_tokens_per_sec.median),
+        speculative_tokens_per_sec: median(&|r| r.speculative_tokens_per_sec.median),
         speedup: median(&|r| r.speculative_tokens_per_sec.median / r.plain_tokens_per_sec.median),
         prompt_lookup_tokens_per_sec: median(&|r| r.prompt_lookup_tokens_per_sec.median),
+        prompt_lookup_speedup: median(&|r| {
+            r.prompt_lookup_tokens_per_sec.median / r.plain_tokens_per_sec.median
+        }),
         prompt_lookup_mean_accepted: median(&|r| r.prompt_lookup_mean_accepted),
     }
+}
+
+/// One summary per kind, in the order the kinds first appear.
+fn per_kind(results: &[PromptResult]) -> Vec<(String, Summary)> {
+    let mut kinds: Vec<&str> = Vec::new();
+    for r in results {
+        if !kinds.contains(&r.kind.as_str()) {
+            kinds.push(&r.kind);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|k| {
+            let rs: Vec<&PromptResult> = results.iter().filter(|r| r.kind == k).collect();
+            (k.to_string(), summarize(&rs))
+        })
+        .collect()
 }

@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_core::{DType, Tensor, D};
+use rand::distr::{weighted::WeightedIndex, Distribution};
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::model::{Model, Pass, RunOptions, SeqState};
@@ -52,14 +53,7 @@ pub fn generate(
             opts.max_new_tokens
         );
     }
-    let sampling = if opts.temperature <= 0.0 {
-        Sampling::ArgMax
-    } else {
-        Sampling::All {
-            temperature: opts.temperature,
-        }
-    };
-    let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
+    let mut sampler = Sampler::new(opts.seed, opts.temperature);
     let eos = &model.cfg().eos_token_ids;
     let mut state = model
         .transformer
@@ -101,6 +95,66 @@ pub fn generate(
     })
 }
 
+/// The next-token sampler `generate` and speculative decoding share:
+/// greedy (temperature 0) or softmax(logits / temperature) with a seeded
+/// RNG. It draws exactly as candle's `LogitsProcessor` did for the same
+/// seed (one `WeightedIndex` draw per token), so seeded outputs are kept.
+pub struct Sampler {
+    temperature: f64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(seed: u64, temperature: f64) -> Self {
+        Self {
+            temperature,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// The distribution sampled from, per row of `logits` (1-D: one row):
+    /// softmax(logits / temperature), or softmax(logits) when greedy.
+    pub fn probs(&self, logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let logits = logits.to_dtype(DType::F32)?;
+        let logits = if logits.rank() == 1 {
+            logits.unsqueeze(0)?
+        } else {
+            logits
+        };
+        let t = if self.is_greedy() {
+            1.0
+        } else {
+            self.temperature
+        };
+        Ok(candle_nn::ops::softmax_last_dim(&(logits / t)?)?.to_vec2()?)
+    }
+
+    /// The next id after 1-D `logits`.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        if self.is_greedy() {
+            return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        }
+        let probs = self.probs(logits)?.remove(0);
+        self.sample_from(&probs)
+    }
+
+    /// One draw from `probs` (non-negative weights, not all zero).
+    pub fn sample_from(&mut self, probs: &[f32]) -> Result<u32> {
+        let distr = WeightedIndex::new(probs)
+            .map_err(|e| anyhow::anyhow!("cannot sample from these probabilities: {e}"))?;
+        Ok(distr.sample(&mut self.rng) as u32)
+    }
+
+    /// A uniform draw in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+}
+
 /// How the weights served a run, for reports: `dense` (the model's dtype),
 /// "quantized", or quantized decode after a dense prefill.
 pub fn weights_used(run: RunOptions, prefill_tokens: usize, dense: &str) -> String {
@@ -119,14 +173,14 @@ fn step(
     state: &mut SeqState,
     plan: &Plan,
     run: RunOptions,
-    sampler: &mut LogitsProcessor,
+    sampler: &mut Sampler,
 ) -> Result<u32> {
     let t = input.dim(1)?;
     let mut pass = Pass::plan(plan, run).with_state(state);
     let hidden = model.transformer.forward_hidden(input, &mut pass)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
     let logits = model.transformer.logits(&last, run)?.squeeze(0)?;
-    Ok(sampler.sample(&logits)?)
+    sampler.sample(&logits)
 }
 
 /// Greedy next-token ids for every position (for tests and comparisons).

@@ -6,5 +6,6 @@ pub mod data;
 pub mod generate;
 pub mod kv;
 pub mod perplexity;
+pub mod prompt_sets;
 pub mod score;
 pub mod speculative;
