@@ -5,6 +5,9 @@
 //! keeps results bit-identical across row counts. Both variants compute the same integers (no
 //! saturation is possible at these ranges), so they differ from the portable kernel only in the
 //! order of the float additions.
+// The kernels index several per-row arrays (accumulators, scales, activation
+// blocks) in lockstep; index loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
@@ -420,6 +423,8 @@ struct Q6K;
 
 /// Q6_K: 256-element super-blocks, 6-bit values (offset 32) with 16 i8 scales of 16 elements.
 #[inline(always)]
+// `B` is unused: `by_rows!` passes every kernel a format marker type.
+#[allow(clippy::extra_unused_type_parameters)]
 unsafe fn q6k<D: Dot, B, const R: usize>(w: *const u8, acts: &Acts, r0: usize, out: &mut [f32]) {
     const BYTES: usize = 210;
     let n = acts.in_dim;

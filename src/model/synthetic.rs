@@ -120,7 +120,12 @@ fn build_quantized(shape: &str, device: &Device) -> Result<Model> {
     let mut qmatrix = |rows: usize, cols: usize| -> Result<Arc<QTensor>> {
         let ty = quant_type(cols);
         let bytes = random_blocks(ty, rows * cols / ty.block_size(), &mut rng);
-        Ok(Arc::new(qtensor_from_ggml(ty, &bytes, vec![rows, cols], device)?))
+        Ok(Arc::new(qtensor_from_ggml(
+            ty,
+            &bytes,
+            vec![rows, cols],
+            device,
+        )?))
     };
     // The lean CPU path's kernels read the same blocks (zero copy).
     let kernel = |q: &Arc<QTensor>| -> Result<Option<Arc<QWeight>>> {

@@ -611,7 +611,10 @@ pub fn build_transformer_with_noops(
             gemma: gemma_norms,
         });
     }
-    let norm = plus_offset(get("model.norm.weight", &[h])?.into_dense(dtype)?, norm_offset)?;
+    let norm = plus_offset(
+        get("model.norm.weight", &[h])?.into_dense(dtype)?,
+        norm_offset,
+    )?;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {

@@ -145,8 +145,7 @@ impl Cache {
 fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
     let c = &t.cfg;
     // Plain Llama-style decoders only; others keep the candle path.
-    let arch_ok =
-        matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral) && c.is_plain_llama();
+    let arch_ok = matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral) && c.is_plain_llama();
     if !arch_ok || !t.device.is_cpu() || t.dtype != DType::F32 || !c.head_dim.is_multiple_of(2) {
         return Ok(None);
     }
