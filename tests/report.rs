@@ -209,9 +209,26 @@ fn bad_input_is_refused_before_any_measurement() {
     PlanFile::new(tiny.identity.clone(), Plan::with_skips([BlockId::attn(1)]))
         .save(&other)
         .unwrap();
+    // A plan whose section changes what it computes (a KV budget) is not
+    // measured as if it were its skips alone.
+    let kv = work.path().join("kv.json");
+    let mut pf = PlanFile::new(
+        common::smollm2().identity.clone(),
+        Plan::with_skips([BlockId::attn(3)]),
+    );
+    pf.sections
+        .set(
+            scalpel::plan::KV_SECTION,
+            &scalpel::plan::KvSection {
+                policy: "quest:512".into(),
+            },
+        )
+        .unwrap();
+    pf.save(&kv).unwrap();
     for (p, want) in [
         (&not_plan, "not a scalpel plan"),
         (&other, "cannot use plan"),
+        (&kv, "has a `kv` section, which `report` does not measure yet"),
     ] {
         let a = report_cmd(
             &work.path().join("r.html"),
