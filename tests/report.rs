@@ -228,7 +228,10 @@ fn bad_input_is_refused_before_any_measurement() {
     for (p, want) in [
         (&not_plan, "not a scalpel plan"),
         (&other, "cannot use plan"),
-        (&kv, "has a `kv` section, which `report` does not measure yet"),
+        (
+            &kv,
+            "has a `kv` section, which `report` does not measure yet",
+        ),
     ] {
         let a = report_cmd(
             &work.path().join("r.html"),
