@@ -96,6 +96,11 @@ fn the_report_renders_its_charts_in_a_browser() {
         2,
         "prefill and decode speed-ups of the base: {base_row}"
     );
+    // The charts' grid closes before the tables (they once flowed into it).
+    assert!(
+        html.contains("</figure>\n</div>\n<h2>Comparison</h2>"),
+        "charts grid closed before the comparison"
+    );
     // The headline names the recommendation and the model as given.
     assert!(html.contains("id=\"headline\""));
     assert!(

@@ -21,7 +21,7 @@ padding:0 1em;color:#222;line-height:1.4}\n\
 .headline li{margin:.3em 0}\n.headline li:first-child{font-weight:bold;list-style:none;margin-left:-1.2em}\n\
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:1em}\n\
 figure{margin:0}\nfigure svg{width:100%;height:auto}\nfigcaption{font-size:.9em;color:#555}\n\
-table{border-collapse:collapse;margin:1em 0}\nth,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\n\
+table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}\nth,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\n\
 td.name,th.name,td.blocks{text-align:left}\ntr.frontier td.name{font-weight:bold}\n\
 .spread{color:#666;font-size:.85em}\ncode{font-size:90%}\n\
 @media print{body{max-width:none;margin:0}.charts{grid-template-columns:1fr 1fr}figure{break-inside:avoid}}\n";
@@ -53,6 +53,7 @@ pub fn page(report: &Report, charts: &[(&str, String, String)]) -> String {
             escape(caption)
         );
     }
+    h.push_str("</div>\n");
     comparison_table(&mut h, report);
     details(&mut h, report);
     h.push_str("<h2>Settings</h2>\n<table id=\"settings\">\n");
