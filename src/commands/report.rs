@@ -369,10 +369,7 @@ fn date_utc() -> String {
 /// The output's folder must exist and take a file, checked before minutes
 /// of measuring.
 fn check_writable_folder(out: &Path) -> Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = export::parent_of(out);
     if !dir.is_dir() {
         bail!(
             "the output folder {} does not exist; create it first (mkdir -p {})",

@@ -154,33 +154,18 @@ pub fn bench(
     opts: BenchOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BenchReport> {
-    model.check_plan(plan)?;
-    let ids = bench_ids(model, &opts)?;
-    // One warm-up of each so allocation and caches settle.
-    time_once(
-        model,
-        &Plan::base(),
-        &BenchOptions { runs: 1, ..opts },
-        &ids,
-    )?;
-    time_once(model, plan, &BenchOptions { runs: 1, ..opts }, &ids)?;
-    let (mut bp, mut bd, mut pp, mut pd) = (vec![], vec![], vec![], vec![]);
-    for r in 0..opts.runs {
-        let (p, d) = time_once(model, &Plan::base(), &opts, &ids)?;
-        bp.push(p);
-        bd.push(d);
-        let (p, d) = time_once(model, plan, &opts, &ids)?;
-        pp.push(p);
-        pd.push(d);
-        progress(r + 1, opts.runs);
-    }
+    // The base and the plan timed in turn: the two-plan case of `bench_interleaved`.
+    let base_plan = Plan::base();
+    let mut speeds = bench_interleaved(model, &[&base_plan, plan], opts, &mut progress)?;
+    let timed = speeds.pop().expect("one result per plan");
+    let untouched = speeds.pop().expect("one result per plan");
     let base = SpeedReport {
-        prefill_tokens_per_sec: Stat::from(bp),
-        decode_tokens_per_sec: Stat::from(bd),
+        prefill_tokens_per_sec: untouched.prefill_tokens_per_sec,
+        decode_tokens_per_sec: untouched.decode_tokens_per_sec,
     };
     let pruned = SpeedReport {
-        prefill_tokens_per_sec: Stat::from(pp),
-        decode_tokens_per_sec: Stat::from(pd),
+        prefill_tokens_per_sec: timed.prefill_tokens_per_sec,
+        decode_tokens_per_sec: timed.decode_tokens_per_sec,
     };
     Ok(BenchReport {
         threads: candle_core::utils::get_num_threads(),
@@ -198,8 +183,8 @@ pub fn bench(
         context_tokens: opts.context_tokens,
         runs: opts.runs,
         plan: plan.describe(),
-        prefill_speedup: pruned.prefill_tokens_per_sec.median / base.prefill_tokens_per_sec.median,
-        decode_speedup: pruned.decode_tokens_per_sec.median / base.decode_tokens_per_sec.median,
+        prefill_speedup: timed.prefill_speedup.median,
+        decode_speedup: timed.decode_speedup.median,
         base,
         pruned,
     })

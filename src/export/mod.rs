@@ -94,7 +94,8 @@ pub fn check_output(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn parent_of(out: &Path) -> PathBuf {
+/// The folder a file at `out` is written into (`.` for a bare name).
+pub fn parent_of(out: &Path) -> PathBuf {
     match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
