@@ -541,3 +541,12 @@ pub fn load_model_for(args: &ModelArgs, load: LoadOptions) -> Result<Model> {
 pub fn load_plan(args: &PlanArgs, model: &Model) -> Result<(Plan, Option<PlanFile>)> {
     setup::load_plan(&args.source(), model)
 }
+
+/// `load_plan` for a command that carries out the sections named in `honoured`.
+pub fn load_plan_honouring(
+    args: &PlanArgs,
+    model: &Model,
+    honoured: &[&str],
+) -> Result<(Plan, Option<PlanFile>)> {
+    setup::load_plan_honouring(&args.source(), model, honoured)
+}

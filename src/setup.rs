@@ -106,10 +106,21 @@ pub fn load_model(source: &ModelSource) -> Result<Model> {
 
 /// The plan from the plan file and the skip list together, checked against the model.
 pub fn load_plan(source: &PlanSource, model: &Model) -> Result<(Plan, Option<PlanFile>)> {
+    load_plan_honouring(source, model, &[])
+}
+
+/// `load_plan` for a command that carries out the plan sections named in
+/// `honoured`; a plan with any other section is refused.
+pub fn load_plan_honouring(
+    source: &PlanSource,
+    model: &Model,
+    honoured: &[&str],
+) -> Result<(Plan, Option<PlanFile>)> {
     // A pruned export (Nemotron-NAS / deci) runs with its no-op blocks skipped.
     let (mut plan, file) = match &source.plan {
         Some(path) => {
             let pf = model.load_plan(path)?;
+            refuse_sections(&pf, path, "this command", honoured)?;
             (model.with_implied(&pf.plan), Some(pf))
         }
         None => (model.implied_plan.clone(), None),
@@ -119,4 +130,25 @@ pub fn load_plan(source: &PlanSource, model: &Model) -> Result<(Plan, Option<Pla
     }
     model.check_plan(&plan)?;
     Ok((plan, file))
+}
+
+/// A section (a KV budget, a draft, sparsity) changes what a plan computes:
+/// a command that does not carry it out would run, and report numbers for,
+/// another plan. Refuses the first section of `pf` not in `honoured`.
+pub fn refuse_sections(
+    pf: &PlanFile,
+    path: &std::path::Path,
+    command: &str,
+    honoured: &[&str],
+) -> Result<()> {
+    if let Some(name) = pf.sections.names().find(|n| !honoured.contains(n)) {
+        bail!(
+            "plan {} has a `{name}` section, which {command} does not measure yet (it would run \
+             the plan without it); measure it with the command of its mode (e.g. `scalpel eval \
+             --plan {}`), or remove the section to use the skips alone",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }

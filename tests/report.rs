@@ -249,4 +249,17 @@ fn bad_input_is_refused_before_any_measurement() {
         assert!(measured_nothing(&err), "{err}");
     }
     assert!(!work.path().join("r.html").exists());
+    // The same plan is refused, not run without its policy, by a command
+    // that does not carry out KV sections.
+    let a = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .args(["--model", common::smollm2_path().to_str().unwrap()])
+        .args(["--plan", kv.to_str().unwrap(), "bench", "--runs", "1"])
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&a.get_output().stderr).into_owned();
+    assert!(
+        err.contains("has a `kv` section, which this command does not measure yet"),
+        "{err}"
+    );
 }

@@ -27,7 +27,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         .weights
         .load_options(args.window, rayon::current_num_threads());
     let model = cli::load_model_for(margs, load)?;
-    let (plan, file) = cli::load_plan(pargs, &model)?;
+    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION])?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
     let section = match &file {

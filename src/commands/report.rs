@@ -18,6 +18,7 @@ use crate::model::{Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
 use crate::progress;
 use crate::report::{charts, html, Report, Row, Settings, SpeedKind};
+use crate::setup;
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
@@ -84,7 +85,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     }];
     for p in &args.plans {
         let pf = model.load_plan(p)?;
-        refuse_unmeasured_sections(&pf, p)?;
+        setup::refuse_sections(&pf, p, "`report`", &[])?;
         entries.push(Entry {
             name: plan_name(p),
             plan: model.with_implied(&pf.plan),
@@ -237,22 +238,6 @@ fn measure_quality(
     );
     pb.finish_and_clear();
     q
-}
-
-/// The report scores and times a plan's skips and scales; a section (a KV
-/// budget, a draft, sparsity) changes what the plan computes, and measuring
-/// the plan without it would print numbers for another plan.
-fn refuse_unmeasured_sections(pf: &PlanFile, path: &Path) -> Result<()> {
-    if let Some(name) = pf.sections.names().next() {
-        bail!(
-            "plan {} has a `{name}` section, which `report` does not measure yet (it would score \
-             and time the plan without it); measure it with the command of its mode (e.g. \
-             `scalpel eval --plan {}`), or remove the section to report the skips alone",
-            path.display(),
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// How a plan was made, from what its file records.
