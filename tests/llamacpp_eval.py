@@ -1,11 +1,13 @@
 """Evaluates GGUF files with llama.cpp itself (llama-cpp-python), for the
 export round-trip test. Same protocol as shared/peers/common.py: the given
 token ids in windows of --window, each from an empty cache, position j
-scored from logits[j-1]. Also times one full-window prefill per model,
-interleaved and repeated, and reports the best time of each.
+scored from logits[j-1]. With --time it also times one full-window prefill
+and --decode greedy steps per model, interleaved and repeated, and reports
+the best and median time of each (the benchmark .ci/bench-export-llamacpp;
+the test asserts no speed).
 
 Usage: python3 llamacpp_eval.py --ids ids.json --window 512 --out result.json \
-           --ppl pruned.gguf [--time pruned.gguf base.gguf ...] [--repeats 7]
+           [--ppl pruned.gguf] [--time pruned.gguf base.gguf ...] [--repeats 7] [--decode 64]
 """
 import argparse
 import json
@@ -24,9 +26,10 @@ except ImportError as e:  # the Rust test turns this into a clear failure
 ap = argparse.ArgumentParser()
 ap.add_argument("--ids", required=True)
 ap.add_argument("--window", type=int, default=512)
-ap.add_argument("--ppl", required=True)
+ap.add_argument("--ppl")
 ap.add_argument("--time", nargs="*", default=[])
 ap.add_argument("--repeats", type=int, default=7)
+ap.add_argument("--decode", type=int, default=0)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--out", required=True)
 args = ap.parse_args()
@@ -41,9 +44,10 @@ def load(path):
                  seed=0, verbose=False)
 
 
-llm = load(args.ppl)
+res = {"llama_cpp_python": llama_cpp.__version__}
 nll, scored, windows = 0.0, 0, 0
-for s in range(0, len(ids), args.window):
+llm = load(args.ppl) if args.ppl else None
+for s in range(0, len(ids), args.window) if llm else []:
     w = ids[s:s + args.window]
     if len(w) < 2:
         continue
@@ -55,20 +59,33 @@ for s in range(0, len(ids), args.window):
     nll += float((lse - x[np.arange(len(w) - 1), np.array(w[1:])]).sum())
     scored += len(w) - 1
     windows += 1
-res = {"llama_cpp_python": llama_cpp.__version__, "ppl": math.exp(nll / scored),
-       "scored_tokens": scored, "windows": windows, "prefill_best_s": {}}
-del llm
+if llm:
+    res.update(ppl=math.exp(nll / scored), scored_tokens=scored, windows=windows)
+    del llm
 
 models = {p: load(p) for p in args.time}
-first = ids[:args.window]
-best = {p: float("inf") for p in args.time}
+first = ids[:args.window - args.decode]
+prefill = {p: [] for p in args.time}
+decode = {p: [] for p in args.time}
 for _ in range(args.repeats):
     for p, m in models.items():  # interleaved, so load changes hit both alike
         m.reset()
         t0 = time.perf_counter()
         m.eval(first)
-        best[p] = min(best[p], time.perf_counter() - t0)
-res["prefill_best_s"] = best
+        prefill[p].append(time.perf_counter() - t0)
+        if args.decode:
+            t0 = time.perf_counter()
+            for _ in range(args.decode):
+                m.eval([int(np.argmax(m.scores[m.n_tokens - 1]))])
+            decode[p].append(time.perf_counter() - t0)
+if args.time:
+    res["prefill_tokens"] = len(first)
+    res["prefill_best_s"] = {p: min(t) for p, t in prefill.items()}
+    res["prefill_median_s"] = {p: float(np.median(t)) for p, t in prefill.items()}
+if args.decode:
+    res["decode_tokens"] = args.decode
+    res["decode_best_s"] = {p: min(t) for p, t in decode.items()}
+    res["decode_median_s"] = {p: float(np.median(t)) for p, t in decode.items()}
 with open(args.out, "w") as f:
     json.dump(res, f, indent=1)
 print(json.dumps(res))
