@@ -59,6 +59,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Lossless speed from a plan: the model under --plan drafts, the full model verifies (greedy).
     Speculate(SpeculateArgs),
+    /// Passkey retrieval under KV budget policies: a key hidden at chosen depths of long filler text.
+    Needle(NeedleArgs),
 }
 
 /// Export targets.
@@ -476,6 +478,33 @@ pub struct SpeculateArgs {
     /// Keep going after the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: Weights,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NeedleArgs {
+    /// KV budget policies to compare with the full cache (always run first),
+    /// comma-separated, as `eval --kv`: window:B, streaming:B, h2o:B, snapkv:B, quest:B.
+    #[arg(long, default_value = "")]
+    pub kv: String,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    pub context: Vec<usize>,
+    /// Where the key sits in the filler (0 = start, 1 = end), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    pub depths: Vec<f64>,
+    /// Keys (prompts) per context and depth.
+    #[arg(long, default_value_t = 3)]
+    pub trials: usize,
+    /// Prefill chunk: the policy acts after every chunk.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// Seed of the random keys.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
     #[arg(long)]

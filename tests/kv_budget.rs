@@ -508,3 +508,33 @@ fn a_plan_carries_a_kv_policy_in_its_kv_section() {
         "{err}"
     );
 }
+
+/// The passkey grid on SmolLM2: the full cache repeats a key hidden near
+/// the start of a 512-token prompt; a 64-token window, which has evicted
+/// it by the time the question is asked, cannot (a 5-digit key is not
+/// guessed). Measured: `scalpel needle --kv window:64,streaming:64,quest:64
+/// --context 512,1024 --depths 0.1,0.9 --trials 2` (README).
+#[test]
+fn needle_the_full_cache_finds_the_key_a_small_window_has_evicted() {
+    use scalpel::eval::needle::{needle_grid, NeedleOptions};
+    let model = common::smollm2();
+    let opts = NeedleOptions {
+        contexts: vec![512],
+        depths: vec![0.1],
+        trials: 1,
+        chunk: 128,
+        seed: 7,
+        run: RunOptions::FAST,
+    };
+    let window: KvSpec = "window:64".parse().unwrap();
+    let report = needle_grid(model, &[window], &opts, |_, _| {}).unwrap();
+    assert_eq!(report.policies, ["full", "window:64"]);
+    assert_eq!(report.found("full"), (1, 1), "{:?}", report.cells);
+    assert_eq!(report.found("window:64"), (0, 1), "{:?}", report.cells);
+    let bad = NeedleOptions {
+        depths: vec![1.5],
+        ..opts
+    };
+    let err = needle_grid(model, &[], &bad, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("outside [0, 1]"), "{err}");
+}

@@ -10,6 +10,7 @@ pub mod fit;
 pub mod generate;
 pub mod importance;
 pub mod info;
+pub mod needle;
 pub mod report;
 pub mod search;
 pub mod speculate;

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod data;
 pub mod generate;
 pub mod kv;
+pub mod needle;
 pub mod perplexity;
 pub mod prompt_sets;
 pub mod score;
