@@ -135,6 +135,16 @@ fn toggle_two_blocks_see_metrics_change_save_and_quit() {
     );
     assert!(screen.contains("skipped  2/60"), "{screen}");
 
+    // `d`: the two-block plan drafts for the full model; the text must be
+    // the full model's own (the lean kernels give the same logits for the
+    // k + 1 verify rows as for one decode step).
+    tmux.keys(&["d"]);
+    let screen = tmux.wait_for("the draft run's verdict", 5 * MINUTES, |s| {
+        s.contains("same text ✓") || s.contains("text differs ✗")
+    });
+    assert!(screen.contains("same text ✓"), "{screen}");
+    assert!(screen.contains("draft: attn.10 attn.15"), "{screen}");
+
     let saved: PathBuf = dir.path().join("two-blocks.json");
     tmux.keys(&["s", "C-u"]);
     tmux.text(&saved.display().to_string());

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::style::Color;
 use ratatui::Terminal;
 
 use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
 use scalpel::tui::app::{
-    App, BlockScores, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Quality, Record,
-    Request, Side, Speed, Update,
+    App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Quality,
+    Record, Request, Side, Speed, Update,
 };
 use scalpel::tui::{handler, ui};
 
@@ -300,4 +301,73 @@ fn type_text(app: &mut App, text: &str) {
         handler::handle_key(app, key(KeyCode::Char(c)));
     }
     handler::handle_key(app, key(KeyCode::Enter));
+}
+
+/// `d` runs the plan as a draft: the right column is the full model's text
+/// again, drafted tokens in green, with α, τ, the speed-up against the
+/// plain run and whether the text is the same.
+#[test]
+fn draft_view_marks_drafted_tokens_and_checks_the_text() {
+    let mut app = busy_app();
+    let reqs = handler::handle_key(&mut app, key(KeyCode::Char('d')));
+    assert!(
+        matches!(&reqs[..], [Request::Generate { draft: true, .. }]),
+        "{reqs:?}"
+    );
+    let base = "The sky appears blue because air scatters blue light.";
+    app.apply(Update::GenText {
+        side: Side::Base,
+        text: base.into(),
+    });
+    app.apply(Update::GenDone {
+        side: Side::Base,
+        prefill_tps: 402.3,
+        decode_tps: 40.0,
+    });
+    let words: Vec<&str> = base.split_inclusive(' ').collect();
+    let pieces: Vec<(String, bool)> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i % 4 != 0))
+        .collect();
+    app.apply(Update::DraftText { pieces });
+    app.apply(Update::DraftDone {
+        prefill_tps: 398.0,
+        decode_tps: 50.0,
+        stats: DraftStats {
+            acceptance_rate: 0.75,
+            mean_accepted: 2.5,
+        },
+    });
+    let mut terminal = Terminal::new(TestBackend::new(140, 45)).unwrap();
+    terminal.draw(|f| ui::draw(f, &app)).unwrap();
+    let screen = terminal.backend().to_string();
+    assert!(
+        screen.contains("same text ✓ · α 75% · τ 2.50 · 1.25× plain"),
+        "{screen}"
+    );
+    // "sky" (the second piece) was drafted: green; "The" was the verifier's.
+    let buf = terminal.backend().buffer();
+    let find = |word: &str| {
+        let row = screen.lines().position(|l| l.contains("draft:")).unwrap() + 2;
+        let line: Vec<char> = screen.lines().nth(row).unwrap().chars().collect();
+        let col = (0..line.len())
+            .rev()
+            .find(|&i| line[i..].iter().collect::<String>().starts_with(word))
+            .unwrap();
+        buf[(col as u16, row as u16)].fg
+    };
+    assert_eq!(find("sky"), Color::Green);
+    assert_ne!(find("The"), Color::Green);
+    insta::assert_snapshot!(screen);
+    // At 80×24 the verdict still shows: on the second line of the column,
+    // or in the header when a job's progress line leaves only one.
+    let small = render(&app, 80, 24);
+    assert!(small.contains("same text ✓ · α 75%"), "{small}");
+    app.job = Some(LongJob::new(JobKind::Importance, app.now));
+    let smaller = render(&app, 80, 24);
+    assert!(
+        smaller.contains("draft: attn.25 attn.27 · same text ✓"),
+        "{smaller}"
+    );
 }

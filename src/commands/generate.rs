@@ -73,7 +73,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         print!("{}", args.prompt);
         out.flush()?;
     }
-    let on_token = |tok| {
+    let mut on_token = |tok| {
         ids.push(tok);
         if !args.json {
             let text = codec.decode(&ids)?;
@@ -100,7 +100,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             &prompt,
             Drafter::SelfPlan(&draft),
             spec,
-            on_token,
+            |tok, _| on_token(tok),
         )?;
         if args.json {
             let mut v = serde_json::to_value(&report)?;

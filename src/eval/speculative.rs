@@ -177,7 +177,7 @@ pub fn speculate(
     drafter: Drafter,
     opts: SpecOptions,
 ) -> Result<SpecReport> {
-    speculate_with(model, prompt, drafter, opts, |_| Ok(()))
+    speculate_with(model, prompt, drafter, opts, |_, _| Ok(()))
 }
 
 /// A draft: its tokens and, for a sampled self-draft, the distribution
@@ -187,14 +187,23 @@ struct Draft {
     q: Option<Vec<Vec<f32>>>,
 }
 
+/// Where a token of a speculative run came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOrigin {
+    /// Drafted and accepted by the verifier.
+    Draft,
+    /// The full model's own token (after the prefill, or after a verify).
+    Verifier,
+}
+
 /// Speculative generation after `prompt`, calling `on_token` with each new
-/// id as it is accepted.
+/// id, and where it came from, as it is accepted.
 pub fn speculate_with(
     model: &Model,
     prompt: &[u32],
     drafter: Drafter,
     opts: SpecOptions,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut on_token: impl FnMut(u32, TokenOrigin) -> Result<()>,
 ) -> Result<SpecReport> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -240,7 +249,7 @@ pub fn speculate_with(
         // `next` is the full model's token, not yet in the cache.
         out.push(next);
         history.push(next);
-        on_token(next)?;
+        on_token(next, TokenOrigin::Verifier)?;
         if out.len() >= opts.max_new_tokens || (opts.stop_at_eos && eos.contains(&next)) {
             break;
         }
@@ -296,7 +305,7 @@ pub fn speculate_with(
         for &tok in &draft.tokens[..n] {
             out.push(tok);
             history.push(tok);
-            on_token(tok)?;
+            on_token(tok, TokenOrigin::Draft)?;
             if out.len() >= opts.max_new_tokens || (opts.stop_at_eos && eos.contains(&tok)) {
                 stop = true;
                 break;

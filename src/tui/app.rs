@@ -240,11 +240,25 @@ pub enum Side {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenSide {
     pub text: String,
+    /// A speculative run's text, one piece per token, `true` where the
+    /// draft proposed the token; empty for plain generation.
+    pub pieces: Vec<(String, bool)>,
     pub running: bool,
     pub queued: bool,
     pub prefill_tps: Option<f64>,
     pub decode_tps: Option<f64>,
+    /// A speculative run's acceptance, when finished.
+    pub draft: Option<DraftStats>,
     pub error: Option<String>,
+}
+
+/// What a finished self-speculative run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftStats {
+    /// Drafted tokens the full model accepted.
+    pub acceptance_rate: f64,
+    /// New tokens per verify pass (τ).
+    pub mean_accepted: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -254,6 +268,8 @@ pub struct Generation {
     pub plan: GenSide,
     /// The plan the right column was generated with.
     pub plan_label: String,
+    /// The right column ran the plan as a draft for the full model.
+    pub drafting: bool,
 }
 
 impl Generation {
@@ -327,6 +343,9 @@ pub enum Request {
     Generate {
         prompt: String,
         plan: Plan,
+        /// Run the plan as a draft the full model verifies (lossless),
+        /// instead of generating with the plan.
+        draft: bool,
     },
     Search {
         k: usize,
@@ -390,6 +409,15 @@ pub enum Update {
     GenFailed {
         side: Side,
         error: String,
+    },
+    /// A speculative run's text so far, one piece per token.
+    DraftText {
+        pieces: Vec<(String, bool)>,
+    },
+    DraftDone {
+        prefill_tps: f64,
+        decode_tps: f64,
+        stats: DraftStats,
     },
 }
 
@@ -671,7 +699,10 @@ impl App {
         }
     }
 
-    pub fn generate(&mut self) -> Vec<Request> {
+    /// Runs the prompt through the base model and the plan, side by side;
+    /// with `draft`, the plan drafts for the full model instead (the right
+    /// column is then the full model's text, marked by who proposed it).
+    pub fn generate(&mut self, draft: bool) -> Vec<Request> {
         let prompt = self.gen.prompt.trim().to_string();
         if prompt.is_empty() {
             self.set_status("the prompt is empty; e edits it", true);
@@ -686,9 +717,11 @@ impl App {
             ..Default::default()
         };
         self.gen.plan_label = self.plan().describe();
+        self.gen.drafting = draft;
         vec![Request::Generate {
             prompt,
             plan: self.plan().clone(),
+            draft,
         }]
     }
 
@@ -817,6 +850,25 @@ impl App {
                 s.running = false;
                 s.queued = false;
                 s.error = Some(error);
+            }
+            Update::DraftText { pieces } => {
+                let s = &mut self.gen.plan;
+                s.queued = false;
+                s.running = true;
+                s.text = pieces.iter().map(|(p, _)| p.as_str()).collect();
+                s.pieces = pieces;
+            }
+            Update::DraftDone {
+                prefill_tps,
+                decode_tps,
+                stats,
+            } => {
+                let s = &mut self.gen.plan;
+                s.running = false;
+                s.queued = false;
+                s.prefill_tps = Some(prefill_tps);
+                s.decode_tps = Some(decode_tps);
+                s.draft = Some(stats);
             }
         }
         vec![]

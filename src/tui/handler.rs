@@ -75,7 +75,8 @@ fn normal_key(app: &mut App, key: KeyEvent, ctrl: bool) -> Vec<Request> {
                 ChartY::Perplexity => ChartY::Kl,
             }
         }
-        KeyCode::Char('p') => return app.generate(),
+        KeyCode::Char('p') => return app.generate(false),
+        KeyCode::Char('d') => return app.generate(true),
         KeyCode::Char('e') => {
             let prompt = app.gen.prompt.clone();
             open_input(app, InputKind::Prompt, prompt);
@@ -148,7 +149,7 @@ fn submit(app: &mut App, kind: InputKind, text: String) -> Vec<Request> {
         InputKind::Prompt => {
             app.gen.prompt = text;
             app.dirty = true;
-            app.generate()
+            app.generate(app.gen.drafting)
         }
         InputKind::SearchK => match text.parse::<usize>() {
             Ok(k) => app.start_search(k),

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{JobKind, Origin, Quality, Request, Side, Update};
+use super::app::{DraftStats, JobKind, Origin, Quality, Request, Side, Update};
 use super::jobs::{self, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
@@ -106,6 +106,7 @@ enum LongJob {
 struct GenJob {
     prompt: String,
     plan: Plan,
+    draft: bool,
 }
 
 /// Held-out quality already measured, keyed by the plan's JSON, shared by lanes.
@@ -175,7 +176,18 @@ impl Worker {
     pub fn send(&self, req: Request) {
         match req {
             Request::Evaluate(plan) => self.eval.submit(plan, true),
-            Request::Generate { prompt, plan } => self.gen.submit(GenJob { prompt, plan }, true),
+            Request::Generate {
+                prompt,
+                plan,
+                draft,
+            } => self.gen.submit(
+                GenJob {
+                    prompt,
+                    plan,
+                    draft,
+                },
+                true,
+            ),
             Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
             Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
             Request::CancelJob => self.long.cancel(),
@@ -401,7 +413,21 @@ fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
             return;
         }
     };
-    for (side, plan) in [(Side::Base, Plan::base()), (Side::Plan, job.plan.clone())] {
+    let failed = |side, e: anyhow::Error| {
+        let error = if cancel.load(Ordering::Relaxed) {
+            "cancelled".to_string()
+        } else {
+            format!("{e:#}")
+        };
+        c.send(Update::GenFailed { side, error });
+    };
+    // The base model first; with a draft, the same text comes again, faster or not.
+    let sides = if job.draft {
+        vec![(Side::Base, Plan::base())]
+    } else {
+        vec![(Side::Base, Plan::base()), (Side::Plan, job.plan.clone())]
+    };
+    for (side, plan) in sides {
         let r = jobs::generate::stream(&c.model, &c.setup, &ids, &plan, cancel, |text| {
             c.send(Update::GenText { side, text })
         });
@@ -411,15 +437,24 @@ fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
                 prefill_tps: rep.prefill_tokens_per_sec,
                 decode_tps: rep.decode_tokens_per_sec,
             }),
-            Err(e) => {
-                let error = if cancel.load(Ordering::Relaxed) {
-                    "cancelled".to_string()
-                } else {
-                    format!("{e:#}")
-                };
-                c.send(Update::GenFailed { side, error });
-                return;
-            }
+            Err(e) => return failed(side, e),
+        }
+    }
+    if job.draft {
+        let r =
+            jobs::generate::stream_draft(&c.model, &c.setup, &ids, &job.plan, cancel, |pieces| {
+                c.send(Update::DraftText { pieces })
+            });
+        match r {
+            Ok(rep) => c.send(Update::DraftDone {
+                prefill_tps: rep.prompt_tokens as f64 / rep.prefill_seconds.max(1e-9),
+                decode_tps: rep.decode_tokens_per_sec,
+                stats: DraftStats {
+                    acceptance_rate: rep.acceptance_rate,
+                    mean_accepted: rep.mean_accepted,
+                },
+            }),
+            Err(e) => failed(Side::Plan, e),
         }
     }
 }

@@ -29,6 +29,7 @@ pub fn keys(app: &App) -> Vec<(&'static str, &'static str)> {
                 ("S", "search"),
                 ("F", "fit"),
                 ("p", "generate"),
+                ("d", "draft"),
                 ("s", "save"),
                 ("o", "open"),
                 ("m", "metric"),

@@ -49,6 +49,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         "Generation",
         &[
             ("p", "run the prompt through base and plan"),
+            ("d", "plan drafts, full model verifies (lossless)"),
             ("e", "edit the prompt"),
         ],
     ),
