@@ -301,7 +301,9 @@ impl Plan {
                 bail!("plan replaces attn.{l}, but the model has only {n_layers} layers");
             }
             if self.skips_attn(l) {
-                bail!("plan both skips and replaces attn.{l}: a block is either skipped or replaced");
+                bail!(
+                    "plan both skips and replaces attn.{l}: a block is either skipped or replaced"
+                );
             }
         }
         if let Some(scales) = &self.scales {

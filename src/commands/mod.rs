@@ -10,6 +10,7 @@ pub mod fit;
 pub mod generate;
 pub mod importance;
 pub mod info;
+pub mod replace;
 pub mod report;
 pub mod search;
 pub mod speculate;

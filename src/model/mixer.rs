@@ -72,7 +72,12 @@ impl PartialEq for Replaced {
 
 impl fmt::Debug for Replaced {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Replaced({:?}, {} tensors)", self.layers, self.weights.len())
+        write!(
+            f,
+            "Replaced({:?}, {} tensors)",
+            self.layers,
+            self.weights.len()
+        )
     }
 }
 
@@ -239,7 +244,10 @@ impl MixerState {
     }
 
     pub fn bytes(&self) -> usize {
-        let b = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
+        let b = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+        };
         b(&self.s) + b(&self.z)
     }
 
@@ -413,7 +421,7 @@ pub fn parallel(
     let rep = nh / nkv;
     let qg = q.contiguous()?.reshape((b, nkv, rep * t, d))?;
     let l = log_a.contiguous()?.cumsum(2)?; // L_t, (b, nkv, t)
-    // exp(L_t − L_s) for s ≤ t, 0 above the diagonal.
+                                            // exp(L_t − L_s) for s ≤ t, 0 above the diagonal.
     let diff = l.unsqueeze(3)?.broadcast_sub(&l.unsqueeze(2)?)?;
     let decay = diff
         .broadcast_add(&causal_mask(t, l.dtype(), l.device())?)?
@@ -429,11 +437,9 @@ pub fn parallel(
         .broadcast_as((b, nkv, rep, t))?
         .reshape((b, nkv, rep * t, 1))?;
     let num = (w.matmul(&v.contiguous()?)? + qg.matmul(s0)?.broadcast_mul(&from_start)?)?;
-    let den = (w.sum_keepdim(D::Minus1)?
-        + qg.matmul(&z0.unsqueeze(3)?)?.broadcast_mul(&from_start)?)?;
-    let y = num
-        .broadcast_div(&(den + EPS)?)?
-        .reshape((b, nh, t, d))?;
+    let den =
+        (w.sum_keepdim(D::Minus1)? + qg.matmul(&z0.unsqueeze(3)?)?.broadcast_mul(&from_start)?)?;
+    let y = num.broadcast_div(&(den + EPS)?)?.reshape((b, nh, t, d))?;
     // The state after the chunk: each token's contribution decayed to its end.
     let last = l.narrow(2, t - 1, 1)?; // (b, nkv, 1)
     let to_end = last.broadcast_sub(&l)?.exp()?; // (b, nkv, t)

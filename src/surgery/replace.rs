@@ -201,7 +201,12 @@ struct Capture<'a> {
 }
 
 impl Probe for Capture<'_> {
-    fn block(&mut self, block: BlockId, input: &Tensor, output: &Tensor) -> candle_core::Result<()> {
+    fn block(
+        &mut self,
+        block: BlockId,
+        input: &Tensor,
+        output: &Tensor,
+    ) -> candle_core::Result<()> {
         if block.kind == crate::plan::BlockKind::Attn && self.layers.contains(&block.layer) {
             // The base model's scales are 1: the block added exactly its output.
             self.seen
@@ -314,7 +319,12 @@ pub fn distil_local(
         let names = mixer::tensor_names(layer);
         let vars: Vec<Var> = names
             .iter()
-            .map(|n| params.var(n).cloned().with_context(|| format!("no `{n}` to train")))
+            .map(|n| {
+                params
+                    .var(n)
+                    .cloned()
+                    .with_context(|| format!("no `{n}` to train"))
+            })
             .collect::<Result<_>>()?;
         let t0 = Instant::now();
         let first = FitEpoch {
