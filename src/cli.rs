@@ -205,6 +205,9 @@ pub struct ReplaceArgs {
     pub local_epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub local_lr: f64,
+    /// Sequences per Adam step of the layer-local stage.
+    #[arg(long, default_value_t = 1)]
+    pub local_batch_size: usize,
     /// End-to-end epochs (KL to the base model, only the mixers trained).
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,

@@ -40,14 +40,15 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ReplaceArgs) -> 
         epochs: args.local_epochs,
         lr: args.local_lr,
         loss: LossKind::Kl,
-        batch_size: args.batch_size,
+        batch_size: args.local_batch_size,
         init: None,
     };
     let local = if args.local_epochs > 0 {
         let tt = rep::LocalTargets::compute(&model, &train, &layers, &cancel)?;
         let vt = LocalTargets::compute(&model, &validation, &layers, &cancel)?;
         let started = Instant::now();
-        let total_steps = layers.len() * args.local_epochs * tt_batches(&train, args.batch_size);
+        let total_steps =
+            layers.len() * args.local_epochs * tt_batches(&train, args.local_batch_size);
         let mut done = 0usize;
         let fits = rep::distil_local(
             &model,
@@ -159,7 +160,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ReplaceArgs) -> 
     pf.provenance.insert(
         "replace".into(),
         serde_json::json!({"layers": layers, "from_plan": args.from_plan, "local_epochs": args.local_epochs,
-            "local_lr": args.local_lr, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "local_lr": args.local_lr, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "local_batch_size": args.local_batch_size,
             "train_scales": args.train_scales, "training": train.source, "validation": validation.source,
             "cancelled": cancelled, "threads": rayon::current_num_threads()}),
     );
