@@ -434,3 +434,52 @@ fn commands_that_cannot_carry_out_a_replacement_refuse_it_by_name() {
     ])
     .stderr(contains("attn.1 is skipped by the plan"));
 }
+
+/// Greedy decoding of `n` tokens after `prompt` on a state; the logits of each step.
+fn decode(model: &Model, plan: &Plan, run: RunOptions, prompt: &[u32], n: usize) -> Vec<Vec<f32>> {
+    let t = &model.transformer;
+    let mut state = t.new_state(0);
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let input = Tensor::new(ids.as_slice(), model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut pass = Pass::plan(plan, run).with_state(&mut state);
+        let h = t.forward_hidden(&input, &mut pass).unwrap();
+        let last = h.narrow(1, ids.len() - 1, 1).unwrap();
+        let l = flat(&t.logits(&last, run).unwrap());
+        let next = l
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        out.push(l);
+        ids = vec![next];
+    }
+    out
+}
+
+#[test]
+fn quantized_decode_on_the_lean_path_runs_replaced_layers_like_the_exact_path() {
+    let model = common::smollm2();
+    assert!(model.transformer.lean_ready().unwrap());
+    let plan = replaced(model, &Plan::base(), &[6, 25]);
+    let prompt: Vec<u32> = (0..12u32).map(|i| 100 + i * 53).collect();
+    let lean = decode(model, &plan, RunOptions::QUANTIZED, &prompt, 6);
+    // The exact math: the file's weights dequantized, on the candle ops.
+    let exact = decode(model, &plan, RunOptions::FAST, &prompt, 6);
+    let worst = lean
+        .iter()
+        .zip(&exact)
+        .map(|(a, b)| common::max_abs_diff(a, b))
+        .fold(0.0, f32::max);
+    // As for plain plans (tests/lean_decode.rs, SMOLLM2_TOL): 8-bit activation rounding only.
+    assert!(
+        worst < 2.5,
+        "lean vs f32 logits with replaced layers: {worst}"
+    );
+    assert!(worst > 0.0, "the quantized steps ran the quantized weights");
+}
