@@ -61,6 +61,8 @@ pub enum Command {
     Speculate(SpeculateArgs),
     /// Passkey retrieval under KV budget policies: a key hidden at chosen depths of long filler text.
     Needle(NeedleArgs),
+    /// Replace attention layers with distilled gated linear mixers (constant-size state, no KV).
+    Replace(ReplaceArgs),
 }
 
 /// Export targets.
@@ -186,6 +188,42 @@ pub struct ImportanceArgs {
     /// Plan file to write the importance table into (default: the --plan file, if any).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplaceArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Attention layers to replace, e.g. 6,7,25,28 (layers from 0), over --plan / --skip if given.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
+    pub layers: Option<Vec<usize>>,
+    /// Replace the attention layers this plan skips; its other skips and scales are kept.
+    #[arg(long, value_name = "PLAN")]
+    pub from_plan: Option<PathBuf>,
+    /// Layer-local epochs (each mixer matches its attention's output on cached inputs).
+    #[arg(long, default_value_t = 4)]
+    pub local_epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub local_lr: f64,
+    /// Sequences per Adam step of the layer-local stage.
+    #[arg(long, default_value_t = 1)]
+    pub local_batch_size: usize,
+    /// End-to-end epochs (KL to the base model, only the mixers trained).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Sequences per Adam step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Also train every layer's Hopscotch scales end to end.
+    #[arg(long)]
+    pub train_scales: bool,
+    /// The plan to write (the mixers go beside it as an artifact).
+    #[arg(long)]
+    pub out: PathBuf,
     #[arg(long)]
     pub json: bool,
 }

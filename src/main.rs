@@ -34,6 +34,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Report(args)) => commands::report::run(&cli.model, args),
         Some(Command::Importance(args)) => commands::importance::run(&cli.model, &cli.plan, args),
         Some(Command::Fit(args)) => commands::fit::run(&cli.model, &cli.plan, args),
+        Some(Command::Replace(args)) => commands::replace::run(&cli.model, &cli.plan, args),
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
         Some(Command::Speculate(args)) => commands::speculate::run(&cli.model, &cli.plan, args),

@@ -168,6 +168,11 @@ pub struct Plan {
     pub skip: BTreeSet<BlockId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scales: Option<Vec<LayerScales>>,
+    /// Attention layers replaced by trained mixers, with their weights: set
+    /// at run time from the plan file's `replace` section and its artifact
+    /// (`surgery::replace`), never written here.
+    #[serde(skip)]
+    pub replace: Option<crate::model::mixer::Replaced>,
 }
 
 impl Plan {
@@ -179,7 +184,15 @@ impl Plan {
         Self {
             skip: blocks.into_iter().collect(),
             scales: None,
+            replace: None,
         }
+    }
+
+    /// Whether `layer`'s attention runs as a mixer.
+    pub fn replaces_attn(&self, layer: usize) -> bool {
+        self.replace
+            .as_ref()
+            .is_some_and(|r| r.layers.contains(&layer))
     }
 
     pub fn skips_attn(&self, layer: usize) -> bool {
@@ -283,6 +296,16 @@ impl Plan {
                 n_layers.saturating_sub(1)
             );
         }
+        for &l in self.replace.iter().flat_map(|r| &r.layers) {
+            if l >= n_layers {
+                bail!("plan replaces attn.{l}, but the model has only {n_layers} layers");
+            }
+            if self.skips_attn(l) {
+                bail!(
+                    "plan both skips and replaces attn.{l}: a block is either skipped or replaced"
+                );
+            }
+        }
         if let Some(scales) = &self.scales {
             if scales.len() != n_layers {
                 bail!(
@@ -312,6 +335,15 @@ impl Plan {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        if let Some(r) = self.replace.as_ref().filter(|r| !r.layers.is_empty()) {
+            let layers: Vec<String> = r.layers.iter().map(|l| format!("attn.{l}")).collect();
+            if self.skip.is_empty() {
+                s.clear();
+            } else {
+                s.push(' ');
+            }
+            s.push_str(&format!("replaced: {}", layers.join(" ")));
+        }
         if self.has_scales() {
             s.push_str(" (+scales)");
         }

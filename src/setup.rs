@@ -121,7 +121,11 @@ pub fn load_plan_honouring(
         Some(path) => {
             let pf = model.load_plan(path)?;
             refuse_sections(&pf, path, "this command", honoured)?;
-            (model.with_implied(&pf.plan), Some(pf))
+            let mut plan = model.with_implied(&pf.plan);
+            if honoured.contains(&crate::surgery::replace::REPLACE_SECTION) {
+                crate::surgery::replace::apply_section(&pf, &mut plan, model)?;
+            }
+            (plan, Some(pf))
         }
         None => (model.implied_plan.clone(), None),
     };

@@ -10,6 +10,7 @@ use crate::model::kv::KvSpec;
 use crate::model::{Model, RunOptions};
 use crate::plan::{KvSection, Plan, KV_SECTION};
 use crate::progress;
+use crate::surgery::replace::REPLACE_SECTION;
 
 pub use crate::eval::data::DEFAULT_EVAL_TEXT;
 
@@ -27,7 +28,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         .weights
         .load_options(args.window, rayon::current_num_threads());
     let model = cli::load_model_for(margs, load)?;
-    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION])?;
+    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION, REPLACE_SECTION])?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
     let section = match &file {
@@ -73,7 +74,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
     } else {
         println!("plan            {}", plan.describe());
         println!("perplexity      {:.4}", report.perplexity);
-        if plan.skip.is_empty() && !plan.has_scales() {
+        if plan == Plan::base() {
             println!("kl to base      0 (this is the base model)");
         } else if args.no_base {
             println!("kl to base      (not measured: --no-base)");

@@ -28,6 +28,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
         );
     }
     export::check_architecture(model.cfg(), expresses(args.format))?;
+    if let Some(path) = &pargs.plan {
+        refuse_replaced(&model.load_plan(path)?, path, args.format)?;
+    }
     let (plan, plan_file) = cli::load_plan(pargs, &model)?;
     if let Some(pf) = &plan_file {
         export::check_expressible(pf, expresses(args.format))?;
@@ -237,4 +240,30 @@ fn out_name(p: &Path) -> String {
     p.file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "pruned-model".into())
+}
+
+/// A plan whose attention layers run as mixers has no form in these
+/// formats: they know attention, no-op and plain linear blocks only.
+fn refuse_replaced(
+    pf: &crate::plan::PlanFile,
+    path: &std::path::Path,
+    format: ExportFormat,
+) -> Result<()> {
+    use crate::surgery::replace::{ReplaceSection, REPLACE_SECTION};
+    if let Some(r) = pf.sections.get::<ReplaceSection>(REPLACE_SECTION)? {
+        let name = match format {
+            ExportFormat::Gguf => "gguf (llama.cpp `deci`)",
+            ExportFormat::Decilm => "decilm (Nemotron-NAS)",
+            ExportFormat::Mergekit => "mergekit",
+        };
+        bail!(
+            "plan {} replaces attention layers {:?} with gated linear mixers, which the {name} \
+             format cannot express (it has no recurrent mixer layer); measure it with `scalpel eval \
+             --plan {}`, or export a plan that skips those layers instead",
+            path.display(),
+            r.layers,
+            path.display()
+        );
+    }
+    Ok(())
 }

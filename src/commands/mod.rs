@@ -11,6 +11,7 @@ pub mod generate;
 pub mod importance;
 pub mod info;
 pub mod needle;
+pub mod replace;
 pub mod report;
 pub mod search;
 pub mod speculate;

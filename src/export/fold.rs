@@ -55,6 +55,7 @@ pub fn unscaled(plan: &Plan) -> Plan {
     Plan {
         skip: plan.skip.clone(),
         scales: None,
+        replace: plan.replace.clone(),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod header_check;
 pub mod kv;
 pub mod mask;
 pub mod memory;
+pub mod mixer;
 pub mod params;
 pub mod pass;
 pub mod source;

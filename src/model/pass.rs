@@ -37,6 +37,10 @@ pub enum AttnExec {
     /// Only these query heads (increasing) are computed; K/V are written for
     /// every KV head so the cache stays complete.
     Heads(Vec<u32>),
+    /// The attention is replaced by a trained mixer (`model::mixer`) with a
+    /// constant-size recurrent state; its weights come from the pass's
+    /// parameters (`mixer.{layer}.*`). Writes no K/V.
+    Mixer,
 }
 
 /// What an MLP block executes for the tokens of a pass.
@@ -61,6 +65,8 @@ impl LayerPolicy for Plan {
     fn attn(&self, layer: usize, _x: &Tensor) -> Result<AttnExec> {
         Ok(if self.skips_attn(layer) {
             AttnExec::Skip
+        } else if self.replaces_attn(layer) {
+            AttnExec::Mixer
         } else {
             AttnExec::Full
         })
@@ -96,6 +102,11 @@ pub trait ParamSource {
 impl ParamSource for Plan {
     fn residual(&self, layer: usize) -> Result<Residual> {
         Ok(Residual::Const(self.scales_for(layer)))
+    }
+
+    /// The replacing mixers' weights, when the plan carries them.
+    fn tensor(&self, name: &str) -> Option<Tensor> {
+        self.replace.as_ref()?.weights.get(name).cloned()
     }
 }
 

@@ -11,6 +11,8 @@
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 
+use super::mixer::MixerState;
+
 /// Keys are allocated in steps of at least this many positions.
 const MIN_CAPACITY: usize = 256;
 
@@ -346,6 +348,9 @@ impl InplaceOp1 for WriteRows<'_> {
 #[derive(Debug)]
 pub enum LayerState {
     Kv(KvStore),
+    /// A layer whose attention is replaced by a mixer: a constant-size
+    /// recurrent state, no keys.
+    Mixer(MixerState),
 }
 
 /// The state of one sequence (a batch of sequences that advance together):
@@ -399,14 +404,42 @@ impl SeqState {
     pub fn kv(&self, layer: usize) -> Option<&KvStore> {
         match self.layers.get(layer) {
             Some(LayerState::Kv(s)) => Some(s),
-            None => None,
+            _ => None,
         }
     }
 
     pub fn kv_mut(&mut self, layer: usize) -> Option<&mut KvStore> {
         match self.layers.get_mut(layer) {
             Some(LayerState::Kv(s)) => Some(s),
-            None => None,
+            _ => None,
+        }
+    }
+
+    /// Layer `layer`'s recurrent mixer state, made on first use from its
+    /// empty key store (a layer that already holds keys ran as attention:
+    /// mixing the two would be wrong, so that is an error).
+    pub fn mixer_mut(&mut self, layer: usize) -> Result<&mut MixerState> {
+        let Some(l) = self.layers.get_mut(layer) else {
+            candle_core::bail!("the sequence state has no layer {layer}");
+        };
+        if let LayerState::Kv(kv) = l {
+            if !kv.is_empty() {
+                candle_core::bail!(
+                    "layer {layer} holds keys from an attention pass; a mixer cannot continue it"
+                );
+            }
+            *l = LayerState::Mixer(MixerState::new());
+        }
+        match l {
+            LayerState::Mixer(m) => Ok(m),
+            LayerState::Kv(_) => unreachable!("converted above"),
+        }
+    }
+
+    pub fn mixer(&self, layer: usize) -> Option<&MixerState> {
+        match self.layers.get(layer) {
+            Some(LayerState::Mixer(m)) => Some(m),
+            _ => None,
         }
     }
 
@@ -416,6 +449,7 @@ impl SeqState {
         for l in &mut self.layers {
             match l {
                 LayerState::Kv(s) => s.truncate_to_position(pos),
+                LayerState::Mixer(m) => m.truncate_to_position(pos),
             }
         }
         self.next_position = self.next_position.min(pos);
@@ -435,10 +469,14 @@ impl SeqState {
             .collect()
     }
 
+    /// Bytes held: keys and values, and any mixer's recurrent state.
     pub fn bytes(&self) -> usize {
-        (0..self.layers.len())
-            .filter_map(|i| self.kv(i))
-            .map(KvStore::bytes)
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Kv(s) => s.bytes(),
+                LayerState::Mixer(m) => m.bytes(),
+            })
             .sum()
     }
 
@@ -448,6 +486,7 @@ impl SeqState {
             .iter()
             .map(|l| match l {
                 LayerState::Kv(s) => s.deep_clone().map(LayerState::Kv),
+                LayerState::Mixer(m) => m.deep_clone().map(LayerState::Mixer),
             })
             .collect::<Result<_>>()?;
         Ok(Self {

@@ -25,6 +25,7 @@ use super::config::{ModelConfig, RopeLayout};
 use super::frozen::frozen_matmul;
 use super::fused;
 use super::mask::AttentionMask;
+use super::mixer;
 use super::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
 use super::state::{position_range, KvStore, SeqState};
 use crate::kernels::QWeight;
@@ -439,6 +440,9 @@ impl Transformer {
             let eps = self.cfg.rms_norm_eps;
             let a = if exec == AttnExec::Skip {
                 None
+            } else if exec == AttnExec::Mixer {
+                let h = rms_norm(&x, &layer.attn_norm, eps, run.mode)?;
+                Some(self.mixer(i, &h, pass)?)
             } else {
                 let h = rms_norm(&x, &layer.attn_norm, eps, run.mode)?;
                 let store = pass.state.as_deref_mut().and_then(|s| s.kv_mut(i));
@@ -529,6 +533,22 @@ impl Transformer {
         }
     }
 
+    /// Layer `layer`'s replacing mixer over normed input `h`, its weights
+    /// from the pass's parameters, continuing the layer's recurrent state.
+    fn mixer(&self, layer: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        if self.layers[layer].gemma.is_some() {
+            candle_core::bail!("attention replacement supports Llama-family layers only");
+        }
+        let dims = mixer::Dims::of(&self.cfg);
+        let w = mixer::MixerWeights::from_params(pass.params, layer, h.dtype())?;
+        w.check(dims, layer)?;
+        let state = match pass.state.as_deref_mut() {
+            Some(s) => Some(s.mixer_mut(layer)?),
+            None => None,
+        };
+        mixer::forward(&w, h, dims, state)
+    }
+
     /// One attention block over normed input `x` (b, t, hidden) as `call`
     /// says; `None` when it computes no output (K/V only).
     fn attention<'p>(
@@ -548,6 +568,7 @@ impl Transformer {
         let all: Vec<u32> = (0..t as u32).collect();
         let (query_rows, kv_rows): (Option<&[u32]>, &[u32]) = match call.exec {
             AttnExec::Skip => return Ok(None),
+            AttnExec::Mixer => candle_core::bail!("a replaced attention runs as its mixer"),
             AttnExec::Full | AttnExec::Heads(_) => (Some(&all), &all),
             AttnExec::KvOnly => (None, &all),
             AttnExec::Rows {

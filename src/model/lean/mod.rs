@@ -269,6 +269,13 @@ impl Step<'_> {
         let layer = &self.t.layers[i];
         match pass.policy.attn(i, &self.residual_tensor(ws)?)? {
             AttnExec::Skip => ops::scale(&mut ws.x, s_att),
+            // A replaced attention: its mixer through the candle ops.
+            AttnExec::Mixer => {
+                let x = self.residual_tensor(ws)?;
+                let h = rms_norm(&x, &layer.attn_norm, self.t.cfg.rms_norm_eps, Mode::Fast)?;
+                copy_into(&self.t.mixer(i, &h, pass)?, &mut ws.out)?;
+                ops::residual(&mut ws.x, &ws.out, b_att, s_att);
+            }
             AttnExec::Full => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 self.attention(i, layer, ws, store)?;
