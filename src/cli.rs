@@ -61,6 +61,8 @@ pub enum Command {
     Speculate(SpeculateArgs),
     /// Passkey retrieval under KV budget policies: a key hidden at chosen depths of long filler text.
     Needle(NeedleArgs),
+    /// Contextual sparsity: a head/neuron mask or TEAL/WINA thresholds as a plan, or --compare every method over levels.
+    Sparsify(crate::commands::sparsify::SparsifyArgs),
 }
 
 /// Export targets.

@@ -13,5 +13,6 @@ pub mod info;
 pub mod needle;
 pub mod report;
 pub mod search;
+pub mod sparsify;
 pub mod speculate;
 pub mod surgery_common;
