@@ -28,7 +28,10 @@ fn ids(n: usize) -> Vec<u32> {
 }
 
 fn tensor(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
@@ -68,8 +71,12 @@ impl Probe for Masking<'_> {
         _heads: &[u32],
         ctx: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let keep = keep_vector(&self.mask.heads[layer], self.n_heads, ctx.dtype())
-            .reshape((1, 1, self.n_heads, 1))?;
+        let keep = keep_vector(&self.mask.heads[layer], self.n_heads, ctx.dtype()).reshape((
+            1,
+            1,
+            self.n_heads,
+            1,
+        ))?;
         ctx.broadcast_mul(&keep).map(Some)
     }
     fn wants_projection_inputs(&self, _layer: usize) -> bool {
@@ -106,7 +113,10 @@ fn sliced_and_masked(
     let cfg = model.cfg();
     let policy = MaskPolicy::new(&plan, mask, cfg).unwrap();
     let sliced = t
-        .forward_hidden(&tensor(ids), &mut Pass::plan(&plan, run).with_policy(&policy))
+        .forward_hidden(
+            &tensor(ids),
+            &mut Pass::plan(&plan, run).with_policy(&policy),
+        )
         .unwrap();
     let mut probe = Masking {
         mask,
@@ -114,7 +124,10 @@ fn sliced_and_masked(
         n_neurons: cfg.intermediate_size,
     };
     let masked = t
-        .forward_hidden(&tensor(ids), &mut Pass::plan(&plan, run).with_probe(&mut probe))
+        .forward_hidden(
+            &tensor(ids),
+            &mut Pass::plan(&plan, run).with_probe(&mut probe),
+        )
         .unwrap();
     (
         to_vec(&t.logits(&sliced, run).unwrap()),
@@ -154,7 +167,10 @@ fn a_sliced_mask_equals_the_masked_forward_on_the_tiny_models() {
                 )
                 .unwrap(),
         );
-        assert!(max_diff(&base, &sliced) > 1e-3, "{name}: mask had no effect");
+        assert!(
+            max_diff(&base, &sliced) > 1e-3,
+            "{name}: mask had no effect"
+        );
     }
 }
 
@@ -275,7 +291,10 @@ fn plainact_scores_equal_finite_differences_on_a_tiny_model() {
         for head in 0..model.cfg().n_heads {
             let want = fd(layer, Some(head), None);
             let got = plainact.heads[layer][head];
-            assert!(want > 1e-6, "layer {layer} head {head}: the head must matter");
+            assert!(
+                want > 1e-6,
+                "layer {layer} head {head}: the head must matter"
+            );
             worst = worst.max((got - want).abs() / want);
             assert!(
                 (got - want).abs() < 1e-5 * want + 1e-9,
@@ -305,13 +324,33 @@ fn level_zero_is_the_base_model_exactly() {
     let held = HeldOut::new(&model, text, 16, 3).unwrap();
     assert_eq!(held.windows.len(), 3);
     let plan = Plan::base();
-    let dense = evaluate(&model, &plan, &Sparsifier::Dense, &held, FAST, false, &cancel).unwrap();
+    let dense = evaluate(
+        &model,
+        &plan,
+        &Sparsifier::Dense,
+        &held,
+        FAST,
+        false,
+        &cancel,
+    )
+    .unwrap();
     assert_eq!(dense.kl_to_base, 0.0);
     let mask = UnitMask::from_scores(&UnitScores::random(&model, 1), 0.0).unwrap();
     assert_eq!(mask.dropped_fractions(model.cfg()), (0.0, 0.0));
-    let masked = evaluate(&model, &plan, &Sparsifier::Mask(mask), &held, FAST, false, &cancel).unwrap();
+    let masked = evaluate(
+        &model,
+        &plan,
+        &Sparsifier::Mask(mask),
+        &held,
+        FAST,
+        false,
+        &cancel,
+    )
+    .unwrap();
     let samples = ActivationSamples::collect(&model, &calib, &cancel).unwrap();
-    let teal = thresholds(&samples, None, Criterion::Teal, &[0.0]).unwrap().remove(0);
+    let teal = thresholds(&samples, None, Criterion::Teal, &[0.0])
+        .unwrap()
+        .remove(0);
     let channels = Sparsifier::Channels {
         thresholds: teal,
         norms: None,
@@ -332,7 +371,10 @@ fn level_zero_is_the_base_model_exactly() {
         mask: Some(UnitMask::from_scores(&UnitScores::random(&model, 1), 0.0).unwrap()),
         thresholds: None,
     };
-    assert!(matches!(section.sparsifier(&model).unwrap(), Sparsifier::Dense));
+    assert!(matches!(
+        section.sparsifier(&model).unwrap(),
+        Sparsifier::Dense
+    ));
 }
 
 #[test]
@@ -344,12 +386,17 @@ fn teal_and_wina_thresholds_zero_about_the_level_on_their_calibration_data() {
     let norms = scalpel::surgery::sparsity::ColumnNorms::of(&model).unwrap();
     let plan = Plan::base();
     for crit in [Criterion::Teal, Criterion::Wina] {
-        let th = thresholds(&samples, Some(&norms), crit, &[0.4]).unwrap().remove(0);
+        let th = thresholds(&samples, Some(&norms), crit, &[0.4])
+            .unwrap()
+            .remove(0);
         let mut probe = ChannelProbe::new(&model, &th, Some(&norms)).unwrap();
         for seq in &calib.sequences {
             model
                 .transformer
-                .forward_hidden(&tensor(&seq.ids), &mut Pass::plan(&plan, FAST).with_probe(&mut probe))
+                .forward_hidden(
+                    &tensor(&seq.ids),
+                    &mut Pass::plan(&plan, FAST).with_probe(&mut probe),
+                )
                 .unwrap();
         }
         // Layers after the first see already-sparsified inputs, so the
@@ -378,7 +425,10 @@ fn bad_levels_and_other_models_sections_are_refused() {
     assert!(section.sparsifier(&model).is_ok());
     section.shape.n_heads += 1;
     let e = section.sparsifier(&model).err().unwrap().to_string();
-    assert!(e.contains("made for a model of") && e.contains("scalpel sparsify"), "{e}");
+    assert!(
+        e.contains("made for a model of") && e.contains("scalpel sparsify"),
+        "{e}"
+    );
     // A mask naming a head this model lacks (another model's mask).
     let mut mask = UnitMask::from_scores(&UnitScores::random(&model, 1), 0.25).unwrap();
     mask.heads[0] = vec![0, 99];

@@ -117,10 +117,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         .context("give --level P (e.g. --level 0.4), or --compare LEVELS")?;
     check_level(level)?;
     let method: Method = args.method.parse()?;
-    let out = args
-        .out
-        .clone()
-        .context("give --out plan.json to write the plan (or --compare LEVELS to compare methods)")?;
+    let out = args.out.clone().context(
+        "give --out plan.json to write the plan (or --compare LEVELS to compare methods)",
+    )?;
     let model = cli::load_model(margs)?;
     let (plan, file) = cli::load_plan(pargs, &model)?;
     let needs_calibration = !matches!(method, Method::Random | Method::Oracle);
@@ -131,12 +130,22 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
     };
     let cfg = model.cfg();
     let (mask, thresh) = match method {
-        Method::Random => (Some(UnitMask::from_scores(&UnitScores::random(&model, args.seed), level)?), None),
+        Method::Random => (
+            Some(UnitMask::from_scores(
+                &UnitScores::random(&model, args.seed),
+                level,
+            )?),
+            None,
+        ),
         Method::Oracle => (None, None),
         Method::Magnitude | Method::Static => {
             let calib = calib.as_ref().expect("calibration data");
             let (s, _) = calibration_scores(&model, calib, &cancel, |_, _| {})?;
-            let s = if method == Method::Static { s.plainact } else { s.magnitude };
+            let s = if method == Method::Static {
+                s.plainact
+            } else {
+                s.magnitude
+            };
             (Some(UnitMask::from_scores(&s, level)?), None)
         }
         Method::Teal | Method::Wina => {
@@ -154,7 +163,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
     let section = SparsitySection {
         method,
         level,
-        split: if method.executed() { "per-layer" } else { "per-projection" }.into(),
+        split: if method.executed() {
+            "per-layer"
+        } else {
+            "per-projection"
+        }
+        .into(),
         shape: Shape::of(cfg),
         mask,
         thresholds: thresh,
@@ -182,7 +196,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             "scalpel: {method} at {level}: per-token thresholds on all seven projection inputs (simulated: masked, not faster)"
         ),
     }
-    eprintln!("scalpel: plan written to {}; measure it with `scalpel eval --plan {}`", out.display(), out.display());
+    eprintln!(
+        "scalpel: plan written to {}; measure it with `scalpel eval --plan {}`",
+        out.display(),
+        out.display()
+    );
     Ok(())
 }
 

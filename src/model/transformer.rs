@@ -627,17 +627,17 @@ impl Transformer {
             let dev = x.device();
             let dims = dims_of(&heads, hd);
             let index = || Tensor::new(dims.as_slice(), dev);
-            let q_lin = self
-                .sliced
-                .get((layer, Projection::Q, dims.clone()), || attn.q.rows(&index()?))?;
+            let q_lin = self.sliced.get((layer, Projection::Q, dims.clone()), || {
+                attn.q.rows(&index()?)
+            })?;
             let q = q_lin.forward(&q_in, run)?;
             // Each selected head reads its own KV head.
             let group = (nh / nkv) as u32;
             let kv_of: Vec<u32> = heads.iter().map(|&h| h / group).collect();
             let kv_of = Tensor::new(kv_of.as_slice(), dev)?;
-            let o = self
-                .sliced
-                .get((layer, Projection::O, dims.clone()), || attn.o.cols(&index()?))?;
+            let o = self.sliced.get((layer, Projection::O, dims.clone()), || {
+                attn.o.cols(&index()?)
+            })?;
             (
                 q,
                 keys.contiguous()?.index_select(&kv_of, 1)?,
@@ -750,9 +750,15 @@ impl Transformer {
         let m = &self.layers[layer].mlp;
         let idx = || Tensor::new(ns, &self.device);
         let key = |p| (layer, p, ns.to_vec());
-        let gate = self.sliced.get(key(Projection::Gate), || m.gate.rows(&idx()?))?;
-        let up = self.sliced.get(key(Projection::Up), || m.up.rows(&idx()?))?;
-        let down = self.sliced.get(key(Projection::Down), || m.down.cols(&idx()?))?;
+        let gate = self
+            .sliced
+            .get(key(Projection::Gate), || m.gate.rows(&idx()?))?;
+        let up = self
+            .sliced
+            .get(key(Projection::Up), || m.up.rows(&idx()?))?;
+        let down = self
+            .sliced
+            .get(key(Projection::Down), || m.down.cols(&idx()?))?;
         Ok(Mlp {
             gate: (*gate).clone(),
             up: (*up).clone(),
@@ -866,9 +872,9 @@ fn projection_input(
     x: &Tensor,
 ) -> Result<Tensor> {
     match probe {
-        Some(p) if p.wants_projection_inputs(layer) => {
-            Ok(p.projection_input(layer, proj, x)?.unwrap_or_else(|| x.clone()))
-        }
+        Some(p) if p.wants_projection_inputs(layer) => Ok(p
+            .projection_input(layer, proj, x)?
+            .unwrap_or_else(|| x.clone())),
         _ => Ok(x.clone()),
     }
 }

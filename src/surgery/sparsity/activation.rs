@@ -188,13 +188,18 @@ pub fn thresholds(
             let slot = input_slot(p);
             let (rows, d) = (&samples.rows[layer][slot], samples.dims[layer][slot]);
             if rows.is_empty() || d == 0 {
-                bail!("no calibration activations for layer {layer} {p:?} (was that block skipped?)");
+                bail!(
+                    "no calibration activations for layer {layer} {p:?} (was that block skipped?)"
+                );
             }
             let mut scores: Vec<f32> = match wina {
                 Some(norms) => {
                     let c = norms.get(layer, p).to_dtype(DType::F32)?.to_vec1::<f32>()?;
                     if c.len() != d {
-                        bail!("layer {layer} {p:?}: {} column norms for {d} channels", c.len());
+                        bail!(
+                            "layer {layer} {p:?}: {} column norms for {d} channels",
+                            c.len()
+                        );
                     }
                     rows.iter().enumerate().map(|(i, x)| x * c[i % d]).collect()
                 }

@@ -160,7 +160,10 @@ pub fn evaluate(
         window_scores(model, plan, sp, held, wi, run)
     };
     let per: Vec<_> = if parallel {
-        (0..held.windows.len()).into_par_iter().map(one).collect::<Result<_>>()?
+        (0..held.windows.len())
+            .into_par_iter()
+            .map(one)
+            .collect::<Result<_>>()?
     } else {
         (0..held.windows.len()).map(one).collect::<Result<_>>()?
     };

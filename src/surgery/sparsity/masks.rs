@@ -35,7 +35,11 @@ pub struct UnitMask {
 /// Indices of the `n - drop` highest of `scores`, increasing (ties: lower index kept).
 fn keep_highest(scores: &[f64], drop: usize) -> Vec<u32> {
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_by(|&a, &b| scores[a as usize].total_cmp(&scores[b as usize]).then(b.cmp(&a)));
+    order.sort_by(|&a, &b| {
+        scores[a as usize]
+            .total_cmp(&scores[b as usize])
+            .then(b.cmp(&a))
+    });
     let mut kept = order[drop.min(scores.len())..].to_vec();
     kept.sort_unstable();
     kept
@@ -105,7 +109,11 @@ impl UnitMask {
     /// always read).
     pub fn weight_fraction_dropped(&self, cfg: &ModelConfig) -> f64 {
         let (h, f) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
-        let (hd, nh, nkv) = (cfg.head_dim as f64, cfg.n_heads as f64, cfg.n_kv_heads as f64);
+        let (hd, nh, nkv) = (
+            cfg.head_dim as f64,
+            cfg.n_heads as f64,
+            cfg.n_kv_heads as f64,
+        );
         let per_layer = 2.0 * h * nh * hd + 2.0 * h * nkv * hd + 3.0 * h * f;
         let (dh, dn) = self.dropped_fractions(cfg);
         (dh * 2.0 * h * nh * hd + dn * 3.0 * h * f) / per_layer

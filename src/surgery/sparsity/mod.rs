@@ -155,7 +155,10 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
         "expected {\"method\", \"level\", \"split\", \"shape\", and \"mask\" or \"thresholds\"}, as `scalpel sparsify` writes it",
     )?;
     check_level(s.level)?;
-    let needs_mask = matches!(s.method, Method::Random | Method::Magnitude | Method::Static);
+    let needs_mask = matches!(
+        s.method,
+        Method::Random | Method::Magnitude | Method::Static
+    );
     let needs_thresholds = matches!(s.method, Method::Teal | Method::Wina);
     if needs_mask != s.mask.is_some() || needs_thresholds != s.thresholds.is_some() {
         bail!(

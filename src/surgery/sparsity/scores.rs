@@ -54,7 +54,10 @@ impl UnitScores {
         let ok = self.heads.len() == cfg.n_layers
             && self.neurons.len() == cfg.n_layers
             && self.heads.iter().all(|h| h.len() == cfg.n_heads)
-            && self.neurons.iter().all(|n| n.len() == cfg.intermediate_size);
+            && self
+                .neurons
+                .iter()
+                .all(|n| n.len() == cfg.intermediate_size);
         if !ok {
             bail!(
                 "sparsity scores are for another model shape; this model has {} layers of {} heads and {} neurons: rescore them on this model",
@@ -90,9 +93,8 @@ impl GateProbe {
     fn new(model: &Model) -> Result<Self> {
         let cfg = model.cfg();
         let (dev, dtype) = (model.device(), model.transformer.dtype);
-        let ones = |n: usize| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::ones(n, dtype, dev)?)?)
-        };
+        let ones =
+            |n: usize| -> Result<Var> { Ok(Var::from_tensor(&Tensor::ones(n, dtype, dev)?)?) };
         Ok(Self {
             head_gates: (0..cfg.n_layers)
                 .map(|_| ones(cfg.n_heads))
@@ -162,7 +164,11 @@ impl Probe for GateProbe {
 
 /// Plainact (|Σ_t ∂L/∂A·A| with L the summed cross-entropy of the scored
 /// tokens) and magnitude of one sequence, under `plan`'s block skips.
-pub fn sequence_scores(model: &Model, seq: &Sequence, plan: &Plan) -> Result<(UnitScores, UnitScores)> {
+pub fn sequence_scores(
+    model: &Model,
+    seq: &Sequence,
+    plan: &Plan,
+) -> Result<(UnitScores, UnitScores)> {
     let run = RunOptions::DIFFERENTIABLE;
     let mut probe = GateProbe::new(model)?;
     let hidden = {
@@ -187,7 +193,11 @@ pub fn sequence_scores(model: &Model, seq: &Sequence, plan: &Plan) -> Result<(Un
         })
     };
     let plainact = UnitScores {
-        heads: probe.head_gates.iter().map(abs_grad).collect::<Result<_>>()?,
+        heads: probe
+            .head_gates
+            .iter()
+            .map(abs_grad)
+            .collect::<Result<_>>()?,
         neurons: probe
             .neuron_gates
             .iter()

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::masks::{MaskPolicy, UnitMask};
 use super::scores::UnitScores;
 use crate::eval::bench::Stat;
-use crate::model::{LayerPolicy, Model, Mode, Pass, RunOptions};
+use crate::model::{LayerPolicy, Mode, Model, Pass, RunOptions};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
