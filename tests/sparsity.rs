@@ -451,3 +451,43 @@ fn bad_levels_and_other_models_sections_are_refused() {
     let e = "shadow".parse::<Method>().unwrap_err().to_string();
     assert!(e.contains("expected one of"), "{e}");
 }
+
+#[test]
+fn a_sparsity_section_round_trips_through_a_plan_file() {
+    use scalpel::plan::PlanFile;
+    use scalpel::surgery::sparsity::SPARSITY_SECTION;
+    let model = common::load_tiny("llama");
+    let mask = UnitMask::from_scores(&UnitScores::random(&model, 5), 0.5).unwrap();
+    let section = SparsitySection {
+        method: Method::Random,
+        level: 0.5,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: Some(mask.clone()),
+        thresholds: None,
+    };
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    pf.sections.set(SPARSITY_SECTION, &section).unwrap();
+    let dir = common::scratch_dir();
+    let path = dir.path().join("sparse.json");
+    pf.save(&path).unwrap();
+    let back = model.load_plan(&path).unwrap();
+    let read: SparsitySection = back.sections.get(SPARSITY_SECTION).unwrap().unwrap();
+    assert_eq!(read, section);
+    match read.sparsifier(&model).unwrap() {
+        Sparsifier::Mask(m) => assert_eq!(m, mask),
+        _ => panic!("a random section runs its mask"),
+    }
+}
+
+#[test]
+fn the_cli_refuses_a_level_outside_zero_to_one() {
+    let out = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .args(["sparsify", "--method", "static", "--level", "1.5", "--out", "x.json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside [0, 1)"), "{err}");
+}
