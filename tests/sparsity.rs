@@ -484,10 +484,30 @@ fn a_sparsity_section_round_trips_through_a_plan_file() {
 fn the_cli_refuses_a_level_outside_zero_to_one() {
     let out = assert_cmd::Command::cargo_bin("scalpel")
         .unwrap()
-        .args(["sparsify", "--method", "static", "--level", "1.5", "--out", "x.json"])
+        .args([
+            "sparsify", "--method", "static", "--level", "1.5", "--out", "x.json",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("outside [0, 1)"), "{err}");
+}
+
+#[test]
+fn a_global_split_drops_the_lowest_units_across_layers() {
+    use scalpel::surgery::sparsity::Split;
+    // Layer 0's heads score lowest: a global split takes them first but
+    // keeps one; a per-layer split drops the same count everywhere.
+    let scores = UnitScores {
+        heads: vec![vec![0.1, 0.2, 0.3, 0.4], vec![5.0, 6.0, 7.0, 8.0]],
+        neurons: vec![vec![1.0, 0.5, 3.0], vec![0.7, 2.0, 0.1]],
+    };
+    let g = UnitMask::with_split(&scores, 0.5, Split::Global).unwrap();
+    assert_eq!(g.heads, vec![vec![3], vec![1, 2, 3]]);
+    assert_eq!(g.neurons, vec![vec![0, 2], vec![1]]);
+    let p = UnitMask::with_split(&scores, 0.5, Split::PerLayer).unwrap();
+    assert_eq!(p.heads, vec![vec![2, 3], vec![2, 3]]);
+    assert_eq!(p.neurons, vec![vec![2], vec![1]]);
+    assert!("model-wide".parse::<Split>().is_err());
 }

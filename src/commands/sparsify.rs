@@ -16,7 +16,7 @@ use crate::surgery::sparsity::evaluate::{compare, CompareRow, HeldOut};
 use crate::surgery::sparsity::scores::{calibration_scores, UnitScores};
 use crate::surgery::sparsity::speed::{decode_speed, SpeedOptions, SpeedRow};
 use crate::surgery::sparsity::{
-    check_level, Criterion, Method, Shape, SparsitySection, UnitMask, SPARSITY_SECTION,
+    check_level, Criterion, Method, Shape, SparsitySection, Split, UnitMask, SPARSITY_SECTION,
 };
 
 #[derive(Args, Debug)]
@@ -45,6 +45,9 @@ pub struct SparsifyArgs {
     /// Also time decode (tokens) of the static mask against dense at each level (candle f32 path, interleaved).
     #[arg(long, default_value_t = 0)]
     pub bench: usize,
+    /// Heads/neurons: per-layer (every layer drops the level) or global (the lowest across layers).
+    #[arg(long, default_value = "per-layer")]
+    pub split: String,
     /// Seed of the random mask.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -83,9 +86,17 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         };
         let ids = model.codec()?.encode(&text)?;
         let held = HeldOut::new(&model, &ids, args.window, args.windows)?;
-        let rows = compare(&model, &calib, &held, &levels, args.seed, &cancel, |m| {
-            eprintln!("scalpel: {m}")
-        })?;
+        let split: Split = args.split.parse()?;
+        let rows = compare(
+            &model,
+            &calib,
+            &held,
+            &levels,
+            split,
+            args.seed,
+            &cancel,
+            |m| eprintln!("scalpel: {m}"),
+        )?;
         let speed = if args.bench > 0 {
             let (scores, _) = calibration_scores(&model, &calib, &cancel, |_, _| {})?;
             let opts = SpeedOptions {
@@ -117,6 +128,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         .context("give --level P (e.g. --level 0.4), or --compare LEVELS")?;
     check_level(level)?;
     let method: Method = args.method.parse()?;
+    let split: Split = args.split.parse()?;
     let out = args.out.clone().context(
         "give --out plan.json to write the plan (or --compare LEVELS to compare methods)",
     )?;
@@ -131,9 +143,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
     let cfg = model.cfg();
     let (mask, thresh) = match method {
         Method::Random => (
-            Some(UnitMask::from_scores(
+            Some(UnitMask::with_split(
                 &UnitScores::random(&model, args.seed),
                 level,
+                split,
             )?),
             None,
         ),
@@ -146,7 +159,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             } else {
                 s.magnitude
             };
-            (Some(UnitMask::from_scores(&s, level)?), None)
+            (Some(UnitMask::with_split(&s, level, split)?), None)
         }
         Method::Teal | Method::Wina => {
             let calib = calib.as_ref().expect("calibration data");
@@ -164,7 +177,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         method,
         level,
         split: if method.executed() {
-            "per-layer"
+            split.name()
         } else {
             "per-projection"
         }
@@ -183,7 +196,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         Some(m) => {
             let (h, n) = m.dropped_fractions(cfg);
             eprintln!(
-                "scalpel: {method} at {level}: {:.1}% of query heads and {:.1}% of neurons dropped per layer ({:.1}% of projection weights), executed with sliced weights",
+                "scalpel: {method} at {level} ({}): {:.1}% of query heads and {:.1}% of neurons dropped ({:.1}% of projection weights), executed with sliced weights",
+                split.name(),
                 h * 100.0,
                 n * 100.0,
                 m.weight_fraction_dropped(cfg) * 100.0

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::activation::{thresholds, ActivationSamples, ChannelProbe, ColumnNorms, Criterion};
 use super::masks::{MaskPolicy, UnitMask};
 use super::scores::{calibration_scores, sequence_scores, UnitScores};
-use super::{Method, Sparsifier};
+use super::{Method, Sparsifier, Split};
 use crate::eval::data::{Sequence, TokenSet};
 use crate::eval::perplexity::windows;
 use crate::eval::score::{score_rows, Reference, Scores};
@@ -96,7 +96,11 @@ fn window_scores(
             let policy = MaskPolicy::new(plan, mask, cfg)?;
             t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
         }
-        Sparsifier::Oracle { level, cached } => {
+        Sparsifier::Oracle {
+            level,
+            split,
+            cached,
+        } => {
             let scores = match cached {
                 Some(c) => c[wi].clone(),
                 None => {
@@ -107,7 +111,7 @@ fn window_scores(
                     sequence_scores(model, &seq, plan)?.0
                 }
             };
-            let mask = UnitMask::from_scores(&scores, *level)?;
+            let mask = UnitMask::with_split(&scores, *level, *split)?;
             let policy = MaskPolicy::new(plan, &mask, cfg)?;
             t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
         }
@@ -207,6 +211,7 @@ pub fn compare(
     calib: &TokenSet,
     held: &HeldOut,
     levels: &[f64],
+    split: Split,
     seed: u64,
     cancel: &AtomicBool,
     mut log: impl FnMut(&str),
@@ -236,7 +241,7 @@ pub fn compare(
             if cancel.load(Ordering::Relaxed) {
                 bail!("comparison cancelled");
             }
-            let from = |s: &UnitScores| UnitMask::from_scores(s, level);
+            let from = |s: &UnitScores| UnitMask::with_split(s, level, split);
             let (sp, skipped) = match method {
                 Method::Random => {
                     let m = from(&random)?;
@@ -254,9 +259,16 @@ pub fn compare(
                     (Sparsifier::Mask(m), f)
                 }
                 Method::Oracle => {
-                    let f = from(&oracle[0])?.weight_fraction_dropped(cfg);
+                    // Per-layer counts are the same for every window; a
+                    // global split's vary: the mean over windows.
+                    let f = oracle
+                        .iter()
+                        .map(|s| Ok(from(s)?.weight_fraction_dropped(cfg)))
+                        .sum::<Result<f64>>()?
+                        / oracle.len() as f64;
                     let sp = Sparsifier::Oracle {
                         level,
+                        split,
                         cached: Some(oracle.clone()),
                     };
                     (sp, f)

@@ -4,9 +4,10 @@
 //! weights: the dropped heads' q rows and o columns, the dropped neurons'
 //! gate/up rows and down columns are not multiplied).
 //!
-//! The split is per layer: every layer drops round(p·heads) of its query
-//! heads (at least one is kept) and round(p·neurons) of its neurons, the
-//! lowest-scored ones. K/V projections are never dropped (GQA: a KV head is
+//! The split is per layer (every layer drops round(p·heads) of its query
+//! heads, at least one kept, and round(p·neurons) of its neurons, the
+//! lowest-scored ones) or global (the lowest-scored p of all heads, and of
+//! all neurons, across layers; at least one of each kept per layer). K/V projections are never dropped (GQA: a KV head is
 //! shared by its query heads).
 
 use anyhow::{bail, Result};
@@ -23,6 +24,62 @@ pub fn check_level(level: f64) -> Result<()> {
         bail!("sparsity level {level} is outside [0, 1): give the fraction of heads/neurons/channels to drop, e.g. 0.4");
     }
     Ok(())
+}
+
+/// How a level is spread over the layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    PerLayer,
+    Global,
+}
+
+impl std::str::FromStr for Split {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "per-layer" => Ok(Split::PerLayer),
+            "global" => Ok(Split::Global),
+            other => bail!("unknown split `{other}`: expected per-layer or global"),
+        }
+    }
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::PerLayer => "per-layer",
+            Split::Global => "global",
+        }
+    }
+}
+
+/// Kept indices per layer when the lowest `level` of all scores, across
+/// layers, are dropped (at least one kept per layer).
+fn keep_global(lists: &[Vec<f64>], level: f64) -> Vec<Vec<u32>> {
+    let total: usize = lists.iter().map(Vec::len).sum();
+    let target = (level * total as f64).round() as usize;
+    let mut all: Vec<(f64, usize, usize)> = lists
+        .iter()
+        .enumerate()
+        .flat_map(|(l, v)| v.iter().enumerate().map(move |(i, &s)| (s, l, i)))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    let mut drop: Vec<Vec<bool>> = lists.iter().map(|v| vec![false; v.len()]).collect();
+    let mut left: Vec<usize> = lists.iter().map(Vec::len).collect();
+    let mut done = 0;
+    for (_, l, i) in all {
+        if done == target {
+            break;
+        }
+        if left[l] > 1 {
+            drop[l][i] = true;
+            left[l] -= 1;
+            done += 1;
+        }
+    }
+    drop.iter()
+        .map(|d| (0..d.len() as u32).filter(|&i| !d[i as usize]).collect())
+        .collect()
 }
 
 /// The heads and neurons each layer keeps, increasing.
@@ -70,6 +127,20 @@ impl UnitMask {
                 .map(|s| keep_highest(s, dropped(s.len(), level, true)))
                 .collect(),
         })
+    }
+
+    /// `from_scores` (per layer) or the global split.
+    pub fn with_split(scores: &UnitScores, level: f64, split: Split) -> Result<Self> {
+        match split {
+            Split::PerLayer => Self::from_scores(scores, level),
+            Split::Global => {
+                check_level(level)?;
+                Ok(Self {
+                    heads: keep_global(&scores.heads, level),
+                    neurons: keep_global(&scores.neurons, level),
+                })
+            }
+        }
     }
 
     /// Refuses a mask for another model shape or with indices out of range.

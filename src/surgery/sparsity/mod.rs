@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Model, ModelConfig};
 pub use activation::{ChannelThresholds, ColumnNorms, Criterion};
-pub use masks::{check_level, MaskPolicy, UnitMask};
+pub use masks::{check_level, MaskPolicy, Split, UnitMask};
 pub use scores::UnitScores;
 
 /// The name of the plan section.
@@ -139,8 +139,9 @@ impl Shape {
 pub struct SparsitySection {
     pub method: Method,
     pub level: f64,
-    /// "per-layer": every layer drops the same fraction; "per-projection"
-    /// for teal/wina (every projection's input at that level).
+    /// "per-layer": every layer drops the same fraction; "global": the
+    /// lowest of all layers' units; "per-projection" for teal/wina (every
+    /// projection's input at that level).
     pub split: String,
     pub shape: Shape,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +156,9 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
         "expected {\"method\", \"level\", \"split\", \"shape\", and \"mask\" or \"thresholds\"}, as `scalpel sparsify` writes it",
     )?;
     check_level(s.level)?;
+    if s.method.executed() {
+        s.split.parse::<Split>()?;
+    }
     let needs_mask = matches!(
         s.method,
         Method::Random | Method::Magnitude | Method::Static
@@ -200,6 +204,7 @@ impl SparsitySection {
         Ok(match (self.method, &self.mask, &self.thresholds) {
             (Method::Oracle, _, _) => Sparsifier::Oracle {
                 level: self.level,
+                split: self.split.parse()?,
                 cached: None,
             },
             (_, Some(mask), _) => {
@@ -229,6 +234,7 @@ pub enum Sparsifier {
     /// those scores computed already, one per window.
     Oracle {
         level: f64,
+        split: Split,
         cached: Option<Arc<Vec<UnitScores>>>,
     },
     /// Per-token channel thresholds (simulated).
