@@ -12,7 +12,7 @@ use crate::cli::{self, DataArgs};
 use crate::eval::data::DEFAULT_EVAL_TEXT;
 use crate::plan::PlanFile;
 use crate::surgery::sparsity::activation::{thresholds, ActivationSamples, ColumnNorms};
-use crate::surgery::sparsity::evaluate::{compare, CompareRow, HeldOut};
+use crate::surgery::sparsity::evaluate::{compare, CompareOptions, CompareRow, HeldOut};
 use crate::surgery::sparsity::scores::{calibration_scores, UnitScores};
 use crate::surgery::sparsity::speed::{decode_speed, SpeedOptions, SpeedRow};
 use crate::surgery::sparsity::{
@@ -87,16 +87,14 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         let ids = model.codec()?.encode(&text)?;
         let held = HeldOut::new(&model, &ids, args.window, args.windows)?;
         let split: Split = args.split.parse()?;
-        let rows = compare(
-            &model,
-            &calib,
-            &held,
-            &levels,
+        let opts = CompareOptions {
+            levels: levels.clone(),
             split,
-            args.seed,
-            &cancel,
-            |m| eprintln!("scalpel: {m}"),
-        )?;
+            seed: args.seed,
+        };
+        let rows = compare(&model, &calib, &held, &opts, &cancel, |m| {
+            eprintln!("scalpel: {m}")
+        })?;
         let speed = if args.bench > 0 {
             let (scores, _) = calibration_scores(&model, &calib, &cancel, |_, _| {})?;
             let opts = SpeedOptions {

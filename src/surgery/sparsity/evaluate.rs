@@ -205,17 +205,24 @@ pub struct CompareRow {
     pub quality: SparseQuality,
 }
 
+/// What `compare` compares.
+pub struct CompareOptions {
+    pub levels: Vec<f64>,
+    pub split: Split,
+    /// Of the random mask.
+    pub seed: u64,
+}
+
 /// Every method at every level on `held`, scored and thresholded on `calib`.
 pub fn compare(
     model: &Model,
     calib: &TokenSet,
     held: &HeldOut,
-    levels: &[f64],
-    split: Split,
-    seed: u64,
+    opts: &CompareOptions,
     cancel: &AtomicBool,
     mut log: impl FnMut(&str),
 ) -> Result<Vec<CompareRow>> {
+    let (levels, split, seed) = (&opts.levels[..], opts.split, opts.seed);
     for &l in levels {
         super::check_level(l)?;
     }
