@@ -92,7 +92,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             split,
             seed: args.seed,
         };
-        let rows = compare(&model, &calib, &held, &opts, &cancel, |m| {
+        let cmp = compare(&model, &calib, &held, &opts, &cancel, |m| {
             eprintln!("scalpel: {m}")
         })?;
         let speed = if args.bench > 0 {
@@ -109,12 +109,22 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             let v = serde_json::json!({
                 "held_out": {"windows": held.windows.len(), "window": args.window, "tokens": held.tokens()},
                 "calibration": crate::surgery::sparsity::scores::describe(&calib),
-                "rows": rows,
+                "base": cmp.base,
+                "split": split.name(),
+                "rows": cmp.rows,
                 "decode_speed": speed,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            print_table(&rows, held.windows.len(), args.window, held.tokens());
+            println!(
+                "held-out: {} windows of {} tokens ({} scored), not the calibration data; base perplexity {:.3}; heads/neurons split {}",
+                held.windows.len(),
+                args.window,
+                held.tokens(),
+                cmp.base.perplexity,
+                split.name()
+            );
+            print_table(&cmp.rows, cmp.base.perplexity);
             if let Some(s) = speed {
                 print_speed(&s);
             }
@@ -216,18 +226,18 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
     Ok(())
 }
 
-fn print_table(rows: &[CompareRow], windows: usize, window: usize, tokens: usize) {
-    println!("held-out: {windows} windows of {window} tokens ({tokens} scored), not the calibration data");
+fn print_table(rows: &[CompareRow], base_perplexity: f64) {
     println!(
-        "{:<10} {:>5} {:>10} {:>8} {:>7} {:>8} {:>9}",
-        "method", "level", "perplexity", "KL", "top-1", "skipped", "execution"
+        "{:<10} {:>5} {:>10} {:>8} {:>8} {:>7} {:>8} {:>9}",
+        "method", "level", "perplexity", "Δ", "KL", "top-1", "skipped", "execution"
     );
     for r in rows {
         println!(
-            "{:<10} {:>5.2} {:>10.3} {:>8.4} {:>6.1}% {:>7.1}% {:>9}",
+            "{:<10} {:>5.2} {:>10.3} {:>+7.1}% {:>8.4} {:>6.1}% {:>7.1}% {:>9}",
             r.method.name(),
             r.level,
             r.quality.perplexity,
+            (r.quality.perplexity / base_perplexity - 1.0) * 100.0,
             r.quality.kl_to_base,
             r.quality.top1_agreement * 100.0,
             r.weights_skipped * 100.0,

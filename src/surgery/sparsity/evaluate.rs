@@ -205,6 +205,13 @@ pub struct CompareRow {
     pub quality: SparseQuality,
 }
 
+/// The base model's held-out quality and every method's rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub base: SparseQuality,
+    pub rows: Vec<CompareRow>,
+}
+
 /// What `compare` compares.
 pub struct CompareOptions {
     pub levels: Vec<f64>,
@@ -221,7 +228,7 @@ pub fn compare(
     opts: &CompareOptions,
     cancel: &AtomicBool,
     mut log: impl FnMut(&str),
-) -> Result<Vec<CompareRow>> {
+) -> Result<Comparison> {
     let (levels, split, seed) = (&opts.levels[..], opts.split, opts.seed);
     for &l in levels {
         super::check_level(l)?;
@@ -242,6 +249,8 @@ pub fn compare(
     log("scoring each held-out window on its own text (oracle)");
     let oracle = Arc::new(oracle_scores(model, held, &plan)?);
     let cfg = model.cfg();
+    let base = evaluate(model, &plan, &Sparsifier::Dense, held, run, false, cancel)?;
+    log(&format!("  base model: perplexity {:.3}", base.perplexity));
     let mut rows = Vec::new();
     for (li, &level) in levels.iter().enumerate() {
         for method in Method::ALL {
@@ -314,5 +323,5 @@ pub fn compare(
             });
         }
     }
-    Ok(rows)
+    Ok(Comparison { base, rows })
 }
