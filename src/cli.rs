@@ -63,6 +63,8 @@ pub enum Command {
     Needle(NeedleArgs),
     /// Replace attention layers with distilled gated linear mixers (constant-size state, no KV).
     Replace(ReplaceArgs),
+    /// Contextual sparsity: a head/neuron mask or TEAL/WINA thresholds as a plan, or --compare every method over levels.
+    Sparsify(crate::commands::sparsify::SparsifyArgs),
 }
 
 /// Export targets.

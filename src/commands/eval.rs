@@ -11,6 +11,7 @@ use crate::model::{Model, RunOptions};
 use crate::plan::{KvSection, Plan, KV_SECTION};
 use crate::progress;
 use crate::surgery::replace::REPLACE_SECTION;
+use crate::surgery::sparsity::{self, evaluate::HeldOut, SparsitySection, SPARSITY_SECTION};
 
 pub use crate::eval::data::DEFAULT_EVAL_TEXT;
 
@@ -28,7 +29,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         .weights
         .load_options(args.window, rayon::current_num_threads());
     let model = cli::load_model_for(margs, load)?;
-    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION, REPLACE_SECTION])?;
+    let (plan, file) = cli::load_plan_honouring(
+        pargs,
+        &model,
+        &[KV_SECTION, REPLACE_SECTION, SPARSITY_SECTION],
+    )?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
     let section = match &file {
@@ -40,6 +45,16 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         (None, Some(s)) => Some(vec![s.spec()?]),
         (None, None) => None,
     };
+    let sparsity = match &file {
+        Some(f) => f.sections.get::<SparsitySection>(SPARSITY_SECTION)?,
+        None => None,
+    };
+    if let Some(section) = sparsity {
+        if specs.is_some() {
+            bail!("a sparsity plan is not combined with a KV budget policy yet: drop --kv");
+        }
+        return run_sparse(&model, &plan, &section, &ids, &args, run);
+    }
     if let Some(specs) = specs {
         return run_kv(&model, &plan, &ids, &specs, &args, run);
     }
@@ -95,6 +110,56 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
             rayon::current_num_threads()
         );
     }
+    Ok(())
+}
+
+/// `eval --plan` with a `sparsity` section: the plan's block skips plus
+/// its head/neuron mask or channel thresholds.
+fn run_sparse(
+    model: &Model,
+    plan: &Plan,
+    section: &SparsitySection,
+    ids: &[u32],
+    args: &EvalArgs,
+    run: RunOptions,
+) -> Result<()> {
+    let sp = section.sparsifier(model)?;
+    let held = HeldOut::new(model, ids, args.window, usize::MAX)?;
+    let cancel = AtomicBool::new(false);
+    let q = sparsity::evaluate::evaluate(model, plan, &sp, &held, run, true, &cancel)?;
+    let what = format!(
+        "{} at level {} ({}; {})",
+        section.method,
+        section.level,
+        section.method.unit(),
+        if section.method.executed() {
+            "executed: sliced weights"
+        } else {
+            "simulated: masked inputs"
+        }
+    );
+    if args.json {
+        let mut v = serde_json::to_value(&q)?;
+        v["plan"] = plan.describe().into();
+        v["sparsity"] = what.into();
+        v["window"] = args.window.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("plan            {}", plan.describe());
+    println!("sparsity        {what}");
+    println!("perplexity      {:.4}", q.perplexity);
+    println!("kl to base      {:.5} nats/token", q.kl_to_base);
+    println!("top-1 agreement {:.2}%", q.top1_agreement * 100.0);
+    if let Some(z) = q.channels_zeroed {
+        println!("channels zeroed {:.1}% of projection inputs", z * 100.0);
+    }
+    println!(
+        "tokens          {} scored in {} windows of {}",
+        q.scored_tokens,
+        held.windows.len(),
+        args.window
+    );
     Ok(())
 }
 

@@ -14,5 +14,6 @@ pub mod needle;
 pub mod replace;
 pub mod report;
 pub mod search;
+pub mod sparsify;
 pub mod speculate;
 pub mod surgery_common;

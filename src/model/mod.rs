@@ -24,7 +24,9 @@ use candle_core::{DType, Device};
 pub use config::{Arch, ModelConfig};
 pub use memory::LoadOptions;
 pub use params::{ParamValues, ParamsOver, TrainableParams};
-pub use pass::{AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Residual, TensorScales};
+pub use pass::{
+    AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Projection, Residual, TensorScales,
+};
 pub use source::{LocalModel, Resolved};
 pub use state::SeqState;
 pub use tokenizer::TextCodec;

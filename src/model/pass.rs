@@ -54,6 +54,35 @@ pub enum MlpExec {
     Neurons(Vec<u32>),
 }
 
+/// The seven projections of a decoder layer, by the input they read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// Position in `ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Decides what each block executes. `x` is the residual stream entering
 /// the block, (batch, tokens, hidden).
 pub trait LayerPolicy {
@@ -143,6 +172,24 @@ pub trait Probe {
         _layer: usize,
         _heads: &[u32],
         _ctx: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Whether to hand `layer`'s projection inputs to `projection_input`.
+    fn wants_projection_inputs(&self, _layer: usize) -> bool {
+        false
+    }
+    /// The input (batch, tokens, in features) a projection of `layer` is
+    /// about to read. A probe may return a tensor of the same shape to use
+    /// instead: activation sparsity zeroes channels here (simulated: the
+    /// matmul still reads every weight), a gate `Var` here gets Σ ∂L/∂x·x.
+    /// Under a head or neuron subset, `O` and `Down` see only the kept
+    /// channels.
+    fn projection_input(
+        &mut self,
+        _layer: usize,
+        _proj: Projection,
+        _x: &Tensor,
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }

@@ -26,7 +26,7 @@ use super::frozen::frozen_matmul;
 use super::fused;
 use super::mask::AttentionMask;
 use super::mixer;
-use super::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
+use super::pass::{AttnExec, MlpExec, Pass, Probe, Projection, Residual};
 use super::state::{position_range, KvStore, SeqState};
 use crate::kernels::QWeight;
 use crate::plan::{BlockId, LayerScales};
@@ -250,6 +250,7 @@ pub struct Transformer {
     pub device: Device,
     pub dtype: DType,
     lean: lean::Cache,
+    sliced: SliceCache,
 }
 
 impl Transformer {
@@ -299,6 +300,7 @@ impl Transformer {
             device,
             dtype,
             lean: lean::Cache::default(),
+            sliced: SliceCache::default(),
         })
     }
 
@@ -492,7 +494,15 @@ impl Transformer {
                 } else {
                     Activation::Silu
                 };
-                let m = mlp(&layer.mlp, &h, &exec, run, act)?;
+                let probe = pass.probe.as_deref_mut();
+                let probe = probe.map(|p| (p, i));
+                let m = match &exec {
+                    MlpExec::Neurons(ns) => {
+                        let sliced = self.sliced_mlp(i, ns)?;
+                        mlp_probed(&sliced, &h, &MlpExec::Full, run, act, probe)?
+                    }
+                    _ => mlp_probed(&layer.mlp, &h, &exec, run, act, probe)?,
+                };
                 let m = match &layer.gemma {
                     Some(g) => rms_norm(&m, &g.post_mlp_norm, eps, run.mode)?,
                     None => m,
@@ -560,6 +570,7 @@ impl Transformer {
         masks: &mut MaskMemo,
         probe: Option<&mut (dyn Probe + 'p)>,
     ) -> Result<Option<Tensor>> {
+        let mut probe = probe;
         let cfg = &self.cfg;
         let (b, t, hidden) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -588,7 +599,10 @@ impl Transformer {
         // Keys and values of the rows that write them, rotated at their positions.
         let (kv_in, kv_positions) = pick(kv_rows)?;
         let tk = kv_positions.len();
-        let k = attn.k.forward(&kv_in, run)?.reshape((b, tk, nkv, hd))?;
+        let layer = call.layer;
+        let k_in = projection_input(probe.as_deref_mut(), layer, Projection::K, &kv_in)?;
+        let v_in = projection_input(probe.as_deref_mut(), layer, Projection::V, &kv_in)?;
+        let k = attn.k.forward(&k_in, run)?.reshape((b, tk, nkv, hd))?;
         let k = match call.norms {
             Some(n) => rms_norm(&k, &n.k_norm, cfg.rms_norm_eps, run.mode)?,
             None => k,
@@ -596,7 +610,7 @@ impl Transformer {
         .transpose(1, 2)?;
         let v = attn
             .v
-            .forward(&kv_in, run)?
+            .forward(&v_in, run)?
             .reshape((b, tk, nkv, hd))?
             .transpose(1, 2)?;
         let k = self.rope(&k.contiguous()?, &kv_positions, call.layer, run.mode)?;
@@ -617,6 +631,7 @@ impl Transformer {
 
         // Queries: every head, or the policy's subset (sliced weights).
         let (q_in, q_positions) = pick(query_rows)?;
+        let q_in = projection_input(probe.as_deref_mut(), layer, Projection::Q, &q_in)?;
         let tq = q_positions.len();
         let heads: Vec<u32> = match call.exec {
             AttnExec::Heads(h) => h.clone(),
@@ -631,17 +646,19 @@ impl Transformer {
             (q, keys, values, None)
         } else {
             let dev = x.device();
-            let dims: Vec<u32> = heads
-                .iter()
-                .flat_map(|&h| h * hd as u32..(h + 1) * hd as u32)
-                .collect();
-            let dims = Tensor::new(dims.as_slice(), dev)?;
-            let q = attn.q.rows(&dims)?.forward(&q_in, run)?;
+            let dims = dims_of(&heads, hd);
+            let index = || Tensor::new(dims.as_slice(), dev);
+            let q_lin = self.sliced.get((layer, Projection::Q, dims.clone()), || {
+                attn.q.rows(&index()?)
+            })?;
+            let q = q_lin.forward(&q_in, run)?;
             // Each selected head reads its own KV head.
             let group = (nh / nkv) as u32;
             let kv_of: Vec<u32> = heads.iter().map(|&h| h / group).collect();
             let kv_of = Tensor::new(kv_of.as_slice(), dev)?;
-            let o = attn.o.cols(&dims)?;
+            let o = self.sliced.get((layer, Projection::O, dims.clone()), || {
+                attn.o.cols(&index()?)
+            })?;
             (
                 q,
                 keys.contiguous()?.index_select(&kv_of, 1)?,
@@ -666,7 +683,6 @@ impl Transformer {
         };
         let window = self.attention_window(call.layer);
         let mask = masks.get(&q_positions, &key_positions, window, self, run)?;
-        let mut probe = probe;
         let wants_probs = probe
             .as_ref()
             .is_some_and(|p| p.wants_attention(call.layer));
@@ -693,13 +709,14 @@ impl Transformer {
             attention::attend(&q, &keys, &values, mask.as_deref(), differentiable)?
         };
         let y = match probe {
-            Some(p) if p.wants_head_context(call.layer) => {
+            Some(ref mut p) if p.wants_head_context(call.layer) => {
                 let ctx = y.reshape((b, tq, n_q, hd))?;
                 let ctx = p.head_context(call.layer, &heads, &ctx)?.unwrap_or(ctx);
                 ctx.reshape((b, tq, n_q * hd))?
             }
             _ => y,
         };
+        let y = projection_input(probe, layer, Projection::O, &y)?;
         let out = match &o {
             Some(o) => o.forward(&y, run)?,
             None => attn.o.forward(&y, run)?,
@@ -745,6 +762,66 @@ impl Transformer {
             (RopeLayout::Interleaved, Mode::Fast) => re::rope_i(x, &cos, &sin),
             (RopeLayout::Interleaved, Mode::Differentiable) => re::rope_i_slow(x, &cos, &sin),
         }
+    }
+}
+
+impl Transformer {
+    /// `layer`'s MLP restricted to neurons `ns` (cached: see `SliceCache`).
+    fn sliced_mlp(&self, layer: usize, ns: &[u32]) -> Result<Mlp> {
+        let m = &self.layers[layer].mlp;
+        let idx = || Tensor::new(ns, &self.device);
+        let key = |p| (layer, p, ns.to_vec());
+        let gate = self
+            .sliced
+            .get(key(Projection::Gate), || m.gate.rows(&idx()?))?;
+        let up = self
+            .sliced
+            .get(key(Projection::Up), || m.up.rows(&idx()?))?;
+        let down = self
+            .sliced
+            .get(key(Projection::Down), || m.down.cols(&idx()?))?;
+        Ok(Mlp {
+            gate: (*gate).clone(),
+            up: (*up).clone(),
+            down: (*down).clone(),
+        })
+    }
+}
+
+/// The q rows / o columns of query heads `heads`.
+fn dims_of(heads: &[u32], hd: usize) -> Vec<u32> {
+    heads
+        .iter()
+        .flat_map(|&h| h * hd as u32..(h + 1) * hd as u32)
+        .collect()
+}
+
+/// Sliced copies of projections for head and neuron subsets, kept while the
+/// same subsets come back (every decode step under one mask), so a step
+/// reads only the kept weights instead of gathering them again. Bounded:
+/// emptied when it holds `SLICE_CACHE_MAX` slices (a per-token router
+/// churns it and pays the gather, as without it).
+#[derive(Default)]
+struct SliceCache(std::sync::Mutex<std::collections::HashMap<SliceKey, Arc<Linear>>>);
+
+type SliceKey = (usize, Projection, Vec<u32>);
+
+/// About one mask's worth of slices on a 32-layer model (5 per layer).
+const SLICE_CACHE_MAX: usize = 192;
+
+impl SliceCache {
+    fn get(&self, key: SliceKey, make: impl FnOnce() -> Result<Linear>) -> Result<Arc<Linear>> {
+        if let Some(l) = self.0.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(l);
+        }
+        let l = Arc::new(make()?);
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= SLICE_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(key, l.clone());
+        }
+        Ok(l)
     }
 }
 
@@ -808,18 +885,53 @@ enum Activation {
     GeluTanh,
 }
 
+/// `x` as a probe that watches `layer`'s projection inputs returns it.
+fn projection_input(
+    probe: Option<&mut (dyn Probe + '_)>,
+    layer: usize,
+    proj: Projection,
+    x: &Tensor,
+) -> Result<Tensor> {
+    match probe {
+        Some(p) if p.wants_projection_inputs(layer) => Ok(p
+            .projection_input(layer, proj, x)?
+            .unwrap_or_else(|| x.clone())),
+        _ => Ok(x.clone()),
+    }
+}
+
 /// The MLP block over normed input `x` (b, t, hidden) as `exec` says.
 fn mlp(m: &Mlp, x: &Tensor, exec: &MlpExec, run: RunOptions, act: Activation) -> Result<Tensor> {
+    mlp_probed(m, x, exec, run, act, None)
+}
+
+/// `mlp`, its projection inputs shown to `probe` (with the layer index).
+fn mlp_probed<'p>(
+    m: &Mlp,
+    x: &Tensor,
+    exec: &MlpExec,
+    run: RunOptions,
+    act: Activation,
+    probe: Option<(&mut (dyn Probe + 'p), usize)>,
+) -> Result<Tensor> {
+    let probe = std::cell::RefCell::new(probe);
+    let seen = |proj: Projection, x: &Tensor| -> Result<Tensor> {
+        let mut p = probe.borrow_mut();
+        match p.as_mut() {
+            Some((p, layer)) => projection_input(Some(&mut **p), *layer, proj, x),
+            None => Ok(x.clone()),
+        }
+    };
     let dense = |m: &Mlp, x: &Tensor| -> Result<Tensor> {
-        let gate = m.gate.forward(x, run)?;
-        let up = m.up.forward(x, run)?;
+        let gate = m.gate.forward(&seen(Projection::Gate, x)?, run)?;
+        let up = m.up.forward(&seen(Projection::Up, x)?, run)?;
         let act = match (act, run.mode) {
             (Activation::Silu, Mode::Fast) => fused::silu_mul(&gate, &up)?,
             (Activation::Silu, Mode::Differentiable) => (gate.silu()? * up)?,
             // candle's `gelu` is the tanh approximation (`gelu_erf` is exact).
             (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
         };
-        m.down.forward(&act, run)
+        m.down.forward(&seen(Projection::Down, &act)?, run)
     };
     match exec {
         MlpExec::Skip => candle_core::bail!("a skipped MLP block is not computed"),

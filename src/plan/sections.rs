@@ -32,6 +32,11 @@ pub const SECTIONS: &[SectionSpec] = &[
         what: "attention layers replaced by distilled gated linear mixers, and their artifact",
         check: crate::surgery::replace::check_section,
     },
+    SectionSpec {
+        name: crate::surgery::sparsity::SPARSITY_SECTION,
+        what: "contextual sparsity: a head/neuron mask or channel thresholds, as `scalpel sparsify` writes them",
+        check: crate::surgery::sparsity::check_section,
+    },
 ];
 
 /// The name of the KV budget section.

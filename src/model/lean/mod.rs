@@ -298,7 +298,14 @@ impl Step<'_> {
                 let eps = self.t.cfg.rms_norm_eps;
                 let h = rms_norm(&x1, &layer.mlp_norm, eps, Mode::Fast)?;
                 // Plain Llama-style layers only (see `prepare`): SiLU.
-                let m = mlp(&layer.mlp, &h, &exec, pass.run, Activation::Silu)?;
+                let m = match &exec {
+                    // Sliced once per mask (the transformer's slice cache).
+                    MlpExec::Neurons(ns) => {
+                        let sliced = self.t.sliced_mlp(i, ns)?;
+                        mlp(&sliced, &h, &MlpExec::Full, pass.run, Activation::Silu)?
+                    }
+                    _ => mlp(&layer.mlp, &h, &exec, pass.run, Activation::Silu)?,
+                };
                 copy_into(&m, &mut ws.out)?;
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }

@@ -1,0 +1,292 @@
+//! Training-free activation sparsity, decided per token at every one of a
+//! layer's seven projections: an input channel is zeroed when its score is
+//! below the projection's threshold.
+//! - TEAL: score |x_i|; thresholds are the level-quantiles of |x| on the
+//!   calibration data (uniform level for every projection: TEAL's greedy
+//!   per-layer budget allocation is not done);
+//! - WINA: score |x_i|·‖W[:, i]‖₂ (the column norm of the projection's
+//!   weight), thresholds likewise from the calibration distribution.
+//!
+//! Simulated: the zeroed channels are masked, the matmul still reads every
+//! weight column (no sparse kernel yet), so this changes quality, not speed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::data::TokenSet;
+use crate::model::{Model, Pass, Probe, Projection, RunOptions};
+use crate::plan::Plan;
+use crate::surgery::objective::input_ids;
+
+/// How channels are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criterion {
+    Teal,
+    Wina,
+}
+
+/// The four distinct projection inputs of a layer: q/k/v read the normed
+/// residual, o the heads' context, gate/up the normed residual, down the
+/// intermediate activation.
+fn input_slot(p: Projection) -> usize {
+    match p {
+        Projection::Q | Projection::K | Projection::V => 0,
+        Projection::O => 1,
+        Projection::Gate | Projection::Up => 2,
+        Projection::Down => 3,
+    }
+}
+
+/// Rows of every projection input, sampled from calibration passes:
+/// `rows[layer][slot]` is (sampled tokens × channels), flattened.
+pub struct ActivationSamples {
+    rows: Vec<[Vec<f32>; 4]>,
+    dims: Vec<[usize; 4]>,
+}
+
+/// Most token rows kept per projection input.
+const MAX_SAMPLED_ROWS: usize = 512;
+
+struct SampleProbe<'a> {
+    samples: &'a mut ActivationSamples,
+    stride: usize,
+}
+
+impl Probe for SampleProbe<'_> {
+    fn wants_projection_inputs(&self, _layer: usize) -> bool {
+        true
+    }
+
+    fn projection_input(
+        &mut self,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if !matches!(
+            proj,
+            Projection::Q | Projection::O | Projection::Gate | Projection::Down
+        ) {
+            return Ok(None);
+        }
+        let slot = input_slot(proj);
+        let d = x.dim(2)?;
+        let rows = x.flatten_to(1)?;
+        let n = rows.dim(0)?;
+        let picked: Vec<u32> = (0..n as u32).step_by(self.stride).collect();
+        let idx = Tensor::new(picked.as_slice(), x.device())?;
+        let v = rows
+            .index_select(&idx, 0)?
+            .abs()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        self.samples.dims[layer][slot] = d;
+        self.samples.rows[layer][slot].extend(v);
+        Ok(None)
+    }
+}
+
+impl ActivationSamples {
+    /// |x| of every projection input over `data`, base model, a strided
+    /// subsample of tokens (at most `MAX_SAMPLED_ROWS` per input).
+    pub fn collect(model: &Model, data: &TokenSet, cancel: &AtomicBool) -> Result<Self> {
+        let n = model.n_layers();
+        let mut samples = Self {
+            rows: (0..n).map(|_| Default::default()).collect(),
+            dims: vec![[0; 4]; n],
+        };
+        let stride = data.total_tokens().div_ceil(MAX_SAMPLED_ROWS).max(1);
+        let plan = Plan::base();
+        for seq in &data.sequences {
+            if cancel.load(Ordering::Relaxed) {
+                bail!("activation calibration cancelled");
+            }
+            let mut probe = SampleProbe {
+                samples: &mut samples,
+                stride,
+            };
+            let mut pass = Pass::plan(&plan, RunOptions::FAST).with_probe(&mut probe);
+            model
+                .transformer
+                .forward_hidden(&input_ids(model, seq)?, &mut pass)?;
+        }
+        Ok(samples)
+    }
+}
+
+/// ‖W[:, i]‖₂ of every projection's input channels, `[layer][projection]`.
+pub struct ColumnNorms(Vec<[Tensor; 7]>);
+
+impl ColumnNorms {
+    pub fn of(model: &Model) -> Result<Self> {
+        let dtype = model.transformer.dtype;
+        let layers = model
+            .transformer
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.attn, &l.mlp);
+                let lin = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
+                let norms: Vec<Tensor> = lin
+                    .iter()
+                    .map(|lin| {
+                        let w = lin.dense_weight()?.to_dtype(DType::F32)?;
+                        Ok(w.sqr()?.sum(0)?.sqrt()?.to_dtype(dtype)?)
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(norms.try_into().expect("seven projections"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self(layers))
+    }
+
+    fn get(&self, layer: usize, p: Projection) -> &Tensor {
+        &self.0[layer][p.index()]
+    }
+}
+
+/// One threshold per layer and projection (in `Projection::ALL` order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelThresholds {
+    pub criterion: Criterion,
+    pub level: f64,
+    pub layers: Vec<[f32; 7]>,
+}
+
+/// Thresholds at each of `levels` (a `ChannelThresholds` per level): the
+/// level-quantile of the criterion's score over the sampled channels.
+pub fn thresholds(
+    samples: &ActivationSamples,
+    norms: Option<&ColumnNorms>,
+    criterion: Criterion,
+    levels: &[f64],
+) -> Result<Vec<ChannelThresholds>> {
+    for &l in levels {
+        super::masks::check_level(l)?;
+    }
+    let wina = match (criterion, norms) {
+        (Criterion::Wina, Some(n)) => Some(n),
+        (Criterion::Wina, None) => bail!("WINA thresholds need the column norms"),
+        (Criterion::Teal, _) => None,
+    };
+    let n = samples.rows.len();
+    let mut out: Vec<ChannelThresholds> = levels
+        .iter()
+        .map(|&level| ChannelThresholds {
+            criterion,
+            level,
+            layers: vec![[0.0; 7]; n],
+        })
+        .collect();
+    for layer in 0..n {
+        for p in Projection::ALL {
+            let slot = input_slot(p);
+            let (rows, d) = (&samples.rows[layer][slot], samples.dims[layer][slot]);
+            if rows.is_empty() || d == 0 {
+                bail!(
+                    "no calibration activations for layer {layer} {p:?} (was that block skipped?)"
+                );
+            }
+            let mut scores: Vec<f32> = match wina {
+                Some(norms) => {
+                    let c = norms.get(layer, p).to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    if c.len() != d {
+                        bail!(
+                            "layer {layer} {p:?}: {} column norms for {d} channels",
+                            c.len()
+                        );
+                    }
+                    rows.iter().enumerate().map(|(i, x)| x * c[i % d]).collect()
+                }
+                None => rows.clone(),
+            };
+            scores.sort_unstable_by(f32::total_cmp);
+            for t in out.iter_mut() {
+                let at = ((t.level * scores.len() as f64) as usize).min(scores.len() - 1);
+                // Level 0 zeroes nothing (no score is below 0).
+                t.layers[layer][p.index()] = if t.level == 0.0 { 0.0 } else { scores[at] };
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Zeroes, per token, the input channels scoring under the threshold, and
+/// counts how many it kept.
+pub struct ChannelProbe<'a> {
+    thresholds: &'a ChannelThresholds,
+    norms: Option<&'a ColumnNorms>,
+    /// Channels seen and kept, per projection (`Projection::ALL` order).
+    pub seen: [u64; 7],
+    pub kept: [u64; 7],
+}
+
+impl<'a> ChannelProbe<'a> {
+    pub fn new(
+        model: &Model,
+        thresholds: &'a ChannelThresholds,
+        norms: Option<&'a ColumnNorms>,
+    ) -> Result<Self> {
+        if thresholds.layers.len() != model.n_layers() {
+            bail!(
+                "channel thresholds for {} layers on a model of {}: they were made for another model; run `scalpel sparsify` on this one",
+                thresholds.layers.len(),
+                model.n_layers()
+            );
+        }
+        if thresholds.criterion == Criterion::Wina && norms.is_none() {
+            bail!("WINA needs the column norms");
+        }
+        Ok(Self {
+            thresholds,
+            norms,
+            seen: [0; 7],
+            kept: [0; 7],
+        })
+    }
+
+    /// Fraction of input channels zeroed, over every projection.
+    pub fn zeroed_fraction(&self) -> f64 {
+        let (s, k): (u64, u64) = (self.seen.iter().sum(), self.kept.iter().sum());
+        1.0 - k as f64 / s.max(1) as f64
+    }
+}
+
+impl Probe for ChannelProbe<'_> {
+    fn wants_projection_inputs(&self, _layer: usize) -> bool {
+        true
+    }
+
+    fn projection_input(
+        &mut self,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let thr = self.thresholds.layers[layer][proj.index()];
+        let score = match self.norms {
+            Some(n) if self.thresholds.criterion == Criterion::Wina => {
+                let c = n.get(layer, proj);
+                if c.dim(0)? != x.dim(2)? {
+                    candle_core::bail!(
+                        "WINA at layer {layer} {proj:?}: {} channels, {} column norms (combined with a head/neuron subset?)",
+                        x.dim(2)?,
+                        c.dim(0)?
+                    );
+                }
+                x.abs()?.broadcast_mul(c)?
+            }
+            _ => x.abs()?,
+        };
+        let keep = score.ge(f64::from(thr))?.to_dtype(x.dtype())?;
+        let kept = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        self.seen[proj.index()] += x.elem_count() as u64;
+        self.kept[proj.index()] += kept as u64;
+        (x * keep).map(Some)
+    }
+}

@@ -1,0 +1,245 @@
+//! Contextual sparsity: drop attention heads and MLP neurons (ShadowLLM's
+//! plainact scores: static, random, oracle masks) or zero projection input
+//! channels per token (TEAL, WINA), measured on held-out text.
+//!
+//! - `scores`: per-head and per-neuron scores on calibration data (cached);
+//! - `masks`: masks at a level and the policy that executes them (sliced
+//!   weights: executed);
+//! - `activation`: TEAL / WINA thresholds and the probe that applies them
+//!   (masked inputs: simulated);
+//! - `evaluate`: held-out perplexity, KL and top-1 under any of them, and
+//!   the comparison over levels;
+//! - the `sparsity` plan section (`SparsitySection`) that `eval` carries out.
+
+pub mod activation;
+pub mod evaluate;
+pub mod masks;
+pub mod scores;
+pub mod speed;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Model, ModelConfig};
+pub use activation::{ChannelThresholds, ColumnNorms, Criterion};
+pub use masks::{check_level, MaskPolicy, Split, UnitMask};
+pub use scores::UnitScores;
+
+/// The name of the plan section.
+pub const SPARSITY_SECTION: &str = "sparsity";
+
+/// How units are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Heads and neurons dropped at random (seeded): the control.
+    Random,
+    /// Lowest mean activation magnitude on calibration data.
+    Magnitude,
+    /// Lowest plainact score on calibration data (ShadowLLM's criterion, one mask).
+    Static,
+    /// Lowest plainact score on the evaluated text itself: an upper bound
+    /// (it reads the targets), not a deployable method.
+    Oracle,
+    /// Per-token |x| thresholds on every projection input.
+    Teal,
+    /// Per-token |x|·‖W col‖ thresholds on every projection input.
+    Wina,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Random,
+        Method::Magnitude,
+        Method::Static,
+        Method::Oracle,
+        Method::Teal,
+        Method::Wina,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Random => "random",
+            Method::Magnitude => "magnitude",
+            Method::Static => "static",
+            Method::Oracle => "oracle",
+            Method::Teal => "teal",
+            Method::Wina => "wina",
+        }
+    }
+
+    /// Whether the dropped work is really skipped (sliced weights) rather
+    /// than masked.
+    pub fn executed(self) -> bool {
+        !matches!(self, Method::Teal | Method::Wina)
+    }
+
+    /// What the level counts.
+    pub fn unit(self) -> &'static str {
+        if self.executed() {
+            "query heads and MLP neurons per layer"
+        } else {
+            "input channels of every projection, per token"
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s.trim())
+            .with_context(|| {
+                let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
+                format!(
+                    "unknown sparsity method `{s}`: expected one of {} (the ShadowLLM predictor is not built yet)",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The shapes a section was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_size: usize,
+}
+
+impl Shape {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        Self {
+            n_layers: cfg.n_layers,
+            n_heads: cfg.n_heads,
+            intermediate_size: cfg.intermediate_size,
+            hidden_size: cfg.hidden_size,
+        }
+    }
+}
+
+/// The `sparsity` plan section: a method at a level, with what it needs
+/// (a mask for random/magnitude/static, thresholds for teal/wina; oracle
+/// scores each evaluated window on its own text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparsitySection {
+    pub method: Method,
+    pub level: f64,
+    /// "per-layer": every layer drops the same fraction; "global": the
+    /// lowest of all layers' units; "per-projection" for teal/wina (every
+    /// projection's input at that level).
+    pub split: String,
+    pub shape: Shape,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<UnitMask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<ChannelThresholds>,
+}
+
+/// Checks a section's JSON when a plan is read.
+pub fn check_section(value: &serde_json::Value) -> Result<()> {
+    let s: SparsitySection = serde_json::from_value(value.clone()).context(
+        "expected {\"method\", \"level\", \"split\", \"shape\", and \"mask\" or \"thresholds\"}, as `scalpel sparsify` writes it",
+    )?;
+    check_level(s.level)?;
+    if s.method.executed() {
+        s.split.parse::<Split>()?;
+    }
+    let needs_mask = matches!(
+        s.method,
+        Method::Random | Method::Magnitude | Method::Static
+    );
+    let needs_thresholds = matches!(s.method, Method::Teal | Method::Wina);
+    if needs_mask != s.mask.is_some() || needs_thresholds != s.thresholds.is_some() {
+        bail!(
+            "method {} needs {}",
+            s.method,
+            if needs_mask {
+                "a mask and no thresholds"
+            } else if needs_thresholds {
+                "thresholds and no mask"
+            } else {
+                "neither a mask nor thresholds"
+            }
+        );
+    }
+    Ok(())
+}
+
+impl SparsitySection {
+    /// What this section executes on `model`; refuses another model's shapes.
+    pub fn sparsifier(&self, model: &Model) -> Result<Sparsifier> {
+        check_level(self.level)?;
+        let have = Shape::of(model.cfg());
+        if self.shape != have {
+            bail!(
+                "the plan's sparsity section was made for a model of {} layers, {} heads, {} neurons, hidden {}; this model has {} layers, {} heads, {} neurons, hidden {}: run `scalpel sparsify` on this model",
+                self.shape.n_layers,
+                self.shape.n_heads,
+                self.shape.intermediate_size,
+                self.shape.hidden_size,
+                have.n_layers,
+                have.n_heads,
+                have.intermediate_size,
+                have.hidden_size
+            );
+        }
+        if self.level == 0.0 {
+            return Ok(Sparsifier::Dense);
+        }
+        Ok(match (self.method, &self.mask, &self.thresholds) {
+            (Method::Oracle, _, _) => Sparsifier::Oracle {
+                level: self.level,
+                split: self.split.parse()?,
+                cached: None,
+            },
+            (_, Some(mask), _) => {
+                mask.check(model.cfg())?;
+                Sparsifier::Mask(mask.clone())
+            }
+            (m, None, Some(t)) => Sparsifier::Channels {
+                thresholds: t.clone(),
+                norms: match m {
+                    Method::Wina => Some(Arc::new(ColumnNorms::of(model)?)),
+                    _ => None,
+                },
+            },
+            (m, None, None) => bail!("sparsity method {m} has neither a mask nor thresholds"),
+        })
+    }
+}
+
+/// What a pass runs beyond the plan's block skips.
+#[derive(Clone)]
+pub enum Sparsifier {
+    /// Nothing dropped (level 0): the plan itself.
+    Dense,
+    /// One head/neuron mask for every input (executed).
+    Mask(UnitMask),
+    /// Each window's own plainact scores at `level` (executed); `cached`:
+    /// those scores computed already, one per window.
+    Oracle {
+        level: f64,
+        split: Split,
+        cached: Option<Arc<Vec<UnitScores>>>,
+    },
+    /// Per-token channel thresholds (simulated).
+    Channels {
+        thresholds: ChannelThresholds,
+        norms: Option<Arc<ColumnNorms>>,
+    },
+}

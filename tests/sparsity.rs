@@ -1,0 +1,513 @@
+//! Contextual sparsity: a head/neuron mask executed with sliced weights
+//! equals the masked forward, plainact scores are the gradients they claim
+//! to be, level 0 is the base model exactly, and bad input is refused.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use scalpel::eval::data::Sequence;
+use scalpel::model::source::{LocalModel, Resolved};
+use scalpel::model::{Model, Pass, Probe, Projection, RunOptions};
+use scalpel::plan::Plan;
+use scalpel::surgery::objective::{sequence_loss, LossKind};
+use scalpel::surgery::sparsity::activation::{thresholds, ActivationSamples, ChannelProbe};
+use scalpel::surgery::sparsity::evaluate::{evaluate, HeldOut};
+use scalpel::surgery::sparsity::scores::sequence_scores;
+use scalpel::surgery::sparsity::{
+    check_level, check_section, Criterion, MaskPolicy, Method, Shape, Sparsifier, SparsitySection,
+    UnitMask, UnitScores,
+};
+
+const FAST: RunOptions = RunOptions::FAST;
+
+fn ids(n: usize) -> Vec<u32> {
+    let r = common::read_json(common::tiny_dir("llama").join("reference.json"));
+    common::json_ints::<u32>(&r["token_ids"])[..n].to_vec()
+}
+
+fn tensor(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Zeroes the dropped heads' context and the dropped neurons' activations:
+/// the masked computation a sliced-weight forward must equal.
+struct Masking<'a> {
+    mask: &'a UnitMask,
+    n_heads: usize,
+    n_neurons: usize,
+}
+
+fn keep_vector(kept: &[u32], n: usize, dtype: DType) -> Tensor {
+    let v: Vec<f32> = (0..n as u32)
+        .map(|i| f32::from(u8::from(kept.contains(&i))))
+        .collect();
+    Tensor::new(v.as_slice(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+impl Probe for Masking<'_> {
+    fn wants_head_context(&self, _layer: usize) -> bool {
+        true
+    }
+    fn head_context(
+        &mut self,
+        layer: usize,
+        _heads: &[u32],
+        ctx: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let keep = keep_vector(&self.mask.heads[layer], self.n_heads, ctx.dtype()).reshape((
+            1,
+            1,
+            self.n_heads,
+            1,
+        ))?;
+        ctx.broadcast_mul(&keep).map(Some)
+    }
+    fn wants_projection_inputs(&self, _layer: usize) -> bool {
+        true
+    }
+    fn projection_input(
+        &mut self,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if proj != Projection::Down {
+            return Ok(None);
+        }
+        let keep = keep_vector(&self.mask.neurons[layer], self.n_neurons, x.dtype());
+        x.broadcast_mul(&keep).map(Some)
+    }
+}
+
+/// A mask dropping heads and neurons in every layer (different per layer).
+fn some_mask(model: &Model, level: f64) -> UnitMask {
+    UnitMask::from_scores(&UnitScores::random(model, 3), level).unwrap()
+}
+
+/// Logits of `ids` under the mask: sliced weights, and masked full weights.
+fn sliced_and_masked(
+    model: &Model,
+    ids: &[u32],
+    mask: &UnitMask,
+    run: RunOptions,
+) -> (Vec<f32>, Vec<f32>) {
+    let t = &model.transformer;
+    let plan = Plan::base();
+    let cfg = model.cfg();
+    let policy = MaskPolicy::new(&plan, mask, cfg).unwrap();
+    let sliced = t
+        .forward_hidden(
+            &tensor(ids),
+            &mut Pass::plan(&plan, run).with_policy(&policy),
+        )
+        .unwrap();
+    let mut probe = Masking {
+        mask,
+        n_heads: cfg.n_heads,
+        n_neurons: cfg.intermediate_size,
+    };
+    let masked = t
+        .forward_hidden(
+            &tensor(ids),
+            &mut Pass::plan(&plan, run).with_probe(&mut probe),
+        )
+        .unwrap();
+    (
+        to_vec(&t.logits(&sliced, run).unwrap()),
+        to_vec(&t.logits(&masked, run).unwrap()),
+    )
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    common::max_abs_diff(a, b)
+}
+
+#[test]
+fn a_sliced_mask_equals_the_masked_forward_on_the_tiny_models() {
+    for name in ["llama", "mistral"] {
+        let model = common::load_tiny(name);
+        let mask = some_mask(&model, 0.5);
+        let (h, n) = mask.dropped_fractions(model.cfg());
+        assert!(h > 0.4 && n > 0.4, "{name}: the mask must drop units");
+        let ids = ids(12);
+        let (sliced, masked) = sliced_and_masked(&model, &ids, &mask, FAST);
+        let d = max_diff(&sliced, &masked);
+        eprintln!("{name}: sliced vs masked logits, max |Δ| {d:e}");
+        assert!(d < 1e-5, "{name}: {d}");
+        // The second run reads the cached slices: the same numbers.
+        let (again, _) = sliced_and_masked(&model, &ids, &mask, FAST);
+        assert_eq!(sliced, again, "{name}: cached slices differ");
+        // And the mask changes the output (it is not a no-op).
+        let base = to_vec(
+            &model
+                .transformer
+                .logits(
+                    &model
+                        .transformer
+                        .forward_hidden(&tensor(&ids), &mut Pass::plan(&Plan::base(), FAST))
+                        .unwrap(),
+                    FAST,
+                )
+                .unwrap(),
+        );
+        assert!(
+            max_diff(&base, &sliced) > 1e-3,
+            "{name}: mask had no effect"
+        );
+    }
+}
+
+#[test]
+fn a_sliced_mask_equals_the_masked_forward_on_smollm2() {
+    // In f64 the two computations agree to rounding; in f32 thirty layers
+    // of differently ordered sums leave a relative 1e-4 on the logits.
+    let f32_model = common::smollm2();
+    let ids = f32_model
+        .codec()
+        .unwrap()
+        .encode("The quick brown fox jumps over the lazy dog, and then it runs away.")
+        .unwrap();
+    let mask = some_mask(f32_model, 0.4);
+    let (sliced, masked) = sliced_and_masked(f32_model, &ids, &mask, FAST);
+    let scale = masked.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let rel = max_diff(&sliced, &masked) / scale;
+    eprintln!("SmolLM2 f32: sliced vs masked logits, max |Δ| / max |logit| {rel:e}");
+    assert!(rel < 3e-4, "{rel}");
+    let resolved = Resolved {
+        local: LocalModel::Gguf(common::smollm2_path()),
+        origin: "test".into(),
+    };
+    let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
+    let run = RunOptions::DIFFERENTIABLE;
+    let (sliced, masked) = sliced_and_masked(&model, &ids, &mask, run);
+    let d = max_diff(&sliced, &masked);
+    eprintln!("SmolLM2 f64: sliced vs masked logits, max |Δ| {d:e}");
+    assert!(d < 1e-5, "{d}");
+}
+
+/// Scales head `head` of layer `layer` (or neuron `neuron`) by `1 + delta`.
+struct Nudge {
+    layer: usize,
+    head: Option<usize>,
+    neuron: Option<usize>,
+    delta: f64,
+}
+
+fn nudge_vector(n: usize, at: usize, delta: f64) -> Tensor {
+    let mut v = vec![1f64; n];
+    v[at] += delta;
+    Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
+}
+
+impl Probe for Nudge {
+    fn wants_head_context(&self, layer: usize) -> bool {
+        layer == self.layer && self.head.is_some()
+    }
+    fn head_context(
+        &mut self,
+        _layer: usize,
+        _heads: &[u32],
+        ctx: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let n = ctx.dim(2)?;
+        let g = nudge_vector(n, self.head.unwrap(), self.delta).reshape((1, 1, n, 1))?;
+        ctx.broadcast_mul(&g).map(Some)
+    }
+    fn wants_projection_inputs(&self, layer: usize) -> bool {
+        layer == self.layer && self.neuron.is_some()
+    }
+    fn projection_input(
+        &mut self,
+        _layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if proj != Projection::Down {
+            return Ok(None);
+        }
+        let g = nudge_vector(x.dim(2)?, self.neuron.unwrap(), self.delta);
+        x.broadcast_mul(&g).map(Some)
+    }
+}
+
+#[test]
+fn plainact_scores_equal_finite_differences_on_a_tiny_model() {
+    let resolved = Resolved {
+        local: LocalModel::HfDir(common::tiny_dir("llama")),
+        origin: "test".into(),
+    };
+    let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
+    let seq = Sequence {
+        ids: ids(12),
+        scored_from: 1,
+    };
+    let plan = Plan::base();
+    let (plainact, magnitude) = sequence_scores(&model, &seq, &plan).unwrap();
+    let loss = |probe: &mut Nudge| -> f64 {
+        let run = RunOptions::DIFFERENTIABLE;
+        let mut pass = Pass::plan(&plan, run).with_probe(probe);
+        let h = model
+            .transformer
+            .forward_hidden(&tensor(&seq.ids), &mut pass)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        sequence_loss(&model, &seq, &h, None, LossKind::Ce, run)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let eps = 1e-5;
+    let mut worst: f64 = 0.0;
+    let fd = |layer: usize, head: Option<usize>, neuron: Option<usize>| {
+        let at = |delta| {
+            loss(&mut Nudge {
+                layer,
+                head,
+                neuron,
+                delta,
+            })
+        };
+        ((at(eps) - at(-eps)) / (2.0 * eps)).abs()
+    };
+    for layer in [0, 3] {
+        for head in 0..model.cfg().n_heads {
+            let want = fd(layer, Some(head), None);
+            let got = plainact.heads[layer][head];
+            assert!(
+                want > 1e-6,
+                "layer {layer} head {head}: the head must matter"
+            );
+            worst = worst.max((got - want).abs() / want);
+            assert!(
+                (got - want).abs() < 1e-5 * want + 1e-9,
+                "layer {layer} head {head}: plainact {got} vs finite difference {want}"
+            );
+        }
+        for neuron in [0, 17, 127] {
+            let want = fd(layer, None, Some(neuron));
+            let got = plainact.neurons[layer][neuron];
+            worst = worst.max((got - want).abs() / want.max(1e-12));
+            assert!(
+                (got - want).abs() < 1e-5 * want + 1e-9,
+                "layer {layer} neuron {neuron}: plainact {got} vs finite difference {want}"
+            );
+        }
+    }
+    eprintln!("plainact vs finite difference: max relative error {worst:e}");
+    assert!(magnitude.heads.iter().flatten().all(|&m| m > 0.0));
+}
+
+#[test]
+fn level_zero_is_the_base_model_exactly() {
+    let model = common::load_tiny("llama");
+    let calib = common::random_set(&model, 1, 4, 24);
+    let cancel = AtomicBool::new(false);
+    let text = &common::random_set(&model, 9, 1, 48).sequences[0].ids;
+    let held = HeldOut::new(&model, text, 16, 3).unwrap();
+    assert_eq!(held.windows.len(), 3);
+    let plan = Plan::base();
+    let dense = evaluate(
+        &model,
+        &plan,
+        &Sparsifier::Dense,
+        &held,
+        FAST,
+        false,
+        &cancel,
+    )
+    .unwrap();
+    assert_eq!(dense.kl_to_base, 0.0);
+    let mask = UnitMask::from_scores(&UnitScores::random(&model, 1), 0.0).unwrap();
+    assert_eq!(mask.dropped_fractions(model.cfg()), (0.0, 0.0));
+    let masked = evaluate(
+        &model,
+        &plan,
+        &Sparsifier::Mask(mask),
+        &held,
+        FAST,
+        false,
+        &cancel,
+    )
+    .unwrap();
+    let samples = ActivationSamples::collect(&model, &calib, &cancel).unwrap();
+    let teal = thresholds(&samples, None, Criterion::Teal, &[0.0])
+        .unwrap()
+        .remove(0);
+    let channels = Sparsifier::Channels {
+        thresholds: teal,
+        norms: None,
+    };
+    let teal = evaluate(&model, &plan, &channels, &held, FAST, false, &cancel).unwrap();
+    for (what, q) in [("mask", &masked), ("teal", &teal)] {
+        assert_eq!(q.perplexity, dense.perplexity, "{what}");
+        assert_eq!(q.kl_to_base, 0.0, "{what}");
+        assert_eq!(q.top1_agreement, 1.0, "{what}");
+    }
+    assert_eq!(teal.channels_zeroed, Some(0.0));
+    // A level-0 section runs the plan itself.
+    let section = SparsitySection {
+        method: Method::Static,
+        level: 0.0,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: Some(UnitMask::from_scores(&UnitScores::random(&model, 1), 0.0).unwrap()),
+        thresholds: None,
+    };
+    assert!(matches!(
+        section.sparsifier(&model).unwrap(),
+        Sparsifier::Dense
+    ));
+}
+
+#[test]
+fn teal_and_wina_thresholds_zero_about_the_level_on_their_calibration_data() {
+    let model = common::load_tiny("llama");
+    let calib = common::random_set(&model, 2, 4, 32);
+    let cancel = AtomicBool::new(false);
+    let samples = ActivationSamples::collect(&model, &calib, &cancel).unwrap();
+    let norms = scalpel::surgery::sparsity::ColumnNorms::of(&model).unwrap();
+    let plan = Plan::base();
+    for crit in [Criterion::Teal, Criterion::Wina] {
+        let th = thresholds(&samples, Some(&norms), crit, &[0.4])
+            .unwrap()
+            .remove(0);
+        let mut probe = ChannelProbe::new(&model, &th, Some(&norms)).unwrap();
+        for seq in &calib.sequences {
+            model
+                .transformer
+                .forward_hidden(
+                    &tensor(&seq.ids),
+                    &mut Pass::plan(&plan, FAST).with_probe(&mut probe),
+                )
+                .unwrap();
+        }
+        // Layers after the first see already-sparsified inputs, so the
+        // fraction drifts a little from the calibrated level.
+        let z = probe.zeroed_fraction();
+        eprintln!("{crit:?} at 0.4 on its calibration data: {z:.3} zeroed");
+        assert!((z - 0.4).abs() < 0.05, "{crit:?}: {z}");
+    }
+}
+
+#[test]
+fn bad_levels_and_other_models_sections_are_refused() {
+    for bad in [1.0, 1.5, -0.1, f64::NAN] {
+        let e = check_level(bad).unwrap_err().to_string();
+        assert!(e.contains("outside [0, 1)"), "{bad}: {e}");
+    }
+    let model = common::load_tiny("llama");
+    let mut section = SparsitySection {
+        method: Method::Random,
+        level: 0.25,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: Some(UnitMask::from_scores(&UnitScores::random(&model, 1), 0.25).unwrap()),
+        thresholds: None,
+    };
+    assert!(section.sparsifier(&model).is_ok());
+    section.shape.n_heads += 1;
+    let e = section.sparsifier(&model).err().unwrap().to_string();
+    assert!(
+        e.contains("made for a model of") && e.contains("scalpel sparsify"),
+        "{e}"
+    );
+    // A mask naming a head this model lacks (another model's mask).
+    let mut mask = UnitMask::from_scores(&UnitScores::random(&model, 1), 0.25).unwrap();
+    mask.heads[0] = vec![0, 99];
+    let section = SparsitySection {
+        shape: Shape::of(model.cfg()),
+        mask: Some(mask),
+        ..section
+    };
+    let e = section.sparsifier(&model).err().unwrap().to_string();
+    assert!(e.contains("does not fit this model"), "{e}");
+    // The section's JSON check: teal needs thresholds, a level in range.
+    let v = serde_json::json!({"method": "teal", "level": 0.4, "split": "per-projection",
+        "shape": {"n_layers": 4, "n_heads": 4, "intermediate_size": 128, "hidden_size": 64}});
+    let e = format!("{:#}", check_section(&v).unwrap_err());
+    assert!(e.contains("needs thresholds"), "{e}");
+    let v = serde_json::json!({"method": "oracle", "level": 1.2, "split": "per-layer",
+        "shape": {"n_layers": 4, "n_heads": 4, "intermediate_size": 128, "hidden_size": 64}});
+    let e = format!("{:#}", check_section(&v).unwrap_err());
+    assert!(e.contains("outside [0, 1)"), "{e}");
+    let e = "shadow".parse::<Method>().unwrap_err().to_string();
+    assert!(e.contains("expected one of"), "{e}");
+}
+
+#[test]
+fn a_sparsity_section_round_trips_through_a_plan_file() {
+    use scalpel::plan::PlanFile;
+    use scalpel::surgery::sparsity::SPARSITY_SECTION;
+    let model = common::load_tiny("llama");
+    let mask = UnitMask::from_scores(&UnitScores::random(&model, 5), 0.5).unwrap();
+    let section = SparsitySection {
+        method: Method::Random,
+        level: 0.5,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: Some(mask.clone()),
+        thresholds: None,
+    };
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    pf.sections.set(SPARSITY_SECTION, &section).unwrap();
+    let dir = common::scratch_dir();
+    let path = dir.path().join("sparse.json");
+    pf.save(&path).unwrap();
+    let back = model.load_plan(&path).unwrap();
+    let read: SparsitySection = back.sections.get(SPARSITY_SECTION).unwrap().unwrap();
+    assert_eq!(read, section);
+    match read.sparsifier(&model).unwrap() {
+        Sparsifier::Mask(m) => assert_eq!(m, mask),
+        _ => panic!("a random section runs its mask"),
+    }
+}
+
+#[test]
+fn the_cli_refuses_a_level_outside_zero_to_one() {
+    let out = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .args([
+            "sparsify", "--method", "static", "--level", "1.5", "--out", "x.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside [0, 1)"), "{err}");
+}
+
+#[test]
+fn a_global_split_drops_the_lowest_units_across_layers() {
+    use scalpel::surgery::sparsity::Split;
+    // Layer 0's heads score lowest: a global split takes them first but
+    // keeps one; a per-layer split drops the same count everywhere.
+    let scores = UnitScores {
+        heads: vec![vec![0.1, 0.2, 0.3, 0.4], vec![5.0, 6.0, 7.0, 8.0]],
+        neurons: vec![vec![1.0, 0.5, 3.0], vec![0.7, 2.0, 0.1]],
+    };
+    let g = UnitMask::with_split(&scores, 0.5, Split::Global).unwrap();
+    assert_eq!(g.heads, vec![vec![3], vec![1, 2, 3]]);
+    assert_eq!(g.neurons, vec![vec![0, 2], vec![1]]);
+    let p = UnitMask::with_split(&scores, 0.5, Split::PerLayer).unwrap();
+    assert_eq!(p.heads, vec![vec![2, 3], vec![2, 3]]);
+    assert_eq!(p.neurons, vec![vec![2], vec![1]]);
+    assert!("model-wide".parse::<Split>().is_err());
+}
