@@ -10,6 +10,7 @@ pub mod mask;
 pub mod memory;
 pub mod params;
 pub mod pass;
+pub mod routing;
 pub mod source;
 pub mod state;
 pub mod synthetic;

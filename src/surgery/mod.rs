@@ -6,6 +6,7 @@ pub mod fit;
 pub mod hopscotch;
 pub mod importance;
 pub mod objective;
+pub mod routing;
 pub mod speculative_search;
 
 use std::sync::atomic::{AtomicBool, Ordering};
