@@ -12,6 +12,7 @@
 //! later tokens cannot attend to (`KvPolicy::Gap`).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
@@ -20,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::params::ParamValues;
 use super::pass::{AttnExec, LayerPolicy, MlpExec};
-use crate::plan::{BlockId, BlockKind, Plan};
+use super::Model;
+use crate::plan::{BlockId, BlockKind, Plan, PlanFile};
 
 /// The plan section that turns routing on.
 pub const ROUTING_SECTION: &str = "routing";
@@ -212,15 +214,21 @@ fn router_block_of(name: &str) -> anyhow::Result<BlockId> {
         .with_context(|| format!("router artifact: tensor `{name}`"))
 }
 
-/// Router logits (batch, tokens), f32, of the residual stream `x` (batch,
+/// Router logits (batch, tokens), f32 (f64 for an f64 model), of the residual stream `x` (batch,
 /// tokens, hidden). Differentiable in `w` and `b` when they are `Var`s.
 pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (bs, t, h) = x.dims3()?;
-    let x = x.to_dtype(DType::F32)?;
+    // f32 at least (f64 models stay f64, for finite-difference checks).
+    let dt = if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (x, w, b) = (x.to_dtype(dt)?, w.to_dtype(dt)?, b.to_dtype(dt)?);
     let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + ROUTER_EPS)?.sqrt()?;
     let xn = x.broadcast_div(&rms)?.reshape((bs * t, h))?;
     let l = xn.matmul(&w.reshape((h, 1))?)?.reshape((bs, t))?;
-    l.broadcast_add(b)
+    l.broadcast_add(&b)
 }
 
 /// Executed and total token-blocks counted by a policy, per block.
@@ -380,4 +388,36 @@ impl LayerPolicy for RouterPolicy<'_> {
             _ => MlpExec::Rows(rows),
         })
     }
+}
+
+/// Writes the routers as artifact `section.artifact` of the plan that will
+/// be saved at `plan_path`, and the plan's `routing` section.
+pub fn save_to_plan(
+    file: &mut PlanFile,
+    plan_path: &Path,
+    routers: &Routers,
+    section: &RoutingSection,
+) -> anyhow::Result<()> {
+    file.write_artifact(
+        plan_path,
+        &section.artifact,
+        &routers.values()?,
+        Some("token routers: per routed block, weight (hidden) and bias (1) on the RMS-normalised block input"),
+    )?;
+    file.sections.set(ROUTING_SECTION, section)
+}
+
+/// The routing a plan file carries (`None` without a `routing` section),
+/// its routers checked against `model`'s shapes.
+pub fn load_from_plan(
+    file: &PlanFile,
+    model: &Model,
+) -> anyhow::Result<Option<(RoutingSection, Routers)>> {
+    let Some(section) = file.sections.get::<RoutingSection>(ROUTING_SECTION)? else {
+        return Ok(None);
+    };
+    let values = file.load_artifact(&section.artifact, model.device())?;
+    let routers = Routers::from_values(&values, model.cfg().hidden_size, model.n_layers())
+        .with_context(|| format!("plan section `{ROUTING_SECTION}`"))?;
+    Ok(Some((section, routers)))
 }

@@ -3,7 +3,7 @@
 //! routers. The block is still computed for every token here (training
 //! needs the soft path); inference skips rows for real (`RouterPolicy`).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -68,7 +68,9 @@ impl<'a> GateProbe<'a> {
                 (u / (1.0 - u)).ln()
             })
             .collect();
-        Ok(Some(Tensor::from_vec(v, shape, like.device())?))
+        Tensor::from_vec(v, shape, like.device())?
+            .to_dtype(like.dtype())
+            .map(Some)
     }
 }
 
@@ -100,7 +102,7 @@ impl Probe for GateProbe<'_> {
             GateMode::Soft { tau } => sigmoid(&(&z / tau)?)?,
             GateMode::StraightThrough { tau } => {
                 let soft = sigmoid(&(&z / tau)?)?;
-                let hard = z.gt(&z.zeros_like()?)?.to_dtype(DType::F32)?;
+                let hard = z.gt(&z.zeros_like()?)?.to_dtype(z.dtype())?;
                 // Exactly `hard` forward (soft − soft = 0), soft's gradient backward.
                 (hard + (&soft - soft.detach())?)?
             }

@@ -76,11 +76,15 @@ pub struct RouteEpoch {
     pub train_kl: f64,
     /// Mean executed share of the routed blocks in training (noisy gates).
     pub train_share: f64,
-    /// Validation KL, deterministic decisions at threshold 0.
+    /// Validation KL, deterministic decisions at `threshold`.
     pub validation_kl: f64,
     pub validation_share: f64,
-    /// What picks the best epoch: validation KL + penalty · |share − capacity|.
+    /// What picks the best epoch: validation KL, plus `MISSED_SHARE_COST`
+    /// per unit of share beyond `SHARE_TOLERANCE` off the capacity (routers
+    /// that cannot realise the capacity are not a candidate at it).
     pub validation_loss: f64,
+    /// Calibrated on the first training sequences to execute `capacity`.
+    pub threshold: f32,
     pub lr: f64,
     pub seconds: f64,
     pub note: Option<String>,
@@ -160,7 +164,7 @@ pub fn sequence_objective(
     let Some(share) = probe.executed_share()? else {
         bail!("nothing is routed: every routed block is skipped by the base plan");
     };
-    let share_value = f64::from(share.to_scalar::<f32>()?);
+    let share_value = f64::from(share.to_dtype(DType::F32)?.to_scalar::<f32>()?);
     let loss = (kl + ((share - capacity)?.abs()? * penalty)?)?;
     Ok((loss, kl_value, share_value))
 }
@@ -179,7 +183,7 @@ fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
 fn all_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            let a: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            let a: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             if a.iter().any(|x| !x.is_finite()) {
                 return Ok(false);
             }
@@ -249,13 +253,26 @@ pub fn train_routers(
     let mut lr = opts.lr;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let never = AtomicBool::new(false);
-    let validate = |params: &TrainableParams| -> Result<(RoutedReport, f64)> {
+    // Judged as it will run: deterministic decisions at the threshold that
+    // makes the first training sequences execute `capacity`.
+    let calibration_set = data.train.take(CALIBRATION_SEQUENCES);
+    let calibration_base = BaseStates {
+        hidden: data.train_base.hidden[..calibration_set.sequences.len()].to_vec(),
+    };
+    let calibration = RouteData {
+        train: &calibration_set,
+        train_base: &calibration_base,
+        ..*data
+    };
+    let validate = |params: &TrainableParams| -> Result<(RoutedReport, f64, f32)> {
         let routers = routers_of(params, model)?;
+        let (threshold, _) =
+            calibrate_threshold(model, plan, &routers, opts, &calibration, &never)?;
         let routed = Routed {
             plan,
             routers: &routers,
             kv: opts.kv,
-            threshold: 0.0,
+            threshold,
         };
         let r = measure_set(
             model,
@@ -264,11 +281,15 @@ pub fn train_routers(
             &routed,
             &never,
         )?;
-        let loss = r.kl_to_base + opts.penalty * (r.routed_share - opts.capacity).abs();
-        Ok((r, loss))
+        let miss = ((r.routed_share - opts.capacity).abs() - SHARE_TOLERANCE).max(0.0);
+        Ok((
+            r.clone(),
+            r.kl_to_base + MISSED_SHARE_COST * miss,
+            threshold,
+        ))
     };
     let t0 = Instant::now();
-    let (v0, l0) = validate(&params)?;
+    let (v0, l0, th0) = validate(&params)?;
     let first = RouteEpoch {
         epoch: 0,
         train_kl: f64::NAN,
@@ -276,6 +297,7 @@ pub fn train_routers(
         validation_kl: v0.kl_to_base,
         validation_share: v0.routed_share,
         validation_loss: l0,
+        threshold: th0,
         lr,
         seconds: t0.elapsed().as_secs_f64(),
         note: None,
@@ -373,7 +395,7 @@ pub fn train_routers(
                 continue;
             }
             Epoch::Done { kl, share } => {
-                let (v, loss) = validate(&params)?;
+                let (v, loss, threshold) = validate(&params)?;
                 let e = RouteEpoch {
                     epoch,
                     train_kl: kl,
@@ -381,6 +403,7 @@ pub fn train_routers(
                     validation_kl: v.kl_to_base,
                     validation_share: v.routed_share,
                     validation_loss: loss,
+                    threshold,
                     lr,
                     seconds: t.elapsed().as_secs_f64(),
                     note: (cuts > 0).then(|| warnings.last().cloned()).flatten(),
@@ -413,6 +436,15 @@ pub fn train_routers(
         calibrated,
     })
 }
+
+/// How far from the capacity a validation share may land and still count as at it.
+const SHARE_TOLERANCE: f64 = 0.02;
+
+/// Validation loss per unit of share missed beyond the tolerance.
+const MISSED_SHARE_COST: f64 = 100.0;
+
+/// Training sequences each epoch's threshold is calibrated on.
+const CALIBRATION_SEQUENCES: usize = 8;
 
 /// Bisection steps of the threshold calibration.
 const CALIBRATION_STEPS: usize = 12;
