@@ -59,6 +59,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Lossless speed from a plan: the model under --plan drafts, the full model verifies (greedy).
     Speculate(SpeculateArgs),
+    /// Train per-token routers (frozen model) that decide which blocks each token runs.
+    Route(crate::commands::route::RouteArgs),
 }
 
 /// Export targets.
@@ -403,6 +405,9 @@ pub struct EvalArgs {
     /// cache) after a --context prefill.
     #[arg(long, default_value_t = 0)]
     pub decode_speed: usize,
+    /// For a routed plan: the K/V policy of tokens that skip attention (default: the plan's).
+    #[arg(long, value_enum)]
+    pub routing_kv: Option<crate::commands::route::KvArg>,
 }
 
 #[derive(Args, Debug)]

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod importance;
 pub mod info;
 pub mod report;
+pub mod route;
 pub mod search;
 pub mod speculate;
 pub mod surgery_common;

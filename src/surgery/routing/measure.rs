@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::eval::data::TokenSet;
@@ -128,7 +129,7 @@ pub fn evaluate_text(
     window: usize,
     routed: &Routed,
     run: RunOptions,
-    mut progress: impl FnMut(usize, usize),
+    parallel: bool,
 ) -> Result<RoutedReport> {
     if window < 2 || ids.len() < window {
         bail!(
@@ -144,8 +145,7 @@ pub fn evaluate_text(
     let wins = windows(ids, window, bos);
     let policy = routed.policy(model);
     let base = Plan::base();
-    let mut scores = Scores::default();
-    for (k, w) in wins.iter().enumerate() {
+    let score = |w: &Vec<u32>| -> Result<Scores> {
         let input = Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?;
         let h = routed_hidden(model, &input, routed, &policy, run)?;
         let hb = model
@@ -153,14 +153,24 @@ pub fn evaluate_text(
             .forward_hidden(&input, &mut Pass::plan(&base, run))?
             .squeeze(0)?;
         let n = w.len() - 1;
-        scores.add(&score_rows(
+        score_rows(
             model,
             &h.narrow(0, 0, n)?,
             Some(Reference::Hidden(&hb.narrow(0, 0, n)?)),
             &w[1..],
             run,
-        )?);
-        progress(k + 1, wins.len());
+        )
+    };
+    // One window per thread (`eval` runs each op single-threaded), summed
+    // in window order so the result does not depend on timing.
+    let per_window: Vec<Scores> = if parallel {
+        wins.par_iter().map(score).collect::<Result<_>>()?
+    } else {
+        wins.iter().map(score).collect::<Result<_>>()?
+    };
+    let mut scores = Scores::default();
+    for s in &per_window {
+        scores.add(s);
     }
     Ok(report(
         &scores,
