@@ -503,6 +503,9 @@ pub struct BenchArgs {
     /// Random weights of a known shape instead of --model: llama-8b, llama-1b, smollm2-135m.
     #[arg(long)]
     pub synthetic: Option<String>,
+    /// With a routed --plan: a static plan timed in the same run (e.g. Hopscotch at the same compute).
+    #[arg(long, value_name = "PLAN")]
+    pub against: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
     #[arg(long)]

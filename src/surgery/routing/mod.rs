@@ -9,6 +9,7 @@
 
 pub mod gate;
 pub mod measure;
+pub mod speed;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
