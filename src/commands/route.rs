@@ -142,7 +142,8 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
             pb.set_position(((epoch - 1) * total + done) as u64);
             pb.set_message(format!("epoch {epoch}: kl {kl:.4}, executed {share:.3}"));
         }
-        RouteEvent::Epoch(e) => pb.println(format!(
+        // eprintln under `suspend`: shown with or without a terminal.
+        RouteEvent::Epoch(e) => pb.suspend(|| eprintln!(
             "epoch {:<2} train kl {:.5} executed {:.3} | validation kl {:.5} executed {:.3} \
              (threshold {:.3}) ({:.1}s){}",
             e.epoch,
