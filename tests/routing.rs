@@ -153,6 +153,7 @@ fn gathered_rows_equal_masked_execution() {
     );
     let d = common::max_abs_diff(&gathered, &masked);
     let scale = masked.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("gathered vs masked: max |Δ| {d:e} (scale {scale})");
     assert!(
         d <= 2e-6 * scale.max(1.0),
         "gathered vs masked differ by {d} (scale {scale})"
@@ -185,6 +186,7 @@ fn decode_token_by_token_equals_prefill_under_routing() {
             steps.extend(hidden(&model, &one, &mut pass));
         }
         let d = common::max_abs_diff(&whole, &steps);
+        eprintln!("{kv:?}: decode vs prefill max |Δ| {d:e}");
         assert!(d < 1e-4, "{kv:?}: decode vs prefill differ by {d}");
         assert_eq!(
             policy.counts.executed_fraction(),

@@ -143,21 +143,23 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
             pb.set_message(format!("epoch {epoch}: kl {kl:.4}, executed {share:.3}"));
         }
         // eprintln under `suspend`: shown with or without a terminal.
-        RouteEvent::Epoch(e) => pb.suspend(|| eprintln!(
-            "epoch {:<2} train kl {:.5} executed {:.3} | validation kl {:.5} executed {:.3} \
+        RouteEvent::Epoch(e) => pb.suspend(|| {
+            eprintln!(
+                "epoch {:<2} train kl {:.5} executed {:.3} | validation kl {:.5} executed {:.3} \
              (threshold {:.3}) ({:.1}s){}",
-            e.epoch,
-            e.train_kl,
-            e.train_share,
-            e.validation_kl,
-            e.validation_share,
-            e.threshold,
-            e.seconds,
-            e.note
-                .as_deref()
-                .map(|n| format!("  [{n}]"))
-                .unwrap_or_default()
-        )),
+                e.epoch,
+                e.train_kl,
+                e.train_share,
+                e.validation_kl,
+                e.validation_share,
+                e.threshold,
+                e.seconds,
+                e.note
+                    .as_deref()
+                    .map(|n| format!("  [{n}]"))
+                    .unwrap_or_default()
+            )
+        }),
         RouteEvent::Calibrating => pb.set_message("calibrating the threshold"),
     })?;
     pb.finish_and_clear();
