@@ -65,6 +65,8 @@ pub enum Command {
     Replace(ReplaceArgs),
     /// Contextual sparsity: a head/neuron mask or TEAL/WINA thresholds as a plan, or --compare every method over levels.
     Sparsify(crate::commands::sparsify::SparsifyArgs),
+    /// Train per-token routers (frozen model) that decide which blocks each token runs.
+    Route(crate::commands::route::RouteArgs),
 }
 
 /// Export targets.
@@ -445,6 +447,9 @@ pub struct EvalArgs {
     /// cache) after a --context prefill.
     #[arg(long, default_value_t = 0)]
     pub decode_speed: usize,
+    /// For a routed plan: the K/V policy of tokens that skip attention (default: the plan's).
+    #[arg(long, value_enum)]
+    pub routing_kv: Option<crate::commands::route::KvArg>,
 }
 
 #[derive(Args, Debug)]
@@ -567,6 +572,9 @@ pub struct BenchArgs {
     /// Random weights of a known shape instead of --model: llama-8b, llama-1b, smollm2-135m.
     #[arg(long)]
     pub synthetic: Option<String>,
+    /// With a routed --plan: a static plan timed in the same run (e.g. Hopscotch at the same compute).
+    #[arg(long, value_name = "PLAN")]
+    pub against: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
     #[arg(long)]

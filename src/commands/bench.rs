@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::{self, BenchArgs};
 use crate::eval::bench;
+use crate::model::routing::{load_from_plan, ROUTING_SECTION};
 use crate::model::{synthetic, Model};
 use crate::progress;
 
@@ -24,9 +25,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
         }
         None => cli::load_model_for(margs, load)?,
     };
-    let (plan, _) =
-        cli::load_plan_honouring(pargs, &model, &[crate::surgery::replace::REPLACE_SECTION])?;
+    let (plan, file) = cli::load_plan_honouring(
+        pargs,
+        &model,
+        &[crate::surgery::replace::REPLACE_SECTION, ROUTING_SECTION],
+    )?;
     let run = args.weights.run_options(&model, true)?;
+    if let Some((section, routers)) = file
+        .as_ref()
+        .map(|f| load_from_plan(f, &model))
+        .transpose()?
+        .flatten()
+    {
+        return super::route::bench_routed(&model, &plan, section, &routers, &args, run);
+    }
     let opts = bench::BenchOptions {
         prefill_tokens: args.prefill,
         decode_tokens: args.decode,

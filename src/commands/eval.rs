@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::cli::{self, EvalArgs};
 use crate::eval::{kv, perplexity};
 use crate::model::kv::KvSpec;
+use crate::model::routing::{load_from_plan, ROUTING_SECTION};
 use crate::model::{Model, RunOptions};
 use crate::plan::{KvSection, Plan, KV_SECTION};
 use crate::progress;
@@ -32,10 +33,23 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
     let (plan, file) = cli::load_plan_honouring(
         pargs,
         &model,
-        &[KV_SECTION, REPLACE_SECTION, SPARSITY_SECTION],
+        &[
+            KV_SECTION,
+            REPLACE_SECTION,
+            SPARSITY_SECTION,
+            ROUTING_SECTION,
+        ],
     )?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
+    if let Some((section, routers)) = file
+        .as_ref()
+        .map(|f| load_from_plan(f, &model))
+        .transpose()?
+        .flatten()
+    {
+        return super::route::eval_routed(&model, &plan, &ids, section, &routers, &args, run);
+    }
     let section = match &file {
         Some(f) => f.sections.get::<KvSection>(KV_SECTION)?,
         None => None,

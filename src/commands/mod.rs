@@ -13,6 +13,7 @@ pub mod info;
 pub mod needle;
 pub mod replace;
 pub mod report;
+pub mod route;
 pub mod search;
 pub mod sparsify;
 pub mod speculate;

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod mixer;
 pub mod params;
 pub mod pass;
+pub mod routing;
 pub mod source;
 pub mod state;
 pub mod synthetic;

@@ -158,6 +158,20 @@ pub trait Probe {
     fn block(&mut self, _block: BlockId, _input: &Tensor, _output: &Tensor) -> Result<()> {
         Ok(())
     }
+    /// A computed block's output before its residual add (b_att / b_mlp
+    /// scaling), (batch, tokens, hidden), with the residual stream `input`
+    /// that entered the block. A probe may return a tensor of the same shape
+    /// to use instead: the output times a per-token gate computed from
+    /// `input` by trained routers, so gradients reach them (token routing's
+    /// training; inference skips rows for real through the policy).
+    fn block_output(
+        &mut self,
+        _block: BlockId,
+        _input: &Tensor,
+        _output: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Whether to hand `layer`'s per-head context to `head_context`.
     fn wants_head_context(&self, _layer: usize) -> bool {
         false

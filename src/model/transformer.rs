@@ -470,6 +470,10 @@ impl Transformer {
                 (Some(a), Some(g)) => Some(rms_norm(&a, &g.post_attn_norm, eps, run.mode)?),
                 (a, _) => a,
             };
+            let a = match (a, pass.probe.as_deref_mut()) {
+                (Some(a), Some(p)) => Some(p.block_output(BlockId::attn(i), &x, &a)?.unwrap_or(a)),
+                (a, _) => a,
+            };
             let x1 = match a {
                 Some(a) => {
                     let x1 = (s.apply(0, &a)? + s.apply(1, &x)?)?;
@@ -505,6 +509,10 @@ impl Transformer {
                 };
                 let m = match &layer.gemma {
                     Some(g) => rms_norm(&m, &g.post_mlp_norm, eps, run.mode)?,
+                    None => m,
+                };
+                let m = match pass.probe.as_deref_mut() {
+                    Some(p) => p.block_output(BlockId::mlp(i), &x1, &m)?.unwrap_or(m),
                     None => m,
                 };
                 let out = (s.apply(2, &m)? + s.apply(3, &x1)?)?;

@@ -37,6 +37,11 @@ pub const SECTIONS: &[SectionSpec] = &[
         what: "contextual sparsity: a head/neuron mask or channel thresholds, as `scalpel sparsify` writes them",
         check: crate::surgery::sparsity::check_section,
     },
+    SectionSpec {
+        name: crate::model::routing::ROUTING_SECTION,
+        what: "token routing: trained per-block routers (an artifact) decide per token which blocks run",
+        check: crate::model::routing::check_section,
+    },
 ];
 
 /// The name of the KV budget section.

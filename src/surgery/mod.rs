@@ -7,6 +7,7 @@ pub mod hopscotch;
 pub mod importance;
 pub mod objective;
 pub mod replace;
+pub mod routing;
 pub mod sparsity;
 pub mod speculative_search;
 

@@ -1,0 +1,503 @@
+//! Token routing: routers that always execute are the base model, routers
+//! that always skip are the static skip plan, gathered-row execution is
+//! masked execution, decode equals prefill under routing, the router
+//! gradients match finite differences, the routers round-trip through a
+//! plan file, and bad input is refused with a clear message.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use scalpel::model::routing::{
+    check_section, load_from_plan, save_to_plan, KvPolicy, RouteOn, Router, RouterPolicy, Routers,
+    RoutingSection, ROUTERS_ARTIFACT,
+};
+use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions};
+use scalpel::plan::{BlockId, BlockKind, Plan, PlanFile};
+use scalpel::surgery::objective::{forward_full, scored_rows, BaseStates};
+use scalpel::surgery::routing::gate::{GateMode, GateProbe};
+use scalpel::surgery::routing::measure::{measure_set, Routed};
+use scalpel::surgery::routing::{
+    params_of, routed_blocks, sequence_objective, train_routers, RouteData, RouteOptions,
+};
+
+fn all_blocks(model: &Model, on: RouteOn) -> Vec<BlockId> {
+    routed_blocks(model, &Plan::base(), on)
+}
+
+/// Routers with random weights (scale `w`) and bias `b`.
+fn random_routers(model: &Model, on: RouteOn, seed: u64, w: f32, b: f32) -> Routers {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let h = model.cfg().hidden_size;
+    let mut r = Routers::default();
+    for block in all_blocks(model, on) {
+        let v: Vec<f32> = (0..h).map(|_| rng.random_range(-w..=w)).collect();
+        r.by_block.insert(
+            block,
+            Router {
+                w: Tensor::new(v.as_slice(), &Device::Cpu).unwrap(),
+                b: Tensor::new(&[b], &Device::Cpu).unwrap(),
+            },
+        );
+    }
+    r
+}
+
+fn ids(model: &Model, n: usize) -> Tensor {
+    let set = common::random_set(model, 5, 1, n);
+    Tensor::new(set.sequences[0].ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+fn hidden(model: &Model, input: &Tensor, pass: &mut Pass) -> Vec<f32> {
+    model
+        .transformer
+        .forward_hidden(input, pass)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn routed_hidden(
+    model: &Model,
+    input: &Tensor,
+    policy: &RouterPolicy,
+    run: RunOptions,
+) -> Vec<f32> {
+    let plan = policy.base;
+    hidden(model, input, &mut Pass::plan(plan, run).with_policy(policy))
+}
+
+#[test]
+fn routers_that_always_execute_are_the_base_model() {
+    let model = common::load_tiny("llama");
+    let input = ids(&model, 12);
+    let base = Plan::base();
+    let want = hidden(&model, &input, &mut Pass::plan(&base, RunOptions::FAST));
+    for on in [RouteOn::Attn, RouteOn::Mlp, RouteOn::Both] {
+        let routers = random_routers(&model, on, 1, 0.01, 100.0);
+        let policy = RouterPolicy::new(&base, &routers, KvPolicy::Gap, 0.0, model.n_layers());
+        let got = routed_hidden(&model, &input, &policy, RunOptions::FAST);
+        assert_eq!(got, want, "{on:?}: bit-identical to the base model");
+        assert_eq!(policy.counts.executed_fraction(), 1.0);
+    }
+}
+
+#[test]
+fn routers_that_always_skip_are_the_static_skip_plan() {
+    let model = common::load_tiny("llama");
+    let n = model.n_layers();
+    let input = ids(&model, 12);
+    // Scales that are not 1, so the skipped blocks' s_* scaling is visible.
+    let mut base = Plan::base();
+    base.scales = Some(
+        (0..n)
+            .map(|l| {
+                scalpel::plan::LayerScales::from_array([1.1, 0.9 + 0.02 * l as f32, 0.95, 1.05])
+            })
+            .collect(),
+    );
+    for (on, kind) in [
+        (RouteOn::Attn, BlockKind::Attn),
+        (RouteOn::Mlp, BlockKind::Mlp),
+    ] {
+        let mut skipped = Plan::with_skips((0..n).map(|l| BlockId { layer: l, kind }));
+        skipped.scales = base.scales.clone();
+        let want = hidden(&model, &input, &mut Pass::plan(&skipped, RunOptions::FAST));
+        let routers = random_routers(&model, on, 2, 0.01, -100.0);
+        for kv in [KvPolicy::Write, KvPolicy::Gap] {
+            let policy = RouterPolicy::new(&base, &routers, kv, 0.0, n);
+            let got = routed_hidden(&model, &input, &policy, RunOptions::FAST);
+            assert_eq!(
+                got, want,
+                "{on:?} {kv:?}: bit-identical to the static skip plan"
+            );
+            assert_eq!(policy.counts.executed_fraction(), 0.5);
+        }
+    }
+}
+
+#[test]
+fn gathered_rows_equal_masked_execution() {
+    let model = common::load_tiny("llama");
+    let input = ids(&model, 16);
+    let base = Plan::base();
+    let run = RunOptions::DIFFERENTIABLE;
+    // Random routers around 0: a mix of tokens runs each block.
+    let routers = random_routers(&model, RouteOn::Both, 3, 0.2, 0.0);
+    let policy = RouterPolicy::new(&base, &routers, KvPolicy::Write, 0.0, model.n_layers());
+    let gathered = routed_hidden(&model, &input, &policy, run);
+    let shares = policy.counts.per_block();
+    let mixed = shares.iter().filter(|&&s| s > 0.0 && s < 1.0).count();
+    assert!(
+        mixed >= shares.len() / 2,
+        "most blocks run a strict subset of rows: {shares:?}"
+    );
+    // Masked: every block computed for every token, its output times the
+    // hard 0/1 gate (what training's forward pass does).
+    let params = params_of(&routers).unwrap();
+    let mut probe = GateProbe::new(&params, GateMode::StraightThrough { tau: 1.0 }, None);
+    let masked = hidden(
+        &model,
+        &input,
+        &mut Pass::plan(&base, run).with_probe(&mut probe),
+    );
+    let d = common::max_abs_diff(&gathered, &masked);
+    let scale = masked.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("gathered vs masked: max |Δ| {d:e} (scale {scale})");
+    assert!(
+        d <= 2e-6 * scale.max(1.0),
+        "gathered vs masked differ by {d} (scale {scale})"
+    );
+    // The gap policy is a different computation (skipping tokens leave no K/V).
+    let gap = RouterPolicy::new(&base, &routers, KvPolicy::Gap, 0.0, model.n_layers());
+    let g = routed_hidden(&model, &input, &gap, run);
+    assert!(common::max_abs_diff(&g, &masked) > 1e-4);
+}
+
+#[test]
+fn decode_token_by_token_equals_prefill_under_routing() {
+    let model = common::load_tiny("llama");
+    let t = 10;
+    let input = ids(&model, t);
+    let base = Plan::base();
+    let run = RunOptions::FAST;
+    let routers = random_routers(&model, RouteOn::Both, 4, 0.2, 0.0);
+    for kv in [KvPolicy::Write, KvPolicy::Gap] {
+        let prefill_policy = RouterPolicy::new(&base, &routers, kv, 0.0, model.n_layers());
+        let whole = routed_hidden(&model, &input, &prefill_policy, run);
+        let policy = RouterPolicy::new(&base, &routers, kv, 0.0, model.n_layers());
+        let mut state = model.transformer.new_state(t);
+        let mut steps = Vec::new();
+        for i in 0..t {
+            let one = input.narrow(1, i, 1).unwrap();
+            let mut pass = Pass::plan(&base, run)
+                .with_policy(&policy)
+                .with_state(&mut state);
+            steps.extend(hidden(&model, &one, &mut pass));
+        }
+        let d = common::max_abs_diff(&whole, &steps);
+        eprintln!("{kv:?}: decode vs prefill max |Δ| {d:e}");
+        assert!(d < 1e-4, "{kv:?}: decode vs prefill differ by {d}");
+        assert_eq!(
+            policy.counts.executed_fraction(),
+            prefill_policy.counts.executed_fraction(),
+            "{kv:?}: the same decisions"
+        );
+    }
+}
+
+#[test]
+fn router_gradients_match_finite_differences() {
+    let resolved = Resolved {
+        local: LocalModel::HfDir(common::tiny_dir("llama")),
+        origin: "test".into(),
+    };
+    // f64 so that central differences are accurate.
+    let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
+    let data = common::random_set(&model, 7, 1, 14);
+    let plan = Plan::base();
+    // The base states in the differentiable path (the fused ops have no f64).
+    let seq0 = &data.sequences[0];
+    let full = forward_full(&model, seq0, &plan, &plan, RunOptions::DIFFERENTIABLE).unwrap();
+    let base = BaseStates {
+        hidden: vec![scored_rows(&full, seq0).unwrap()],
+    };
+    let routers = random_routers(&model, RouteOn::Both, 5, 0.3, 0.5);
+    let seq = &data.sequences[0];
+    let mode = GateMode::Soft { tau: 1.0 };
+    let (capacity, penalty) = (0.7, 0.5);
+    let loss_at = |r: &Routers| -> f64 {
+        let p = params_of(r).unwrap();
+        let (l, _, _) = sequence_objective(
+            &model,
+            &plan,
+            &p,
+            seq,
+            &base.hidden[0],
+            mode,
+            None,
+            capacity,
+            penalty,
+        )
+        .unwrap();
+        l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    };
+    let params = params_of(&routers).unwrap();
+    let (loss, _, _) = sequence_objective(
+        &model,
+        &plan,
+        &params,
+        seq,
+        &base.hidden[0],
+        mode,
+        None,
+        capacity,
+        penalty,
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    let mut worst = 0f64;
+    for (block, what, index) in [
+        (BlockId::attn(0), "b", 0),
+        (BlockId::mlp(1), "b", 0),
+        (BlockId::attn(2), "w", 3),
+        (BlockId::mlp(0), "w", 7),
+    ] {
+        let name = format!("router.{block}.{what}");
+        let var = params.var(&name).unwrap();
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let at = |delta: f32| -> (f64, f64) {
+            let mut r = routers.clone();
+            let router = r.by_block.get_mut(&block).unwrap();
+            let t = if what == "b" {
+                &mut router.b
+            } else {
+                &mut router.w
+            };
+            let mut v: Vec<f32> = t.to_vec1().unwrap();
+            let before = v[index];
+            v[index] += delta;
+            // The step actually taken, in f32.
+            let step = f64::from(v[index]) - f64::from(before);
+            *t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+            (loss_at(&r), step)
+        };
+        let (up, su) = at(1e-2);
+        let (down, sd) = at(-1e-2);
+        let fd = (up - down) / (su - sd);
+        let an = f64::from(g[index]);
+        let rel = (fd - an).abs() / fd.abs().max(1e-6);
+        assert!(
+            an.abs() > 1e-6,
+            "{name}: the gradient reaches the router ({an})"
+        );
+        assert!(
+            rel < 1e-3,
+            "{name}: autograd {an} vs finite differences {fd} (rel {rel})"
+        );
+        worst = worst.max(rel);
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+    eprintln!("worst relative error {worst:.2e}");
+}
+
+#[test]
+fn straight_through_gates_are_hard_forward_and_carry_gradients() {
+    let model = common::load_tiny("llama");
+    let data = common::random_set(&model, 8, 1, 14);
+    let never = AtomicBool::new(false);
+    let base = BaseStates::compute(&model, &data, &never).unwrap();
+    let routers = random_routers(&model, RouteOn::Both, 6, 0.3, 0.0);
+    let params = params_of(&routers).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let (loss, _, share) = sequence_objective(
+        &model,
+        &Plan::base(),
+        &params,
+        &data.sequences[0],
+        &base.hidden[0],
+        GateMode::StraightThrough { tau: 1.0 },
+        Some(&mut rng),
+        0.5,
+        1.0,
+    )
+    .unwrap();
+    // The share is a mean of 0/1 gates over whole token-blocks.
+    let count = (2 * model.n_layers() * 14) as f64;
+    let k = share * count;
+    assert!(
+        (k - k.round()).abs() < 1e-3,
+        "share {share} is a mean of hard gates"
+    );
+    let grads = loss.backward().unwrap();
+    let nonzero = params
+        .vars()
+        .iter()
+        .filter(|v| {
+            grads.get(v.as_tensor()).is_some_and(|g| {
+                let a: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                a.iter().any(|x| *x != 0.0)
+            })
+        })
+        .count();
+    assert_eq!(nonzero, params.len(), "every router gets a gradient");
+}
+
+#[test]
+fn training_holds_the_capacity_and_round_trips_through_a_plan_file() {
+    let model = common::load_tiny("llama");
+    let train = common::random_set(&model, 11, 6, 16);
+    let validation = common::random_set(&model, 12, 2, 16);
+    let never = AtomicBool::new(false);
+    let tb = BaseStates::compute(&model, &train, &never).unwrap();
+    let vb = BaseStates::compute(&model, &validation, &never).unwrap();
+    let data = RouteData {
+        train: &train,
+        train_base: &tb,
+        validation: &validation,
+        validation_base: &vb,
+    };
+    let opts = RouteOptions {
+        capacity: 0.75,
+        on: RouteOn::Both,
+        epochs: 2,
+        lr: 2e-2,
+        batch_size: 2,
+        ..RouteOptions::default()
+    };
+    let plan = Plan::with_skips([BlockId::attn(1)]);
+    let mut epochs = 0;
+    let r = train_routers(&model, &plan, &data, &opts, &never, &mut |e| {
+        if let scalpel::surgery::routing::RouteEvent::Epoch(_) = e {
+            epochs += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(epochs, 3, "epoch 0 and two epochs reported");
+    assert!(
+        !r.routers.by_block.contains_key(&BlockId::attn(1)),
+        "a static skip gets no router"
+    );
+    let calibrated = r.calibrated.clone().unwrap();
+    assert!(
+        (calibrated.routed_share - 0.75).abs() < 0.05,
+        "calibrated share {} on the training data",
+        calibrated.routed_share
+    );
+
+    // Save, load, and measure the same numbers.
+    let dir = common::scratch_dir();
+    let path = dir.path().join("routed.json");
+    let mut file = PlanFile::new(model.identity.clone(), plan.clone());
+    let section = RoutingSection {
+        artifact: ROUTERS_ARTIFACT.into(),
+        on: RouteOn::Both,
+        capacity: 0.75,
+        kv: KvPolicy::Write,
+        threshold: r.threshold,
+    };
+    save_to_plan(&mut file, &path, &r.routers, &section).unwrap();
+    file.save(&path).unwrap();
+    let loaded = PlanFile::load(&path).unwrap();
+    let (s, routers) = load_from_plan(&loaded, &model).unwrap().unwrap();
+    assert_eq!(s, section);
+    assert_eq!(routers.by_block.len(), r.routers.by_block.len());
+    for (b, x) in &r.routers.by_block {
+        let y = &routers.by_block[b];
+        assert_eq!(x.w.to_vec1::<f32>().unwrap(), y.w.to_vec1::<f32>().unwrap());
+        assert_eq!(x.b.to_vec1::<f32>().unwrap(), y.b.to_vec1::<f32>().unwrap());
+    }
+    let measure = |routers: &Routers, plan: &Plan| {
+        let routed = Routed {
+            plan,
+            routers,
+            kv: KvPolicy::Write,
+            threshold: r.threshold,
+        };
+        measure_set(&model, &train, &tb, &routed, &never).unwrap()
+    };
+    let a = measure(&r.routers, &plan);
+    let b = measure(&routers, &loaded.plan);
+    assert_eq!(a.kl_to_base, b.kl_to_base);
+    assert_eq!(a.executed_fraction, b.executed_fraction);
+    assert_eq!(a.routed_share, calibrated.routed_share);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let model = common::load_tiny("llama");
+    let set = common::random_set(&model, 13, 2, 10);
+    let never = AtomicBool::new(false);
+    let base = BaseStates::compute(&model, &set, &never).unwrap();
+    let data = RouteData {
+        train: &set,
+        train_base: &base,
+        validation: &set,
+        validation_base: &base,
+    };
+    for c in [0.0, -0.5, 1.5, f64::NAN] {
+        let opts = RouteOptions {
+            capacity: c,
+            ..RouteOptions::default()
+        };
+        let e = train_routers(&model, &Plan::base(), &data, &opts, &never, &mut |_| {})
+            .err()
+            .expect("refused");
+        assert!(format!("{e:#}").contains("outside (0, 1]"), "{e:#}");
+    }
+    // A plan section with a bad capacity.
+    let v = serde_json::json!({"artifact": "routers", "on": "attn", "capacity": 0.0, "kv": "write", "threshold": 0.0});
+    assert!(format!("{:#}", check_section(&v).unwrap_err()).contains("outside (0, 1]"));
+    let v = serde_json::json!({"artifact": "routers", "on": "sideways", "capacity": 0.5, "kv": "write", "threshold": 0.0});
+    assert!(check_section(&v).is_err());
+
+    // Router tensors for another model: wrong width, or a layer it lacks.
+    let h = model.cfg().hidden_size;
+    let n = model.n_layers();
+    let good = random_routers(&model, RouteOn::Attn, 9, 0.1, 0.0)
+        .values()
+        .unwrap();
+    let mut wide = good.clone();
+    wide.insert(
+        "router.attn.0.w".into(),
+        Tensor::zeros(h + 8, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = Routers::from_values(&wide, h, n).unwrap_err().to_string();
+    assert!(e.contains("another model") && e.contains("attn.0"), "{e}");
+    let mut deep = good.clone();
+    deep.insert(
+        "router.attn.99.w".into(),
+        Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap(),
+    );
+    deep.insert(
+        "router.attn.99.b".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = Routers::from_values(&deep, h, n).unwrap_err().to_string();
+    assert!(e.contains("layer 99") && e.contains("another model"), "{e}");
+    let mut odd = good.clone();
+    odd.insert(
+        "lora.attn.0.a".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = Routers::from_values(&odd, h, n).unwrap_err().to_string();
+    assert!(e.contains("not a router tensor"), "{e}");
+    let mut half = good.clone();
+    half.remove("router.attn.0.b");
+    let e = Routers::from_values(&half, h, n).unwrap_err().to_string();
+    assert!(e.contains("attn.0") && e.contains("no bias"), "{e}");
+    assert!(Routers::from_values(&good, h, n).is_ok());
+
+    // A batch of two sequences is refused, not silently mis-routed.
+    let routers = random_routers(&model, RouteOn::Attn, 10, 0.1, 0.0);
+    let plan = Plan::base();
+    let policy = RouterPolicy::new(&plan, &routers, KvPolicy::Write, 0.0, n);
+    let two = Tensor::zeros((2, 4), DType::U32, &Device::Cpu).unwrap();
+    let e = model
+        .transformer
+        .forward_hidden(
+            &two,
+            &mut Pass::plan(&plan, RunOptions::FAST).with_policy(&policy),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one sequence at a time"), "{e}");
+}
