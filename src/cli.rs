@@ -59,6 +59,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Lossless speed from a plan: the model under --plan drafts, the full model verifies (greedy).
     Speculate(SpeculateArgs),
+    /// Heal a skip plan: low-rank corrections of the kept projections, distilled from the base model.
+    Heal(crate::commands::heal::HealArgs),
 }
 
 /// Export targets.

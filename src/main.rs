@@ -37,6 +37,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Search(args)) => commands::search::run(&cli.model, args),
         Some(Command::Compare(args)) => commands::compare::run(&cli.model, args),
         Some(Command::Speculate(args)) => commands::speculate::run(&cli.model, &cli.plan, args),
+        Some(Command::Heal(args)) => commands::heal::run(&cli.model, &cli.plan, args),
         None => {
             let mut source = cli.model.source();
             source.load.keep = cli.weights.keep();

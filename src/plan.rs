@@ -15,6 +15,7 @@ mod artifacts;
 mod sections;
 
 pub use artifacts::{sha256_hex, Artifact};
+pub use crate::surgery::heal::HEAL_SECTION;
 pub use sections::{KvSection, SectionSpec, Sections, KV_SECTION, SECTIONS};
 
 /// Attention or MLP sub-block of a decoder layer.
@@ -168,6 +169,43 @@ pub struct Plan {
     pub skip: BTreeSet<BlockId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scales: Option<Vec<LayerScales>>,
+    /// Trained tensors the plan applies by name (a heal's low-rank factors),
+    /// loaded from its artifact; never written inline (the artifact is).
+    #[serde(skip)]
+    pub tensors: Option<PlanTensors>,
+}
+
+/// Named tensors a plan carries (`ParamSource::tensor` reads them).
+#[derive(Debug, Clone)]
+pub struct PlanTensors(pub std::sync::Arc<std::collections::BTreeMap<String, candle_core::Tensor>>);
+
+impl PlanTensors {
+    pub fn new(tensors: impl IntoIterator<Item = (String, candle_core::Tensor)>) -> Self {
+        Self(std::sync::Arc::new(tensors.into_iter().collect()))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&candle_core::Tensor> {
+        self.0.get(name)
+    }
+}
+
+/// Equal when the same names hold the same values.
+impl PartialEq for PlanTensors {
+    fn eq(&self, other: &Self) -> bool {
+        if std::sync::Arc::ptr_eq(&self.0, &other.0) {
+            return true;
+        }
+        let values = |t: &candle_core::Tensor| -> Option<Vec<f32>> {
+            t.to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .ok()
+        };
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(other.0.iter()).all(|((ka, a), (kb, b))| {
+                ka == kb && a.dims() == b.dims() && values(a).is_some() && values(a) == values(b)
+            })
+    }
 }
 
 impl Plan {
@@ -178,7 +216,7 @@ impl Plan {
     pub fn with_skips(blocks: impl IntoIterator<Item = BlockId>) -> Self {
         Self {
             skip: blocks.into_iter().collect(),
-            scales: None,
+            ..Self::default()
         }
     }
 
@@ -314,6 +352,9 @@ impl Plan {
         };
         if self.has_scales() {
             s.push_str(" (+scales)");
+        }
+        if self.tensors.is_some() {
+            s.push_str(" (+healed)");
         }
         s
     }

@@ -121,7 +121,11 @@ pub fn load_plan_honouring(
         Some(path) => {
             let pf = model.load_plan(path)?;
             refuse_sections(&pf, path, "this command", honoured)?;
-            (model.with_implied(&pf.plan), Some(pf))
+            let mut plan = model.with_implied(&pf.plan);
+            if honoured.contains(&crate::plan::HEAL_SECTION) {
+                crate::surgery::heal::attach(&mut plan, &pf, model)?;
+            }
+            (plan, Some(pf))
         }
         None => (model.implied_plan.clone(), None),
     };

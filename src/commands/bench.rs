@@ -24,7 +24,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
         }
         None => cli::load_model_for(margs, load)?,
     };
-    let (plan, _) = cli::load_plan(pargs, &model)?;
+    let (plan, _) = cli::load_plan_honouring(pargs, &model, &[crate::plan::HEAL_SECTION])?;
     let run = args.weights.run_options(&model, true)?;
     let opts = bench::BenchOptions {
         prefill_tokens: args.prefill,

@@ -8,7 +8,7 @@ use crate::cli::{self, EvalArgs};
 use crate::eval::{kv, perplexity};
 use crate::model::kv::KvSpec;
 use crate::model::{Model, RunOptions};
-use crate::plan::{KvSection, Plan, KV_SECTION};
+use crate::plan::{KvSection, Plan, HEAL_SECTION, KV_SECTION};
 use crate::progress;
 
 pub use crate::eval::data::DEFAULT_EVAL_TEXT;
@@ -27,7 +27,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         .weights
         .load_options(args.window, rayon::current_num_threads());
     let model = cli::load_model_for(margs, load)?;
-    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION])?;
+    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION, HEAL_SECTION])?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
     let section = match &file {

@@ -4,6 +4,7 @@ mod attention;
 pub mod config;
 mod frozen;
 pub mod fused;
+pub mod lowrank;
 pub mod header_check;
 pub mod kv;
 pub mod mask;

@@ -97,6 +97,11 @@ impl ParamSource for Plan {
     fn residual(&self, layer: usize) -> Result<Residual> {
         Ok(Residual::Const(self.scales_for(layer)))
     }
+
+    /// A healed plan's corrections (`Plan::tensors`).
+    fn tensor(&self, name: &str) -> Option<Tensor> {
+        self.tensors.as_ref()?.get(name).cloned()
+    }
 }
 
 /// Residual scales as tensors, one `[4]` tensor per layer (candle `Var`s

@@ -21,11 +21,18 @@ pub struct SectionSpec {
 
 /// Every section this build knows; the modes that need one (drafting,
 /// sparsity, routing, attention replacement) add theirs.
-pub const SECTIONS: &[SectionSpec] = &[SectionSpec {
-    name: KV_SECTION,
-    what: "a KV-cache budget policy for long context, in `eval --kv` syntax",
-    check: check_kv,
-}];
+pub const SECTIONS: &[SectionSpec] = &[
+    SectionSpec {
+        name: KV_SECTION,
+        what: "a KV-cache budget policy for long context, in `eval --kv` syntax",
+        check: check_kv,
+    },
+    SectionSpec {
+        name: crate::surgery::heal::HEAL_SECTION,
+        what: "low-rank corrections of the kept projections (`scalpel heal`), factors in an artifact",
+        check: crate::surgery::heal::check_section,
+    },
+];
 
 /// The name of the KV budget section.
 pub const KV_SECTION: &str = "kv";

@@ -35,6 +35,7 @@ use super::{
 };
 use crate::kernels::QWeight;
 use crate::model::config::Arch;
+use crate::model::lowrank;
 use crate::model::pass::{AttnExec, MlpExec, Pass, Residual};
 use crate::model::state::{position_range, KvStore};
 use crate::plan::LayerScales;
@@ -266,10 +267,12 @@ impl Step<'_> {
         pass: &mut Pass,
     ) -> Result<()> {
         let [b_att, s_att, b_mlp, s_mlp] = s.as_array();
-        let layer = &self.t.layers[i];
+        // A corrected (healed) block runs through the candle path, which adds B·A·x.
+        let corrected = lowrank::corrected_layer(&self.t.layers[i], i, pass.params)?;
+        let layer = corrected.as_ref().unwrap_or(&self.t.layers[i]);
         match pass.policy.attn(i, &self.residual_tensor(ws)?)? {
             AttnExec::Skip => ops::scale(&mut ws.x, s_att),
-            AttnExec::Full => {
+            AttnExec::Full if !layer.attn_corrected() => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 self.attention(i, layer, ws, store)?;
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
@@ -282,7 +285,7 @@ impl Step<'_> {
         }
         match pass.policy.mlp(i, &self.residual_tensor(ws)?)? {
             MlpExec::Skip => ops::scale(&mut ws.x, s_mlp),
-            MlpExec::Full => {
+            MlpExec::Full if !layer.mlp_corrected() => {
                 self.mlp(i, layer, ws);
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }
