@@ -120,7 +120,7 @@ fn fast_and_differentiable_paths_agree_on_a_healed_plan() {
         &logits_with(&model, &ids, &healed, RunOptions::DIFFERENTIABLE),
     );
     eprintln!("fast vs differentiable, healed: max |Δlogit| = {diff:e}");
-    assert!(diff < 1e-4, "{diff}");
+    assert!(diff < 5e-5, "{diff}"); // measured 6.7e-6
 }
 
 #[test]
@@ -330,15 +330,19 @@ fn export(plan_path: &Path, format: &str, out: &Path) {
         .success();
 }
 
-fn healed_smollm2_plan(dir: &Path) -> (Plan, std::path::PathBuf) {
+fn healed_smollm2_plan(dir: &Path, scaled: bool) -> (Plan, std::path::PathBuf) {
     let model = common::smollm2();
     let mut plan = Plan::with_skips([6, 7, 25, 28].map(BlockId::attn));
     // Fitted-looking scales, so the merge composes with the fold.
-    plan.scales = Some(
-        (0..model.n_layers())
-            .map(|l| scalpel::plan::LayerScales::from_array([1.0, 1.0 + 0.002 * l as f32, 1.0, 0.99]))
-            .collect(),
-    );
+    if scaled {
+        plan.scales = Some(
+            (0..model.n_layers())
+                .map(|l| {
+                    scalpel::plan::LayerScales::from_array([1.0, 1.0 + 0.002 * l as f32, 1.0, 0.99])
+                })
+                .collect(),
+        );
+    }
     let factors = random_factors(model, &plan, 4, "o_proj,down_proj,q_proj,up_proj", 0.02);
     let path = dir.join("healed.json");
     write_healed(model, &plan, &factors, &path);
@@ -347,38 +351,43 @@ fn healed_smollm2_plan(dir: &Path) -> (Plan, std::path::PathBuf) {
     (healed, path)
 }
 
+fn load_f64(local: LocalModel) -> Model {
+    let resolved = Resolved {
+        local,
+        origin: "test".into(),
+    };
+    Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap()
+}
+
 #[test]
 fn a_decilm_export_merges_the_corrections_exactly() {
-    let model = common::smollm2();
     let work = common::scratch_dir();
-    let (healed, path) = healed_smollm2_plan(work.path());
+    // No scales: their fold is exact only up to RMSNorm's eps (tested in
+    // export_roundtrip); the merge itself is exact up to f32 rounding.
+    let (healed, path) = healed_smollm2_plan(work.path(), false);
     let out = work.path().join("healed-decilm");
     export(&path, "decilm", &out);
-    let reloaded = Model::load(
-        &Resolved {
-            local: LocalModel::HfDir(out),
-            origin: "test".into(),
-        },
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ids = smollm2_ids(model);
-    let ours = logits_with(model, &ids, &healed, RunOptions::FAST);
-    let unhealed = logits_with(model, &ids, &Plan { tensors: None, ..healed.clone() }, RunOptions::FAST);
-    let theirs = logits_with(&reloaded, &ids, &reloaded.implied_plan, RunOptions::FAST);
+    // Both sides in f64 (the slow ops), so what is compared is the merge,
+    // not 30 layers of f32 rounding.
+    let model = load_f64(LocalModel::Gguf(common::smollm2_path()));
+    let reloaded = load_f64(LocalModel::HfDir(out));
+    let ids = smollm2_ids(&model);
+    let run = RunOptions::DIFFERENTIABLE;
+    let ours = logits_with(&model, &ids, &healed, run);
+    let unhealed = logits_with(&model, &ids, &Plan { tensors: None, ..healed.clone() }, run);
+    let theirs = logits_with(&reloaded, &ids, &reloaded.implied_plan, run);
     let diff = common::max_abs_diff(&ours, &theirs);
     let moved = common::max_abs_diff(&ours, &unhealed);
     eprintln!("decilm export vs healed plan: max |Δlogit| = {diff:e} (the heal moves them by {moved:e})");
     assert!(moved > 0.1, "the corrections should matter: {moved}");
-    // The plan's scales fold with RMSNorm's eps; the merge itself is exact.
-    assert!(diff < 1e-3, "{diff}");
+    assert!(diff < 5e-5, "{diff}"); // measured 6.7e-6
 }
 
 #[test]
 fn a_gguf_export_merges_the_corrections_and_reloads_close() {
     let model = common::smollm2();
     let work = common::scratch_dir();
-    let (healed, path) = healed_smollm2_plan(work.path());
+    let (healed, path) = healed_smollm2_plan(work.path(), true);
     let out = work.path().join("healed.gguf");
     export(&path, "gguf", &out);
     let reloaded = Model::load(

@@ -1,7 +1,9 @@
 //! Writes a pruned model as a llama.cpp `deci` GGUF: the source GGUF's
 //! metadata under the `deci.` prefix, per-layer head counts and FFN widths,
-//! the skipped blocks' tensors left out, and the scales folded into
-//! `attn_output` / `ffn_down` (re-quantized to the source's type).
+//! the skipped blocks' tensors left out, the scales folded into
+//! `attn_output` / `ffn_down` (re-quantized to the source's type) and a
+//! healed plan's corrections merged into the matrices they touch
+//! (re-quantized to 8 bits, `corrected_type`).
 //!
 //! llama.cpp's `deci` graph handles a skipped attention as zero heads. A
 //! zero FFN width, though, `continue`s before the layer's output is kept,
@@ -292,6 +294,11 @@ fn retype(
     let is_matrix = q.shape().dims().len() == 2;
     let target = match quant {
         Some(t) if is_matrix => t,
+        // A heal's update is small next to a 4-bit step: re-quantized to
+        // the source's 4-bit grid it would be mostly rounded away (and a
+        // fresh rounding of the whole matrix added), so corrected
+        // matrices keep 8 bits (measured in tests/heal.rs).
+        _ if delta.is_some() => corrected_type(q.dtype()),
         _ => q.dtype(),
     };
     if factor == 1.0 && target == q.dtype() && delta.is_none() {
@@ -316,6 +323,20 @@ fn retype(
         );
     }
     Ok(QTensor::quantize(&dense, target)?)
+}
+
+/// The type a corrected matrix is written in: its own when it has 8 bits
+/// or more, else Q8_0.
+pub fn corrected_type(source: GgmlDType) -> GgmlDType {
+    match source {
+        GgmlDType::F32
+        | GgmlDType::F16
+        | GgmlDType::BF16
+        | GgmlDType::Q8_0
+        | GgmlDType::Q8_1
+        | GgmlDType::Q8K => source,
+        _ => GgmlDType::Q8_0,
+    }
 }
 
 /// Names the source's tensor types, for the summary (e.g. "Q4_1 ×182, F32 ×61").
