@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 mod artifacts;
 mod sections;
 
-pub use artifacts::{sha256_hex, Artifact};
 pub use crate::surgery::heal::HEAL_SECTION;
+pub use artifacts::{sha256_hex, Artifact};
 pub use sections::{KvSection, SectionSpec, Sections, KV_SECTION, SECTIONS};
 
 /// Attention or MLP sub-block of a decoder layer.

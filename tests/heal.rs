@@ -21,8 +21,13 @@ use scalpel::surgery::objective::{measure, sequence_loss, BaseStates, LossKind};
 
 fn logits_with(model: &Model, ids: &[u32], plan: &Plan, run: RunOptions) -> Vec<f32> {
     let t = &model.transformer;
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let h = t.forward_hidden(&input, &mut Pass::plan(plan, run)).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = t
+        .forward_hidden(&input, &mut Pass::plan(plan, run))
+        .unwrap();
     t.logits(&h, run)
         .unwrap()
         .to_dtype(DType::F32)
@@ -91,8 +96,9 @@ fn the_zero_start_is_the_plan_exactly() {
     let ids = tiny_ids(&model);
     let opts = options(4, "all", 1, 1e-3);
     let pairs = heal::corrected_projections(&plan, model.n_layers(), &opts).unwrap();
-    // No correction lands on the skipped blocks' projections.
-    assert!(pairs.iter().all(|&(l, p)| !(l == 1 && p < 4) && !(l == 2 && p >= 4)));
+    // No correction lands on the skipped blocks' projections (attn.1, mlp.2).
+    let on_skipped = |&(l, p): &(usize, usize)| (l == 1 && p < 4) || (l == 2 && p >= 4);
+    assert!(!pairs.iter().any(on_skipped));
     let start = heal::initial_params(&model, &pairs, 4, 1, &Device::Cpu).unwrap();
     let healed = heal::with_factors(&plan, start.values().unwrap().into_iter().collect());
     for run in [RunOptions::FAST, RunOptions::DIFFERENTIABLE] {
@@ -152,24 +158,35 @@ fn factor_gradients_match_finite_differences() {
         let (an, bn) = factor_names(layer, proj);
         for name in [an, bn] {
             let var: &Var = params.var(&name).unwrap();
-            let g: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let g: Vec<f32> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             for idx in [0usize, base.len() / 2, base.len() - 1] {
                 let h = 1e-2f32;
                 let at = |d: f32| {
                     let mut v = base.clone();
                     v[idx] += d;
-                    var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                        .unwrap();
                     let l: f64 = loss_at(&params).to_scalar().unwrap();
                     l
                 };
                 let fd = (at(h) - at(-h)) / (2.0 * f64::from(h));
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let an = f64::from(g[idx]);
                 let err = (an - fd).abs() / fd.abs().max(1e-3);
                 worst = worst.max(err);
                 checked += 1;
-                assert!(err < 1e-3, "{name}[{idx}]: analytic {an:e}, finite difference {fd:e}");
+                assert!(
+                    err < 1e-3,
+                    "{name}[{idx}]: analytic {an:e}, finite difference {fd:e}"
+                );
             }
         }
     }
@@ -187,8 +204,21 @@ fn healing_lowers_the_heldout_kl_of_a_tiny_model() {
     let heldout = common::random_set(&model, 13, 8, 24);
     let never = AtomicBool::new(false);
     let opts = options(2, "o_proj,down_proj", 4, 3e-3);
-    let r = heal::heal(&model, &plan, &train, &validation, &opts, &never, &mut |_| {}).unwrap();
-    assert!(r.train.best_epoch > 0, "no epoch improved: {:?}", r.train.history);
+    let r = heal::heal(
+        &model,
+        &plan,
+        &train,
+        &validation,
+        &opts,
+        &never,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        r.train.best_epoch > 0,
+        "no epoch improved: {:?}",
+        r.train.history
+    );
     assert_eq!(r.section.targets, vec!["o_proj", "down_proj"]);
     let healed = heal::with_factors(&plan, r.train.best.clone().into_iter().collect());
     let base = BaseStates::compute(&model, &heldout, &never).unwrap();
@@ -207,7 +237,12 @@ fn healing_lowers_the_heldout_kl_of_a_tiny_model() {
 }
 
 /// Writes `factors` as a healed plan at `path`.
-fn write_healed(model: &Model, plan: &Plan, factors: &BTreeMap<String, Tensor>, path: &Path) -> PlanFile {
+fn write_healed(
+    model: &Model,
+    plan: &Plan,
+    factors: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> PlanFile {
     let mut pf = PlanFile::new(model.identity.clone(), plan.clone());
     let section = HealSection {
         rank: factors.values().next().unwrap().dims()[0],
@@ -268,7 +303,10 @@ fn bad_factors_are_refused_by_name() {
     let mut wrong = good.clone();
     let (an, _) = factor_names(0, 3);
     let (r, i) = wrong[&an].dims2().unwrap();
-    wrong.insert(an.clone(), Tensor::zeros((r, i + 8), DType::F32, &Device::Cpu).unwrap());
+    wrong.insert(
+        an.clone(),
+        Tensor::zeros((r, i + 8), DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = check(wrong, "shape");
     assert!(err.contains(&an) && err.contains("another model"), "{err}");
     // A layer the model does not have.
@@ -277,7 +315,10 @@ fn bad_factors_are_refused_by_name() {
     extra.insert(a9, good[&an].clone());
     extra.insert(b9, good[&factor_names(0, 3).1].clone());
     let err = check(extra, "layer");
-    assert!(err.contains("layer 40") && err.contains("another model"), "{err}");
+    assert!(
+        err.contains("layer 40") && err.contains("another model"),
+        "{err}"
+    );
     // Half a correction.
     let mut half = good.clone();
     half.remove(&factor_names(0, 3).1);
@@ -303,13 +344,26 @@ fn bad_factors_are_refused_by_name() {
     // Rank 0 and unknown targets.
     let never = AtomicBool::new(false);
     let set = common::random_set(&model, 1, 2, 12);
-    let err = heal::heal(&model, &plan, &set, &set, &options(0, "o_proj", 1, 1e-3), &never, &mut |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = heal::heal(
+        &model,
+        &plan,
+        &set,
+        &set,
+        &options(0, "o_proj", 1, 1e-3),
+        &never,
+        &mut |_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("--rank"), "{err}");
-    let err = heal::parse_targets("o_proj,qq_proj").unwrap_err().to_string();
-    assert!(err.contains("qq_proj") && err.contains("down_proj"), "{err}");
+    let err = heal::parse_targets("o_proj,qq_proj")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("qq_proj") && err.contains("down_proj"),
+        "{err}"
+    );
 }
 
 // --- merged into exports, on the real SmolLM2 ---
@@ -330,7 +384,7 @@ fn export(plan_path: &Path, format: &str, out: &Path) {
         .success();
 }
 
-fn healed_smollm2_plan(dir: &Path, scaled: bool) -> (Plan, std::path::PathBuf) {
+fn healed_smollm2_plan(dir: &Path, scaled: bool, b_scale: f64) -> (Plan, std::path::PathBuf) {
     let model = common::smollm2();
     let mut plan = Plan::with_skips([6, 7, 25, 28].map(BlockId::attn));
     // Fitted-looking scales, so the merge composes with the fold.
@@ -343,7 +397,7 @@ fn healed_smollm2_plan(dir: &Path, scaled: bool) -> (Plan, std::path::PathBuf) {
                 .collect(),
         );
     }
-    let factors = random_factors(model, &plan, 4, "o_proj,down_proj,q_proj,up_proj", 0.02);
+    let factors = random_factors(model, &plan, 4, "o_proj,down_proj,q_proj,up_proj", b_scale);
     let path = dir.join("healed.json");
     write_healed(model, &plan, &factors, &path);
     let healed = load(model, &path, &[HEAL_SECTION]).unwrap();
@@ -364,7 +418,7 @@ fn a_decilm_export_merges_the_corrections_exactly() {
     let work = common::scratch_dir();
     // No scales: their fold is exact only up to RMSNorm's eps (tested in
     // export_roundtrip); the merge itself is exact up to f32 rounding.
-    let (healed, path) = healed_smollm2_plan(work.path(), false);
+    let (healed, path) = healed_smollm2_plan(work.path(), false, 0.02);
     let out = work.path().join("healed-decilm");
     export(&path, "decilm", &out);
     // Both sides in f64 (the slow ops), so what is compared is the merge,
@@ -374,11 +428,21 @@ fn a_decilm_export_merges_the_corrections_exactly() {
     let ids = smollm2_ids(&model);
     let run = RunOptions::DIFFERENTIABLE;
     let ours = logits_with(&model, &ids, &healed, run);
-    let unhealed = logits_with(&model, &ids, &Plan { tensors: None, ..healed.clone() }, run);
+    let unhealed = logits_with(
+        &model,
+        &ids,
+        &Plan {
+            tensors: None,
+            ..healed.clone()
+        },
+        run,
+    );
     let theirs = logits_with(&reloaded, &ids, &reloaded.implied_plan, run);
     let diff = common::max_abs_diff(&ours, &theirs);
     let moved = common::max_abs_diff(&ours, &unhealed);
-    eprintln!("decilm export vs healed plan: max |Δlogit| = {diff:e} (the heal moves them by {moved:e})");
+    eprintln!(
+        "decilm export vs healed plan: max |Δlogit| = {diff:e} (the heal moves them by {moved:e})"
+    );
     assert!(moved > 0.1, "the corrections should matter: {moved}");
     assert!(diff < 5e-5, "{diff}"); // measured 6.7e-6
 }
@@ -387,7 +451,7 @@ fn a_decilm_export_merges_the_corrections_exactly() {
 fn a_gguf_export_merges_the_corrections_and_reloads_close() {
     let model = common::smollm2();
     let work = common::scratch_dir();
-    let (healed, path) = healed_smollm2_plan(work.path(), true);
+    let (healed, path) = healed_smollm2_plan(work.path(), true, 0.02);
     let out = work.path().join("healed.gguf");
     export(&path, "gguf", &out);
     let reloaded = Model::load(
@@ -401,15 +465,72 @@ fn a_gguf_export_merges_the_corrections_and_reloads_close() {
     assert_eq!(reloaded.implied_plan.skip, healed.skip);
     let ids = smollm2_ids(model);
     let ours = logits_with(model, &ids, &healed, RunOptions::FAST);
-    let unhealed = logits_with(model, &ids, &Plan { tensors: None, ..healed.clone() }, RunOptions::FAST);
+    let unhealed = logits_with(
+        model,
+        &ids,
+        &Plan {
+            tensors: None,
+            ..healed.clone()
+        },
+        RunOptions::FAST,
+    );
     let theirs = logits_with(&reloaded, &ids, &reloaded.implied_plan, RunOptions::FAST);
     let rms = |a: &[f32], b: &[f32]| {
-        (a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
+        (a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            / a.len() as f64)
+            .sqrt()
     };
     let (to_healed, to_unhealed) = (rms(&ours, &theirs), rms(&unhealed, &theirs));
     eprintln!(
         "gguf export: rms Δlogit {to_healed:.4} to the healed plan, {to_unhealed:.4} to the plan without its heal"
     );
     // Re-quantizing the touched tensors costs a little; the heal is kept.
-    assert!(to_healed < 0.5 * to_unhealed, "{to_healed} vs {to_unhealed}");
+    assert!(
+        to_healed < 0.5 * to_unhealed,
+        "{to_healed} vs {to_unhealed}"
+    );
+}
+
+fn rms(a: &[f32], b: &[f32]) -> f64 {
+    let sum: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    (sum / a.len() as f64).sqrt()
+}
+
+#[test]
+fn the_lean_decode_path_applies_the_corrections() {
+    let model = common::smollm2();
+    assert!(model.transformer.lean_ready().unwrap());
+    let work = common::scratch_dir();
+    // A heal that moves the logits well beyond the 8-bit activations'
+    // own noise on the quantized path (~0.26 rms here), so the check can tell.
+    let (healed, _) = healed_smollm2_plan(work.path(), true, 0.1);
+    let unhealed = Plan {
+        tensors: None,
+        ..healed.clone()
+    };
+    // 12 rows: the lean CPU path's size (a decode step or a short verify),
+    // on the file's quantized weights; f32 is the reference (the lean path
+    // keeps f32 activations, so it tracks f32 closely).
+    let ids = &smollm2_ids(model)[..12];
+    let lean = |plan: &Plan| logits_with(model, ids, plan, RunOptions::QUANTIZED);
+    let f32 = |plan: &Plan| logits_with(model, ids, plan, RunOptions::FAST);
+    let (lean_h, lean_u) = (lean(&healed), lean(&unhealed));
+    let (f32_h, f32_u) = (f32(&healed), f32(&unhealed));
+    // The heal's effect on the logits, on each path: the quantization's own
+    // difference mostly cancels, a correction left out would not.
+    let effect =
+        |h: &[f32], u: &[f32]| -> Vec<f32> { h.iter().zip(u).map(|(a, b)| a - b).collect() };
+    let (on_lean, on_f32) = (effect(&lean_h, &lean_u), effect(&f32_h, &f32_u));
+    let zeros = vec![0f32; on_f32.len()];
+    let (size, miss) = (rms(&on_f32, &zeros), rms(&on_lean, &on_f32));
+    eprintln!(
+        "the heal moves logits by rms {size:.4} in f32; the lean path's move differs by rms {miss:.4} \
+         (lean vs f32 itself, unhealed: {:.4})",
+        rms(&lean_u, &f32_u)
+    );
+    assert!(size > 0.1, "{size}");
+    assert!(miss < 0.3 * size, "{miss} vs {size}");
 }

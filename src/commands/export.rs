@@ -28,8 +28,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
         );
     }
     export::check_architecture(model.cfg(), expresses(args.format))?;
-    let (plan, plan_file) =
-        cli::load_plan_honouring(pargs, &model, &[crate::plan::HEAL_SECTION])?;
+    let (plan, plan_file) = cli::load_plan_honouring(pargs, &model, &[crate::plan::HEAL_SECTION])?;
     if let Some(pf) = &plan_file {
         export::check_expressible(pf, expresses(args.format))?;
     }

@@ -58,10 +58,8 @@ pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
         let bad = || format!("--layers `{part}`: expected N or A..B (e.g. 4..10,24)");
         match part.split_once("..") {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (
-                    a.parse().with_context(bad)?,
-                    b.parse().with_context(bad)?,
-                );
+                let (a, b): (usize, usize) =
+                    (a.parse().with_context(bad)?, b.parse().with_context(bad)?);
                 if a >= b {
                     bail!("--layers `{part}`: the range is empty");
                 }
@@ -168,7 +166,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: HealArgs) -> Res
     )?;
     pf.metrics
         .insert("heal_history".into(), serde_json::to_value(&r.history)?);
-    pf.metrics.insert("heal_best_epoch".into(), r.best_epoch.into());
+    pf.metrics
+        .insert("heal_best_epoch".into(), r.best_epoch.into());
     pf.metrics.insert("heal_seconds".into(), seconds.into());
     pf.provenance.insert(
         "heal".into(),

@@ -171,17 +171,3 @@ pub fn corrected_layer(layer: &Layer, i: usize, params: &dyn ParamSource) -> Res
     out.mlp.down.lora = down;
     Ok(Some(out))
 }
-
-impl Layer {
-    /// Whether any attention projection carries a correction.
-    pub fn attn_corrected(&self) -> bool {
-        let a = &self.attn;
-        [&a.q, &a.k, &a.v, &a.o].iter().any(|l| l.lora.is_some())
-    }
-
-    /// Whether any MLP projection carries a correction.
-    pub fn mlp_corrected(&self) -> bool {
-        let m = &self.mlp;
-        [&m.gate, &m.up, &m.down].iter().any(|l| l.lora.is_some())
-    }
-}

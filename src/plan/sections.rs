@@ -29,7 +29,8 @@ pub const SECTIONS: &[SectionSpec] = &[
     },
     SectionSpec {
         name: crate::surgery::heal::HEAL_SECTION,
-        what: "low-rank corrections of the kept projections (`scalpel heal`), factors in an artifact",
+        what:
+            "low-rank corrections of the kept projections (`scalpel heal`), factors in an artifact",
         check: crate::surgery::heal::check_section,
     },
 ];

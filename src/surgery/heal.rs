@@ -60,12 +60,15 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
 
 /// Index of a projection name in `PROJECTIONS`.
 pub fn projection_index(name: &str) -> Result<usize> {
-    PROJECTIONS.iter().position(|p| *p == name).with_context(|| {
-        format!(
-            "unknown projection `{name}`; use any of {}",
-            PROJECTIONS.join(", ")
-        )
-    })
+    PROJECTIONS
+        .iter()
+        .position(|p| *p == name)
+        .with_context(|| {
+            format!(
+                "unknown projection `{name}`; use any of {}",
+                PROJECTIONS.join(", ")
+            )
+        })
 }
 
 /// Parses `--targets` (`o_proj,down_proj`, `all`, `attn`, `mlp`).
@@ -124,7 +127,10 @@ pub fn corrected_projections(
         None => (0..n_layers).collect(),
     };
     if let Some(l) = layers.iter().find(|&&l| l >= n_layers) {
-        bail!("--layers names layer {l}, but the model has {n_layers} (0..={})", n_layers - 1);
+        bail!(
+            "--layers names layer {l}, but the model has {n_layers} (0..={})",
+            n_layers - 1
+        );
     }
     let pairs: Vec<(usize, usize)> = layers
         .iter()
@@ -187,7 +193,10 @@ pub fn initial_params(
             .collect();
         let (an, bn) = factor_names(l, proj);
         p.insert(&an, &Tensor::from_vec(a, (rank, inp), device)?)?;
-        p.insert(&bn, &Tensor::zeros((out, rank), candle_core::DType::F32, device)?)?;
+        p.insert(
+            &bn,
+            &Tensor::zeros((out, rank), candle_core::DType::F32, device)?,
+        )?;
     }
     Ok(p)
 }
@@ -226,7 +235,10 @@ pub fn heal(
     Ok(HealResult {
         section: HealSection {
             rank: opts.rank,
-            targets: targets.iter().map(|&p| PROJECTIONS[p].to_string()).collect(),
+            targets: targets
+                .iter()
+                .map(|&p| PROJECTIONS[p].to_string())
+                .collect(),
             layers: layers.into_iter().collect(),
             artifact: HEAL_SECTION.to_string(),
             parameters,
@@ -282,7 +294,8 @@ pub fn check_factors(
         };
         let (a, b) = if which == 'a' { (t, o) } else { (o, t) };
         let shape = lowrank::projection_shapes(&model.transformer.layers[layer])[proj];
-        lowrank::check_shapes(&an, &bn, a, b, shape).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        lowrank::check_shapes(&an, &bn, a, b, shape)
+            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         if plan.is_skipped(block_of(layer, proj)) {
             bail!(
                 "{origin}: `{name}` corrects {}, which the plan skips",
@@ -304,7 +317,10 @@ pub fn attach(plan: &mut Plan, pf: &PlanFile, model: &Model) -> Result<()> {
         .into_iter()
         .collect();
     if factors.is_empty() {
-        bail!("plan artifact `{}` holds no correction factors", section.artifact);
+        bail!(
+            "plan artifact `{}` holds no correction factors",
+            section.artifact
+        );
     }
     let origin = format!("plan artifact `{}`", section.artifact);
     check_factors(&factors, model, plan, &origin)?;
