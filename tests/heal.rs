@@ -534,3 +534,31 @@ fn the_lean_decode_path_applies_the_corrections() {
     assert!(size > 0.1, "{size}");
     assert!(miss < 0.3 * size, "{miss} vs {size}");
 }
+
+#[test]
+fn mergekit_refuses_a_healed_plan_by_name() {
+    let model = common::load_tiny("llama");
+    let plan = Plan::with_skips([BlockId::attn(1)]);
+    let work = common::scratch_dir();
+    let path = work.path().join("healed.json");
+    write_healed(
+        &model,
+        &plan,
+        &random_factors(&model, &plan, 2, "o_proj", 0.05),
+        &path,
+    );
+    let out = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .args(["--model", common::tiny_dir("llama").to_str().unwrap()])
+        .args(["--plan", path.to_str().unwrap()])
+        .args(["export", "--format", "mergekit", "--out"])
+        .arg(work.path().join("recipe.yaml"))
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        err.contains("plan section `heal`") && err.contains("mergekit"),
+        "{err}"
+    );
+    assert!(!work.path().join("recipe.yaml").exists());
+}

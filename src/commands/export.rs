@@ -195,6 +195,20 @@ fn model_card(
     } else {
         "The plan has no scales; the remaining weights are the source's, dequantized to float32.\n\n"
     });
+    if let Some(h) = plan_file.and_then(|pf| {
+        pf.sections
+            .get::<crate::surgery::heal::HealSection>(crate::plan::HEAL_SECTION)
+            .ok()
+            .flatten()
+    }) {
+        s.push_str(&format!(
+            "The plan is healed: its low-rank corrections (rank {} on {} of {} layers, {}              parameters, trained by `scalpel heal`) are merged into those weights, `W + B·A`.\n\n",
+            h.rank,
+            h.targets.join(", "),
+            h.layers.len(),
+            h.parameters
+        ));
+    }
     s.push_str("## Measured quality\n\n");
     match measured {
         Some(m) => s.push_str(&format!(
