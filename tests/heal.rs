@@ -562,3 +562,80 @@ fn mergekit_refuses_a_healed_plan_by_name() {
     );
     assert!(!work.path().join("recipe.yaml").exists());
 }
+
+/// llama.cpp's perplexity of a GGUF on `ids` (windows of 512), through
+/// tests/llamacpp_eval.py (llama-cpp-python).
+fn llama_cpp_perplexity(gguf: &Path, ids: &[u32], work: &Path) -> f64 {
+    let ids_path = work.join("ids.json");
+    std::fs::write(&ids_path, serde_json::json!({ "ids": ids }).to_string()).unwrap();
+    let result_path = work.join("llama.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llamacpp_eval.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--ids", ids_path.to_str().unwrap(), "--window", "512"])
+        .args(["--ppl", gguf.to_str().unwrap()])
+        .args(["--out", result_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "llama.cpp evaluation failed (is llama-cpp-python installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::read_json(result_path)["ppl"].as_f64().unwrap()
+}
+
+/// The healed GGUF export in llama.cpp against scalpel's perplexity of the
+/// healed plan on the default eval text. `SCALPEL_HEAL_PLAN=plan.json`
+/// measures that plan (how the README's number was taken) instead of a
+/// plan with random corrections.
+#[test]
+fn llama_cpp_scores_a_healed_gguf_export_like_scalpel() {
+    let model = common::smollm2();
+    let work = common::scratch_dir();
+    let (healed, path) = match std::env::var_os("SCALPEL_HEAL_PLAN") {
+        Some(p) => {
+            let p = std::path::PathBuf::from(p);
+            (load(model, &p, &[HEAL_SECTION]).unwrap(), p)
+        }
+        None => healed_smollm2_plan(work.path(), true, 0.02),
+    };
+    let gguf = work.path().join("healed.gguf");
+    export(&path, "gguf", &gguf);
+    let ids = model
+        .codec()
+        .unwrap()
+        .encode(scalpel::commands::eval::DEFAULT_EVAL_TEXT)
+        .unwrap();
+    let opts = scalpel::eval::perplexity::EvalOptions {
+        window: 512,
+        compare_base: false,
+        run: RunOptions::FAST,
+        parallel_windows: true,
+    };
+    let ppl = |plan: &Plan| {
+        scalpel::eval::perplexity::evaluate(
+            model,
+            &ids,
+            plan,
+            opts,
+            &AtomicBool::new(false),
+            |_, _| {},
+        )
+        .unwrap()
+        .perplexity
+    };
+    let ours = ppl(&healed);
+    let unhealed = ppl(&Plan {
+        tensors: None,
+        ..healed.clone()
+    });
+    let theirs = llama_cpp_perplexity(&gguf, &ids, work.path());
+    let rel = (theirs / ours - 1.0).abs();
+    eprintln!(
+        "perplexity of the healed plan: scalpel {ours:.4} (unhealed {unhealed:.4}), llama.cpp on the \
+         healed deci GGUF {theirs:.4} ({:.3}% apart)",
+        rel * 100.0
+    );
+    assert!(rel < 0.01, "llama.cpp {theirs} vs scalpel {ours}");
+}
