@@ -75,8 +75,15 @@ fn random_factors(
     let mut out = BTreeMap::new();
     for (name, t) in p.values().unwrap() {
         let t = if name.ends_with(".b") {
+            // Seeded, so every run tests the same corrections.
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(name.len() as u64 * 7919 + 1);
             let (o, r) = t.dims2().unwrap();
-            (Tensor::randn(0f32, 1.0, (o, r), &Device::Cpu).unwrap() * scale).unwrap()
+            let v: Vec<f32> = (0..o * r)
+                .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * 3f64.sqrt() * scale)
+                .map(|x| x as f32)
+                .collect();
+            Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap()
         } else {
             t
         };
@@ -451,7 +458,8 @@ fn a_decilm_export_merges_the_corrections_exactly() {
 fn a_gguf_export_merges_the_corrections_and_reloads_close() {
     let model = common::smollm2();
     let work = common::scratch_dir();
-    let (healed, path) = healed_smollm2_plan(work.path(), true, 0.02);
+    // Corrections large enough to stand out of the Q8_0 re-rounding.
+    let (healed, path) = healed_smollm2_plan(work.path(), true, 0.1);
     let out = work.path().join("healed.gguf");
     export(&path, "gguf", &out);
     let reloaded = Model::load(
@@ -506,7 +514,7 @@ fn the_lean_decode_path_applies_the_corrections() {
     let work = common::scratch_dir();
     // A heal that moves the logits well beyond the 8-bit activations'
     // own noise on the quantized path (~0.26 rms here), so the check can tell.
-    let (healed, _) = healed_smollm2_plan(work.path(), true, 0.1);
+    let (healed, _) = healed_smollm2_plan(work.path(), true, 0.25);
     let unhealed = Plan {
         tensors: None,
         ..healed.clone()
