@@ -67,6 +67,8 @@ pub enum Command {
     Sparsify(crate::commands::sparsify::SparsifyArgs),
     /// Train per-token routers (frozen model) that decide which blocks each token runs.
     Route(crate::commands::route::RouteArgs),
+    /// Heal a skip plan: low-rank corrections of the kept projections, distilled from the base model.
+    Heal(crate::commands::heal::HealArgs),
 }
 
 /// Export targets.

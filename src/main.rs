@@ -41,6 +41,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Needle(args)) => commands::needle::run(&cli.model, &cli.plan, args),
         Some(Command::Sparsify(args)) => commands::sparsify::run(&cli.model, &cli.plan, args),
         Some(Command::Route(args)) => commands::route::run(&cli.model, args),
+        Some(Command::Heal(args)) => commands::heal::run(&cli.model, &cli.plan, args),
         None => {
             let mut source = cli.model.source();
             source.load.keep = cli.weights.keep();

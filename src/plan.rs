@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 mod artifacts;
 mod sections;
 
+pub use crate::surgery::heal::HEAL_SECTION;
 pub use artifacts::{sha256_hex, Artifact};
 pub use sections::{KvSection, SectionSpec, Sections, KV_SECTION, SECTIONS};
 
@@ -173,6 +174,43 @@ pub struct Plan {
     /// (`surgery::replace`), never written here.
     #[serde(skip)]
     pub replace: Option<crate::model::mixer::Replaced>,
+    /// Trained tensors the plan applies by name (a heal's low-rank factors),
+    /// loaded from its artifact; never written inline (the artifact is).
+    #[serde(skip)]
+    pub tensors: Option<PlanTensors>,
+}
+
+/// Named tensors a plan carries (`ParamSource::tensor` reads them).
+#[derive(Debug, Clone)]
+pub struct PlanTensors(pub std::sync::Arc<std::collections::BTreeMap<String, candle_core::Tensor>>);
+
+impl PlanTensors {
+    pub fn new(tensors: impl IntoIterator<Item = (String, candle_core::Tensor)>) -> Self {
+        Self(std::sync::Arc::new(tensors.into_iter().collect()))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&candle_core::Tensor> {
+        self.0.get(name)
+    }
+}
+
+/// Equal when the same names hold the same values.
+impl PartialEq for PlanTensors {
+    fn eq(&self, other: &Self) -> bool {
+        if std::sync::Arc::ptr_eq(&self.0, &other.0) {
+            return true;
+        }
+        let values = |t: &candle_core::Tensor| -> Option<Vec<f32>> {
+            t.to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .ok()
+        };
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(other.0.iter()).all(|((ka, a), (kb, b))| {
+                ka == kb && a.dims() == b.dims() && values(a).is_some() && values(a) == values(b)
+            })
+    }
 }
 
 impl Plan {
@@ -183,8 +221,7 @@ impl Plan {
     pub fn with_skips(blocks: impl IntoIterator<Item = BlockId>) -> Self {
         Self {
             skip: blocks.into_iter().collect(),
-            scales: None,
-            replace: None,
+            ..Self::default()
         }
     }
 
@@ -346,6 +383,9 @@ impl Plan {
         }
         if self.has_scales() {
             s.push_str(" (+scales)");
+        }
+        if self.tensors.is_some() {
+            s.push_str(" (+healed)");
         }
         s
     }

@@ -125,6 +125,9 @@ pub fn load_plan_honouring(
             if honoured.contains(&crate::surgery::replace::REPLACE_SECTION) {
                 crate::surgery::replace::apply_section(&pf, &mut plan, model)?;
             }
+            if honoured.contains(&crate::plan::HEAL_SECTION) {
+                crate::surgery::heal::attach(&mut plan, &pf, model)?;
+            }
             (plan, Some(pf))
         }
         None => (model.implied_plan.clone(), None),

@@ -74,7 +74,7 @@ fn scaled_plan(r: &serde_json::Value, n_layers: usize) -> Plan {
     Plan {
         skip: Default::default(),
         scales: Some(vec![scales; n_layers]),
-        replace: None,
+        ..Default::default()
     }
 }
 

@@ -28,7 +28,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     let (plan, file) = cli::load_plan_honouring(
         pargs,
         &model,
-        &[crate::surgery::replace::REPLACE_SECTION, ROUTING_SECTION],
+        &[
+            crate::surgery::replace::REPLACE_SECTION,
+            ROUTING_SECTION,
+            crate::plan::HEAL_SECTION,
+        ],
     )?;
     let run = args.weights.run_options(&model, true)?;
     if let Some((section, routers)) = file

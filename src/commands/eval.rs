@@ -9,7 +9,7 @@ use crate::eval::{kv, perplexity};
 use crate::model::kv::KvSpec;
 use crate::model::routing::{load_from_plan, ROUTING_SECTION};
 use crate::model::{Model, RunOptions};
-use crate::plan::{KvSection, Plan, KV_SECTION};
+use crate::plan::{KvSection, Plan, HEAL_SECTION, KV_SECTION};
 use crate::progress;
 use crate::surgery::replace::REPLACE_SECTION;
 use crate::surgery::sparsity::{self, evaluate::HeldOut, SparsitySection, SPARSITY_SECTION};
@@ -38,6 +38,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
             REPLACE_SECTION,
             SPARSITY_SECTION,
             ROUTING_SECTION,
+            HEAL_SECTION,
         ],
     )?;
     let ids = model.codec()?.encode(&text)?;

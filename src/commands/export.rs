@@ -31,7 +31,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: ExportArgs) -> R
     if let Some(path) = &pargs.plan {
         refuse_replaced(&model.load_plan(path)?, path, args.format)?;
     }
-    let (plan, plan_file) = cli::load_plan(pargs, &model)?;
+    let (plan, plan_file) = cli::load_plan_honouring(pargs, &model, &[crate::plan::HEAL_SECTION])?;
     if let Some(pf) = &plan_file {
         export::check_expressible(pf, expresses(args.format))?;
     }
@@ -198,6 +198,20 @@ fn model_card(
     } else {
         "The plan has no scales; the remaining weights are the source's, dequantized to float32.\n\n"
     });
+    if let Some(h) = plan_file.and_then(|pf| {
+        pf.sections
+            .get::<crate::surgery::heal::HealSection>(crate::plan::HEAL_SECTION)
+            .ok()
+            .flatten()
+    }) {
+        s.push_str(&format!(
+            "The plan is healed: its low-rank corrections (rank {} on {} of {} layers, {}              parameters, trained by `scalpel heal`) are merged into those weights, `W + B·A`.\n\n",
+            h.rank,
+            h.targets.join(", "),
+            h.layers.len(),
+            h.parameters
+        ));
+    }
     s.push_str("## Measured quality\n\n");
     match measured {
         Some(m) => s.push_str(&format!(

@@ -39,8 +39,14 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
     // The prompt's length in bytes bounds its tokens (before the tokenizer is loaded).
     let context = args.prompt.len() + args.max_tokens + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 1))?;
-    let (plan, _) =
-        cli::load_plan_honouring(pargs, &model, &[crate::surgery::replace::REPLACE_SECTION])?;
+    let (plan, _) = cli::load_plan_honouring(
+        pargs,
+        &model,
+        &[
+            crate::surgery::replace::REPLACE_SECTION,
+            crate::plan::HEAL_SECTION,
+        ],
+    )?;
     let draft = match &args.speculative {
         Some(path) => {
             let source = PlanSource {

@@ -8,6 +8,7 @@ pub mod export;
 pub mod fetch;
 pub mod fit;
 pub mod generate;
+pub mod heal;
 pub mod importance;
 pub mod info;
 pub mod needle;

@@ -11,8 +11,9 @@
 //! which RMSNorm does not undo, so such plans are refused.
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
+use crate::model::lowrank;
 use crate::model::transformer::{Layer, Linear, Transformer};
 use crate::plan::Plan;
 
@@ -54,20 +55,21 @@ pub fn fold_factors(plan: &Plan, n_layers: usize) -> Result<Vec<FoldFactors>> {
 pub fn unscaled(plan: &Plan) -> Plan {
     Plan {
         skip: plan.skip.clone(),
-        scales: None,
         replace: plan.replace.clone(),
+        ..Plan::default()
     }
 }
 
-/// A copy of `t` with `plan`'s scales folded in (skipped blocks untouched).
-/// Run it with `unscaled(plan)`.
+/// A copy of `t` with `plan`'s scales folded in and its corrections merged
+/// (skipped blocks untouched). Run it with `unscaled(plan)`.
 pub fn fold_transformer(t: &Transformer, plan: &Plan) -> Result<Transformer> {
     let factors = fold_factors(plan, t.n_layers())?;
     let layers = t
         .layers
         .iter()
         .zip(&factors)
-        .map(|(layer, f)| fold_layer(layer, f))
+        .enumerate()
+        .map(|(i, (layer, f))| fold_layer(&merge_corrections(layer, i, plan)?, f))
         .collect::<Result<Vec<Layer>>>()?;
     Ok(Transformer::with_embeddings(
         t.cfg.clone(),
@@ -90,6 +92,31 @@ fn fold_layer(layer: &Layer, f: &FoldFactors) -> Result<Layer> {
     }
     out.attn.o = scale_linear(&layer.attn.o, f.o_proj)?;
     out.mlp.down = scale_linear(&layer.mlp.down, f.down_proj)?;
+    Ok(out)
+}
+
+/// `layer` with a healed plan's corrections merged, `W + B·A` (exact up to
+/// f32 rounding); the quantized copies of those projections are dropped.
+pub fn merge_corrections(layer: &Layer, i: usize, plan: &Plan) -> Result<Layer> {
+    let Some(mut out) = lowrank::corrected_layer(layer, i, plan)? else {
+        return Ok(layer.clone());
+    };
+    let (a, m) = (&mut out.attn, &mut out.mlp);
+    for l in [
+        &mut a.q,
+        &mut a.k,
+        &mut a.v,
+        &mut a.o,
+        &mut m.gate,
+        &mut m.up,
+        &mut m.down,
+    ] {
+        if let Some(c) = l.lora.take() {
+            let w = l.dense_weight()?;
+            let merged = (w.to_dtype(DType::F32)? + c.delta()?)?.to_dtype(w.dtype())?;
+            *l = Linear::dense(merged, l.bias.clone());
+        }
+    }
     Ok(out)
 }
 

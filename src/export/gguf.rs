@@ -1,7 +1,9 @@
 //! Writes a pruned model as a llama.cpp `deci` GGUF: the source GGUF's
 //! metadata under the `deci.` prefix, per-layer head counts and FFN widths,
-//! the skipped blocks' tensors left out, and the scales folded into
-//! `attn_output` / `ffn_down` (re-quantized to the source's type).
+//! the skipped blocks' tensors left out, the scales folded into
+//! `attn_output` / `ffn_down` (re-quantized to the source's type) and a
+//! healed plan's corrections merged into the matrices they touch
+//! (re-quantized to 8 bits, `corrected_type`).
 //!
 //! llama.cpp's `deci` graph handles a skipped attention as zero heads. A
 //! zero FFN width, though, `continue`s before the layer's output is kept,
@@ -20,6 +22,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::fold::{fold_factors, FoldFactors};
+use crate::model::lowrank;
 use crate::plan::{BlockId, BlockKind, Plan};
 
 /// Width of the all-zero FFN that stands in for a skipped MLP.
@@ -186,7 +189,8 @@ pub fn write_deci_gguf(
             }
             _ => {
                 let factor = fold_factor(name, &factors);
-                retype(q, factor, quant).with_context(|| format!("tensor `{name}`"))?
+                let delta = correction(name, plan, &q)?;
+                retype(q, factor, delta, quant).with_context(|| format!("tensor `{name}`"))?
             }
         };
         tensors.push((name.clone(), q));
@@ -233,6 +237,39 @@ fn fold_factor(name: &str, factors: &[FoldFactors]) -> f64 {
     }
 }
 
+/// The GGUF names of `lowrank::PROJECTIONS`, in order.
+const GGUF_PROJECTIONS: [&str; 7] = [
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+];
+
+/// A healed plan's dense update `B·A` for tensor `name` (scalpel runs a
+/// GGUF's q/k in the file's own layout, so the factors apply as they are).
+fn correction(name: &str, plan: &Plan, q: &QTensor) -> Result<Option<Tensor>> {
+    if plan.tensors.is_none() {
+        return Ok(None);
+    }
+    let Some((layer, tail)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
+        return Ok(None);
+    };
+    let (Ok(layer), Some(proj)) = (
+        layer.parse::<usize>(),
+        GGUF_PROJECTIONS.iter().position(|p| *p == tail),
+    ) else {
+        return Ok(None);
+    };
+    let shape = q.shape().dims2()?;
+    lowrank::lookup(plan, layer, proj, shape)?
+        .map(|c| c.delta())
+        .transpose()
+        .map_err(Into::into)
+}
+
 /// gate/up are (width, hidden), down is (hidden, width); all zero, f32.
 fn zero_ffn_tensor(name: &str, hidden: usize) -> Result<Option<QTensor>> {
     let shape = if name.ends_with("ffn_gate.weight") || name.ends_with("ffn_up.weight") {
@@ -246,17 +283,32 @@ fn zero_ffn_tensor(name: &str, hidden: usize) -> Result<Option<QTensor>> {
     Ok(Some(QTensor::quantize(&zeros, GgmlDType::F32)?))
 }
 
-/// Applies a fold factor and the target type; untouched tensors keep their bytes.
-fn retype(q: QTensor, factor: f64, quant: Option<GgmlDType>) -> Result<QTensor> {
+/// Adds a heal's update, applies a fold factor and the target type
+/// (re-quantizing); untouched tensors keep their bytes.
+fn retype(
+    q: QTensor,
+    factor: f64,
+    delta: Option<Tensor>,
+    quant: Option<GgmlDType>,
+) -> Result<QTensor> {
     let is_matrix = q.shape().dims().len() == 2;
     let target = match quant {
         Some(t) if is_matrix => t,
+        // A heal's update is small next to a 4-bit step: re-quantized to
+        // the source's 4-bit grid it would be mostly rounded away (and a
+        // fresh rounding of the whole matrix added), so corrected
+        // matrices keep 8 bits (measured in tests/heal.rs).
+        _ if delta.is_some() => corrected_type(q.dtype()),
         _ => q.dtype(),
     };
-    if factor == 1.0 && target == q.dtype() {
+    if factor == 1.0 && target == q.dtype() && delta.is_none() {
         return Ok(q);
     }
     let dense = q.dequantize(&Device::Cpu)?;
+    let dense = match delta {
+        Some(d) => (dense + d.to_device(&Device::Cpu)?)?,
+        None => dense,
+    };
     let dense = if factor == 1.0 {
         dense
     } else {
@@ -271,6 +323,20 @@ fn retype(q: QTensor, factor: f64, quant: Option<GgmlDType>) -> Result<QTensor> 
         );
     }
     Ok(QTensor::quantize(&dense, target)?)
+}
+
+/// The type a corrected matrix is written in: its own when it has 8 bits
+/// or more, else Q8_0.
+pub fn corrected_type(source: GgmlDType) -> GgmlDType {
+    match source {
+        GgmlDType::F32
+        | GgmlDType::F16
+        | GgmlDType::BF16
+        | GgmlDType::Q8_0
+        | GgmlDType::Q8_1
+        | GgmlDType::Q8K => source,
+        _ => GgmlDType::Q8_0,
+    }
 }
 
 /// Names the source's tensor types, for the summary (e.g. "Q4_1 ×182, F32 ×61").

@@ -1,7 +1,7 @@
 //! Exporting a pruned model to the formats serving stacks load: a
 //! Nemotron-NAS (DeciLM) Hugging Face folder, a llama.cpp `deci` GGUF and a
-//! mergekit passthrough recipe. Scales are folded into the weights first
-//! (`fold`). Every output is built beside its destination and renamed into
+//! mergekit passthrough recipe. Scales are folded into the weights first,
+//! and a healed plan's low-rank corrections merged into them (`fold`). Every output is built beside its destination and renamed into
 //! place, so a failure never leaves a partial file behind.
 
 pub mod decilm;
@@ -28,12 +28,12 @@ pub struct Expresses {
 
 pub const DECILM: Expresses = Expresses {
     format: "decilm (Nemotron-NAS)",
-    sections: &[],
+    sections: &[crate::plan::HEAL_SECTION],
     artifacts: false,
 };
 pub const GGUF: Expresses = Expresses {
     format: "gguf (llama.cpp deci)",
-    sections: &[],
+    sections: &[crate::plan::HEAL_SECTION],
     artifacts: false,
 };
 pub const MERGEKIT: Expresses = Expresses {
@@ -70,7 +70,13 @@ pub fn check_expressible(file: &PlanFile, target: &Expresses) -> Result<()> {
             target.format
         );
     }
-    if let Some(a) = file.artifacts.first().filter(|_| !target.artifacts) {
+    // An expressed section's own artifact (a heal's factors, merged) is carried with it.
+    let carried = |a: &&crate::plan::Artifact| target.sections.contains(&a.name.as_str());
+    if let Some(a) = file
+        .artifacts
+        .iter()
+        .find(|a| !target.artifacts && !carried(a))
+    {
         bail!(
             "plan artifact `{}` ({}) cannot be expressed in a {} export: the format has no place \
              for a plan's trained parameters. Export a plan without it, or run the plan with \

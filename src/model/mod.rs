@@ -6,6 +6,7 @@ mod frozen;
 pub mod fused;
 pub mod header_check;
 pub mod kv;
+pub mod lowrank;
 pub mod mask;
 pub mod memory;
 pub mod mixer;

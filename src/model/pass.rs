@@ -133,9 +133,14 @@ impl ParamSource for Plan {
         Ok(Residual::Const(self.scales_for(layer)))
     }
 
-    /// The replacing mixers' weights, when the plan carries them.
+    /// The replacing mixers' weights and a healed plan's corrections
+    /// (`Plan::tensors`), when the plan carries them.
     fn tensor(&self, name: &str) -> Option<Tensor> {
-        self.replace.as_ref()?.weights.get(name).cloned()
+        let mixer = self
+            .replace
+            .as_ref()
+            .and_then(|r| r.weights.get(name).cloned());
+        mixer.or_else(|| self.tensors.as_ref()?.get(name).cloned())
     }
 }
 

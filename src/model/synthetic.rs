@@ -140,6 +140,7 @@ fn build_quantized(shape: &str, device: &Device) -> Result<Model> {
             weight: None,
             bias: None,
             kernel: kernel(&q)?,
+            lora: None,
             quantized: Some(QMatMul::from_arc(q)?),
         })
     };

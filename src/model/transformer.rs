@@ -24,6 +24,7 @@ use super::attention;
 use super::config::{ModelConfig, RopeLayout};
 use super::frozen::frozen_matmul;
 use super::fused;
+use super::lowrank::{self, LowRank};
 use super::mask::AttentionMask;
 use super::mixer;
 use super::pass::{AttnExec, MlpExec, Pass, Probe, Projection, Residual};
@@ -48,6 +49,8 @@ pub struct Linear {
     pub quantized: Option<QMatMul>,
     /// The file's own quantized weights for the lean CPU path (`model::lean`).
     pub kernel: Option<Arc<QWeight>>,
+    /// A low-rank correction added to the output, `W x + B (A x)` (healing).
+    pub lora: Option<LowRank>,
 }
 
 impl Linear {
@@ -58,6 +61,7 @@ impl Linear {
             bias,
             quantized: None,
             kernel: None,
+            lora: None,
         }
     }
 
@@ -74,6 +78,10 @@ impl Linear {
             }
             (Some(q), None, _, Mode::Fast) => q.forward(x)?,
             (None, None, _, _) => candle_core::bail!("a linear layer without weights"),
+        };
+        let y = match &self.lora {
+            Some(l) => (y + l.forward(x)?)?,
+            None => y,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -113,6 +121,15 @@ impl Linear {
         }
     }
 
+    pub fn in_dim(&self) -> usize {
+        match (&self.weight, &self.quantized) {
+            (Some(w), _) => w.dims()[1],
+            (None, Some(QMatMul::QTensor(q))) => q.shape().dims()[1],
+            (None, Some(QMatMul::Tensor(t) | QMatMul::TensorF16(t))) => t.dims()[1],
+            (None, None) => 0,
+        }
+    }
+
     /// The output features `rows` only (dense weights; the quantized copy
     /// is dropped).
     pub fn rows(&self, rows: &Tensor) -> Result<Self> {
@@ -125,6 +142,7 @@ impl Linear {
                 .transpose()?,
             quantized: None,
             kernel: None,
+            lora: self.lora.as_ref().map(|l| l.rows(rows)).transpose()?,
         })
     }
 
@@ -135,6 +153,7 @@ impl Linear {
             bias: self.bias.clone(),
             quantized: None,
             kernel: None,
+            lora: self.lora.as_ref().map(|l| l.cols(cols)).transpose()?,
         })
     }
 }
@@ -432,7 +451,9 @@ impl Transformer {
         let mut masks = MaskMemo::default();
         let run = pass.run;
         for i in layers {
-            let layer = &self.layers[i];
+            // A healed plan's low-rank corrections ride on a copy of the layer.
+            let corrected = lowrank::corrected_layer(&self.layers[i], i, pass.params)?;
+            let layer = corrected.as_ref().unwrap_or(&self.layers[i]);
             let s = LayerScaleValues::new(pass.params.residual(i)?)?;
             // Attention sub-block: x1 = b_att·Attn(norm(x)) + s_att·x
             let exec = pass.policy.attn(i, &x)?;

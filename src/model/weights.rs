@@ -573,6 +573,7 @@ pub fn build_transformer_with_noops(
                 bias,
                 quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
                 kernel: kernel_of(&w.original)?,
+                lora: None,
             })
         };
         let ab = cfg.attention_bias;
@@ -624,6 +625,7 @@ pub fn build_transformer_with_noops(
             bias: None,
             quantized: w.quantized.map(QMatMul::from_arc).transpose()?,
             kernel: kernel_of(&w.original)?,
+            lora: None,
         })
     };
     // The quantized embeddings serve the tied output projection, and the

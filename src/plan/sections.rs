@@ -42,6 +42,12 @@ pub const SECTIONS: &[SectionSpec] = &[
         what: "token routing: trained per-block routers (an artifact) decide per token which blocks run",
         check: crate::model::routing::check_section,
     },
+    SectionSpec {
+        name: crate::surgery::heal::HEAL_SECTION,
+        what:
+            "low-rank corrections of the kept projections (`scalpel heal`), factors in an artifact",
+        check: crate::surgery::heal::check_section,
+    },
 ];
 
 /// The name of the KV budget section.

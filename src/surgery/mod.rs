@@ -3,6 +3,7 @@
 
 pub mod compare;
 pub mod fit;
+pub mod heal;
 pub mod hopscotch;
 pub mod importance;
 pub mod objective;

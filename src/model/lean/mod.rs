@@ -35,6 +35,7 @@ use super::{
 };
 use crate::kernels::QWeight;
 use crate::model::config::Arch;
+use crate::model::lowrank;
 use crate::model::pass::{AttnExec, MlpExec, Pass, Residual};
 use crate::model::state::{position_range, KvStore};
 use crate::plan::LayerScales;
@@ -266,7 +267,13 @@ impl Step<'_> {
         pass: &mut Pass,
     ) -> Result<()> {
         let [b_att, s_att, b_mlp, s_mlp] = s.as_array();
-        let layer = &self.t.layers[i];
+        // A healed plan's corrections ride on the layer's projections
+        // (`matmul` adds them); factors this path cannot read go through candle.
+        let corrected = lowrank::corrected_layer(&self.t.layers[i], i, pass.params)?;
+        let layer = corrected.as_ref().unwrap_or(&self.t.layers[i]);
+        let (a, m) = (&layer.attn, &layer.mlp);
+        let attn_lean = lean_corrections(&[&a.q, &a.k, &a.v, &a.o]);
+        let mlp_lean = lean_corrections(&[&m.gate, &m.up, &m.down]);
         match pass.policy.attn(i, &self.residual_tensor(ws)?)? {
             AttnExec::Skip => ops::scale(&mut ws.x, s_att),
             // A replaced attention: its mixer through the candle ops.
@@ -276,7 +283,7 @@ impl Step<'_> {
                 copy_into(&self.t.mixer(i, &h, pass)?, &mut ws.out)?;
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
-            AttnExec::Full => {
+            AttnExec::Full if attn_lean => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 self.attention(i, layer, ws, store)?;
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
@@ -289,7 +296,7 @@ impl Step<'_> {
         }
         match pass.policy.mlp(i, &self.residual_tensor(ws)?)? {
             MlpExec::Skip => ops::scale(&mut ws.x, s_mlp),
-            MlpExec::Full => {
+            MlpExec::Full if mlp_lean => {
                 self.mlp(i, layer, ws);
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }
@@ -433,13 +440,64 @@ impl Step<'_> {
     }
 }
 
-/// `y = x Wᵀ` with a projection's kernel (present: `prepare` checked).
+/// `y = x Wᵀ` with a projection's kernel (present: `prepare` checked),
+/// plus its low-rank correction `B (A x)` when it has one (a healed plan;
+/// `lean_corrections` checked the factors are readable here).
 fn matmul(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) {
     let k = l
         .kernel
         .as_deref()
         .expect("lean path: kernel checked at prepare");
     k.matmul(x, rows, y);
+    if let Some(c) = &l.lora {
+        with_f32(&c.a, |a| {
+            with_f32(&c.b, |b| add_low_rank(a, b, c.rank(), x, rows, y));
+        });
+    }
+}
+
+/// A contiguous f32 CPU tensor's values, without a copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&v[start..end]))
+}
+
+/// Whether every correction of `lins` can run here (f32, contiguous, CPU).
+fn lean_corrections(lins: &[&Linear]) -> bool {
+    lins.iter().all(|l| {
+        l.lora
+            .as_ref()
+            .is_none_or(|c| with_f32(&c.a, |_| ()).is_some() && with_f32(&c.b, |_| ()).is_some())
+    })
+}
+
+/// `y += B (A x)` per row: `a` (rank, in), `b` (out, rank), row-major.
+fn add_low_rank(a: &[f32], b: &[f32], rank: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+    let inp = a.len() / rank.max(1);
+    let out = b.len() / rank.max(1);
+    let mut t = vec![0f32; rank];
+    for r in 0..rows {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for (k, tk) in t.iter_mut().enumerate() {
+            *tk = a[k * inp..(k + 1) * inp]
+                .iter()
+                .zip(xr)
+                .map(|(p, q)| p * q)
+                .sum();
+        }
+        let yr = &mut y[r * out..(r + 1) * out];
+        for (o, yo) in yr.iter_mut().enumerate() {
+            *yo += b[o * rank..(o + 1) * rank]
+                .iter()
+                .zip(&t)
+                .map(|(p, q)| p * q)
+                .sum::<f32>();
+        }
+    }
 }
 
 fn copy_into(t: &Tensor, out: &mut [f32]) -> Result<()> {
