@@ -190,7 +190,7 @@ pub fn needle_grid(
         KvPolicy::new(s.clone(), model.cfg())?;
     }
     let codec = model.codec()?;
-    let filler = codec.encode(crate::commands::eval::DEFAULT_EVAL_TEXT)?;
+    let filler = codec.encode(super::data::DEFAULT_EVAL_TEXT)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let start = Instant::now();
     let total = opts.contexts.len() * opts.depths.len() * opts.trials * all.len();
