@@ -19,6 +19,8 @@ use crate::plan::{Plan, PlanFile};
 use crate::progress;
 use crate::report::{charts, html, Report, Row, Settings, SpeedKind};
 use crate::setup;
+use crate::surgery::heal::{HealSection, HEAL_SECTION};
+use crate::surgery::replace::{ReplaceSection, REPLACE_SECTION};
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
@@ -84,11 +86,18 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         file: None,
     }];
     for p in &args.plans {
-        let pf = model.load_plan(p)?;
-        setup::refuse_sections(&pf, p, "`report`", &[])?;
+        // Healed and replaced plans run through the same forward pass and
+        // timing loop; the other modes' sections are refused by name.
+        let source = setup::PlanSource {
+            plan: Some(p.clone()),
+            skip: None,
+        };
+        setup::refuse_sections(&model.load_plan(p)?, p, "`report`", REPORTED_SECTIONS)?;
+        let (plan, file) = setup::load_plan_honouring(&source, &model, REPORTED_SECTIONS)?;
+        let pf = file.context("a plan file was given")?;
         entries.push(Entry {
             name: plan_name(p),
-            plan: model.with_implied(&pf.plan),
+            plan,
             method: method_of(&pf),
             details: details_of(&pf),
             file: Some(p.clone()),
@@ -223,7 +232,8 @@ fn measure_quality(
 ) -> Result<perplexity::EvalReport> {
     let opts = EvalOptions {
         window: WINDOW,
-        compare_base: !e.plan.skip.is_empty() || e.plan.has_scales(),
+        // Every given plan, including one that only heals or replaces.
+        compare_base: e.file.is_some(),
         run,
         parallel_windows: false,
     };
@@ -255,17 +265,44 @@ fn method_of(pf: &PlanFile) -> String {
     }
 }
 
+/// The plan sections `report` carries out: they change only the weights a
+/// pass reads, so quality and speed are measured as for any plan.
+const REPORTED_SECTIONS: &[&str] = &[HEAL_SECTION, REPLACE_SECTION];
+
 /// A plan's mode-specific facts worth showing (its sections, and what its
 /// metrics record about how it was made).
 fn details_of(pf: &PlanFile) -> Vec<(String, String)> {
-    let mut d: Vec<(String, String)> = pf
-        .sections
-        .names()
-        .map(|n| (format!("section {n}"), "present".to_string()))
-        .collect();
+    let mut d: Vec<(String, String)> = Vec::new();
+    if let Ok(Some(h)) = pf.sections.get::<HealSection>(HEAL_SECTION) {
+        let layers = h.layers.iter().map(ToString::to_string).collect::<Vec<_>>();
+        d.push((
+            "healed".into(),
+            format!(
+                "rank-{} corrections on {} of layers {} ({} trained parameters)",
+                h.rank,
+                h.targets.join(", "),
+                layers.join(", "),
+                h.parameters
+            ),
+        ));
+    }
+    if let Ok(Some(r)) = pf.sections.get::<ReplaceSection>(REPLACE_SECTION) {
+        let layers = r.layers.iter().map(ToString::to_string).collect::<Vec<_>>();
+        d.push((
+            "replaced".into(),
+            format!(
+                "attention of layers {} by distilled `{}` mixers (no KV cache there)",
+                layers.join(", "),
+                r.mixer
+            ),
+        ));
+    }
     for (k, label) in [
         ("fit_best_epoch", "best fit epoch"),
         ("search_seconds", "search time (s)"),
+        ("heal_best_epoch", "best heal epoch"),
+        ("heal_seconds", "heal training time (s)"),
+        ("replace_train_seconds", "mixer distillation time (s)"),
     ] {
         if let Some(v) = pf.metrics.get(k) {
             d.push((label.into(), v.to_string()));
@@ -431,4 +468,58 @@ fn write_text(path: &Path, text: &str, force: bool) -> Result<()> {
         w.write_all(text.as_bytes())?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::ModelIdentity;
+
+    fn identity() -> ModelIdentity {
+        ModelIdentity {
+            name: "test".into(),
+            architecture: "llama".into(),
+            n_layers: 30,
+            shape: None,
+            content_hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn healed_and_replaced_plans_say_what_was_trained_and_how_long() {
+        let mut pf = PlanFile::new(identity(), Plan::base());
+        let heal = HealSection {
+            rank: 8,
+            targets: vec!["o_proj".into(), "down_proj".into()],
+            layers: vec![1, 2],
+            artifact: "lora".into(),
+            parameters: 1234,
+        };
+        pf.sections.set(HEAL_SECTION, &heal).unwrap();
+        pf.metrics.insert("heal_seconds".into(), 723.0.into());
+        let d = details_of(&pf);
+        assert!(d.contains(&(
+            "healed".to_string(),
+            "rank-8 corrections on o_proj, down_proj of layers 1, 2 (1234 trained parameters)"
+                .to_string()
+        )));
+        assert!(d.contains(&("heal training time (s)".to_string(), "723.0".to_string())));
+
+        let mut pf = PlanFile::new(identity(), Plan::base());
+        let replace = ReplaceSection {
+            layers: vec![6, 7],
+            mixer: "gla-v1".into(),
+            artifact: "mixers".into(),
+        };
+        pf.sections.set(REPLACE_SECTION, &replace).unwrap();
+        let d = details_of(&pf);
+        assert_eq!(
+            d[0],
+            (
+                "replaced".to_string(),
+                "attention of layers 6, 7 by distilled `gla-v1` mixers (no KV cache there)"
+                    .to_string()
+            )
+        );
+    }
 }
