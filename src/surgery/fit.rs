@@ -246,7 +246,8 @@ impl<'a> Trainer<'a> {
     }
 }
 
-fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
+/// Adam as the fits use it (no weight decay); shared by every mode's trainer.
+pub(crate) fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
     // torch.optim.Adam: no weight decay (candle's AdamW defaults to 0.01).
     let params = ParamsAdamW {
         lr,
@@ -258,7 +259,8 @@ fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
     Ok(AdamW::new(vars.to_vec(), params)?)
 }
 
-fn grads_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
+/// Whether every gradient `vars` received is finite.
+pub(crate) fn grads_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             let a: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;

@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::optim::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use super::fit::{train, FitEpoch, FitOptions, TrainResult, Trainer};
+use super::fit::{new_adam, train, FitEpoch, FitOptions, TrainResult, Trainer};
 use super::objective::{input_ids, mean_loss_with, BaseStates, LayerInputs, LossKind, Start};
 use crate::eval::data::TokenSet;
 use crate::model::mixer::{self, Dims, MixerWeights, Replaced};
@@ -339,7 +339,7 @@ pub fn distil_local(
         let mut best = (0, first.heldout_loss, snapshot(&vars)?);
         let mut history = vec![first];
         let mut lr = opts.lr;
-        let mut adam = adam(&vars, lr)?;
+        let mut adam = new_adam(&vars, lr)?;
         let (mut epoch, mut cuts, mut cancelled) = (1, 0, false);
         let items = train_set.of(layer)?;
         let batches = items.len().div_ceil(opts.batch_size.max(1));
@@ -381,7 +381,7 @@ pub fn distil_local(
                 }
                 restore(&vars, &before)?;
                 lr /= 10.0;
-                adam = adam_at(&vars, lr)?;
+                adam = new_adam(&vars, lr)?;
                 continue;
             }
             let e = FitEpoch {
@@ -411,19 +411,6 @@ pub fn distil_local(
         }
     }
     Ok(fits)
-}
-
-fn adam(vars: &[Var], lr: f64) -> Result<AdamW> {
-    adam_at(vars, lr)
-}
-
-fn adam_at(vars: &[Var], lr: f64) -> Result<AdamW> {
-    let p = ParamsAdamW {
-        lr,
-        weight_decay: 0.0,
-        ..Default::default()
-    };
-    Ok(AdamW::new(vars.to_vec(), p)?)
 }
 
 fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::DType;
+use candle_nn::optim::Optimizer;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ use crate::model::routing::{
 };
 use crate::model::{Model, ParamValues, Pass, RunOptions, TrainableParams};
 use crate::plan::{BlockId, Plan};
+use crate::surgery::fit::{grads_finite, new_adam};
 use crate::surgery::objective::{input_ids, sequence_loss, BaseStates, LossKind};
 
 /// How many times a non-finite loss may cut the learning rate.
@@ -168,29 +169,6 @@ pub fn sequence_objective(
     let share_value = f64::from(share.to_dtype(DType::F32)?.to_scalar::<f32>()?);
     let loss = (kl + ((share - capacity)?.abs()? * penalty)?)?;
     Ok((loss, kl_value, share_value))
-}
-
-fn new_adam(vars: &[Var], lr: f64) -> Result<AdamW> {
-    let p = ParamsAdamW {
-        lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
-    Ok(AdamW::new(vars.to_vec(), p)?)
-}
-
-fn all_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            let a: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            if a.iter().any(|x| !x.is_finite()) {
-                return Ok(false);
-            }
-        }
-    }
-    Ok(true)
 }
 
 /// What one training epoch did.
@@ -360,7 +338,7 @@ pub fn train_routers(
                         share,
                     });
                 }
-                if !all_finite(&grads, &vars)? {
+                if !grads_finite(&grads, &vars)? {
                     return Ok(Epoch::NonFinite);
                 }
                 adam.step(&grads)?;
