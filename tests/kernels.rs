@@ -194,6 +194,30 @@ fn each_format_and_kernel_matches_the_dequantized_reference() {
     }
 }
 
+/// The 32-element formats the SIMD kernels read in tiles of 8 rows give exactly the portable
+/// kernel's bits: whole tiles, the rows after the last tile, and every row count.
+#[test]
+fn tiled_formats_equal_the_portable_kernel_bit_for_bit() {
+    let pool = Pool::new(2);
+    for &dtype in &[GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (seed, &(out, blocks, rows)) in [(8, 1, 1), (19, 3, 9), (64, 18, 4), (7, 2, 3)]
+            .iter()
+            .enumerate()
+        {
+            let c = case(dtype, out, blocks, rows, 500 + seed as u64);
+            let portable = ours(&c, &pool, Kernel::Portable);
+            for kernel in Kernel::all_available() {
+                let y = ours(&c, &pool, kernel);
+                let same = y
+                    .iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?} {kernel:?} {out}x{} rows {rows}", c.inp);
+            }
+        }
+    }
+}
+
 /// matmul_range gives exactly the matching columns of a full matmul.
 #[test]
 fn matmul_range_equals_the_slice_of_matmul() {

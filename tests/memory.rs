@@ -64,13 +64,13 @@ fn decode_logits(t: &Transformer, prompt: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn a_load_over_the_memory_limit_is_refused_with_the_estimate_and_what_to_do() {
     let gguf = common::smollm2_path().display().to_string();
-    // SmolLM2 as f32 + its decode copy: ~1.3 GiB estimated; quantized-only ~0.65 GiB.
+    // SmolLM2 as f32 + its decode copies: ~1.4 GiB estimated; quantized-only ~0.8 GiB.
     let args = ["--model", &gguf, "eval", "--no-base", "--window", "64"];
-    let (ok, err) = scalpel_with_limit("800M", &args);
+    let (ok, err) = scalpel_with_limit("900M", &args);
     assert!(!ok, "expected a refusal: {err}");
     for want in [
         "needs about",
-        "but only 800 MiB is available (SCALPEL_MEMORY_LIMIT=800M)",
+        "but only 900 MiB is available (SCALPEL_MEMORY_LIMIT=900M)",
         "use --weights quantized",
         "fits",
     ] {
@@ -87,8 +87,8 @@ fn a_load_over_the_memory_limit_is_refused_with_the_estimate_and_what_to_do() {
     let p = path.display().to_string();
     let mut quant = args.to_vec();
     quant.extend(["--weights", "quantized", "--text", &p]);
-    let (ok, err) = scalpel_with_limit("800M", &quant);
-    assert!(ok, "quantized-only eval under 800M failed: {err}");
+    let (ok, err) = scalpel_with_limit("900M", &quant);
+    assert!(ok, "quantized-only eval under 900M failed: {err}");
     // Far too little for either: no suggestion that cannot work.
     let (ok, err) = scalpel_with_limit("50M", &quant);
     assert!(

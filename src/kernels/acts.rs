@@ -13,6 +13,8 @@ pub(crate) struct Acts {
     pub(crate) d: Vec<f32>,
     /// B32: per 32-block, `d * sum(q)` (Q4_1/Q5_1's min term). B256: unused.
     pub(crate) dsum: Vec<f32>,
+    /// Per block, `sum(q)` (the offsets of Q4_0 and of the tiled Q8_0, taken in integers).
+    pub(crate) qsum: Vec<i32>,
     /// Sum of q per 16 elements, rows x (in_dim / 16) (the K-quants' min and offset terms;
     /// B32 formats use pairs of them).
     pub(crate) sums16: Vec<i16>,
@@ -29,6 +31,7 @@ impl Acts {
         self.qs.resize(rows * in_dim, 0);
         self.d.resize(rows * nb, 0.0);
         self.dsum.resize(rows * nb, 0.0);
+        self.qsum.resize(rows * nb, 0);
         self.sums16.resize(rows * in_dim / 16, 0);
         for (b, (xb, qb)) in x[..rows * in_dim]
             .chunks_exact(bl)
@@ -52,6 +55,7 @@ impl Acts {
             }
             self.d[b] = d;
             self.dsum[b] = d * total as f32;
+            self.qsum[b] = total;
         }
     }
 }

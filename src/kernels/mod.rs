@@ -9,6 +9,7 @@ mod formats;
 pub mod pool;
 pub mod quant;
 mod scalar;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use super::acts::Acts;
 use super::formats::Format;
 use super::pool::{pool, Pool};
+use super::tiles::{Tiles, TILE_ROWS};
 use super::{active_kernel, scalar, Kernel};
 
 /// Activation rows one kernel call handles against each weight row (one accumulator each).
@@ -24,6 +25,8 @@ pub struct QWeight {
     out_dim: usize,
     in_dim: usize,
     row_bytes: usize,
+    /// The rows interleaved for the SIMD kernels (formats with a tile layout, on CPUs with AVX2).
+    tiles: Option<Tiles>,
 }
 
 // SAFETY: `data` points into the immutable storage of the `QTensor` held by `_tensor`.
@@ -75,6 +78,12 @@ impl QWeight {
                 row_bytes * out_dim
             );
         }
+        // SAFETY: `data` and `len` come from the borrowed storage of `q`, alive here.
+        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+        let tiles = Kernel::Avx2
+            .available()
+            .then(|| Tiles::build(format, bytes, out_dim, row_bytes))
+            .flatten();
         Ok(Some(QWeight {
             _tensor: q,
             data,
@@ -83,6 +92,7 @@ impl QWeight {
             out_dim,
             in_dim,
             row_bytes,
+            tiles,
         }))
     }
 
@@ -98,6 +108,11 @@ impl QWeight {
 
     pub fn dtype(&self) -> GgmlDType {
         self.format.dtype()
+    }
+
+    /// Bytes of the interleaved copy the SIMD kernels read (0 where there is none).
+    pub fn tiled_bytes(&self) -> usize {
+        self.tiles.as_ref().map_or(0, Tiles::len)
     }
 
     /// y (rows x out_dim, row-major) = x (rows x in_dim, row-major) * W^T.
@@ -163,30 +178,33 @@ impl QWeight {
         });
     }
 
-    /// Splits the output features into chunks over the pool.
+    /// Splits the output features into chunks over the pool, at multiples of the tile height
+    /// (counted from row 0, so a range that starts mid-tile keeps its later tiles whole).
     fn run(&self, pool: &Pool, kernel: Kernel, acts: &Acts, outs: Range<usize>, y: &mut [f32]) {
         let n_out = outs.len();
         let rows = acts.rows;
         // Enough chunks to balance the threads, each big enough to amortise its hand-off.
         let work_per_out = self.row_bytes.max(1) * rows.max(1);
-        let min_chunk = (64 * 1024 / work_per_out).clamp(4, 256);
+        let min_chunk = (64 * 1024 / work_per_out).clamp(TILE_ROWS, 256);
         let chunk = n_out
             .div_ceil(pool.threads() * 4)
             .max(min_chunk)
-            .next_multiple_of(4);
-        let tasks = n_out.div_ceil(chunk);
+            .next_multiple_of(TILE_ROWS);
+        let base = outs.start - outs.start % TILE_ROWS;
+        let tasks = (outs.end - base).div_ceil(chunk);
         let y_ptr = SendPtr(y.as_mut_ptr());
         let task = |t: usize| {
-            let lo = t * chunk;
-            let hi = (lo + chunk).min(n_out);
-            // SAFETY: tasks write disjoint columns lo..hi of y.
+            let lo = (base + t * chunk).max(outs.start);
+            let hi = (base + (t + 1) * chunk).min(outs.end);
+            // SAFETY: tasks write disjoint columns of y.
             let y = unsafe { std::slice::from_raw_parts_mut(y_ptr.get(), rows * n_out) };
-            self.chunk(kernel, acts, outs.start + lo..outs.start + hi, lo, n_out, y);
+            self.chunk(kernel, acts, lo..hi, lo - outs.start, n_out, y);
         };
         pool.for_each(tasks, &task);
     }
 
-    /// Weight rows `ws` into y's columns col0.., for every activation row.
+    /// Weight rows `ws` into y's columns col0.., for every activation row: whole tiles through
+    /// the tiled kernel, other rows one at a time (the same bits either way).
     fn chunk(
         &self,
         kernel: Kernel,
@@ -197,17 +215,72 @@ impl QWeight {
         y: &mut [f32],
     ) {
         let rows = acts.rows;
-        let mut out = [0f32; ROW_GROUP];
-        for (i, o) in ws.enumerate() {
+        let mut o = ws.start;
+        while o < ws.end {
+            let col = col0 + o - ws.start;
+            if self.whole_tile_at(kernel, o, ws.end) {
+                let mut out = [[0f32; TILE_ROWS]; ROW_GROUP];
+                let mut r0 = 0;
+                while r0 < rows {
+                    let nr = (rows - r0).min(ROW_GROUP);
+                    self.tile_rows(kernel, o / TILE_ROWS, acts, r0, &mut out[..nr]);
+                    for (k, vals) in out[..nr].iter().enumerate() {
+                        let at = (r0 + k) * n_out + col;
+                        y[at..at + TILE_ROWS].copy_from_slice(vals);
+                    }
+                    r0 += nr;
+                }
+                o += TILE_ROWS;
+                continue;
+            }
+            let mut out = [0f32; ROW_GROUP];
             let w = self.row(o);
             let mut r0 = 0;
             while r0 < rows {
                 let nr = (rows - r0).min(ROW_GROUP);
                 self.dot_rows(kernel, w, acts, r0, &mut out[..nr]);
                 for (k, v) in out[..nr].iter().enumerate() {
-                    y[(r0 + k) * n_out + col0 + i] = *v;
+                    y[(r0 + k) * n_out + col] = *v;
                 }
                 r0 += nr;
+            }
+            o += 1;
+        }
+    }
+
+    /// Whether a tile starts at weight row `o` that the tiled kernel can take whole (below `end`).
+    fn whole_tile_at(&self, kernel: Kernel, o: usize, end: usize) -> bool {
+        let Some(tiles) = &self.tiles else {
+            return false;
+        };
+        kernel != Kernel::Portable
+            && o.is_multiple_of(TILE_ROWS)
+            && o + TILE_ROWS <= end
+            && o / TILE_ROWS < tiles.tiles
+    }
+
+    /// out[r][j] = weight row `TILE_ROWS * t + j` against activation row `r0 + r`.
+    fn tile_rows(
+        &self,
+        kernel: Kernel,
+        t: usize,
+        acts: &Acts,
+        r0: usize,
+        out: &mut [[f32; TILE_ROWS]],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.tiles {
+            if super::x86::tiled::tile_rows(kernel, self.format, tiles.tile(t), acts, r0, out) {
+                return;
+            }
+        }
+        // No tiled kernel for this variant: the rows one at a time (the same bits).
+        let mut col = [0f32; ROW_GROUP];
+        let nr = out.len();
+        for (j, o) in (t * TILE_ROWS..(t + 1) * TILE_ROWS).enumerate() {
+            scalar::dot_rows(self.format, self.row(o), acts, r0, &mut col[..nr]);
+            for (row, v) in out.iter_mut().zip(&col[..nr]) {
+                row[j] = *v;
             }
         }
     }

@@ -26,16 +26,19 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
     for (b, blk) in blocks.enumerate() {
         let xb = &x[b * bl..(b + 1) * bl];
         let sb = &s16[b * bl / 16..(b + 1) * bl / 16];
-        acc += match format {
-            Format::Q4_0 => f16_at(blk, 0) * d[b] * q4_dot(&blk[2..18], xb, 8) as f32,
+        // Q4_0, Q4_1 and Q8_0 take the tiled SIMD kernels' exact arithmetic (integer dot, then
+        // one fused multiply-add per term), so every variant gives these formats the same bits.
+        let dwdx = f16_at(blk, 0) * d[b];
+        acc = match format {
+            Format::Q4_0 => (q4_dot(&blk[2..18], xb, 8) as f32).mul_add(dwdx, acc),
             Format::Q4_1 => {
-                f16_at(blk, 0) * d[b] * q4_dot(&blk[4..20], xb, 0) as f32
-                    + f16_at(blk, 2) * acts.dsum[r * nb + b]
+                let acc = (q4_dot(&blk[4..20], xb, 0) as f32).mul_add(dwdx, acc);
+                f16_at(blk, 2).mul_add(acts.dsum[r * nb + b], acc)
             }
-            Format::Q5_0 => f16_at(blk, 0) * d[b] * q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32,
+            Format::Q5_0 => acc + dwdx * q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32,
             Format::Q5_1 => {
-                f16_at(blk, 0) * d[b] * q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32
-                    + f16_at(blk, 2) * acts.dsum[r * nb + b]
+                acc + (dwdx * q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32
+                    + f16_at(blk, 2) * acts.dsum[r * nb + b])
             }
             Format::Q8_0 => {
                 let sumi: i32 = blk[2..34]
@@ -43,11 +46,11 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
                     .zip(xb)
                     .map(|(&w, &x)| w as i8 as i32 * x as i32)
                     .sum();
-                f16_at(blk, 0) * d[b] * sumi as f32
+                (sumi as f32).mul_add(dwdx, acc)
             }
-            Format::Q4K => d[b] * q4k_dot(blk, xb, sb),
-            Format::Q5K => d[b] * q5k_dot(blk, xb, sb),
-            Format::Q6K => d[b] * q6k_dot(blk, xb),
+            Format::Q4K => acc + d[b] * q4k_dot(blk, xb, sb),
+            Format::Q5K => acc + d[b] * q5k_dot(blk, xb, sb),
+            Format::Q6K => acc + d[b] * q6k_dot(blk, xb),
         };
     }
     acc

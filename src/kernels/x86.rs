@@ -11,9 +11,12 @@
 
 use std::arch::x86_64::*;
 
+pub(crate) mod tiled;
+
 use super::acts::Acts;
 use super::formats::{scale_min_k4, Format};
 use super::quant::ROW_GROUP;
+use super::tiles::TileLayout;
 use super::Kernel;
 
 /// Runs the SIMD kernel for `format`; false means "use the portable one".
@@ -25,6 +28,9 @@ pub(crate) fn dot_rows(
     r0: usize,
     out: &mut [f32],
 ) -> bool {
+    if TileLayout::of(format).is_some() {
+        return false;
+    }
     assert!(out.len() <= ROW_GROUP && r0 + out.len() <= acts.rows);
     assert!(w.len() >= acts.in_dim / format.block_elems() * format.block_bytes());
     // SAFETY: the variant is only chosen when `Kernel::available` says the CPU has it; the
@@ -112,11 +118,10 @@ macro_rules! by_rows {
 unsafe fn dispatch<D: Dot>(format: Format, w: *const u8, acts: &Acts, r0: usize, out: &mut [f32]) {
     let n = out.len();
     match format {
-        Format::Q4_0 => by_rows!(blocks32::<D, Q4_0>(w, acts, r0, out), n),
-        Format::Q4_1 => by_rows!(blocks32::<D, Q4_1>(w, acts, r0, out), n),
         Format::Q5_0 => by_rows!(blocks32::<D, Q5_0>(w, acts, r0, out), n),
         Format::Q5_1 => by_rows!(blocks32::<D, Q5_1>(w, acts, r0, out), n),
-        Format::Q8_0 => by_rows!(blocks32::<D, Q8_0>(w, acts, r0, out), n),
+        // Tiled (`tiled`); their odd rows take the portable kernel, which is bit-identical.
+        Format::Q4_0 | Format::Q4_1 | Format::Q8_0 => unreachable!("declined in dot_rows"),
         Format::Q4K => by_rows!(q45k::<D, Q4K>(w, acts, r0, out), n),
         Format::Q5K => by_rows!(q45k::<D, Q5K>(w, acts, r0, out), n),
         Format::Q6K => by_rows!(q6k::<D, Q6K>(w, acts, r0, out), n),
@@ -165,8 +170,6 @@ unsafe fn dot_f32(a: *const f32, b: *const f32, len: usize) -> f32 {
 /// A 32-element block format: its bytes, scale, min term and values as 32 bytes in element order.
 trait Block32 {
     const BYTES: usize;
-    /// Values are signed (Q8_0): dotted with the sign trick instead of as unsigned.
-    const SIGNED: bool = false;
     /// The block's min/offset per unit of `d*sum(x)`; None when there is none.
     unsafe fn min(blk: *const u8, d: f32) -> Option<f32>;
     unsafe fn values(blk: *const u8) -> __m256i;
@@ -197,32 +200,6 @@ unsafe fn fifth_bits(qh: *const u8) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-struct Q4_0;
-impl Block32 for Q4_0 {
-    const BYTES: usize = 18;
-    #[inline(always)]
-    unsafe fn min(_: *const u8, d: f32) -> Option<f32> {
-        Some(-8.0 * d)
-    }
-    #[inline(always)]
-    unsafe fn values(blk: *const u8) -> __m256i {
-        nibbles(blk.add(2))
-    }
-}
-
-struct Q4_1;
-impl Block32 for Q4_1 {
-    const BYTES: usize = 20;
-    #[inline(always)]
-    unsafe fn min(blk: *const u8, _: f32) -> Option<f32> {
-        Some(f16_at(blk.add(2)))
-    }
-    #[inline(always)]
-    unsafe fn values(blk: *const u8) -> __m256i {
-        nibbles(blk.add(4))
-    }
-}
-
 struct Q5_0;
 impl Block32 for Q5_0 {
     const BYTES: usize = 22;
@@ -246,20 +223,6 @@ impl Block32 for Q5_1 {
     #[inline(always)]
     unsafe fn values(blk: *const u8) -> __m256i {
         _mm256_or_si256(nibbles(blk.add(8)), fifth_bits(blk.add(4)))
-    }
-}
-
-struct Q8_0;
-impl Block32 for Q8_0 {
-    const BYTES: usize = 34;
-    const SIGNED: bool = true;
-    #[inline(always)]
-    unsafe fn min(_: *const u8, _: f32) -> Option<f32> {
-        None
-    }
-    #[inline(always)]
-    unsafe fn values(blk: *const u8) -> __m256i {
-        _mm256_loadu_si256(blk.add(2) as *const __m256i)
     }
 }
 
@@ -306,13 +269,11 @@ unsafe fn blocks32<D: Dot, B: Block32, const R: usize>(
         for b in 0..len {
             let blk = w.add((s + b) * B::BYTES);
             let q = B::values(blk);
-            let aq = if B::SIGNED { _mm256_abs_epi8(q) } else { q };
             for r in 0..R {
                 let x = _mm256_loadu_si256(
                     acts.qs.as_ptr().add((r0 + r) * n + (s + b) * 32) as *const __m256i
                 );
-                let x = if B::SIGNED { _mm256_sign_epi8(x, q) } else { x };
-                let p = D::dot(_mm256_setzero_si256(), aq, x);
+                let p = D::dot(_mm256_setzero_si256(), q, x);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwdx[r][b]), acc[r]);
             }
         }

@@ -57,7 +57,9 @@ pub struct MemoryNeed {
     /// the quantized ones when they are kept.
     pub dense: u64,
     /// candle's x86 CPU kernels keep a repacked copy of each Q4_K, Q6_K
-    /// and Q8_0 matrix after its first matmul (as large as the matrix).
+    /// and Q8_0 matrix after its first matmul (as large as the matrix), and
+    /// the lean path's kernels an interleaved copy of each Q4_0, Q4_1 and
+    /// Q8_0 matrix (`kernels::QWeight::tiled_bytes`).
     pub repacked: u64,
     /// The largest temporary of the load itself (one tensor dequantized).
     pub load_transient: u64,
@@ -108,6 +110,13 @@ fn kept_type(dtype: GgmlDType, device: &Device) -> GgmlDType {
     }
 }
 
+/// Whether the lean path's kernels keep an interleaved copy of a `dtype` matrix.
+fn tiled_on(dtype: GgmlDType, device: &Device) -> bool {
+    cfg!(target_arch = "x86_64")
+        && device.is_cpu()
+        && matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+}
+
 /// Whether candle's CPU matmul keeps a repacked copy of a `dtype` matrix.
 fn repacked_on(dtype: GgmlDType, device: &Device) -> bool {
     cfg!(target_arch = "x86_64")
@@ -142,6 +151,13 @@ pub fn estimate(
                 need.quantized += quantized_bytes(t.elems, kept);
                 if repacked_on(kept, device) {
                     need.repacked += quantized_bytes(t.elems, kept);
+                }
+                if kept != q && device.is_cpu() {
+                    // The file's own copy, which the lean path's kernels read.
+                    need.quantized += quantized_bytes(t.elems, q);
+                }
+                if tiled_on(q, device) {
+                    need.repacked += quantized_bytes(t.elems, q);
                 }
                 let read = quantized_bytes(t.elems, q);
                 let dequantized = opts.keep == KeepWeights::Both || kept != q;
