@@ -12,8 +12,8 @@ use ratatui::Terminal;
 
 use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
 use scalpel::tui::app::{
-    App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Quality,
-    Record, Request, Side, Speed, Update,
+    App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Overlap,
+    Quality, Record, Request, Side, Speed, Update,
 };
 use scalpel::tui::{handler, ui};
 
@@ -51,6 +51,7 @@ fn speed(prefill: f64, decode: f64) -> Speed {
         base_decode: 38.0,
         plan_prefill: prefill,
         plan_decode: decode,
+        overlap: Overlap::default(),
     }
 }
 
@@ -191,6 +192,35 @@ fn evaluating_after_a_toggle() {
         total: 2,
     });
     insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn a_speed_measured_beside_another_job_is_marked() {
+    let mut app = busy_app();
+    app.at = 0;
+    // The base timed alone while importance scoring ran: equal sides, marked.
+    let speed = Speed::same_as_base(
+        396.0,
+        36.2,
+        Overlap {
+            importance: true,
+            ..Default::default()
+        },
+    );
+    app.apply(Update::Speed {
+        plan: Plan::base(),
+        speed,
+    });
+    let screen = render(&app, 80, 24);
+    assert!(
+        screen.contains("decode       36.2       36.2    ×1.00"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("⚠ importance running: not comparable"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
 }
 
 #[test]

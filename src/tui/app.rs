@@ -121,6 +121,44 @@ pub struct Quality {
     pub top1: f64,
 }
 
+/// Background jobs that ran while a speed was measured: they share the
+/// cores, so such a speed is not comparable with one taken on a quiet machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlap {
+    pub importance: bool,
+    pub search: bool,
+    pub fit: bool,
+    pub generation: bool,
+}
+
+impl Overlap {
+    pub fn is_clean(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.importance, "importance"),
+            (self.search, "search"),
+            (self.fit, "fit"),
+            (self.generation, "generation"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
+    /// `⚠ importance running: not comparable` (short enough for the metrics
+    /// panel at 80 columns), or nothing when clean.
+    pub fn warning(&self) -> Option<String> {
+        let names = self.names();
+        if names.is_empty() {
+            return None;
+        }
+        Some(format!("⚠ {} running: not comparable", names.join(" + ")))
+    }
+}
+
 /// Medians of prefill / decode tokens per second, base and plan timed in the same run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Speed {
@@ -128,9 +166,24 @@ pub struct Speed {
     pub base_decode: f64,
     pub plan_prefill: f64,
     pub plan_decode: f64,
+    /// Other jobs running while this was timed (sessions saved before it: none known).
+    #[serde(default)]
+    pub overlap: Overlap,
 }
 
 impl Speed {
+    /// A plan that computes exactly what the base does: the base's own
+    /// numbers on both sides, so the ratios are exactly 1.
+    pub fn same_as_base(base_prefill: f64, base_decode: f64, overlap: Overlap) -> Self {
+        Self {
+            base_prefill,
+            base_decode,
+            plan_prefill: base_prefill,
+            plan_decode: base_decode,
+            overlap,
+        }
+    }
+
     pub fn prefill_ratio(&self) -> f64 {
         self.plan_prefill / self.base_prefill
     }
@@ -983,6 +1036,7 @@ mod tests {
             base_decode: 1.0,
             plan_prefill: 1.0,
             plan_decode: 1.0,
+            overlap: Overlap::default(),
         };
         app.apply(Update::Quality {
             plan: Plan::base(),

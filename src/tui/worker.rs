@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{DraftStats, JobKind, Origin, Quality, Request, Side, Update};
+use super::app::{DraftStats, JobKind, Origin, Quality, Request, Side, Speed, Update};
+use super::jobs::activity::{Activity, Busy};
 use super::jobs::{self, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
@@ -129,6 +130,10 @@ struct Ctx {
     setup: Arc<Setup>,
     tx: Sender<Update>,
     cache: QualityCache,
+    /// Which jobs run now, for marking speeds taken beside them.
+    activity: Activity,
+    /// The last base speed measured, reused for plans equal to the base.
+    base_speed: Arc<Mutex<Option<Speed>>>,
 }
 
 impl Ctx {
@@ -147,6 +152,8 @@ impl Worker {
             setup,
             tx,
             cache: Arc::new(Mutex::new(HashMap::new())),
+            activity: Activity::default(),
+            base_speed: Arc::new(Mutex::new(None)),
         };
         let c = ctx.clone();
         let mut baseline_done = false;
@@ -160,11 +167,18 @@ impl Worker {
         let c = ctx.clone();
         let long = Lane::spawn("scalpel-long", move |job: LongJob, cancel| match job {
             LongJob::Importance => importance(&c, cancel),
-            LongJob::Search { k } => search(&c, k, cancel),
-            LongJob::Fit(plan) => fit(&c, plan, cancel),
+            LongJob::Search { k } => {
+                let _busy = c.activity.enter(Busy::Search);
+                search(&c, k, cancel)
+            }
+            LongJob::Fit(plan) => {
+                let _busy = c.activity.enter(Busy::Fit);
+                fit(&c, plan, cancel)
+            }
         });
         let c = ctx;
         let gen = Lane::spawn("scalpel-gen", move |job: GenJob, cancel| {
+            let _busy = c.activity.enter(Busy::Generation);
             generate(&c, job, cancel)
         });
         // The base model's numbers first, whatever the first plan is.
@@ -264,13 +278,33 @@ fn evaluate(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
         return;
     }
     c.send(Update::SpeedStarted(plan.clone()));
-    match jobs::eval::speed(&c.model, &c.setup, &plan) {
+    match plan_speed(c, &plan) {
         Ok(speed) => c.send(Update::Speed { plan, speed }),
         Err(e) => c.send(Update::EvalFailed {
             plan,
             error: format!("speed: {e:#}"),
         }),
     }
+}
+
+/// Times the plan (or reuses the base's numbers for a plan equal to it),
+/// noting which other jobs ran meanwhile.
+fn plan_speed(c: &Ctx, plan: &Plan) -> anyhow::Result<Speed> {
+    let last_base = *c.base_speed.lock().unwrap_or_else(|e| e.into_inner());
+    let timed = |f: &dyn Fn() -> anyhow::Result<Speed>| {
+        let watch = c.activity.watch();
+        let mut s = f()?;
+        s.overlap = watch.finish();
+        let base = Speed::same_as_base(s.base_prefill, s.base_decode, s.overlap);
+        *c.base_speed.lock().unwrap_or_else(|e| e.into_inner()) = Some(base);
+        Ok(s)
+    };
+    jobs::eval::speed_or_reuse(
+        plan,
+        last_base,
+        || timed(&|| jobs::eval::base_speed(&c.model, &c.setup)),
+        || timed(&|| jobs::eval::speed(&c.model, &c.setup, plan)),
+    )
 }
 
 fn importance(c: &Ctx, cancel: &AtomicBool) {
@@ -288,6 +322,7 @@ fn importance(c: &Ctx, cancel: &AtomicBool) {
         )));
         return;
     }
+    let _busy = c.activity.enter(Busy::Importance);
     c.send(Update::JobStarted(JobKind::Importance));
     let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
         c.send(Update::JobProgress {
