@@ -15,7 +15,7 @@ use scalpel::tui::app::{
     App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Overlap,
     Quality, Record, Request, Side, Speed, Update,
 };
-use scalpel::tui::{handler, ui};
+use scalpel::tui::{handler, keys, ui};
 
 fn info() -> ModelInfo {
     ModelInfo {
@@ -400,4 +400,151 @@ fn draft_view_marks_drafted_tokens_and_checks_the_text() {
         smaller.contains("draft: attn.25 attn.27 · same text ✓"),
         "{smaller}"
     );
+}
+
+/// What a key can change, as text: two apps in the same state print the same.
+fn observe(app: &App, reqs: &[Request]) -> String {
+    format!(
+        "{:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        app.mode,
+        app.cursor,
+        app.metric,
+        app.chart_x,
+        app.chart_y,
+        app.quit,
+        app.at,
+        app.history.len(),
+        app.status,
+        app.job.as_ref().map(|j| j.cancelling),
+    )
+}
+
+/// A state in which every main-screen action has something to do.
+fn ready_for(command: &keys::Command<keys::Action>, action: keys::Action) -> App {
+    let mut app = busy_app();
+    app.at = 1; // both undo and redo possible; one block skipped (F can fit)
+    app.cursor = if action == keys::Action::Up {
+        BlockId::mlp(5)
+    } else {
+        BlockId::attn(5)
+    };
+    if command.when == keys::When::JobRunning {
+        app.job = Some(LongJob::new(JobKind::Importance, app.now));
+    }
+    app
+}
+
+#[test]
+fn every_key_binding_is_handled_and_shown_in_help() {
+    let mut help = busy_app();
+    handler::handle_key(&mut help, key(KeyCode::Char('?')));
+    let help = render(&help, 80, 30);
+    let mut bound = 0;
+    for c in keys::main_commands() {
+        assert!(
+            help.contains(&format!("  {:<12}{}", c.keys, c.description)),
+            "`{}` is not in the help:\n{help}",
+            c.keys
+        );
+        for (_, k, _) in c.bar {
+            assert!(
+                c.keys.contains(k),
+                "bar key `{k}` is not one of `{}`",
+                c.keys
+            );
+        }
+        assert!(
+            !c.bindings.is_empty() || c.keys == "click",
+            "`{}` binds no key",
+            c.keys
+        );
+        for (k, action) in c.bindings {
+            let g = k.glyph();
+            assert!(
+                c.keys.split_whitespace().any(|w| w.contains(&g)) || c.description.contains(&g),
+                "key `{g}` of `{}` is not shown in its help line",
+                c.keys
+            );
+            // The handler reaches this binding (no earlier one takes its key)...
+            let (found, a) = keys::find(keys::main_commands(), &k.event()).unwrap();
+            assert!(
+                std::ptr::eq(found, c) && a == *action,
+                "`{g}` is taken by `{}`",
+                found.keys
+            );
+            // ...runs exactly the table's action, and that action does something.
+            let mut by_key = ready_for(c, *action);
+            let reqs = handler::handle_key(&mut by_key, k.event());
+            let mut by_action = ready_for(c, *action);
+            let expected = handler::run(&mut by_action, *action);
+            let before = ready_for(c, *action);
+            assert_eq!(
+                observe(&by_key, &reqs),
+                observe(&by_action, &expected),
+                "`{g}`"
+            );
+            assert_ne!(
+                observe(&by_key, &reqs),
+                observe(&before, &[]),
+                "`{g}` did nothing"
+            );
+            bound += 1;
+        }
+    }
+    assert!(bound >= 30, "only {bound} keys bound");
+}
+
+#[test]
+fn popup_and_prompt_keys_come_from_their_tables() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('H')));
+    let bar = ui::cmdbar::keys(&app);
+    for c in keys::HISTORY {
+        for (k, _) in c.bindings {
+            let (found, _) = keys::find(keys::HISTORY, &k.event()).unwrap();
+            assert!(std::ptr::eq(found, c), "`{}` shadowed", k.glyph());
+        }
+        for (_, k, name) in c.bar {
+            assert!(bar.contains(&(*k, *name)), "{k} {name} not in {bar:?}");
+        }
+    }
+    handler::handle_key(&mut app, key(KeyCode::Char('q')));
+    assert_eq!(app.mode, Mode::Normal, "q closes the history list");
+
+    handler::handle_key(&mut app, key(KeyCode::Char('e')));
+    let screen = render(&app, 140, 24);
+    for c in keys::INPUT {
+        for (k, _) in c.bindings {
+            let (found, _) = keys::find(keys::INPUT, &k.event()).unwrap();
+            assert!(std::ptr::eq(found, c), "`{}` shadowed", k.glyph());
+        }
+        for (_, k, name) in c.bar {
+            assert!(
+                screen.contains(&format!("{k} {name}")),
+                "{k} {name}:\n{screen}"
+            );
+        }
+    }
+    // In a prompt, `q` types; ^c still quits.
+    handler::handle_key(&mut app, key(KeyCode::Char('q')));
+    assert!(matches!(&app.mode, Mode::Input { text, .. } if text.ends_with('q')));
+    handler::handle_key(&mut app, keys::FORCE_QUIT.event());
+    assert!(app.quit);
+}
+
+#[test]
+fn a_key_that_cannot_run_now_says_why() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Esc));
+    assert_eq!(
+        app.status.as_ref().unwrap().text,
+        "no background job to cancel"
+    );
+    app.job = Some(LongJob::new(JobKind::Importance, app.now));
+    handler::handle_key(&mut app, key(KeyCode::Char('S')));
+    assert_eq!(app.mode, Mode::Normal, "no K prompt while a job runs");
+    assert!(app.status.as_ref().unwrap().error);
+    let bar = ui::cmdbar::keys(&app);
+    assert_eq!(bar[0], ("esc", "cancel job"));
+    assert!(!bar.contains(&("S", "search")), "{bar:?}");
 }
