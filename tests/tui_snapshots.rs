@@ -12,8 +12,8 @@ use ratatui::Terminal;
 
 use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
 use scalpel::tui::app::{
-    App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Overlap,
-    Quality, Record, Request, Side, Speed, Update,
+    App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
+    Overlap, Quality, Record, Request, Side, Speed, Update,
 };
 use scalpel::tui::{handler, keys, ui};
 
@@ -547,4 +547,51 @@ fn a_key_that_cannot_run_now_says_why() {
     let bar = ui::cmdbar::keys(&app);
     assert_eq!(bar[0], ("esc", "cancel job"));
     assert!(!bar.contains(&("S", "search")), "{bar:?}");
+}
+
+#[test]
+fn a_crashed_job_becomes_a_message_and_the_screen_stays() {
+    let mut app = busy_app();
+    app.cursor = BlockId::mlp(3);
+    handler::handle_key(&mut app, key(KeyCode::Char(' ')));
+    assert!(render(&app, 80, 24).contains("evaluating…"));
+    app.apply(Update::Crashed {
+        lane: LaneName::Eval,
+        message: "index out of bounds".into(),
+    });
+    let screen = render(&app, 80, 24);
+    assert!(!screen.contains("evaluating…"), "{screen}");
+    assert!(screen.contains("blocks · 3/60 skipped"), "{screen}");
+    let status = app.status.clone().unwrap();
+    assert!(
+        status.error && status.text.contains("index out of bounds"),
+        "{status:?}"
+    );
+    insta::assert_snapshot!(screen);
+
+    // A search that crashes releases the plan it was locking.
+    app.start_search(2);
+    assert!(app.search_running());
+    app.apply(Update::Crashed {
+        lane: LaneName::Long,
+        message: "boom".into(),
+    });
+    assert!(app.job.is_none());
+    assert!(app
+        .status
+        .as_ref()
+        .unwrap()
+        .text
+        .starts_with("search K=2 crashed: boom"));
+    app.cursor = BlockId::mlp(7);
+    assert_eq!(app.toggle_cursor().len(), 1, "the plan is editable again");
+
+    // Generation: the running side says so instead of waiting forever.
+    app.generate(false);
+    app.apply(Update::Crashed {
+        lane: LaneName::Gen,
+        message: "boom".into(),
+    });
+    assert!(!app.gen.base.queued && !app.gen.plan.queued);
+    assert_eq!(app.gen.plan.error.as_deref(), Some("crashed"));
 }

@@ -407,6 +407,16 @@ pub enum Request {
     CancelJob,
 }
 
+/// The worker's threads, named for a crash report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneName {
+    /// Held-out quality and speed of the current plan.
+    Eval,
+    /// Importance, search, fit.
+    Long,
+    Gen,
+}
+
 /// Results and progress from the background threads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
@@ -471,6 +481,12 @@ pub enum Update {
         prefill_tps: f64,
         decode_tps: f64,
         stats: DraftStats,
+    },
+    /// A job panicked (in its lane or a compute thread it waited on); the
+    /// lane is ready for the next job.
+    Crashed {
+        lane: LaneName,
+        message: String,
     },
 }
 
@@ -923,8 +939,38 @@ impl App {
                 s.decode_tps = Some(decode_tps);
                 s.draft = Some(stats);
             }
+            Update::Crashed { lane, message } => self.crashed(lane, message),
         }
         vec![]
+    }
+
+    /// A crashed job stops showing as under way; the screen stays and says what happened.
+    fn crashed(&mut self, lane: LaneName, message: String) {
+        let what = match lane {
+            LaneName::Eval => {
+                self.eval = None;
+                // The base is measured first on this lane: not here yet, it never will be.
+                if self.base_quality.is_none() {
+                    self.baseline_error = Some(message.clone());
+                }
+                "the evaluation".to_string()
+            }
+            LaneName::Long => self
+                .job
+                .take()
+                .map_or("a background job".into(), |j| j.kind.label()),
+            LaneName::Gen => {
+                for side in [&mut self.gen.base, &mut self.gen.plan] {
+                    if side.running || side.queued {
+                        side.running = false;
+                        side.queued = false;
+                        side.error = Some("crashed".into());
+                    }
+                }
+                "generation".to_string()
+            }
+        };
+        self.set_status(format!("{what} crashed: {message}; please report it"), true);
     }
 
     /// Importance level 0..=3 of a block among the blocks scored so far (quartiles).
