@@ -116,6 +116,7 @@ fn busy_app() -> App {
             quality: Some(q),
             speed: Some(s),
             origin: Origin::User,
+            speculative: None,
         });
     }
     for (plan, q) in search {
@@ -124,6 +125,7 @@ fn busy_app() -> App {
             quality: Some(q),
             speed: None,
             origin: Origin::Search,
+            speculative: None,
         });
     }
     app.history = user.iter().map(|(p, _, _)| p.clone()).collect();
@@ -594,4 +596,54 @@ fn a_crashed_job_becomes_a_message_and_the_screen_stays() {
     });
     assert!(!app.gen.base.queued && !app.gen.plan.queued);
     assert_eq!(app.gen.plan.error.as_deref(), Some("crashed"));
+}
+
+/// Runs the current plan as a draft: plain decode `plain` tok/s, speculative `spec`.
+fn draft_run(app: &mut App, plain: f64, spec: f64, alpha: f64) {
+    handler::handle_key(app, key(KeyCode::Char('d')));
+    app.apply(Update::GenDone {
+        side: Side::Base,
+        prefill_tps: 400.0,
+        decode_tps: plain,
+    });
+    app.apply(Update::DraftDone {
+        prefill_tps: 390.0,
+        decode_tps: spec,
+        stats: DraftStats {
+            acceptance_rate: alpha,
+            mean_accepted: 1.0 + 3.0 * alpha,
+        },
+    });
+}
+
+#[test]
+fn the_chart_offers_speculative_speed_up_once_a_draft_ran() {
+    use scalpel::tui::app::ChartX;
+    let mut app = busy_app();
+    // No draft measured yet: x goes skipped → decode × → skipped.
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::BlocksSkipped);
+
+    draft_run(&mut app, 40.0, 46.0, 0.8);
+    app.at = 1;
+    draft_run(&mut app, 40.0, 52.0, 0.9);
+    let spec = |app: &App, at: usize| app.record(&app.history[at]).unwrap().speculative;
+    let s = spec(&app, 1).unwrap();
+    assert!((s.speedup - 1.3).abs() < 1e-12 && s.acceptance_rate == 0.9);
+    assert!((spec(&app, 2).unwrap().speedup - 1.15).abs() < 1e-12);
+
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::SpeculativeSpeedup);
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("KL vs draft ×"), "{screen}");
+    // The two drafted plans span the axis.
+    assert!(
+        screen.contains("×1.15") && screen.contains("×1.30"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::BlocksSkipped);
 }

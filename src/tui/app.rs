@@ -199,6 +199,15 @@ pub enum Origin {
     Search,
 }
 
+/// The plan run as a draft for the full model (`d`): decode speed against
+/// the plain run just before it (one run of each: a glance, not a benchmark).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Speculative {
+    pub speedup: f64,
+    pub acceptance_rate: f64,
+    pub mean_accepted: f64,
+}
+
 /// Everything measured about one plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -206,6 +215,9 @@ pub struct Record {
     pub quality: Option<Quality>,
     pub speed: Option<Speed>,
     pub origin: Origin,
+    /// The last draft run of this plan, if any (older sessions: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<Speculative>,
 }
 
 /// The evaluation in flight for some plan.
@@ -323,6 +335,8 @@ pub struct Generation {
     pub plan_label: String,
     /// The right column ran the plan as a draft for the full model.
     pub drafting: bool,
+    /// The plan drafting, so its measurement lands on its record.
+    pub draft_plan: Option<Plan>,
 }
 
 impl Generation {
@@ -365,6 +379,19 @@ pub enum Mode {
 pub enum ChartX {
     BlocksSkipped,
     DecodeSpeedup,
+    /// Offered once some plan has been run as a draft.
+    SpeculativeSpeedup,
+}
+
+impl ChartX {
+    /// A record's position on this axis, if measured.
+    pub fn of(self, r: &Record) -> Option<f64> {
+        match self {
+            ChartX::BlocksSkipped => Some(r.plan.skip.len() as f64),
+            ChartX::DecodeSpeedup => Some(r.speed?.decode_ratio()),
+            ChartX::SpeculativeSpeedup => Some(r.speculative?.speedup),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,6 +598,7 @@ impl App {
                     quality: None,
                     speed: None,
                     origin,
+                    speculative: None,
                 });
                 self.records.len() - 1
             }
@@ -787,6 +815,7 @@ impl App {
         };
         self.gen.plan_label = self.plan().describe();
         self.gen.drafting = draft;
+        self.gen.draft_plan = draft.then(|| self.plan().clone());
         vec![Request::Generate {
             prompt,
             plan: self.plan().clone(),
@@ -938,6 +967,15 @@ impl App {
                 s.prefill_tps = Some(prefill_tps);
                 s.decode_tps = Some(decode_tps);
                 s.draft = Some(stats);
+                let base = self.gen.base.decode_tps.filter(|b| *b > 0.0);
+                if let (Some(b), Some(plan)) = (base, self.gen.draft_plan.clone()) {
+                    self.record_mut(&plan, Origin::User).speculative = Some(Speculative {
+                        speedup: decode_tps / b,
+                        acceptance_rate: stats.acceptance_rate,
+                        mean_accepted: stats.mean_accepted,
+                    });
+                    self.dirty = true;
+                }
             }
             Update::Crashed { lane, message } => self.crashed(lane, message),
         }
@@ -985,6 +1023,18 @@ impl App {
         Some(((below * 4) / all.len().max(1)).min(3) as u8)
     }
 
+    /// The next x axis for the chart; speculative speed-up only once a
+    /// draft run measured it.
+    pub fn next_chart_x(&self) -> ChartX {
+        match self.chart_x {
+            ChartX::BlocksSkipped => ChartX::DecodeSpeedup,
+            ChartX::DecodeSpeedup if self.records.iter().any(|r| r.speculative.is_some()) => {
+                ChartX::SpeculativeSpeedup
+            }
+            ChartX::DecodeSpeedup | ChartX::SpeculativeSpeedup => ChartX::BlocksSkipped,
+        }
+    }
+
     /// Plans measured this session for the chart: (origin, blocks skipped, quality, speed).
     pub fn chart_points(&self, origin: Origin) -> Vec<(f64, f64)> {
         let mut pts: Vec<(f64, f64)> = self
@@ -993,11 +1043,7 @@ impl App {
             .filter(|r| r.origin == origin)
             .filter_map(|r| {
                 let q = r.quality.as_ref()?;
-                let x = match self.chart_x {
-                    ChartX::BlocksSkipped => r.plan.skip.len() as f64,
-                    ChartX::DecodeSpeedup => r.speed.as_ref()?.decode_ratio(),
-                };
-                Some((x, self.chart_y.of(q)))
+                Some((self.chart_x.of(r)?, self.chart_y.of(q)))
             })
             .collect();
         if origin == Origin::Search {

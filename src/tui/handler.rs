@@ -7,7 +7,7 @@ use ratatui::crossterm::event::{
 };
 use ratatui::layout::Rect;
 
-use super::app::{App, ChartX, ChartY, InputKind, Mode, Request};
+use super::app::{App, ChartY, InputKind, Mode, Request};
 use super::keys::{self, Action, HistoryAction, InputAction};
 use super::plan_io;
 use super::ui;
@@ -64,12 +64,7 @@ pub fn run(app: &mut App, action: Action) -> Vec<Request> {
         Action::Search => open_input(app, InputKind::SearchK, "4".into()),
         Action::Fit => return app.start_fit(),
         Action::CancelJob => return app.cancel_job(),
-        Action::ChartX => {
-            app.chart_x = match app.chart_x {
-                ChartX::BlocksSkipped => ChartX::DecodeSpeedup,
-                ChartX::DecodeSpeedup => ChartX::BlocksSkipped,
-            }
-        }
+        Action::ChartX => app.chart_x = app.next_chart_x(),
         Action::ChartY => {
             app.chart_y = match app.chart_y {
                 ChartY::Kl => ChartY::Perplexity,

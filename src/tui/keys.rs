@@ -313,7 +313,7 @@ pub const MAIN: &[Group] = &[
         commands: &[
             Command::new(
                 "x",
-                "x axis: blocks skipped / decode speed-up",
+                "x axis: skipped / decode × / draft × (after d)",
                 &[(Key::ch('x'), A::ChartX)],
             ),
             Command::new("y", "y axis: KL / perplexity", &[(Key::ch('y'), A::ChartY)]),
