@@ -12,10 +12,10 @@ use ratatui::Terminal;
 
 use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
 use scalpel::tui::app::{
-    App, BlockScores, DraftStats, InputKind, JobKind, LongJob, Mode, ModelInfo, Origin, Quality,
-    Record, Request, Side, Speed, Update,
+    App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
+    Overlap, Quality, Record, Request, Side, Speed, Update,
 };
-use scalpel::tui::{handler, ui};
+use scalpel::tui::{handler, keys, ui};
 
 fn info() -> ModelInfo {
     ModelInfo {
@@ -51,6 +51,7 @@ fn speed(prefill: f64, decode: f64) -> Speed {
         base_decode: 38.0,
         plan_prefill: prefill,
         plan_decode: decode,
+        overlap: Overlap::default(),
     }
 }
 
@@ -115,6 +116,7 @@ fn busy_app() -> App {
             quality: Some(q),
             speed: Some(s),
             origin: Origin::User,
+            speculative: None,
         });
     }
     for (plan, q) in search {
@@ -123,6 +125,7 @@ fn busy_app() -> App {
             quality: Some(q),
             speed: None,
             origin: Origin::Search,
+            speculative: None,
         });
     }
     app.history = user.iter().map(|(p, _, _)| p.clone()).collect();
@@ -191,6 +194,35 @@ fn evaluating_after_a_toggle() {
         total: 2,
     });
     insta::assert_snapshot!(render(&app, 80, 24));
+}
+
+#[test]
+fn a_speed_measured_beside_another_job_is_marked() {
+    let mut app = busy_app();
+    app.at = 0;
+    // The base timed alone while importance scoring ran: equal sides, marked.
+    let speed = Speed::same_as_base(
+        396.0,
+        36.2,
+        Overlap {
+            importance: true,
+            ..Default::default()
+        },
+    );
+    app.apply(Update::Speed {
+        plan: Plan::base(),
+        speed,
+    });
+    let screen = render(&app, 80, 24);
+    assert!(
+        screen.contains("decode       36.2       36.2    ×1.00"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("⚠ importance running: not comparable"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
 }
 
 #[test]
@@ -370,4 +402,248 @@ fn draft_view_marks_drafted_tokens_and_checks_the_text() {
         smaller.contains("draft: attn.25 attn.27 · same text ✓"),
         "{smaller}"
     );
+}
+
+/// What a key can change, as text: two apps in the same state print the same.
+fn observe(app: &App, reqs: &[Request]) -> String {
+    format!(
+        "{:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        app.mode,
+        app.cursor,
+        app.metric,
+        app.chart_x,
+        app.chart_y,
+        app.quit,
+        app.at,
+        app.history.len(),
+        app.status,
+        app.job.as_ref().map(|j| j.cancelling),
+    )
+}
+
+/// A state in which every main-screen action has something to do.
+fn ready_for(command: &keys::Command<keys::Action>, action: keys::Action) -> App {
+    let mut app = busy_app();
+    app.at = 1; // both undo and redo possible; one block skipped (F can fit)
+    app.cursor = if action == keys::Action::Up {
+        BlockId::mlp(5)
+    } else {
+        BlockId::attn(5)
+    };
+    if command.when == keys::When::JobRunning {
+        app.job = Some(LongJob::new(JobKind::Importance, app.now));
+    }
+    app
+}
+
+#[test]
+fn every_key_binding_is_handled_and_shown_in_help() {
+    let mut help = busy_app();
+    handler::handle_key(&mut help, key(KeyCode::Char('?')));
+    let help = render(&help, 80, 30);
+    let mut bound = 0;
+    for c in keys::main_commands() {
+        assert!(
+            help.contains(&format!("  {:<12}{}", c.keys, c.description)),
+            "`{}` is not in the help:\n{help}",
+            c.keys
+        );
+        for (_, k, _) in c.bar {
+            assert!(
+                c.keys.contains(k),
+                "bar key `{k}` is not one of `{}`",
+                c.keys
+            );
+        }
+        assert!(
+            !c.bindings.is_empty() || c.keys == "click",
+            "`{}` binds no key",
+            c.keys
+        );
+        for (k, action) in c.bindings {
+            let g = k.glyph();
+            assert!(
+                c.keys.split_whitespace().any(|w| w.contains(&g)) || c.description.contains(&g),
+                "key `{g}` of `{}` is not shown in its help line",
+                c.keys
+            );
+            // The handler reaches this binding (no earlier one takes its key)...
+            let (found, a) = keys::find(keys::main_commands(), &k.event()).unwrap();
+            assert!(
+                std::ptr::eq(found, c) && a == *action,
+                "`{g}` is taken by `{}`",
+                found.keys
+            );
+            // ...runs exactly the table's action, and that action does something.
+            let mut by_key = ready_for(c, *action);
+            let reqs = handler::handle_key(&mut by_key, k.event());
+            let mut by_action = ready_for(c, *action);
+            let expected = handler::run(&mut by_action, *action);
+            let before = ready_for(c, *action);
+            assert_eq!(
+                observe(&by_key, &reqs),
+                observe(&by_action, &expected),
+                "`{g}`"
+            );
+            assert_ne!(
+                observe(&by_key, &reqs),
+                observe(&before, &[]),
+                "`{g}` did nothing"
+            );
+            bound += 1;
+        }
+    }
+    assert!(bound >= 30, "only {bound} keys bound");
+}
+
+#[test]
+fn popup_and_prompt_keys_come_from_their_tables() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Char('H')));
+    let bar = ui::cmdbar::keys(&app);
+    for c in keys::HISTORY {
+        for (k, _) in c.bindings {
+            let (found, _) = keys::find(keys::HISTORY, &k.event()).unwrap();
+            assert!(std::ptr::eq(found, c), "`{}` shadowed", k.glyph());
+        }
+        for (_, k, name) in c.bar {
+            assert!(bar.contains(&(*k, *name)), "{k} {name} not in {bar:?}");
+        }
+    }
+    handler::handle_key(&mut app, key(KeyCode::Char('q')));
+    assert_eq!(app.mode, Mode::Normal, "q closes the history list");
+
+    handler::handle_key(&mut app, key(KeyCode::Char('e')));
+    let screen = render(&app, 140, 24);
+    for c in keys::INPUT {
+        for (k, _) in c.bindings {
+            let (found, _) = keys::find(keys::INPUT, &k.event()).unwrap();
+            assert!(std::ptr::eq(found, c), "`{}` shadowed", k.glyph());
+        }
+        for (_, k, name) in c.bar {
+            assert!(
+                screen.contains(&format!("{k} {name}")),
+                "{k} {name}:\n{screen}"
+            );
+        }
+    }
+    // In a prompt, `q` types; ^c still quits.
+    handler::handle_key(&mut app, key(KeyCode::Char('q')));
+    assert!(matches!(&app.mode, Mode::Input { text, .. } if text.ends_with('q')));
+    handler::handle_key(&mut app, keys::FORCE_QUIT.event());
+    assert!(app.quit);
+}
+
+#[test]
+fn a_key_that_cannot_run_now_says_why() {
+    let mut app = busy_app();
+    handler::handle_key(&mut app, key(KeyCode::Esc));
+    assert_eq!(
+        app.status.as_ref().unwrap().text,
+        "no background job to cancel"
+    );
+    app.job = Some(LongJob::new(JobKind::Importance, app.now));
+    handler::handle_key(&mut app, key(KeyCode::Char('S')));
+    assert_eq!(app.mode, Mode::Normal, "no K prompt while a job runs");
+    assert!(app.status.as_ref().unwrap().error);
+    let bar = ui::cmdbar::keys(&app);
+    assert_eq!(bar[0], ("esc", "cancel job"));
+    assert!(!bar.contains(&("S", "search")), "{bar:?}");
+}
+
+#[test]
+fn a_crashed_job_becomes_a_message_and_the_screen_stays() {
+    let mut app = busy_app();
+    app.cursor = BlockId::mlp(3);
+    handler::handle_key(&mut app, key(KeyCode::Char(' ')));
+    assert!(render(&app, 80, 24).contains("evaluating…"));
+    app.apply(Update::Crashed {
+        lane: LaneName::Eval,
+        message: "index out of bounds".into(),
+    });
+    let screen = render(&app, 80, 24);
+    assert!(!screen.contains("evaluating…"), "{screen}");
+    assert!(screen.contains("blocks · 3/60 skipped"), "{screen}");
+    let status = app.status.clone().unwrap();
+    assert!(
+        status.error && status.text.contains("index out of bounds"),
+        "{status:?}"
+    );
+    insta::assert_snapshot!(screen);
+
+    // A search that crashes releases the plan it was locking.
+    app.start_search(2);
+    assert!(app.search_running());
+    app.apply(Update::Crashed {
+        lane: LaneName::Long,
+        message: "boom".into(),
+    });
+    assert!(app.job.is_none());
+    assert!(app
+        .status
+        .as_ref()
+        .unwrap()
+        .text
+        .starts_with("search K=2 crashed: boom"));
+    app.cursor = BlockId::mlp(7);
+    assert_eq!(app.toggle_cursor().len(), 1, "the plan is editable again");
+
+    // Generation: the running side says so instead of waiting forever.
+    app.generate(false);
+    app.apply(Update::Crashed {
+        lane: LaneName::Gen,
+        message: "boom".into(),
+    });
+    assert!(!app.gen.base.queued && !app.gen.plan.queued);
+    assert_eq!(app.gen.plan.error.as_deref(), Some("crashed"));
+}
+
+/// Runs the current plan as a draft: plain decode `plain` tok/s, speculative `spec`.
+fn draft_run(app: &mut App, plain: f64, spec: f64, alpha: f64) {
+    handler::handle_key(app, key(KeyCode::Char('d')));
+    app.apply(Update::GenDone {
+        side: Side::Base,
+        prefill_tps: 400.0,
+        decode_tps: plain,
+    });
+    app.apply(Update::DraftDone {
+        prefill_tps: 390.0,
+        decode_tps: spec,
+        stats: DraftStats {
+            acceptance_rate: alpha,
+            mean_accepted: 1.0 + 3.0 * alpha,
+        },
+    });
+}
+
+#[test]
+fn the_chart_offers_speculative_speed_up_once_a_draft_ran() {
+    use scalpel::tui::app::ChartX;
+    let mut app = busy_app();
+    // No draft measured yet: x goes skipped → decode × → skipped.
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::BlocksSkipped);
+
+    draft_run(&mut app, 40.0, 46.0, 0.8);
+    app.at = 1;
+    draft_run(&mut app, 40.0, 52.0, 0.9);
+    let spec = |app: &App, at: usize| app.record(&app.history[at]).unwrap().speculative;
+    let s = spec(&app, 1).unwrap();
+    assert!((s.speedup - 1.3).abs() < 1e-12 && s.acceptance_rate == 0.9);
+    assert!((spec(&app, 2).unwrap().speedup - 1.15).abs() < 1e-12);
+
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::SpeculativeSpeedup);
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("KL vs draft ×"), "{screen}");
+    // The two drafted plans span the axis.
+    assert!(
+        screen.contains("×1.15") && screen.contains("×1.30"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
+    handler::handle_key(&mut app, key(KeyCode::Char('x')));
+    assert_eq!(app.chart_x, ChartX::BlocksSkipped);
 }

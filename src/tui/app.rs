@@ -121,6 +121,44 @@ pub struct Quality {
     pub top1: f64,
 }
 
+/// Background jobs that ran while a speed was measured: they share the
+/// cores, so such a speed is not comparable with one taken on a quiet machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlap {
+    pub importance: bool,
+    pub search: bool,
+    pub fit: bool,
+    pub generation: bool,
+}
+
+impl Overlap {
+    pub fn is_clean(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.importance, "importance"),
+            (self.search, "search"),
+            (self.fit, "fit"),
+            (self.generation, "generation"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
+    /// `⚠ importance running: not comparable` (short enough for the metrics
+    /// panel at 80 columns), or nothing when clean.
+    pub fn warning(&self) -> Option<String> {
+        let names = self.names();
+        if names.is_empty() {
+            return None;
+        }
+        Some(format!("⚠ {} running: not comparable", names.join(" + ")))
+    }
+}
+
 /// Medians of prefill / decode tokens per second, base and plan timed in the same run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Speed {
@@ -128,9 +166,24 @@ pub struct Speed {
     pub base_decode: f64,
     pub plan_prefill: f64,
     pub plan_decode: f64,
+    /// Other jobs running while this was timed (sessions saved before it: none known).
+    #[serde(default)]
+    pub overlap: Overlap,
 }
 
 impl Speed {
+    /// A plan that computes exactly what the base does: the base's own
+    /// numbers on both sides, so the ratios are exactly 1.
+    pub fn same_as_base(base_prefill: f64, base_decode: f64, overlap: Overlap) -> Self {
+        Self {
+            base_prefill,
+            base_decode,
+            plan_prefill: base_prefill,
+            plan_decode: base_decode,
+            overlap,
+        }
+    }
+
     pub fn prefill_ratio(&self) -> f64 {
         self.plan_prefill / self.base_prefill
     }
@@ -146,6 +199,15 @@ pub enum Origin {
     Search,
 }
 
+/// The plan run as a draft for the full model (`d`): decode speed against
+/// the plain run just before it (one run of each: a glance, not a benchmark).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Speculative {
+    pub speedup: f64,
+    pub acceptance_rate: f64,
+    pub mean_accepted: f64,
+}
+
 /// Everything measured about one plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -153,6 +215,9 @@ pub struct Record {
     pub quality: Option<Quality>,
     pub speed: Option<Speed>,
     pub origin: Origin,
+    /// The last draft run of this plan, if any (older sessions: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<Speculative>,
 }
 
 /// The evaluation in flight for some plan.
@@ -270,6 +335,8 @@ pub struct Generation {
     pub plan_label: String,
     /// The right column ran the plan as a draft for the full model.
     pub drafting: bool,
+    /// The plan drafting, so its measurement lands on its record.
+    pub draft_plan: Option<Plan>,
 }
 
 impl Generation {
@@ -312,6 +379,19 @@ pub enum Mode {
 pub enum ChartX {
     BlocksSkipped,
     DecodeSpeedup,
+    /// Offered once some plan has been run as a draft.
+    SpeculativeSpeedup,
+}
+
+impl ChartX {
+    /// A record's position on this axis, if measured.
+    pub fn of(self, r: &Record) -> Option<f64> {
+        match self {
+            ChartX::BlocksSkipped => Some(r.plan.skip.len() as f64),
+            ChartX::DecodeSpeedup => Some(r.speed?.decode_ratio()),
+            ChartX::SpeculativeSpeedup => Some(r.speculative?.speedup),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +432,16 @@ pub enum Request {
     },
     Fit(Plan),
     CancelJob,
+}
+
+/// The worker's threads, named for a crash report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneName {
+    /// Held-out quality and speed of the current plan.
+    Eval,
+    /// Importance, search, fit.
+    Long,
+    Gen,
 }
 
 /// Results and progress from the background threads.
@@ -418,6 +508,12 @@ pub enum Update {
         prefill_tps: f64,
         decode_tps: f64,
         stats: DraftStats,
+    },
+    /// A job panicked (in its lane or a compute thread it waited on); the
+    /// lane is ready for the next job.
+    Crashed {
+        lane: LaneName,
+        message: String,
     },
 }
 
@@ -502,6 +598,7 @@ impl App {
                     quality: None,
                     speed: None,
                     origin,
+                    speculative: None,
                 });
                 self.records.len() - 1
             }
@@ -718,6 +815,7 @@ impl App {
         };
         self.gen.plan_label = self.plan().describe();
         self.gen.drafting = draft;
+        self.gen.draft_plan = draft.then(|| self.plan().clone());
         vec![Request::Generate {
             prompt,
             plan: self.plan().clone(),
@@ -869,9 +967,48 @@ impl App {
                 s.prefill_tps = Some(prefill_tps);
                 s.decode_tps = Some(decode_tps);
                 s.draft = Some(stats);
+                let base = self.gen.base.decode_tps.filter(|b| *b > 0.0);
+                if let (Some(b), Some(plan)) = (base, self.gen.draft_plan.clone()) {
+                    self.record_mut(&plan, Origin::User).speculative = Some(Speculative {
+                        speedup: decode_tps / b,
+                        acceptance_rate: stats.acceptance_rate,
+                        mean_accepted: stats.mean_accepted,
+                    });
+                    self.dirty = true;
+                }
             }
+            Update::Crashed { lane, message } => self.crashed(lane, message),
         }
         vec![]
+    }
+
+    /// A crashed job stops showing as under way; the screen stays and says what happened.
+    fn crashed(&mut self, lane: LaneName, message: String) {
+        let what = match lane {
+            LaneName::Eval => {
+                self.eval = None;
+                // The base is measured first on this lane: not here yet, it never will be.
+                if self.base_quality.is_none() {
+                    self.baseline_error = Some(message.clone());
+                }
+                "the evaluation".to_string()
+            }
+            LaneName::Long => self
+                .job
+                .take()
+                .map_or("a background job".into(), |j| j.kind.label()),
+            LaneName::Gen => {
+                for side in [&mut self.gen.base, &mut self.gen.plan] {
+                    if side.running || side.queued {
+                        side.running = false;
+                        side.queued = false;
+                        side.error = Some("crashed".into());
+                    }
+                }
+                "generation".to_string()
+            }
+        };
+        self.set_status(format!("{what} crashed: {message}; please report it"), true);
     }
 
     /// Importance level 0..=3 of a block among the blocks scored so far (quartiles).
@@ -886,6 +1023,18 @@ impl App {
         Some(((below * 4) / all.len().max(1)).min(3) as u8)
     }
 
+    /// The next x axis for the chart; speculative speed-up only once a
+    /// draft run measured it.
+    pub fn next_chart_x(&self) -> ChartX {
+        match self.chart_x {
+            ChartX::BlocksSkipped => ChartX::DecodeSpeedup,
+            ChartX::DecodeSpeedup if self.records.iter().any(|r| r.speculative.is_some()) => {
+                ChartX::SpeculativeSpeedup
+            }
+            ChartX::DecodeSpeedup | ChartX::SpeculativeSpeedup => ChartX::BlocksSkipped,
+        }
+    }
+
     /// Plans measured this session for the chart: (origin, blocks skipped, quality, speed).
     pub fn chart_points(&self, origin: Origin) -> Vec<(f64, f64)> {
         let mut pts: Vec<(f64, f64)> = self
@@ -894,11 +1043,7 @@ impl App {
             .filter(|r| r.origin == origin)
             .filter_map(|r| {
                 let q = r.quality.as_ref()?;
-                let x = match self.chart_x {
-                    ChartX::BlocksSkipped => r.plan.skip.len() as f64,
-                    ChartX::DecodeSpeedup => r.speed.as_ref()?.decode_ratio(),
-                };
-                Some((x, self.chart_y.of(q)))
+                Some((self.chart_x.of(r)?, self.chart_y.of(q)))
             })
             .collect();
         if origin == Origin::Search {
@@ -983,6 +1128,7 @@ mod tests {
             base_decode: 1.0,
             plan_prefill: 1.0,
             plan_decode: 1.0,
+            overlap: Overlap::default(),
         };
         app.apply(Update::Quality {
             plan: Plan::base(),

@@ -18,8 +18,21 @@ use super::handler;
 use super::ui;
 use super::worker::Worker;
 
-/// The last panic of a worker thread, shown as a message.
-static WORKER_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+/// The last panic of a compute thread (a worker lane, rayon, a scoped
+/// thread), as the panic hook saw it: with its location.
+static COMPUTE_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The thread that draws; a panic anywhere else is a compute thread's.
+static UI_THREAD: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
+
+/// Takes the last compute-thread panic the hook recorded (the worker adds
+/// it to its crash report).
+pub fn take_compute_panic() -> Option<String> {
+    COMPUTE_PANIC
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+}
 
 /// Redraw period when nothing happens.
 pub const TICK: Duration = Duration::from_millis(33);
@@ -93,14 +106,11 @@ pub fn run_loop(
         if let Err(e) = autosave.save_if_dirty(app) {
             app.set_status(format!("autosave failed: {e:#}"), true);
         }
-        if let Some(p) = WORKER_PANIC
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            app.job = None;
+        // A lane reports its own crash (`Update::Crashed`); this catches a
+        // panic in any other thread, which nothing else would show.
+        if let Some(p) = take_compute_panic() {
             app.set_status(
-                format!("a background job crashed ({p}); please report it"),
+                format!("a background thread crashed ({p}); please report it"),
                 true,
             );
         }
@@ -116,14 +126,14 @@ pub fn enable_mouse() {
         ratatui::crossterm::event::EnableMouseCapture
     );
     // ratatui's panic hook restores the screen; mouse reporting must go too.
-    // A worker thread's panic leaves the screen alone and becomes a message.
+    // A compute thread's panic (worker lane, rayon, scoped thread: any
+    // thread but this one) leaves the screen alone and becomes a message.
+    let _ = UI_THREAD.set(std::thread::current().id());
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("scalpel-"));
-        if worker {
-            *WORKER_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.to_string());
+        let ui = UI_THREAD.get() == Some(&std::thread::current().id());
+        if !ui {
+            *COMPUTE_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.to_string());
             return;
         }
         disable_mouse();
@@ -144,6 +154,9 @@ pub fn disable_mouse() {
 pub fn lower_compute_priority() {
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| nice_this_thread())
+        // A panic in a job nobody waits on would abort the process; the
+        // hook has recorded it, and the screen shows it.
+        .panic_handler(|_| {})
         .build_global();
 }
 

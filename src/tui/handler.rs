@@ -7,7 +7,8 @@ use ratatui::crossterm::event::{
 };
 use ratatui::layout::Rect;
 
-use super::app::{App, ChartX, ChartY, InputKind, Mode, Request};
+use super::app::{App, ChartY, InputKind, Mode, Request};
+use super::keys::{self, Action, HistoryAction, InputAction};
 use super::plan_io;
 use super::ui;
 
@@ -15,8 +16,7 @@ pub fn handle_key(app: &mut App, key: KeyEvent) -> Vec<Request> {
     if key.kind != KeyEventKind::Press {
         return vec![];
     }
-    let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-    if ctrl && key.code == KeyCode::Char('c') {
+    if keys::FORCE_QUIT.matches(&key) {
         app.quit = true;
         return vec![];
     }
@@ -27,69 +27,64 @@ pub fn handle_key(app: &mut App, key: KeyEvent) -> Vec<Request> {
         }
         Mode::History { selected } => history_key(app, key, selected),
         Mode::Input { kind, text } => input_key(app, key, kind, text),
-        Mode::Normal => normal_key(app, key, ctrl),
+        Mode::Normal => normal_key(app, key),
     }
 }
 
-fn normal_key(app: &mut App, key: KeyEvent, ctrl: bool) -> Vec<Request> {
+fn normal_key(app: &mut App, key: KeyEvent) -> Vec<Request> {
+    let Some((command, action)) = keys::find(keys::main_commands(), &key) else {
+        return vec![];
+    };
+    if !command.when.holds(app) {
+        let (why, error) = command.when.refusal();
+        app.set_status(why, error);
+        return vec![];
+    }
+    run(app, action)
+}
+
+/// Carries out one main-screen action (every `keys::Action` has its arm).
+pub fn run(app: &mut App, action: Action) -> Vec<Request> {
     let n = app.info.n_layers as isize;
-    match key.code {
-        KeyCode::Char('q') => app.quit = true,
-        KeyCode::Char('?') => app.mode = Mode::Help,
-        KeyCode::Left | KeyCode::Char('h') => app.move_cursor(-1, 0),
-        KeyCode::Right | KeyCode::Char('l') => app.move_cursor(1, 0),
-        KeyCode::Up | KeyCode::Char('k') => app.move_cursor(0, -1),
-        KeyCode::Down | KeyCode::Char('j') => app.move_cursor(0, 1),
-        KeyCode::Home | KeyCode::Char('0') => app.move_cursor(-n, 0),
-        KeyCode::End | KeyCode::Char('$') => app.move_cursor(n, 0),
-        KeyCode::Char(' ') | KeyCode::Enter => return app.toggle_cursor(),
-        KeyCode::Char('c') => return app.clear_skips(),
-        KeyCode::Char('m') => app.metric = app.metric.next(),
-        KeyCode::Char('r') if ctrl => return app.redo(),
-        KeyCode::Char('U') => return app.redo(),
-        KeyCode::Char('u') => return app.undo(),
-        KeyCode::Char('H') => app.mode = Mode::History { selected: app.at },
-        KeyCode::Char('S') => {
-            if app.job.is_some() {
-                app.set_status("a background job is running; Esc cancels it", true);
-            } else {
-                open_input(app, InputKind::SearchK, "4".into());
-            }
-        }
-        KeyCode::Char('F') => return app.start_fit(),
-        KeyCode::Esc => {
-            if app.job.is_none() {
-                app.set_status("no background job to cancel", false);
-            }
-            return app.cancel_job();
-        }
-        KeyCode::Char('x') => {
-            app.chart_x = match app.chart_x {
-                ChartX::BlocksSkipped => ChartX::DecodeSpeedup,
-                ChartX::DecodeSpeedup => ChartX::BlocksSkipped,
-            }
-        }
-        KeyCode::Char('y') => {
+    match action {
+        Action::Quit => app.quit = true,
+        Action::Help => app.mode = Mode::Help,
+        Action::Left => app.move_cursor(-1, 0),
+        Action::Right => app.move_cursor(1, 0),
+        Action::Up => app.move_cursor(0, -1),
+        Action::Down => app.move_cursor(0, 1),
+        Action::FirstLayer => app.move_cursor(-n, 0),
+        Action::LastLayer => app.move_cursor(n, 0),
+        Action::Toggle => return app.toggle_cursor(),
+        Action::Clear => return app.clear_skips(),
+        Action::Metric => app.metric = app.metric.next(),
+        Action::Redo => return app.redo(),
+        Action::Undo => return app.undo(),
+        Action::History => app.mode = Mode::History { selected: app.at },
+        Action::Search => open_input(app, InputKind::SearchK, "4".into()),
+        Action::Fit => return app.start_fit(),
+        Action::CancelJob => return app.cancel_job(),
+        Action::ChartX => app.chart_x = app.next_chart_x(),
+        Action::ChartY => {
             app.chart_y = match app.chart_y {
                 ChartY::Kl => ChartY::Perplexity,
                 ChartY::Perplexity => ChartY::Kl,
             }
         }
-        KeyCode::Char('p') => return app.generate(false),
-        KeyCode::Char('d') => return app.generate(true),
-        KeyCode::Char('e') => {
+        Action::Generate => return app.generate(false),
+        Action::Draft => return app.generate(true),
+        Action::EditPrompt => {
             let prompt = app.gen.prompt.clone();
             open_input(app, InputKind::Prompt, prompt);
         }
-        KeyCode::Char('s') => {
+        Action::Save => {
             let path = app.save_path.display().to_string();
             open_input(app, InputKind::SavePath, path);
         }
-        KeyCode::Char('o') => {
+        Action::Open => {
             let path = app.save_path.display().to_string();
             open_input(app, InputKind::OpenPath, path);
         }
-        _ => {}
     }
     vec![]
 }
@@ -100,44 +95,50 @@ fn open_input(app: &mut App, kind: InputKind, text: String) {
 
 fn history_key(app: &mut App, key: KeyEvent, selected: usize) -> Vec<Request> {
     let last = app.history.len() - 1;
-    match key.code {
-        KeyCode::Up | KeyCode::Char('k') => {
+    match keys::find(keys::HISTORY, &key).map(|(_, a)| a) {
+        Some(HistoryAction::Previous) => {
             app.mode = Mode::History {
                 selected: selected.saturating_sub(1),
             }
         }
-        KeyCode::Down | KeyCode::Char('j') => {
+        Some(HistoryAction::Next) => {
             app.mode = Mode::History {
                 selected: (selected + 1).min(last),
             }
         }
-        KeyCode::Enter => {
+        Some(HistoryAction::Jump) => {
             app.mode = Mode::Normal;
             return app.jump(selected);
         }
-        KeyCode::Esc | KeyCode::Char('q') | KeyCode::Char('H') => app.mode = Mode::Normal,
-        _ => {}
+        Some(HistoryAction::Close) => app.mode = Mode::Normal,
+        None => {}
     }
     vec![]
 }
 
 fn input_key(app: &mut App, key: KeyEvent, kind: InputKind, mut text: String) -> Vec<Request> {
     let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-    match key.code {
-        KeyCode::Esc => {
+    match keys::find(keys::INPUT, &key).map(|(_, a)| a) {
+        Some(InputAction::Cancel) => {
             app.mode = Mode::Normal;
             return vec![];
         }
-        KeyCode::Enter => {
+        Some(InputAction::Submit) => {
             app.mode = Mode::Normal;
             return submit(app, kind, text);
         }
-        KeyCode::Backspace => {
+        Some(InputAction::DeleteChar) => {
             text.pop();
         }
-        KeyCode::Char('u') if ctrl => text.clear(),
-        KeyCode::Char(c) if !ctrl => text.push(c),
-        _ => {}
+        Some(InputAction::ClearText) => text.clear(),
+        // Any other printable key types itself.
+        None => {
+            if let KeyCode::Char(c) = key.code {
+                if !ctrl {
+                    text.push(c);
+                }
+            }
+        }
     }
     app.mode = Mode::Input { kind, text };
     vec![]

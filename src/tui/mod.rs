@@ -1,5 +1,6 @@
 //! The workbench: a terminal UI where a person explores redundancy live.
-//! `app` is the state (plain data), `handler` turns keys into changes,
+//! `app` is the state (plain data), `keys` declares every key binding,
+//! `handler` turns keys into changes,
 //! `ui` draws, `worker` runs the model on background threads, `jobs` says
 //! what each job computes, `autosave` keeps the session on disk.
 
@@ -8,6 +9,7 @@ pub mod autosave;
 pub mod event;
 pub mod handler;
 pub mod jobs;
+pub mod keys;
 pub mod plan_io;
 pub mod ui;
 pub mod worker;

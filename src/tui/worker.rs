@@ -5,11 +5,13 @@
 //! generation (latest wins). Requests go in; `Update`s come out on a channel.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{DraftStats, JobKind, Origin, Quality, Request, Side, Update};
+use super::app::{DraftStats, JobKind, LaneName, Origin, Quality, Request, Side, Speed, Update};
+use super::jobs::activity::{Activity, Busy};
 use super::jobs::{self, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
@@ -26,8 +28,30 @@ struct Lane<J> {
     shared: Arc<(Mutex<LaneState<J>>, Condvar)>,
 }
 
+/// The text of a caught panic (a `&str` or `String` payload; rayon and
+/// scoped threads pass their thread's payload on), with where it happened
+/// when the workbench's panic hook saw it.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    match super::event::take_compute_panic() {
+        Some(seen) if seen.contains(&text) => seen,
+        Some(seen) => format!("{text} ({seen})"),
+        None => text,
+    }
+}
+
 impl<J: Send + 'static> Lane<J> {
-    fn spawn(name: &str, mut run: impl FnMut(J, &AtomicBool) + Send + 'static) -> Self {
+    /// `on_panic` hears of a job that panicked (in this thread or in the
+    /// rayon or scoped threads it waited on); the lane lives on for the next job.
+    fn spawn(
+        name: &str,
+        mut run: impl FnMut(J, &AtomicBool) + Send + 'static,
+        on_panic: impl Fn(String) + Send + 'static,
+    ) -> Self {
         let shared = Arc::new((
             Mutex::new(LaneState {
                 pending: None,
@@ -55,7 +79,10 @@ impl<J: Send + 'static> Lane<J> {
                         st.running = Some(Arc::clone(&cancel));
                         (st.pending.take().expect("checked above"), cancel)
                     };
-                    run(job, &cancel);
+                    let ran = catch_unwind(AssertUnwindSafe(|| run(job, &cancel)));
+                    if let Err(payload) = ran {
+                        on_panic(panic_message(payload));
+                    }
                     let (lock, _) = &*s;
                     lock.lock().unwrap_or_else(|e| e.into_inner()).running = None;
                 }
@@ -129,6 +156,10 @@ struct Ctx {
     setup: Arc<Setup>,
     tx: Sender<Update>,
     cache: QualityCache,
+    /// Which jobs run now, for marking speeds taken beside them.
+    activity: Activity,
+    /// The last base speed measured, reused for plans equal to the base.
+    base_speed: Arc<Mutex<Option<Speed>>>,
 }
 
 impl Ctx {
@@ -147,26 +178,51 @@ impl Worker {
             setup,
             tx,
             cache: Arc::new(Mutex::new(HashMap::new())),
+            activity: Activity::default(),
+            base_speed: Arc::new(Mutex::new(None)),
+        };
+        let crashed = |lane: LaneName| {
+            let c = ctx.clone();
+            move |message| c.send(Update::Crashed { lane, message })
         };
         let c = ctx.clone();
         let mut baseline_done = false;
-        let eval = Lane::spawn("scalpel-eval", move |plan: Plan, cancel| {
-            if !baseline_done {
-                baseline_done = true;
-                baseline(&c);
-            }
-            evaluate(&c, plan, cancel);
-        });
+        let eval = Lane::spawn(
+            "scalpel-eval",
+            move |plan: Plan, cancel| {
+                if !baseline_done {
+                    baseline_done = true;
+                    baseline(&c);
+                }
+                evaluate(&c, plan, cancel);
+            },
+            crashed(LaneName::Eval),
+        );
         let c = ctx.clone();
-        let long = Lane::spawn("scalpel-long", move |job: LongJob, cancel| match job {
-            LongJob::Importance => importance(&c, cancel),
-            LongJob::Search { k } => search(&c, k, cancel),
-            LongJob::Fit(plan) => fit(&c, plan, cancel),
-        });
-        let c = ctx;
-        let gen = Lane::spawn("scalpel-gen", move |job: GenJob, cancel| {
-            generate(&c, job, cancel)
-        });
+        let long = Lane::spawn(
+            "scalpel-long",
+            move |job: LongJob, cancel| match job {
+                LongJob::Importance => importance(&c, cancel),
+                LongJob::Search { k } => {
+                    let _busy = c.activity.enter(Busy::Search);
+                    search(&c, k, cancel)
+                }
+                LongJob::Fit(plan) => {
+                    let _busy = c.activity.enter(Busy::Fit);
+                    fit(&c, plan, cancel)
+                }
+            },
+            crashed(LaneName::Long),
+        );
+        let c = ctx.clone();
+        let gen = Lane::spawn(
+            "scalpel-gen",
+            move |job: GenJob, cancel| {
+                let _busy = c.activity.enter(Busy::Generation);
+                generate(&c, job, cancel)
+            },
+            crashed(LaneName::Gen),
+        );
         // The base model's numbers first, whatever the first plan is.
         eval.submit(Plan::base(), false);
         long.submit(LongJob::Importance, false);
@@ -264,13 +320,33 @@ fn evaluate(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
         return;
     }
     c.send(Update::SpeedStarted(plan.clone()));
-    match jobs::eval::speed(&c.model, &c.setup, &plan) {
+    match plan_speed(c, &plan) {
         Ok(speed) => c.send(Update::Speed { plan, speed }),
         Err(e) => c.send(Update::EvalFailed {
             plan,
             error: format!("speed: {e:#}"),
         }),
     }
+}
+
+/// Times the plan (or reuses the base's numbers for a plan equal to it),
+/// noting which other jobs ran meanwhile.
+fn plan_speed(c: &Ctx, plan: &Plan) -> anyhow::Result<Speed> {
+    let last_base = *c.base_speed.lock().unwrap_or_else(|e| e.into_inner());
+    let timed = |f: &dyn Fn() -> anyhow::Result<Speed>| {
+        let watch = c.activity.watch();
+        let mut s = f()?;
+        s.overlap = watch.finish();
+        let base = Speed::same_as_base(s.base_prefill, s.base_decode, s.overlap);
+        *c.base_speed.lock().unwrap_or_else(|e| e.into_inner()) = Some(base);
+        Ok(s)
+    };
+    jobs::eval::speed_or_reuse(
+        plan,
+        last_base,
+        || timed(&|| jobs::eval::base_speed(&c.model, &c.setup)),
+        || timed(&|| jobs::eval::speed(&c.model, &c.setup, plan)),
+    )
 }
 
 fn importance(c: &Ctx, cancel: &AtomicBool) {
@@ -288,6 +364,7 @@ fn importance(c: &Ctx, cancel: &AtomicBool) {
         )));
         return;
     }
+    let _busy = c.activity.enter(Busy::Importance);
     c.send(Update::JobStarted(JobKind::Importance));
     let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
         c.send(Update::JobProgress {
@@ -456,5 +533,70 @@ fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
             }),
             Err(e) => failed(Side::Plan, e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// How each test job ends.
+    enum Job {
+        Panic,
+        PanicInRayon,
+        PanicInScopedThread,
+        Finish(u32),
+    }
+
+    #[test]
+    fn a_panicking_job_is_reported_and_the_lane_runs_the_next_one() {
+        let (done_tx, done_rx) = mpsc::channel();
+        let (panic_tx, panic_rx) = mpsc::channel();
+        let panic_tx = Mutex::new(panic_tx);
+        let lane = Lane::spawn(
+            "scalpel-test",
+            move |job: Job, _| match job {
+                Job::Panic => panic!("injected in the lane"),
+                Job::PanicInRayon => {
+                    let _: Vec<u32> = (0..64u32)
+                        .into_par_iter()
+                        .map(|i| {
+                            if i == 33 {
+                                panic!("injected in rayon")
+                            } else {
+                                i
+                            }
+                        })
+                        .collect();
+                }
+                Job::PanicInScopedThread => std::thread::scope(|s| {
+                    s.spawn(|| panic!("injected in a scoped thread"));
+                }),
+                Job::Finish(n) => done_tx.send(n).unwrap(),
+            },
+            move |message| panic_tx.lock().unwrap().send(message).unwrap(),
+        );
+        let wait = Duration::from_secs(30);
+        for (job, expected) in [
+            (Job::Panic, "injected in the lane"),
+            (Job::PanicInRayon, "injected in rayon"),
+            (Job::PanicInScopedThread, "a scoped thread panicked"),
+        ] {
+            lane.submit(job, false);
+            let message = panic_rx
+                .recv_timeout(wait)
+                .expect("the panic was not reported");
+            assert!(message.contains(expected), "{message}");
+        }
+        lane.submit(Job::Finish(7), false);
+        assert_eq!(
+            done_rx.recv_timeout(wait),
+            Ok(7),
+            "the lane died with its job"
+        );
+        lane.close();
     }
 }

@@ -1,6 +1,7 @@
 //! What each background job computes, on the engine alone. The worker
 //! decides when they run; these functions only measure.
 
+pub mod activity;
 pub mod eval;
 pub mod fit;
 pub mod generate;

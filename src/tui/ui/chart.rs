@@ -1,5 +1,6 @@
-//! The trade-off chart: held-out quality against blocks skipped or against
-//! measured decode speed-up, for the search trace and the user's plans.
+//! The trade-off chart: held-out quality against blocks skipped, measured
+//! decode speed-up, or (once a plan ran as a draft) speculative speed-up,
+//! for the search trace and the user's plans.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
@@ -18,6 +19,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     let x_name = match app.chart_x {
         ChartX::BlocksSkipped => "skipped",
         ChartX::DecodeSpeedup => "decode ×",
+        ChartX::SpeculativeSpeedup => "draft ×",
     };
     let title = Line::from(vec![
         Span::raw(format!(" {y_name} vs {x_name} · ")),
@@ -31,11 +33,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         .current_record()
         .and_then(|r| {
             let q = r.quality?;
-            let x = match app.chart_x {
-                ChartX::BlocksSkipped => r.plan.skip.len() as f64,
-                ChartX::DecodeSpeedup => r.speed?.decode_ratio(),
-            };
-            Some((x, app.chart_y.of(&q)))
+            Some((app.chart_x.of(r)?, app.chart_y.of(&q)))
         })
         .into_iter()
         .collect();
@@ -99,7 +97,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     }
     let fmt_x = |v: f64| match app.chart_x {
         ChartX::BlocksSkipped => format!("{v:.0}"),
-        ChartX::DecodeSpeedup => format!("×{v:.2}"),
+        ChartX::DecodeSpeedup | ChartX::SpeculativeSpeedup => format!("×{v:.2}"),
     };
     let fmt_y = |v: f64| {
         if v.abs() >= 10.0 {

@@ -8,42 +8,28 @@ use ratatui::widgets::Paragraph;
 use ratatui::Frame;
 
 use crate::tui::app::{App, Mode};
+use crate::tui::keys;
 
 const KEY: Style = Style::new().fg(Color::Black).bg(Color::Gray);
 
-/// (key, action) pairs valid in the current mode, most useful first.
+/// (key, action) pairs valid in the current mode, most useful first,
+/// from the one table of bindings.
 pub fn keys(app: &App) -> Vec<(&'static str, &'static str)> {
     match &app.mode {
-        Mode::Help => vec![("any key", "close help")],
-        Mode::History { .. } => vec![("↑↓", "select"), ("enter", "jump"), ("esc", "close")],
-        Mode::Input { .. } => vec![("enter", "ok"), ("esc", "cancel"), ("^u", "clear")],
-        Mode::Normal => {
-            let mut k = Vec::new();
-            if app.job.is_some() {
-                k.push(("esc", "cancel job"));
-            }
-            k.extend([
-                ("space", "skip"),
-                ("hjkl", "move"),
-                ("u", "undo"),
-                ("S", "search"),
-                ("F", "fit"),
-                ("p", "generate"),
-                ("d", "draft"),
-                ("s", "save"),
-                ("o", "open"),
-                ("m", "metric"),
-                ("H", "history"),
-                ("?", "help"),
-                ("q", "quit"),
-            ]);
-            k
-        }
+        Mode::Help => keys::HELP_BAR.to_vec(),
+        Mode::History { .. } => keys::bar(keys::HISTORY, app),
+        Mode::Input { .. } => keys::bar(keys::INPUT, app),
+        Mode::Normal => keys::bar(keys::main_commands(), app),
     }
 }
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
     if let Mode::Input { kind, text } = &app.mode {
+        let hint: Vec<String> = keys(app)
+            .iter()
+            .map(|(k, what)| format!("{k} {what}"))
+            .collect();
+        let hint = hint.join(" · ");
         let line = Line::from(vec![
             Span::styled(
                 format!(" {}: ", kind.label()),
@@ -51,7 +37,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
             ),
             Span::raw(text.clone()),
             Span::styled("█", Style::new().fg(Color::Gray)),
-            Span::styled("  enter ok · esc cancel", Style::new().fg(Color::DarkGray)),
+            Span::styled(format!("  {hint}"), Style::new().fg(Color::DarkGray)),
         ]);
         frame.render_widget(Paragraph::new(line), area);
         return;

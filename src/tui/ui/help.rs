@@ -8,71 +8,20 @@ use ratatui::Frame;
 
 use super::centered;
 use crate::tui::app::App;
-
-/// Every key, grouped by the panel it acts on.
-pub const HELP: &[(&str, &[(&str, &str)])] = &[
-    (
-        "Block grid",
-        &[
-            ("←↓↑→ hjkl", "move between blocks"),
-            ("click", "select a block; click again or right-click: skip"),
-            ("0 / $", "first / last layer"),
-            ("space enter", "skip or restore the block (re-evaluates)"),
-            ("c", "clear: back to the base model"),
-            ("m", "colour by Δloss / block influence"),
-        ],
-    ),
-    (
-        "Plans and history",
-        &[
-            ("u  ^r", "undo / redo"),
-            ("H", "history list: jump to any earlier plan"),
-            ("s / o", "save / open a plan file"),
-        ],
-    ),
-    (
-        "Search and fit",
-        &[
-            ("S", "Hopscotch: skip K attention blocks (asks K)"),
-            ("F", "fit Hopscotch scales for the current plan"),
-            ("Esc", "cancel the running search, fit or scoring"),
-        ],
-    ),
-    (
-        "Chart",
-        &[
-            ("x", "x axis: blocks skipped / decode speed-up"),
-            ("y", "y axis: KL / perplexity"),
-        ],
-    ),
-    (
-        "Generation",
-        &[
-            ("p", "run the prompt through base and plan"),
-            ("d", "plan drafts, full model verifies (lossless)"),
-            ("e", "edit the prompt"),
-        ],
-    ),
-    (
-        "Anywhere",
-        &[
-            ("?", "this help"),
-            ("q  ^c", "quit (the session is autosaved)"),
-        ],
-    ),
-];
+use crate::tui::keys;
 
 pub fn draw(frame: &mut Frame, area: Rect) {
     let mut lines = Vec::new();
-    for (group, keys) in HELP {
+    // Every main-screen key, grouped by the panel it acts on.
+    for group in keys::MAIN {
         lines.push(Line::from(Span::styled(
-            *group,
+            group.name,
             Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD),
         )));
-        for (key, what) in *keys {
+        for c in group.commands {
             lines.push(Line::from(vec![
-                Span::styled(format!("  {key:<12}"), Style::new().fg(Color::Yellow)),
-                Span::raw(*what),
+                Span::styled(format!("  {:<12}", c.keys), Style::new().fg(Color::Yellow)),
+                Span::raw(c.description),
             ]));
         }
     }

@@ -88,6 +88,9 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
         Some(s) => {
             lines.push(row_ratio("prefill", s.base_prefill, s.plan_prefill));
             lines.push(row_ratio("decode", s.base_decode, s.plan_decode));
+            if let Some(w) = s.overlap.warning() {
+                lines.push(Line::from(Span::styled(w, Style::new().fg(Color::Yellow))));
+            }
         }
         None => {
             lines.push(row(
