@@ -42,7 +42,7 @@ impl Acts {
             let d = amax / 127.0;
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
+                *q = round_small(v * id) as i8;
             }
             let mut total = 0i32;
             for (s, q16) in self.sums16[b * bl / 16..(b + 1) * bl / 16]
@@ -60,9 +60,40 @@ impl Acts {
     }
 }
 
+/// `v` (|v| <= 2^22) rounded to the nearest integer, ties to even, in a form the compiler
+/// vectorises: `f32::round` is a libm call per element (3% of a decode step).
+#[inline(always)]
+fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: its ulp is 1, so the sum is rounded.
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+}
+
 pub(crate) fn block_len(kind: ActKind) -> usize {
     match kind {
         ActKind::B32 => 32,
         ActKind::B256 => 256,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_small;
+
+    #[test]
+    fn round_small_rounds_to_nearest_with_ties_to_even() {
+        for (v, want) in [
+            (0.0, 0),
+            (0.49, 0),
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (-126.7, -127),
+            (126.6, 127),
+            (-3.2, -3),
+        ] {
+            assert_eq!(round_small(v), want, "{v}");
+        }
     }
 }

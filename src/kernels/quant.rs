@@ -15,6 +15,9 @@ use super::{active_kernel, scalar, Kernel};
 /// Activation rows one kernel call handles against each weight row (one accumulator each).
 pub(crate) const ROW_GROUP: usize = 8;
 
+/// The least work (weight bytes times activation rows) worth handing to another thread.
+const MIN_TASK_BYTES: usize = 16 * 1024;
+
 /// A quantized weight matrix (out_dim x in_dim) borrowed from a candle CPU `QTensor`.
 pub struct QWeight {
     /// Keeps the bytes `data` points into alive.
@@ -183,13 +186,16 @@ impl QWeight {
     fn run(&self, pool: &Pool, kernel: Kernel, acts: &Acts, outs: Range<usize>, y: &mut [f32]) {
         let n_out = outs.len();
         let rows = acts.rows;
-        // Enough chunks to balance the threads, each big enough to amortise its hand-off.
-        let work_per_out = self.row_bytes.max(1) * rows.max(1);
-        let min_chunk = (64 * 1024 / work_per_out).clamp(TILE_ROWS, 256);
-        let chunk = n_out
-            .div_ceil(pool.threads() * 4)
-            .max(min_chunk)
-            .next_multiple_of(TILE_ROWS);
+        // Equal chunks, a multiple of the thread count where the matrix is big enough to share
+        // (a task of less than `MIN_TASK_BYTES` of weights does not pay for its hand-off).
+        let threads = pool.threads().max(1);
+        let share = (n_out * self.row_bytes.max(1) * rows.max(1) / MIN_TASK_BYTES).max(1);
+        let wanted = if share >= threads {
+            (threads * 4).min(share) / threads * threads
+        } else {
+            share
+        };
+        let chunk = n_out.div_ceil(wanted).next_multiple_of(TILE_ROWS);
         let base = outs.start - outs.start % TILE_ROWS;
         let tasks = (outs.end - base).div_ceil(chunk);
         let y_ptr = SendPtr(y.as_mut_ptr());

@@ -57,6 +57,13 @@ struct Prepared {
     layers: Vec<LayerParams>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Gemma 3's local layers' RoPE tables.
+    local_rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Gemma 3: queries times √(head_dim / query_pre_attn_scalar) (`attend`
+    /// divides by √head_dim), as the candle path does.
+    query_scale: Option<f32>,
+    /// Gemma 3's GELU (tanh approximation) instead of SiLU.
+    activation: Activation,
 }
 
 struct LayerParams {
@@ -65,6 +72,15 @@ struct LayerParams {
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
+    gemma: Option<GemmaParams>,
+}
+
+/// A Gemma 3 layer's extra norms (`GemmaNorms`) as f32.
+struct GemmaParams {
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    post_attn_norm: Vec<f32>,
+    post_mlp_norm: Vec<f32>,
 }
 
 /// Activation buffers, grown to the largest pass seen and reused.
@@ -145,8 +161,11 @@ impl Cache {
 
 fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
     let c = &t.cfg;
-    // Plain Llama-style decoders only; others keep the candle path.
-    let arch_ok = matches!(c.arch, Arch::Llama | Arch::Qwen2 | Arch::Mistral) && c.is_plain_llama();
+    // Llama-style decoders and Gemma 3; others keep the candle path.
+    let arch_ok = match c.arch {
+        Arch::Llama | Arch::Qwen2 | Arch::Mistral => c.is_plain_llama(),
+        Arch::Gemma3 => c.gemma3.is_some() && t.layers.iter().all(|l| l.gemma.is_some()),
+    };
     if !arch_ok || !t.device.is_cpu() || t.dtype != DType::F32 || !c.head_dim.is_multiple_of(2) {
         return Ok(None);
     }
@@ -178,18 +197,45 @@ fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
             return Ok(None);
         }
         let bias = |l: &Linear| l.bias.as_ref().map(to_f32).transpose();
+        let gemma = match &l.gemma {
+            Some(g) => Some(GemmaParams {
+                q_norm: to_f32(&g.q_norm)?,
+                k_norm: to_f32(&g.k_norm)?,
+                post_attn_norm: to_f32(&g.post_attn_norm)?,
+                post_mlp_norm: to_f32(&g.post_mlp_norm)?,
+            }),
+            None => None,
+        };
         layers.push(LayerParams {
             attn_norm: to_f32(&l.attn_norm)?,
             mlp_norm: to_f32(&l.mlp_norm)?,
             q_bias: bias(&a.q)?,
             k_bias: bias(&a.k)?,
             v_bias: bias(&a.v)?,
+            gemma,
         });
     }
+    let local_rope = match &t.local_rope {
+        Some((cos, sin)) => Some((to_f32(cos)?, to_f32(sin)?)),
+        None => None,
+    };
+    let hd = c.head_dim as f64;
+    let query_scale = c
+        .gemma3
+        .as_ref()
+        .filter(|g| g.query_pre_attn_scalar != hd)
+        .map(|g| (hd / g.query_pre_attn_scalar).sqrt() as f32);
     Ok(Some(Prepared {
         layers,
         cos: to_f32(&t.cos)?,
         sin: to_f32(&t.sin)?,
+        local_rope,
+        query_scale,
+        activation: if c.gemma3.is_some() {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
     }))
 }
 
@@ -281,16 +327,19 @@ impl Step<'_> {
                 let x = self.residual_tensor(ws)?;
                 let h = rms_norm(&x, &layer.attn_norm, self.t.cfg.rms_norm_eps, Mode::Fast)?;
                 copy_into(&self.t.mixer(i, &h, pass)?, &mut ws.out)?;
+                self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
             AttnExec::Full if attn_lean => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 self.attention(i, layer, ws, store)?;
+                self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
             exec => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 self.candle_attention(i, layer, &exec, ws, store, pass.run)?;
+                self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
         }
@@ -298,22 +347,24 @@ impl Step<'_> {
             MlpExec::Skip => ops::scale(&mut ws.x, s_mlp),
             MlpExec::Full if mlp_lean => {
                 self.mlp(i, layer, ws);
+                self.post_norm(i, Block::Mlp, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }
             exec => {
                 let x1 = self.residual_tensor(ws)?;
                 let eps = self.t.cfg.rms_norm_eps;
                 let h = rms_norm(&x1, &layer.mlp_norm, eps, Mode::Fast)?;
-                // Plain Llama-style layers only (see `prepare`): SiLU.
+                let act = self.prep.activation;
                 let m = match &exec {
                     // Sliced once per mask (the transformer's slice cache).
                     MlpExec::Neurons(ns) => {
                         let sliced = self.t.sliced_mlp(i, ns)?;
-                        mlp(&sliced, &h, &MlpExec::Full, pass.run, Activation::Silu)?
+                        mlp(&sliced, &h, &MlpExec::Full, pass.run, act)?
                     }
-                    _ => mlp(&layer.mlp, &h, &exec, pass.run, Activation::Silu)?,
+                    _ => mlp(&layer.mlp, &h, &exec, pass.run, act)?,
                 };
                 copy_into(&m, &mut ws.out)?;
+                self.post_norm(i, Block::Mlp, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_mlp, s_mlp);
             }
         }
@@ -347,11 +398,23 @@ impl Step<'_> {
                 ops::add_bias(y, bias);
             }
         }
-        let (cos, sin) = (&self.prep.cos, &self.prep.sin);
+        let eps = c.rms_norm_eps as f32;
+        if let Some(g) = &p.gemma {
+            ops::rms_norm_in_place(&mut ws.q, &g.q_norm, eps);
+            ops::rms_norm_in_place(&mut ws.k, &g.k_norm, eps);
+        }
+        let window = self.t.attention_window(i);
+        // Gemma 3's local (windowed) layers rotate with their own base.
+        let (cos, sin) = match &self.prep.local_rope {
+            Some((cos, sin)) if window.is_some() => (cos, sin),
+            _ => (&self.prep.cos, &self.prep.sin),
+        };
         let hd = c.head_dim;
         ops::rope(&mut ws.q, self.positions, hd, c.rope_layout, cos, sin);
         ops::rope(&mut ws.k, self.positions, hd, c.rope_layout, cos, sin);
-        let window = self.t.attention_window(i);
+        if let Some(s) = self.prep.query_scale {
+            ops::scale(&mut ws.q, s);
+        }
         let Workspace {
             q,
             k,
@@ -408,7 +471,7 @@ impl Step<'_> {
             positions: self.positions,
             exec,
             run,
-            norms: None,
+            norms: layer.gemma.as_ref(),
         };
         match self
             .t
@@ -435,8 +498,34 @@ impl Step<'_> {
         if ws.scores.len() < n {
             ws.scores.resize(n, 0.0);
         }
-        ops::silu_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n]);
+        match self.prep.activation {
+            Activation::Silu => ops::silu_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n]),
+            Activation::GeluTanh => {
+                ops::gelu_tanh_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n])
+            }
+        }
         matmul(&m.down, &ws.gate, self.rows, &mut ws.out);
+    }
+}
+
+/// Which sub-block of a layer (for Gemma 3's output norms).
+#[derive(Clone, Copy)]
+enum Block {
+    Attn,
+    Mlp,
+}
+
+impl Step<'_> {
+    /// Gemma 3's "sandwich": a block's output is normed before the residual
+    /// add (nothing for other models).
+    fn post_norm(&self, i: usize, block: Block, out: &mut [f32]) {
+        if let Some(g) = &self.prep.layers[i].gemma {
+            let w = match block {
+                Block::Attn => &g.post_attn_norm,
+                Block::Mlp => &g.post_mlp_norm,
+            };
+            ops::rms_norm_in_place(out, w, self.t.cfg.rms_norm_eps as f32);
+        }
     }
 }
 

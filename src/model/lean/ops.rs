@@ -50,6 +50,18 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// `rms_norm` in place: each run of `w.len()` values (a row, or a head of
+/// a row) scaled by its RMS and by `w`.
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let m = (dot(xr, xr) / n as f32 + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(w) {
+            *v = *v / m * g;
+        }
+    }
+}
+
 /// Rotary embedding in place of `heads` heads of `head_dim` per row of `x`
 /// (rows of `heads · head_dim`), row `r` at `positions[r]`; `cos`/`sin` are
 /// the model's tables, `head_dim / 2` values per position.
@@ -85,6 +97,20 @@ pub fn rope(
 pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32], scratch: &mut [f32]) {
     for (e, g) in scratch.iter_mut().zip(gate.iter()) {
         *e = -g;
+    }
+    exp_in_place(scratch);
+    for ((g, u), e) in gate.iter_mut().zip(up).zip(scratch.iter()) {
+        *g = *g / (1.0 + e) * u;
+    }
+}
+
+/// `gate = gelu_tanh(gate) · up`, GELU's tanh approximation written as
+/// g · sigmoid(2u), u = √(2/π)(g + 0.044715 g³) (0.5(1 + tanh u) = sigmoid(2u)),
+/// with `exp` vectorised as in `silu_mul_in_place`.
+pub fn gelu_tanh_mul_in_place(gate: &mut [f32], up: &[f32], scratch: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (e, &g) in scratch.iter_mut().zip(gate.iter()) {
+        *e = -2.0 * SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
     }
     exp_in_place(scratch);
     for ((g, u), e) in gate.iter_mut().zip(up).zip(scratch.iter()) {
