@@ -13,14 +13,19 @@ use crate::cli::{self, ReportArgs};
 use crate::eval::bench::{self, BenchOptions};
 use crate::eval::perplexity::{self, EvalOptions};
 use crate::export;
+use crate::model::kv::KvSpec;
+use crate::model::routing::{Routers, RoutingSection, ROUTING_SECTION};
 use crate::model::source::DEFAULT_GGUF_NAME;
 use crate::model::{Model, RunOptions};
-use crate::plan::{Plan, PlanFile};
+use crate::plan::{Plan, PlanFile, KV_SECTION};
 use crate::progress;
-use crate::report::{charts, html, Report, Row, Settings, SpeedKind};
+use crate::report::modes::{self, Mode, Quality, Speed};
+use crate::report::{charts, html, DraftSpeed, Report, Row, Settings, SpeedKind};
 use crate::setup;
 use crate::surgery::heal::{HealSection, HEAL_SECTION};
 use crate::surgery::replace::{ReplaceSection, REPLACE_SECTION};
+use crate::surgery::routing::speed::SpeedOptions;
+use crate::surgery::sparsity::{SparsitySection, SPARSITY_SECTION};
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
@@ -34,6 +39,7 @@ struct Entry {
     method: String,
     details: Vec<(String, String)>,
     file: Option<PathBuf>,
+    mode: Mode,
 }
 
 pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
@@ -84,10 +90,12 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         method: "base".into(),
         details: Vec::new(),
         file: None,
+        mode: Mode::Plain,
     }];
     for p in &args.plans {
-        // Healed and replaced plans run through the same forward pass and
-        // timing loop; the other modes' sections are refused by name.
+        // Every mode's plan is measured through its own evaluation and
+        // timing (`report::modes`); a section this build adds later is
+        // refused by name until the report measures it.
         let source = setup::PlanSource {
             plan: Some(p.clone()),
             skip: None,
@@ -95,12 +103,14 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         setup::refuse_sections(&model.load_plan(p)?, p, "`report`", REPORTED_SECTIONS)?;
         let (plan, file) = setup::load_plan_honouring(&source, &model, REPORTED_SECTIONS)?;
         let pf = file.context("a plan file was given")?;
+        let mode = Mode::of(&pf, &plan, &model, p)?;
         entries.push(Entry {
             name: plan_name(p),
+            method: mode.method().map_or_else(|| method_of(&pf), str::to_string),
             plan,
-            method: method_of(&pf),
             details: details_of(&pf),
             file: Some(p.clone()),
+            mode,
         });
     }
     let mut ids = model.codec()?.encode(&text)?;
@@ -112,9 +122,10 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     }
     let model_name = user_model_name(margs);
     let run = RunOptions::FAST;
-    let quality: Vec<_> = entries
+    let kv_context = modes::kv_context(&model, &ids);
+    let quality: Vec<Quality> = entries
         .iter()
-        .map(|e| measure_quality(&model, e, &ids, run))
+        .map(|e| measure_quality(&model, e, &ids, run, kv_context))
         .collect::<Result<_>>()?;
     let bopts = BenchOptions {
         prefill_tokens: BENCH_PREFILL,
@@ -126,44 +137,57 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             ..run
         },
     };
-    let plans: Vec<&Plan> = entries.iter().map(|e| &e.plan).collect();
-    let pb = progress::bar(args.runs, "speed (all plans, interleaved)");
-    let speeds = bench::bench_interleaved(&model, &plans, bopts, |d, _| pb.set_position(d as u64));
-    pb.finish_and_clear();
-    let speeds = speeds?;
+    let speeds = measure_speeds(&model, &entries, &ids, bopts, kv_context)?;
+    let drafts = match args.speculative {
+        true => measure_drafts(&model, &entries, args.runs, bopts.run)?,
+        false => vec![None; entries.len()],
+    };
     let n_blocks = 2 * model.n_layers();
     let windows = ids.len().div_ceil(WINDOW);
     let rows: Vec<Row> = entries
         .iter()
         .zip(quality)
         .zip(speeds)
-        .map(|((e, q), s)| {
+        .zip(drafts)
+        .map(|(((e, q), s), draft)| {
+            let mut details = q.facts;
+            details.extend(s.facts);
+            details.extend(e.details.iter().cloned());
             let row = Row {
                 name: e.name.clone(),
                 method: e.method.clone(),
                 skipped: e.plan.skip.iter().map(|b| b.to_string()).collect(),
                 blocks_total: n_blocks,
+                blocks_removed: q.blocks_removed.unwrap_or(e.plan.skip.len() as f64),
                 has_scales: e.plan.has_scales(),
+                mode_summary: q.summary,
                 perplexity: q.perplexity,
+                reference_perplexity: q.reference_perplexity,
                 kl_to_base: q.kl_to_base,
                 top1_agreement: q.top1_agreement,
-                prefill_tokens_per_sec: s.prefill_tokens_per_sec,
-                decode_tokens_per_sec: s.decode_tokens_per_sec,
+                prefill_tokens_per_sec: s.prefill,
+                decode_tokens_per_sec: s.decode,
                 prefill_speedup: s.prefill_speedup,
                 decode_speedup: s.decode_speedup,
-                // Skipped blocks are not computed: every speed here is timed.
-                speed_kind: SpeedKind::Executed,
-                details: e.details.clone(),
-                commands: reproduce(margs, e, &args, windows),
+                speed_kind: if s.executed {
+                    SpeedKind::Executed
+                } else {
+                    SpeedKind::Simulated
+                },
+                speed_reference: s.reference,
+                commands: reproduce(margs, e, &args, windows, kv_context),
+                draft,
+                details,
             };
             eprintln!(
-                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base, runs {:.3}–{:.3}×)",
+                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base, runs {:.3}–{:.3}×, {})",
                 row.name,
                 row.perplexity,
                 row.decode_tokens_per_sec.median,
                 row.decode_speedup.median,
                 row.decode_speedup.min,
-                row.decode_speedup.max
+                row.decode_speedup.max,
+                row.speed_kind.label()
             );
             row
         })
@@ -229,7 +253,22 @@ fn measure_quality(
     e: &Entry,
     ids: &[u32],
     run: RunOptions,
-) -> Result<perplexity::EvalReport> {
+    kv_context: usize,
+) -> Result<Quality> {
+    let sp = progress::spinner(&format!("{}: quality", e.name));
+    let q = match &e.mode {
+        Mode::Plain => plain_quality(model, e, ids, run),
+        Mode::Kv(spec) => modes::kv_quality(model, ids, spec, kv_context, run),
+        Mode::Sparse(section) => modes::sparse_quality(model, &e.plan, section, ids, WINDOW, run),
+        Mode::Routed(section, routers) => {
+            modes::routed_quality(model, &e.plan, section, routers, ids, WINDOW, run)
+        }
+    };
+    sp.finish_and_clear();
+    q.with_context(|| format!("measuring the quality of {}", e.name))
+}
+
+fn plain_quality(model: &Model, e: &Entry, ids: &[u32], run: RunOptions) -> Result<Quality> {
     let opts = EvalOptions {
         window: WINDOW,
         // Every given plan, including one that only heals or replaces.
@@ -237,17 +276,167 @@ fn measure_quality(
         run,
         parallel_windows: false,
     };
-    let pb = progress::bar(ids.len().div_ceil(WINDOW), &format!("{}: quality", e.name));
     let q = perplexity::evaluate(
         model,
         ids,
         &e.plan,
         opts,
         &AtomicBool::new(false),
-        |d, _| pb.set_position(d as u64),
-    );
+        |_, _| {},
+    )?;
+    Ok(Quality {
+        perplexity: q.perplexity,
+        reference_perplexity: None,
+        kl_to_base: q.kl_to_base,
+        top1_agreement: q.top1_agreement,
+        blocks_removed: None,
+        summary: None,
+        facts: Vec::new(),
+    })
+}
+
+/// Every plan's speed, each group on the path and text its mode needs and
+/// against the unmodified model timed in the same rounds: skip, scale,
+/// healed and replaced plans with the base (`bench`); KV plans against the
+/// full cache at their context; sparse plans on the f32 path; routed plans
+/// on the evaluation text.
+fn measure_speeds(
+    model: &Model,
+    entries: &[Entry],
+    ids: &[u32],
+    bopts: BenchOptions,
+    kv_context: usize,
+) -> Result<Vec<Speed>> {
+    let mut out: Vec<Option<Speed>> = entries.iter().map(|_| None).collect();
+    let plain: Vec<usize> = (0..entries.len())
+        .filter(|&i| matches!(entries[i].mode, Mode::Plain))
+        .collect();
+    let plans: Vec<&Plan> = plain.iter().map(|&i| &entries[i].plan).collect();
+    let pb = progress::bar(bopts.runs, "speed (plans, interleaved)");
+    let speeds = bench::bench_interleaved(model, &plans, bopts, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
-    q
+    for (&i, s) in plain.iter().zip(speeds?) {
+        out[i] = Some(Speed {
+            prefill: Some(s.prefill_tokens_per_sec),
+            prefill_speedup: Some(s.prefill_speedup),
+            decode: s.decode_tokens_per_sec,
+            decode_speedup: s.decode_speedup,
+            // Skipped blocks are not computed: every speed here is timed.
+            executed: true,
+            reference: None,
+            facts: Vec::new(),
+        });
+    }
+    let pick = |f: &dyn Fn(&Mode) -> bool| -> Vec<usize> {
+        (0..entries.len())
+            .filter(|&i| f(&entries[i].mode))
+            .collect()
+    };
+    let kv = pick(&|m| matches!(m, Mode::Kv(_)));
+    if !kv.is_empty() {
+        let specs: Vec<&KvSpec> = kv
+            .iter()
+            .map(|&i| match &entries[i].mode {
+                Mode::Kv(s) => s,
+                _ => unreachable!("picked KV plans"),
+            })
+            .collect();
+        let sp = progress::spinner("speed (KV budgets against the full cache)");
+        let s = modes::kv_speeds(
+            model,
+            ids,
+            &specs,
+            kv_context,
+            bopts.decode_tokens,
+            bopts.runs,
+            bopts.run,
+        );
+        sp.finish_and_clear();
+        for (&i, s) in kv.iter().zip(s?) {
+            out[i] = Some(s);
+        }
+    }
+    let sparse = pick(&|m| matches!(m, Mode::Sparse(_)));
+    if !sparse.is_empty() {
+        let plans: Vec<(&Plan, &SparsitySection)> = sparse
+            .iter()
+            .map(|&i| match &entries[i].mode {
+                Mode::Sparse(s) => (&entries[i].plan, s),
+                _ => unreachable!("picked sparse plans"),
+            })
+            .collect();
+        let sp = progress::spinner("speed (sparse plans, f32 path)");
+        let s = modes::sparse_speeds(
+            model,
+            &plans,
+            ids,
+            WINDOW,
+            bopts.context_tokens,
+            bopts.decode_tokens,
+            bopts.runs,
+        );
+        sp.finish_and_clear();
+        for (&i, s) in sparse.iter().zip(s?) {
+            out[i] = Some(s);
+        }
+    }
+    let routed = pick(&|m| matches!(m, Mode::Routed(..)));
+    if !routed.is_empty() {
+        let plans: Vec<(&Plan, &RoutingSection, &Routers)> = routed
+            .iter()
+            .map(|&i| match &entries[i].mode {
+                Mode::Routed(s, r) => (&entries[i].plan, s, r),
+                _ => unreachable!("picked routed plans"),
+            })
+            .collect();
+        let opts = SpeedOptions {
+            prefill_tokens: bopts.prefill_tokens,
+            decode_tokens: bopts.decode_tokens,
+            runs: bopts.runs,
+            run: bopts.run,
+        };
+        let sp = progress::spinner("speed (routed plans, on the text)");
+        let s = modes::routed_speeds(model, &plans, ids, opts);
+        sp.finish_and_clear();
+        for (&i, s) in routed.iter().zip(s?) {
+            out[i] = Some(s);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every plan timed"))
+        .collect())
+}
+
+/// `--speculative`: every plan that skips blocks (and runs as one forward
+/// pass) also as the draft of self-speculative decoding.
+fn measure_drafts(
+    model: &Model,
+    entries: &[Entry],
+    runs: usize,
+    run: RunOptions,
+) -> Result<Vec<Option<DraftSpeed>>> {
+    let drafts: Vec<usize> = (0..entries.len())
+        .filter(|&i| {
+            let e = &entries[i];
+            matches!(e.mode, Mode::Plain) && e.file.is_some() && !e.plan.skip.is_empty()
+        })
+        .collect();
+    let mut out = vec![None; entries.len()];
+    if drafts.is_empty() {
+        eprintln!(
+            "scalpel: --speculative: no plan skips blocks in one forward pass, so none drafts"
+        );
+        return Ok(out);
+    }
+    let plans: Vec<&Plan> = drafts.iter().map(|&i| &entries[i].plan).collect();
+    let pb = progress::bar(runs, "speculative (drafts against plain decoding)");
+    let r = modes::draft_speeds(model, &plans, runs, run, |d, _| pb.set_position(d as u64));
+    pb.finish_and_clear();
+    for (&i, d) in drafts.iter().zip(r?) {
+        out[i] = Some(d);
+    }
+    Ok(out)
 }
 
 /// How a plan was made, from what its file records.
@@ -265,9 +454,16 @@ fn method_of(pf: &PlanFile) -> String {
     }
 }
 
-/// The plan sections `report` carries out: they change only the weights a
-/// pass reads, so quality and speed are measured as for any plan.
-const REPORTED_SECTIONS: &[&str] = &[HEAL_SECTION, REPLACE_SECTION];
+/// The plan sections `report` carries out: heal and replace change only the
+/// weights a pass reads (measured as any plan); the others through their
+/// mode's own evaluation and timing (`report::modes`).
+const REPORTED_SECTIONS: &[&str] = &[
+    HEAL_SECTION,
+    REPLACE_SECTION,
+    KV_SECTION,
+    SPARSITY_SECTION,
+    ROUTING_SECTION,
+];
 
 /// A plan's mode-specific facts worth showing (its sections, and what its
 /// metrics record about how it was made).
@@ -316,7 +512,13 @@ fn details_of(pf: &PlanFile) -> Vec<(String, String)> {
 }
 
 /// The commands that reproduce a row's numbers.
-fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usize) -> Vec<String> {
+fn reproduce(
+    margs: &cli::ModelArgs,
+    e: &Entry,
+    args: &ReportArgs,
+    windows: usize,
+    kv_context: usize,
+) -> Vec<String> {
     let model = margs
         .model
         .as_ref()
@@ -336,13 +538,39 @@ fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usiz
         .max_windows
         .map(|_| format!(" (the first {windows} windows)"))
         .unwrap_or_default();
-    vec![
-        format!("scalpel{model} eval{plan}{text}{windows}"),
-        format!(
-            "scalpel{model} bench{plan} --prefill {BENCH_PREFILL} --decode {BENCH_DECODE} --runs {}",
-            args.runs
-        ),
-    ]
+    let runs = args.runs;
+    let mut c = match &e.mode {
+        Mode::Kv(_) => vec![
+            format!("scalpel{model} eval{plan}{text} --context {kv_context}{windows}"),
+            format!(
+                "scalpel{model} eval{plan}{text} --context {kv_context} --decode-speed \
+                 {BENCH_DECODE}{windows} (3 rounds; the report times {runs})"
+            ),
+        ],
+        Mode::Sparse(_) => vec![
+            format!("scalpel{model} eval{plan}{text}{windows}"),
+            format!(
+                "decode speed: timed by `report` only ({BENCH_DECODE} steps after a 16-token \
+                 prompt, f32 path, {runs} runs)"
+            ),
+        ],
+        Mode::Plain | Mode::Routed(..) => vec![
+            format!("scalpel{model} eval{plan}{text}{windows}"),
+            format!(
+                "scalpel{model} bench{plan} --prefill {BENCH_PREFILL} --decode {BENCH_DECODE} \
+                 --runs {runs}"
+            ),
+        ],
+    };
+    if args.speculative && matches!(e.mode, Mode::Plain) && !e.plan.skip.is_empty() {
+        c.push(format!(
+            "scalpel{model}{plan} speculate --prompt-set all --per-kind 1 -n {} --draft-len {} \
+             --runs {runs}",
+            modes::DRAFT_TOKENS,
+            modes::DRAFT_LEN
+        ));
+    }
+    c
 }
 
 /// The model as the user named it: the hub id, or the file or folder name.

@@ -6,7 +6,8 @@
 use std::fmt::Write as _;
 
 use super::headline::{frontier_rows, headline, what_it_removes};
-use super::Report;
+use super::{DraftSpeed, Report, Row};
+use crate::eval::bench::Stat;
 
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -92,18 +93,52 @@ pub fn page(report: &Report, charts: &[(&str, String, String)]) -> String {
     h
 }
 
+/// "4 of 60", or "4.3 of 60" for a compute-equivalent share.
+pub fn blocks_removed(r: &Row) -> String {
+    let b = r.blocks_removed;
+    if (b - b.round()).abs() < 1e-9 {
+        format!("{b:.0} of {}", r.blocks_total)
+    } else {
+        format!("{b:.1} of {}", r.blocks_total)
+    }
+}
+
+/// The draft column: "1.12× (α 0.71, τ 2.3)" with the runs' spread.
+fn draft_cell(d: &DraftSpeed) -> String {
+    format!(
+        "{:.3}×<br><span class=\"spread\">{:.3}–{:.3}</span><br>α {:.2}, τ {:.2}, k {}{}",
+        d.speedup.median,
+        d.speedup.min,
+        d.speedup.max,
+        d.acceptance_rate,
+        d.mean_accepted,
+        d.draft_len,
+        if d.identical {
+            ""
+        } else {
+            "<br>output differs (quantized verify)"
+        }
+    )
+}
+
 fn comparison_table(h: &mut String, report: &Report) {
+    let drafts = report.rows.iter().any(|r| r.draft.is_some());
     h.push_str(
         "<h2>Comparison</h2>\n<p>Speed-ups are against the unmodified model timed in the same \
-         interleaved runs (median; the spread is the smallest and largest per-run ratio). A \
-         speed-up whose spread includes 1.00× is not a measurable change. Bold plans are on the \
+         interleaved runs on the same path (median; the spread is the smallest and largest \
+         per-run ratio); where that is not the base row's timing (a KV budget at its context, \
+         sparsity on the f32 path, routing on the text) the speed column says so. A speed-up \
+         whose spread includes 1.00× is not a measurable change. Bold plans are on the \
          frontier.</p>\n<table id=\"comparison\">\n<tr><th class=\"name\">plan</th>\
          <th class=\"name\">method</th><th class=\"name\">what it removes</th><th>blocks removed</th>\
          <th>perplexity</th><th>Δ perplexity</th><th>KL to base (nats/token)</th>\
          <th>top-1 agreement</th><th>decode tok/s</th><th>decode speed-up</th>\
-         <th>prefill tok/s</th><th>prefill speed-up</th><th>speed</th>\
-         <th class=\"name\">skipped blocks</th></tr>\n",
+         <th>prefill tok/s</th><th>prefill speed-up</th><th>speed</th>",
     );
+    if drafts {
+        h.push_str("<th>as a draft (lossless speed-up)</th>");
+    }
+    h.push_str("<th class=\"name\">skipped blocks</th></tr>\n");
     let base = report.base_perplexity();
     let frontier = frontier_rows(&report.rows);
     for (i, r) in report.rows.iter().enumerate() {
@@ -115,32 +150,53 @@ fn comparison_table(h: &mut String, report: &Report) {
         let spread = |lo: f64, hi: f64, digits: usize| {
             format!("<br><span class=\"spread\">{lo:.digits$}–{hi:.digits$}</span>")
         };
+        let stat = |s: &Option<Stat>, digits: usize, unit: &str| match s {
+            Some(s) => format!(
+                "{:.digits$}{unit}{}",
+                s.median,
+                spread(s.min, s.max, digits)
+            ),
+            None => "—<br><span class=\"spread\">not timed</span>".to_string(),
+        };
+        let delta = match r.reference_perplexity {
+            Some(_) => format!(
+                "{:+.2}%<br><span class=\"spread\">vs the full cache, same positions</span>",
+                r.perplexity_change_pct(base)
+            ),
+            None => format!("{:+.2}%", r.perplexity_change_pct(base)),
+        };
+        let speed = match &r.speed_reference {
+            Some(note) => format!(
+                "{}<br><span class=\"spread\">{}</span>",
+                r.speed_kind.label(),
+                escape(note)
+            ),
+            None => r.speed_kind.label().to_string(),
+        };
+        let draft = match (&r.draft, drafts) {
+            (_, false) => String::new(),
+            (Some(d), true) => format!("<td>{}</td>", draft_cell(d)),
+            (None, true) => "<td>—</td>".to_string(),
+        };
         let _ =
             writeln!(
             h,
             "<tr{}><td class=\"name\">{}</td><td class=\"name\">{}</td><td class=\"name\">{}</td>\
-             <td>{} of {}</td><td>{:.3}</td><td>{:+.2}%</td><td>{:.4}</td><td>{:.1}%</td>\
-             <td>{:.1}{}</td><td>{:.3}×{}</td><td>{:.1}{}</td><td>{:.3}×{}</td><td>{}</td>\
+             <td>{}</td><td>{:.3}</td><td>{delta}</td><td>{:.4}</td><td>{:.1}%</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{speed}</td>{draft}\
              <td class=\"blocks\"><code>{}</code></td></tr>",
             if frontier.contains(&i) { " class=\"frontier\"" } else { "" },
             escape(&r.name),
             escape(&r.method),
             escape(&what_it_removes(r)),
-            r.skipped.len(),
-            r.blocks_total,
+            blocks_removed(r),
             r.perplexity,
-            r.perplexity_change_pct(base),
             r.kl_to_base,
             r.top1_agreement * 100.0,
-            r.decode_tokens_per_sec.median,
-            spread(r.decode_tokens_per_sec.min, r.decode_tokens_per_sec.max, 1),
-            r.decode_speedup.median,
-            spread(r.decode_speedup.min, r.decode_speedup.max, 3),
-            r.prefill_tokens_per_sec.median,
-            spread(r.prefill_tokens_per_sec.min, r.prefill_tokens_per_sec.max, 1),
-            r.prefill_speedup.median,
-            spread(r.prefill_speedup.min, r.prefill_speedup.max, 3),
-            r.speed_kind.label(),
+            stat(&Some(r.decode_tokens_per_sec.clone()), 1, ""),
+            stat(&Some(r.decode_speedup.clone()), 3, "×"),
+            stat(&r.prefill_tokens_per_sec, 1, ""),
+            stat(&r.prefill_speedup, 3, "×"),
             escape(&blocks)
         );
     }
@@ -154,6 +210,29 @@ fn details(h: &mut String, report: &Report) {
         let mut cell = String::new();
         for (k, v) in &r.details {
             let _ = write!(cell, "{}: {}<br>", escape(k), escape(v));
+        }
+        if let Some(d) = &r.draft {
+            let _ = write!(
+                cell,
+                "as a draft: α {:.3} (accepted / drafted), τ {:.2} (tokens per verify), {:.1} → \
+                 {:.1} tok/s, {:.3}× lossless speed-up (runs {:.3}–{:.3}×); {} prompts × {} new \
+                 tokens, greedy, {} drafted per verify; {}<br>",
+                d.acceptance_rate,
+                d.mean_accepted,
+                d.plain_tokens_per_sec.median,
+                d.speculative_tokens_per_sec.median,
+                d.speedup.median,
+                d.speedup.min,
+                d.speedup.max,
+                d.prompts,
+                d.new_tokens,
+                d.draft_len,
+                if d.identical {
+                    "output identical to plain decoding"
+                } else {
+                    "output differs from plain decoding on some prompt (quantized verify rows)"
+                }
+            );
         }
         for c in &r.commands {
             let _ = write!(cell, "<code>{}</code><br>", escape(c));
