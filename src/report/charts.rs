@@ -326,6 +326,41 @@ mod tests {
     }
 
     #[test]
+    fn every_mode_gets_its_own_colour_and_simulated_points_are_hollow() {
+        let methods = [
+            "Hopscotch search",
+            "by hand",
+            "KV budget",
+            "sparsity",
+            "token routing",
+            "healed",
+            "replaced",
+            "fitted by hand",
+        ];
+        let mut rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0))];
+        for (i, m) in methods.iter().enumerate() {
+            rows.push(row(&format!("p{i}"), m, 1, 10.5, (1.01, 1.0, 1.02)));
+        }
+        rows[4].speed_kind = SpeedKind::Simulated;
+        let ms = super::methods(&rows);
+        let colours: Vec<RGBColor> = methods.iter().map(|m| colour(&ms, m)).collect();
+        for (i, a) in colours.iter().enumerate() {
+            assert!(
+                colours[i + 1..].iter().all(|b| b != a),
+                "{} shares its colour",
+                methods[i]
+            );
+        }
+        let svg = quality_vs_speed(&rows, 10.0).unwrap();
+        let hollow = svg
+            .split("<circle")
+            .skip(1)
+            .filter(|c| c.split("/>").next().unwrap().contains("fill=\"none\""))
+            .count();
+        assert_eq!(hollow, 1, "one simulated point");
+    }
+
+    #[test]
     fn a_single_point_still_gets_an_axis_range() {
         let (lo, hi) = range([3.0].into_iter(), 0.5);
         assert!(lo < 3.0 && hi > 3.0);

@@ -181,6 +181,34 @@ mod tests {
     }
 
     #[test]
+    fn mode_plans_say_what_they_do_against_their_own_reference() {
+        let mut kv = row("kv", "KV budget", 0, 20.0, (1.2, 1.1, 1.3));
+        kv.mode_summary = Some("Keep a KV budget of window:128 at a 512-token context".into());
+        // Measured at its own context, against the full cache there.
+        kv.reference_perplexity = Some(16.0);
+        kv.top1_agreement = 0.9;
+        assert_eq!(
+            sentence(&kv, 10.0),
+            "Keep a KV budget of window:128 at a 512-token context: 1.20× faster decode \
+             (runs 1.10–1.30×, executed), +25.0% perplexity, 90% of next tokens unchanged."
+        );
+        let mut routed = row("r", "token routing", 2, 10.5, (1.1, 1.05, 1.2));
+        routed.mode_summary = Some("Route tokens past blocks (80.0% of blocks executed)".into());
+        assert_eq!(
+            what_it_removes(&routed),
+            "Skip 2 attention blocks + route tokens past blocks (80.0% of blocks executed)"
+        );
+    }
+
+    #[test]
+    fn a_simulated_speed_is_never_recommended() {
+        let mut teal = row("teal", "sparsity", 0, 10.2, (1.3, 1.2, 1.4));
+        teal.speed_kind = SpeedKind::Simulated;
+        let rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)), teal];
+        assert_eq!(favoured(&rows, 10.0, 10.0), None);
+    }
+
+    #[test]
     fn the_favoured_plan_is_the_fastest_measurable_one_within_budget() {
         let rows = vec![
             row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)),

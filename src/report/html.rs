@@ -245,3 +245,92 @@ fn details(h: &mut String, report: &Report) {
     }
     h.push_str("</table>\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::testing::row;
+    use crate::report::{Settings, SpeedKind};
+
+    fn report(rows: Vec<Row>) -> Report {
+        Report {
+            title: "t".into(),
+            rows,
+            settings: Settings {
+                model: "m".into(),
+                architecture: "llama".into(),
+                origin: String::new(),
+                text: String::new(),
+                tokens: 512,
+                windows: 1,
+                window: 512,
+                threads: 1,
+                device: "cpu".into(),
+                machine: String::new(),
+                weights: String::new(),
+                bench: String::new(),
+                quality_budget_pct: 10.0,
+                generated_by: String::new(),
+                date: String::new(),
+            },
+        }
+    }
+
+    fn line<'a>(page: &'a str, name: &str) -> &'a str {
+        let cell = format!("<td class=\"name\">{name}</td>");
+        page.lines()
+            .find(|l| l.starts_with("<tr") && l.contains(&cell))
+            .unwrap()
+    }
+
+    #[test]
+    fn mode_rows_show_what_was_not_timed_and_what_they_are_against() {
+        let mut kv = row("kv", "KV budget", 0, 20.0, (1.2, 1.1, 1.3));
+        kv.prefill_tokens_per_sec = None;
+        kv.prefill_speedup = None;
+        kv.reference_perplexity = Some(16.0);
+        kv.speed_reference = Some("against the full cache".into());
+        let mut routed = row("routed", "token routing", 0, 10.5, (1.1, 1.0, 1.2));
+        routed.blocks_removed = 12.34;
+        routed.speed_kind = SpeedKind::Simulated;
+        let rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)), kv, routed];
+        let html = page(&report(rows.clone()), &[]);
+        let kv_line = line(&html, "kv");
+        assert_eq!(kv_line.matches("not timed").count(), 2, "{kv_line}");
+        assert!(kv_line.contains("+25.00%<br><span class=\"spread\">vs the full cache"));
+        assert!(kv_line.contains("executed<br><span class=\"spread\">against the full cache"));
+        let r = line(&html, "routed");
+        assert!(
+            r.contains("<td>12.3 of 60</td>") && r.contains("<td>simulated</td>"),
+            "{r}"
+        );
+        assert!(
+            !html.contains("as a draft"),
+            "no draft column without drafts"
+        );
+
+        let mut with_draft = rows;
+        with_draft[1].draft = Some(DraftSpeed {
+            acceptance_rate: 0.712,
+            mean_accepted: 2.345,
+            draft_len: 4,
+            plain_tokens_per_sec: Stat::exact(50.0),
+            speculative_tokens_per_sec: Stat::exact(60.0),
+            speedup: Stat {
+                median: 1.2,
+                min: 1.1,
+                max: 1.3,
+                runs: vec![1.2],
+            },
+            identical: true,
+            prompts: 6,
+            new_tokens: 32,
+        });
+        let html = page(&report(with_draft), &[]);
+        assert!(line(&html, "kv").contains(
+            "<td>1.200×<br><span class=\"spread\">1.100–1.300</span><br>α 0.71, τ 2.35, k 4</td>"
+        ));
+        assert!(line(&html, "routed").contains("<td>—</td>"));
+        assert!(html.contains("as a draft: α 0.712 (accepted / drafted), τ 2.35"));
+    }
+}
