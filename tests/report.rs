@@ -474,7 +474,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         col("kv", 5)
     );
     assert!(
-        col("kv", 12).starts_with("executed") && col("kv", 12).contains("against the full cache"),
+        col("kv", 12).starts_with("executed") && col("kv", 12).contains("vs the full cache"),
         "{}",
         col("kv", 12)
     );
@@ -514,7 +514,8 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         (removed - (1.0 - executed / 100.0) * 60.0).abs() < 0.1,
         "{removed} blocks removed at {executed}% executed"
     );
-    assert!(col("routed", 12).contains("on the evaluation text"));
+    assert!(col("routed", 12).contains("vs the base, on the text"));
+    assert!(rf.contains("timed against the unmodified model on the evaluation text"));
 
     // The skip plan as a draft: α, τ and a speed-up with its spread.
     assert!(html.contains("<th>as a draft (lossless speed-up)</th>"));

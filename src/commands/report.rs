@@ -180,11 +180,12 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
                 details,
             };
             eprintln!(
-                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base, runs {:.3}–{:.3}×, {})",
+                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× {}, runs {:.3}–{:.3}×, {})",
                 row.name,
                 row.perplexity,
                 row.decode_tokens_per_sec.median,
                 row.decode_speedup.median,
+                row.speed_reference.as_deref().unwrap_or("base"),
                 row.decode_speedup.min,
                 row.decode_speedup.max,
                 row.speed_kind.label()
@@ -212,12 +213,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             } else {
                 "f32 (bf16 on GPU) for quality and speed".into()
             },
-            bench: format!(
-                "prefill {BENCH_PREFILL} tokens, then decode {BENCH_DECODE} after a 16-token \
-                 prompt; {} runs of every plan, interleaved (one of each in turn), after one \
-                 warm-up run each",
-                args.runs
-            ),
+            bench: bench_settings(&entries, args.runs, args.speculative, kv_context),
             quality_budget_pct: args.budget,
             generated_by: std::env::args().collect::<Vec<_>>().join(" "),
             date: date_utc(),
@@ -406,6 +402,42 @@ fn measure_speeds(
         .into_iter()
         .map(|s| s.expect("every plan timed"))
         .collect())
+}
+
+/// How the speeds were timed, each mode's group named where present.
+fn bench_settings(entries: &[Entry], runs: usize, speculative: bool, kv_context: usize) -> String {
+    let has = |f: &dyn Fn(&Mode) -> bool| entries.iter().any(|e| f(&e.mode));
+    let mut s = format!(
+        "prefill {BENCH_PREFILL} tokens, then decode {BENCH_DECODE} after a 16-token prompt; \
+         {runs} runs of every plan, interleaved (one of each in turn), after one warm-up run each"
+    );
+    if has(&|m| matches!(m, Mode::Kv(_))) {
+        s.push_str(&format!(
+            "; KV plans: {BENCH_DECODE} decode steps after one prefill of up to {kv_context} \
+             tokens, against the full cache, {runs} interleaved rounds"
+        ));
+    }
+    if has(&|m| matches!(m, Mode::Sparse(_))) {
+        s.push_str(&format!(
+            "; sparse plans: {BENCH_DECODE} decode steps after a 16-token prompt on the f32 \
+             candle path, against the unmodified model on that path, {runs} interleaved rounds"
+        ));
+    }
+    if has(&|m| matches!(m, Mode::Routed(..))) {
+        s.push_str(&format!(
+            "; routed plans: prefill {BENCH_PREFILL} and decode {BENCH_DECODE} tokens of the \
+             evaluation text, against the base, {runs} interleaved rounds"
+        ));
+    }
+    if speculative {
+        s.push_str(&format!(
+            "; drafts: greedy self-speculative decoding of {} new tokens (k = {}) after the first \
+             prompt of each built-in kind, against plain decoding, {runs} interleaved runs",
+            modes::DRAFT_TOKENS,
+            modes::DRAFT_LEN
+        ));
+    }
+    s
 }
 
 /// `--speculative`: every plan that skips blocks (and runs as one forward
