@@ -40,6 +40,8 @@ struct Entry {
     details: Vec<(String, String)>,
     file: Option<PathBuf>,
     mode: Mode,
+    /// Skips blocks and has no section: `speculate` can draft with it.
+    drafts: bool,
 }
 
 pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
@@ -91,6 +93,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         details: Vec::new(),
         file: None,
         mode: Mode::Plain,
+        drafts: false,
     }];
     for p in &args.plans {
         // Every mode's plan is measured through its own evaluation and
@@ -105,6 +108,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         let pf = file.context("a plan file was given")?;
         let mode = Mode::of(&pf, &plan, &model, p)?;
         entries.push(Entry {
+            drafts: pf.sections.is_empty() && !plan.skip.is_empty(),
             name: plan_name(p),
             method: mode.method().map_or_else(|| method_of(&pf), str::to_string),
             plan,
@@ -440,25 +444,18 @@ fn bench_settings(entries: &[Entry], runs: usize, speculative: bool, kv_context:
     s
 }
 
-/// `--speculative`: every plan that skips blocks (and runs as one forward
-/// pass) also as the draft of self-speculative decoding.
+/// `--speculative`: every plan that skips blocks and has no section (what
+/// `speculate` drafts with) also as the draft of self-speculative decoding.
 fn measure_drafts(
     model: &Model,
     entries: &[Entry],
     runs: usize,
     run: RunOptions,
 ) -> Result<Vec<Option<DraftSpeed>>> {
-    let drafts: Vec<usize> = (0..entries.len())
-        .filter(|&i| {
-            let e = &entries[i];
-            matches!(e.mode, Mode::Plain) && e.file.is_some() && !e.plan.skip.is_empty()
-        })
-        .collect();
+    let drafts: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].drafts).collect();
     let mut out = vec![None; entries.len()];
     if drafts.is_empty() {
-        eprintln!(
-            "scalpel: --speculative: no plan skips blocks in one forward pass, so none drafts"
-        );
+        eprintln!("scalpel: --speculative: no plan skips blocks without a section, so none drafts");
         return Ok(out);
     }
     let plans: Vec<&Plan> = drafts.iter().map(|&i| &entries[i].plan).collect();
@@ -594,7 +591,7 @@ fn reproduce(
             ),
         ],
     };
-    if args.speculative && matches!(e.mode, Mode::Plain) && !e.plan.skip.is_empty() {
+    if args.speculative && e.drafts {
         c.push(format!(
             "scalpel{model}{plan} speculate --prompt-set all --per-kind 1 -n {} --draft-len {} \
              --runs {runs}",
