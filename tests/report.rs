@@ -231,7 +231,40 @@ fn bad_input_is_refused_before_any_measurement() {
         )
         .unwrap();
     pf.save(&kv).unwrap();
+    // Two modes in one plan: no command measures the combination.
+    let both = work.path().join("both.json");
+    let mut pf = PlanFile::new(common::smollm2().identity.clone(), Plan::base());
+    pf.sections
+        .set(
+            scalpel::plan::KV_SECTION,
+            &scalpel::plan::KvSection {
+                policy: "window:64".into(),
+            },
+        )
+        .unwrap();
+    let model = common::smollm2();
+    pf.sections
+        .set(
+            scalpel::surgery::sparsity::SPARSITY_SECTION,
+            &scalpel::surgery::sparsity::SparsitySection {
+                method: scalpel::surgery::sparsity::Method::Random,
+                level: 0.25,
+                split: "per-layer".into(),
+                shape: scalpel::surgery::sparsity::Shape::of(model.cfg()),
+                mask: Some(
+                    scalpel::surgery::sparsity::UnitMask::from_scores(
+                        &scalpel::surgery::sparsity::UnitScores::random(model, 1),
+                        0.25,
+                    )
+                    .unwrap(),
+                ),
+                thresholds: None,
+            },
+        )
+        .unwrap();
+    pf.save(&both).unwrap();
     for (p, want) in [
+        (&both, "combines a KV budget, sparsity or routing"),
         (&not_plan, "not a scalpel plan"),
         (&other, "cannot use plan"),
         (
