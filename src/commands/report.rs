@@ -5,27 +5,23 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{self, ReportArgs};
-use crate::eval::bench::{self, BenchOptions};
-use crate::eval::perplexity::{self, EvalOptions};
+use crate::eval::bench::BenchOptions;
 use crate::export;
-use crate::model::kv::KvSpec;
-use crate::model::routing::{Routers, RoutingSection, ROUTING_SECTION};
+use crate::model::routing::ROUTING_SECTION;
 use crate::model::source::DEFAULT_GGUF_NAME;
 use crate::model::{Model, RunOptions};
 use crate::plan::{Plan, PlanFile, KV_SECTION};
 use crate::progress;
-use crate::report::modes::{self, Mode, Quality, Speed};
+use crate::report::modes::{self, Mode, Quality};
 use crate::report::{charts, html, DraftSpeed, Report, Row, Settings, SpeedKind};
 use crate::setup;
 use crate::surgery::heal::{HealSection, HEAL_SECTION};
 use crate::surgery::replace::{ReplaceSection, REPLACE_SECTION};
-use crate::surgery::routing::speed::SpeedOptions;
-use crate::surgery::sparsity::{SparsitySection, SPARSITY_SECTION};
+use crate::surgery::sparsity::SPARSITY_SECTION;
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
@@ -141,7 +137,8 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             ..run
         },
     };
-    let speeds = measure_speeds(&model, &entries, &ids, bopts, kv_context)?;
+    let plans: Vec<(&Plan, &Mode)> = entries.iter().map(|e| (&e.plan, &e.mode)).collect();
+    let speeds = modes::speeds(&model, &plans, &ids, WINDOW, bopts, kv_context)?;
     let drafts = match args.speculative {
         true => measure_drafts(&model, &entries, args.runs, bopts.run)?,
         false => vec![None; entries.len()],
@@ -256,156 +253,18 @@ fn measure_quality(
     kv_context: usize,
 ) -> Result<Quality> {
     let sp = progress::spinner(&format!("{}: quality", e.name));
-    let q = match &e.mode {
-        Mode::Plain => plain_quality(model, e, ids, run),
-        Mode::Kv(spec) => modes::kv_quality(model, ids, spec, kv_context, run),
-        Mode::Sparse(section) => modes::sparse_quality(model, &e.plan, section, ids, WINDOW, run),
-        Mode::Routed(section, routers) => {
-            modes::routed_quality(model, &e.plan, section, routers, ids, WINDOW, run)
-        }
-    };
+    let q = modes::quality(
+        model,
+        &e.plan,
+        &e.mode,
+        e.file.is_none(),
+        ids,
+        WINDOW,
+        run,
+        kv_context,
+    );
     sp.finish_and_clear();
     q.with_context(|| format!("measuring the quality of {}", e.name))
-}
-
-fn plain_quality(model: &Model, e: &Entry, ids: &[u32], run: RunOptions) -> Result<Quality> {
-    let opts = EvalOptions {
-        window: WINDOW,
-        // Every given plan, including one that only heals or replaces.
-        compare_base: e.file.is_some(),
-        run,
-        parallel_windows: false,
-    };
-    let q = perplexity::evaluate(
-        model,
-        ids,
-        &e.plan,
-        opts,
-        &AtomicBool::new(false),
-        |_, _| {},
-    )?;
-    Ok(Quality {
-        perplexity: q.perplexity,
-        reference_perplexity: None,
-        kl_to_base: q.kl_to_base,
-        top1_agreement: q.top1_agreement,
-        blocks_removed: None,
-        summary: None,
-        facts: Vec::new(),
-    })
-}
-
-/// Every plan's speed, each group on the path and text its mode needs and
-/// against the unmodified model timed in the same rounds: skip, scale,
-/// healed and replaced plans with the base (`bench`); KV plans against the
-/// full cache at their context; sparse plans on the f32 path; routed plans
-/// on the evaluation text.
-fn measure_speeds(
-    model: &Model,
-    entries: &[Entry],
-    ids: &[u32],
-    bopts: BenchOptions,
-    kv_context: usize,
-) -> Result<Vec<Speed>> {
-    let mut out: Vec<Option<Speed>> = entries.iter().map(|_| None).collect();
-    let plain: Vec<usize> = (0..entries.len())
-        .filter(|&i| matches!(entries[i].mode, Mode::Plain))
-        .collect();
-    let plans: Vec<&Plan> = plain.iter().map(|&i| &entries[i].plan).collect();
-    let pb = progress::bar(bopts.runs, "speed (plans, interleaved)");
-    let speeds = bench::bench_interleaved(model, &plans, bopts, |d, _| pb.set_position(d as u64));
-    pb.finish_and_clear();
-    for (&i, s) in plain.iter().zip(speeds?) {
-        out[i] = Some(Speed {
-            prefill: Some(s.prefill_tokens_per_sec),
-            prefill_speedup: Some(s.prefill_speedup),
-            decode: s.decode_tokens_per_sec,
-            decode_speedup: s.decode_speedup,
-            // Skipped blocks are not computed: every speed here is timed.
-            executed: true,
-            reference: None,
-            facts: Vec::new(),
-        });
-    }
-    let pick = |f: &dyn Fn(&Mode) -> bool| -> Vec<usize> {
-        (0..entries.len())
-            .filter(|&i| f(&entries[i].mode))
-            .collect()
-    };
-    let kv = pick(&|m| matches!(m, Mode::Kv(_)));
-    if !kv.is_empty() {
-        let specs: Vec<&KvSpec> = kv
-            .iter()
-            .map(|&i| match &entries[i].mode {
-                Mode::Kv(s) => s,
-                _ => unreachable!("picked KV plans"),
-            })
-            .collect();
-        let sp = progress::spinner("speed (KV budgets against the full cache)");
-        let s = modes::kv_speeds(
-            model,
-            ids,
-            &specs,
-            kv_context,
-            bopts.decode_tokens,
-            bopts.runs,
-            bopts.run,
-        );
-        sp.finish_and_clear();
-        for (&i, s) in kv.iter().zip(s?) {
-            out[i] = Some(s);
-        }
-    }
-    let sparse = pick(&|m| matches!(m, Mode::Sparse(_)));
-    if !sparse.is_empty() {
-        let plans: Vec<(&Plan, &SparsitySection)> = sparse
-            .iter()
-            .map(|&i| match &entries[i].mode {
-                Mode::Sparse(s) => (&entries[i].plan, s),
-                _ => unreachable!("picked sparse plans"),
-            })
-            .collect();
-        let sp = progress::spinner("speed (sparse plans, f32 path)");
-        let s = modes::sparse_speeds(
-            model,
-            &plans,
-            ids,
-            WINDOW,
-            bopts.context_tokens,
-            bopts.decode_tokens,
-            bopts.runs,
-        );
-        sp.finish_and_clear();
-        for (&i, s) in sparse.iter().zip(s?) {
-            out[i] = Some(s);
-        }
-    }
-    let routed = pick(&|m| matches!(m, Mode::Routed(..)));
-    if !routed.is_empty() {
-        let plans: Vec<(&Plan, &RoutingSection, &Routers)> = routed
-            .iter()
-            .map(|&i| match &entries[i].mode {
-                Mode::Routed(s, r) => (&entries[i].plan, s, r),
-                _ => unreachable!("picked routed plans"),
-            })
-            .collect();
-        let opts = SpeedOptions {
-            prefill_tokens: bopts.prefill_tokens,
-            decode_tokens: bopts.decode_tokens,
-            runs: bopts.runs,
-            run: bopts.run,
-        };
-        let sp = progress::spinner("speed (routed plans, on the text)");
-        let s = modes::routed_speeds(model, &plans, ids, opts);
-        sp.finish_and_clear();
-        for (&i, s) in routed.iter().zip(s?) {
-            out[i] = Some(s);
-        }
-    }
-    Ok(out
-        .into_iter()
-        .map(|s| s.expect("every plan timed"))
-        .collect())
 }
 
 /// How the speeds were timed, each mode's group named where present.

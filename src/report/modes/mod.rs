@@ -14,6 +14,7 @@
 
 mod draft;
 mod kv;
+mod measure;
 mod routed;
 mod sparse;
 
@@ -23,6 +24,7 @@ use anyhow::{bail, Result};
 
 pub use draft::{draft_speeds, DRAFT_LEN, DRAFT_TOKENS};
 pub use kv::{kv_context, kv_quality, kv_speeds, KV_CHUNK, KV_MAX_CONTEXT};
+pub use measure::{quality, speeds};
 pub use routed::{routed_quality, routed_speeds};
 pub use sparse::{sparse_quality, sparse_speeds};
 
