@@ -127,6 +127,10 @@ pub struct ReportArgs {
     /// Also print the page to a PDF beside it (needs headless Chromium).
     #[arg(long)]
     pub pdf: bool,
+    /// Also measure every skip plan as the draft of lossless self-speculative
+    /// decoding (α, τ and the speed-up against plain decoding, interleaved).
+    #[arg(long)]
+    pub speculative: bool,
     /// Replace an existing report.
     #[arg(long)]
     pub force: bool,

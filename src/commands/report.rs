@@ -5,22 +5,23 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{self, ReportArgs};
-use crate::eval::bench::{self, BenchOptions};
-use crate::eval::perplexity::{self, EvalOptions};
+use crate::eval::bench::BenchOptions;
 use crate::export;
+use crate::model::routing::ROUTING_SECTION;
 use crate::model::source::DEFAULT_GGUF_NAME;
 use crate::model::{Model, RunOptions};
-use crate::plan::{Plan, PlanFile};
+use crate::plan::{Plan, PlanFile, KV_SECTION};
 use crate::progress;
-use crate::report::{charts, html, Report, Row, Settings, SpeedKind};
+use crate::report::modes::{self, Mode, Quality};
+use crate::report::{charts, html, DraftSpeed, Report, Row, Settings, SpeedKind};
 use crate::setup;
 use crate::surgery::heal::{HealSection, HEAL_SECTION};
 use crate::surgery::replace::{ReplaceSection, REPLACE_SECTION};
+use crate::surgery::sparsity::SPARSITY_SECTION;
 
 const WINDOW: usize = 512;
 const BENCH_PREFILL: usize = 128;
@@ -34,6 +35,9 @@ struct Entry {
     method: String,
     details: Vec<(String, String)>,
     file: Option<PathBuf>,
+    mode: Mode,
+    /// Skips blocks and has no section: `speculate` can draft with it.
+    drafts: bool,
 }
 
 pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
@@ -84,10 +88,13 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         method: "base".into(),
         details: Vec::new(),
         file: None,
+        mode: Mode::Plain,
+        drafts: false,
     }];
     for p in &args.plans {
-        // Healed and replaced plans run through the same forward pass and
-        // timing loop; the other modes' sections are refused by name.
+        // Every mode's plan is measured through its own evaluation and
+        // timing (`report::modes`); a section this build adds later is
+        // refused by name until the report measures it.
         let source = setup::PlanSource {
             plan: Some(p.clone()),
             skip: None,
@@ -95,12 +102,15 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
         setup::refuse_sections(&model.load_plan(p)?, p, "`report`", REPORTED_SECTIONS)?;
         let (plan, file) = setup::load_plan_honouring(&source, &model, REPORTED_SECTIONS)?;
         let pf = file.context("a plan file was given")?;
+        let mode = Mode::of(&pf, &plan, &model, p)?;
         entries.push(Entry {
+            drafts: pf.sections.is_empty() && !plan.skip.is_empty(),
             name: plan_name(p),
+            method: mode.method().map_or_else(|| method_of(&pf), str::to_string),
             plan,
-            method: method_of(&pf),
             details: details_of(&pf),
             file: Some(p.clone()),
+            mode,
         });
     }
     let mut ids = model.codec()?.encode(&text)?;
@@ -112,9 +122,10 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
     }
     let model_name = user_model_name(margs);
     let run = RunOptions::FAST;
-    let quality: Vec<_> = entries
+    let kv_context = modes::kv_context(&model, &ids);
+    let quality: Vec<Quality> = entries
         .iter()
-        .map(|e| measure_quality(&model, e, &ids, run))
+        .map(|e| measure_quality(&model, e, &ids, run, kv_context))
         .collect::<Result<_>>()?;
     let bopts = BenchOptions {
         prefill_tokens: BENCH_PREFILL,
@@ -126,44 +137,59 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             ..run
         },
     };
-    let plans: Vec<&Plan> = entries.iter().map(|e| &e.plan).collect();
-    let pb = progress::bar(args.runs, "speed (all plans, interleaved)");
-    let speeds = bench::bench_interleaved(&model, &plans, bopts, |d, _| pb.set_position(d as u64));
-    pb.finish_and_clear();
-    let speeds = speeds?;
+    let plans: Vec<(&Plan, &Mode)> = entries.iter().map(|e| (&e.plan, &e.mode)).collect();
+    let speeds = modes::speeds(&model, &plans, &ids, WINDOW, bopts, kv_context)?;
+    let drafts = match args.speculative {
+        true => measure_drafts(&model, &entries, args.runs, bopts.run)?,
+        false => vec![None; entries.len()],
+    };
     let n_blocks = 2 * model.n_layers();
     let windows = ids.len().div_ceil(WINDOW);
     let rows: Vec<Row> = entries
         .iter()
         .zip(quality)
         .zip(speeds)
-        .map(|((e, q), s)| {
+        .zip(drafts)
+        .map(|(((e, q), s), draft)| {
+            let mut details = q.facts;
+            details.extend(s.facts);
+            details.extend(e.details.iter().cloned());
             let row = Row {
                 name: e.name.clone(),
                 method: e.method.clone(),
                 skipped: e.plan.skip.iter().map(|b| b.to_string()).collect(),
                 blocks_total: n_blocks,
+                blocks_removed: q.blocks_removed.unwrap_or(e.plan.skip.len() as f64),
                 has_scales: e.plan.has_scales(),
+                mode_summary: q.summary,
                 perplexity: q.perplexity,
+                reference_perplexity: q.reference_perplexity,
                 kl_to_base: q.kl_to_base,
                 top1_agreement: q.top1_agreement,
-                prefill_tokens_per_sec: s.prefill_tokens_per_sec,
-                decode_tokens_per_sec: s.decode_tokens_per_sec,
+                prefill_tokens_per_sec: s.prefill,
+                decode_tokens_per_sec: s.decode,
                 prefill_speedup: s.prefill_speedup,
                 decode_speedup: s.decode_speedup,
-                // Skipped blocks are not computed: every speed here is timed.
-                speed_kind: SpeedKind::Executed,
-                details: e.details.clone(),
-                commands: reproduce(margs, e, &args, windows),
+                speed_kind: if s.executed {
+                    SpeedKind::Executed
+                } else {
+                    SpeedKind::Simulated
+                },
+                speed_reference: s.reference,
+                commands: reproduce(margs, e, &args, windows, kv_context),
+                draft,
+                details,
             };
             eprintln!(
-                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× base, runs {:.3}–{:.3}×)",
+                "scalpel: {}: perplexity {:.3}, decode {:.1} tok/s ({:.3}× {}, runs {:.3}–{:.3}×, {})",
                 row.name,
                 row.perplexity,
                 row.decode_tokens_per_sec.median,
                 row.decode_speedup.median,
+                row.speed_reference.as_deref().unwrap_or("base"),
                 row.decode_speedup.min,
-                row.decode_speedup.max
+                row.decode_speedup.max,
+                row.speed_kind.label()
             );
             row
         })
@@ -188,12 +214,7 @@ pub fn run(margs: &cli::ModelArgs, args: ReportArgs) -> Result<()> {
             } else {
                 "f32 (bf16 on GPU) for quality and speed".into()
             },
-            bench: format!(
-                "prefill {BENCH_PREFILL} tokens, then decode {BENCH_DECODE} after a 16-token \
-                 prompt; {} runs of every plan, interleaved (one of each in turn), after one \
-                 warm-up run each",
-                args.runs
-            ),
+            bench: bench_settings(&entries, args.runs, args.speculative, kv_context),
             quality_budget_pct: args.budget,
             generated_by: std::env::args().collect::<Vec<_>>().join(" "),
             date: date_utc(),
@@ -229,25 +250,81 @@ fn measure_quality(
     e: &Entry,
     ids: &[u32],
     run: RunOptions,
-) -> Result<perplexity::EvalReport> {
-    let opts = EvalOptions {
-        window: WINDOW,
-        // Every given plan, including one that only heals or replaces.
-        compare_base: e.file.is_some(),
-        run,
-        parallel_windows: false,
-    };
-    let pb = progress::bar(ids.len().div_ceil(WINDOW), &format!("{}: quality", e.name));
-    let q = perplexity::evaluate(
+    kv_context: usize,
+) -> Result<Quality> {
+    let sp = progress::spinner(&format!("{}: quality", e.name));
+    let q = modes::quality(
         model,
-        ids,
         &e.plan,
-        opts,
-        &AtomicBool::new(false),
-        |d, _| pb.set_position(d as u64),
+        &e.mode,
+        e.file.is_none(),
+        ids,
+        WINDOW,
+        run,
+        kv_context,
     );
+    sp.finish_and_clear();
+    q.with_context(|| format!("measuring the quality of {}", e.name))
+}
+
+/// How the speeds were timed, each mode's group named where present.
+fn bench_settings(entries: &[Entry], runs: usize, speculative: bool, kv_context: usize) -> String {
+    let has = |f: &dyn Fn(&Mode) -> bool| entries.iter().any(|e| f(&e.mode));
+    let mut s = format!(
+        "prefill {BENCH_PREFILL} tokens, then decode {BENCH_DECODE} after a 16-token prompt; \
+         {runs} runs of every plan, interleaved (one of each in turn), after one warm-up run each"
+    );
+    if has(&|m| matches!(m, Mode::Kv(_))) {
+        s.push_str(&format!(
+            "; KV plans: {BENCH_DECODE} decode steps after one prefill of up to {kv_context} \
+             tokens, against the full cache, {runs} interleaved rounds"
+        ));
+    }
+    if has(&|m| matches!(m, Mode::Sparse(_))) {
+        s.push_str(&format!(
+            "; sparse plans: {BENCH_DECODE} decode steps after a 16-token prompt on the f32 \
+             candle path, against the unmodified model on that path, {runs} interleaved rounds"
+        ));
+    }
+    if has(&|m| matches!(m, Mode::Routed(..))) {
+        s.push_str(&format!(
+            "; routed plans: prefill {BENCH_PREFILL} and decode {BENCH_DECODE} tokens of the \
+             evaluation text, against the base, {runs} interleaved rounds"
+        ));
+    }
+    if speculative {
+        s.push_str(&format!(
+            "; drafts: greedy self-speculative decoding of {} new tokens (k = {}) after the first \
+             prompt of each built-in kind, against plain decoding, {runs} interleaved runs",
+            modes::DRAFT_TOKENS,
+            modes::DRAFT_LEN
+        ));
+    }
+    s
+}
+
+/// `--speculative`: every plan that skips blocks and has no section (what
+/// `speculate` drafts with) also as the draft of self-speculative decoding.
+fn measure_drafts(
+    model: &Model,
+    entries: &[Entry],
+    runs: usize,
+    run: RunOptions,
+) -> Result<Vec<Option<DraftSpeed>>> {
+    let drafts: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].drafts).collect();
+    let mut out = vec![None; entries.len()];
+    if drafts.is_empty() {
+        eprintln!("scalpel: --speculative: no plan skips blocks without a section, so none drafts");
+        return Ok(out);
+    }
+    let plans: Vec<&Plan> = drafts.iter().map(|&i| &entries[i].plan).collect();
+    let pb = progress::bar(runs, "speculative (drafts against plain decoding)");
+    let r = modes::draft_speeds(model, &plans, runs, run, |d, _| pb.set_position(d as u64));
     pb.finish_and_clear();
-    q
+    for (&i, d) in drafts.iter().zip(r?) {
+        out[i] = Some(d);
+    }
+    Ok(out)
 }
 
 /// How a plan was made, from what its file records.
@@ -265,9 +342,16 @@ fn method_of(pf: &PlanFile) -> String {
     }
 }
 
-/// The plan sections `report` carries out: they change only the weights a
-/// pass reads, so quality and speed are measured as for any plan.
-const REPORTED_SECTIONS: &[&str] = &[HEAL_SECTION, REPLACE_SECTION];
+/// The plan sections `report` carries out: heal and replace change only the
+/// weights a pass reads (measured as any plan); the others through their
+/// mode's own evaluation and timing (`report::modes`).
+const REPORTED_SECTIONS: &[&str] = &[
+    HEAL_SECTION,
+    REPLACE_SECTION,
+    KV_SECTION,
+    SPARSITY_SECTION,
+    ROUTING_SECTION,
+];
 
 /// A plan's mode-specific facts worth showing (its sections, and what its
 /// metrics record about how it was made).
@@ -316,7 +400,13 @@ fn details_of(pf: &PlanFile) -> Vec<(String, String)> {
 }
 
 /// The commands that reproduce a row's numbers.
-fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usize) -> Vec<String> {
+fn reproduce(
+    margs: &cli::ModelArgs,
+    e: &Entry,
+    args: &ReportArgs,
+    windows: usize,
+    kv_context: usize,
+) -> Vec<String> {
     let model = margs
         .model
         .as_ref()
@@ -336,13 +426,39 @@ fn reproduce(margs: &cli::ModelArgs, e: &Entry, args: &ReportArgs, windows: usiz
         .max_windows
         .map(|_| format!(" (the first {windows} windows)"))
         .unwrap_or_default();
-    vec![
-        format!("scalpel{model} eval{plan}{text}{windows}"),
-        format!(
-            "scalpel{model} bench{plan} --prefill {BENCH_PREFILL} --decode {BENCH_DECODE} --runs {}",
-            args.runs
-        ),
-    ]
+    let runs = args.runs;
+    let mut c = match &e.mode {
+        Mode::Kv(_) => vec![
+            format!("scalpel{model} eval{plan}{text} --context {kv_context}{windows}"),
+            format!(
+                "scalpel{model} eval{plan}{text} --context {kv_context} --decode-speed \
+                 {BENCH_DECODE}{windows} (3 rounds; the report times {runs})"
+            ),
+        ],
+        Mode::Sparse(_) => vec![
+            format!("scalpel{model} eval{plan}{text}{windows}"),
+            format!(
+                "decode speed: timed by `report` only ({BENCH_DECODE} steps after a 16-token \
+                 prompt, f32 path, {runs} runs)"
+            ),
+        ],
+        Mode::Plain | Mode::Routed(..) => vec![
+            format!("scalpel{model} eval{plan}{text}{windows}"),
+            format!(
+                "scalpel{model} bench{plan} --prefill {BENCH_PREFILL} --decode {BENCH_DECODE} \
+                 --runs {runs}"
+            ),
+        ],
+    };
+    if args.speculative && e.drafts {
+        c.push(format!(
+            "scalpel{model}{plan} speculate --prompt-set all --per-kind 1 -n {} --draft-len {} \
+             --runs {runs}",
+            modes::DRAFT_TOKENS,
+            modes::DRAFT_LEN
+        ));
+    }
+    c
 }
 
 /// The model as the user named it: the hub id, or the file or folder name.

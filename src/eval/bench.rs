@@ -202,7 +202,7 @@ pub struct PlanSpeed {
 }
 
 /// The ratio of `plan`'s runs to `base`'s runs, paired run by run.
-fn ratio(plan: &Stat, base: &Stat) -> Stat {
+pub fn ratio(plan: &Stat, base: &Stat) -> Stat {
     let per_run: Vec<f64> = plan
         .runs
         .iter()

@@ -7,19 +7,21 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
 use super::frontier::pareto;
-use super::Row;
+use super::{Row, SpeedKind};
 
 const WIDTH: u32 = 720;
 const HEIGHT: u32 = 460;
 
 /// Colours by method, the same in every chart (colour-blind-safe palette).
-const PALETTE: [RGBColor; 6] = [
+const PALETTE: [RGBColor; 8] = [
     RGBColor(0, 114, 178),   // blue
     RGBColor(230, 159, 0),   // orange
     RGBColor(0, 158, 115),   // green
     RGBColor(204, 121, 167), // purple
     RGBColor(213, 94, 0),    // vermilion
     RGBColor(86, 180, 233),  // sky
+    RGBColor(181, 160, 0),   // dark yellow
+    RGBColor(120, 72, 150),  // violet
 ];
 const BASE_COLOUR: RGBColor = RGBColor(60, 60, 60);
 
@@ -74,15 +76,18 @@ pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, String, String)>> {
     Ok(vec![
         (
             "quality-vs-speed",
-            "The trade-off: decode speed-up against the perplexity it costs. Plans on the line \
-             (the Pareto frontier) are the ones no other plan beats on both; bars show the \
-             spread of the interleaved runs."
+            "The trade-off: decode speed-up against the perplexity it costs, each against the \
+             unmodified model on the same path and positions. Plans on the line (the Pareto \
+             frontier) are the ones no other plan beats on both; bars show the spread of the \
+             interleaved runs; hollow points are simulated speeds."
                 .to_string(),
             quality_vs_speed(rows, base)?,
         ),
         (
             "quality-vs-blocks",
-            "What removing blocks costs in quality, per method.".to_string(),
+            "What removing blocks costs in quality, per method (routed and sparse plans at the \
+             compute they leave out, in blocks; KV budgets remove none)."
+                .to_string(),
             by_blocks(
                 rows,
                 "Perplexity change vs blocks removed",
@@ -92,8 +97,8 @@ pub fn all(rows: &[Row]) -> Result<Vec<(&'static str, String, String)>> {
         ),
         (
             "speed-vs-blocks",
-            "What removing blocks buys in decode speed (executed: the skipped work is not \
-             computed), with the spread of the runs."
+            "What removing blocks buys in decode speed, with the spread of the runs. Filled \
+             points are executed (the removed work is not computed), hollow ones simulated."
                 .to_string(),
             by_blocks(
                 rows,
@@ -199,8 +204,15 @@ fn draw_points(
     for m in methods {
         let c = colour(methods, m);
         let mine: Vec<&Row> = rows.iter().filter(|r| &r.method == m).collect();
+        // Simulated speeds are hollow: no work was saved for real.
         chart
-            .draw_series(mine.iter().map(|r| Circle::new(at(r), 5, c.filled())))?
+            .draw_series(mine.iter().map(|r| {
+                let style = match r.speed_kind {
+                    SpeedKind::Executed => c.filled(),
+                    SpeedKind::Simulated => c.stroke_width(2),
+                };
+                Circle::new(at(r), 5, style)
+            }))?
             .label(m.clone())
             .legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
         chart.draw_series(mine.iter().map(|r| {
@@ -230,7 +242,7 @@ fn by_blocks(
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(&x))?;
-        let (x0, x1) = range(rows.iter().map(|r| r.skipped.len() as f64), 0.5);
+        let (x0, x1) = range(rows.iter().map(|r| r.blocks_removed), 0.5);
         let (y0, y1) = range(
             rows.iter().flat_map(|r| {
                 let (v, s) = value(r);
@@ -248,14 +260,14 @@ fn by_blocks(
             .map_err(|x| e(&x))?;
         chart
             .configure_mesh()
-            .x_desc("blocks removed")
+            .x_desc("blocks removed (or their compute, in blocks)")
             .y_desc(y_label)
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|x| e(&x))?;
         for r in rows {
             if let (_, Some((lo, hi))) = value(r) {
-                let x = r.skipped.len() as f64;
+                let x = r.blocks_removed;
                 chart
                     .draw_series(std::iter::once(PathElement::new(
                         [(x, lo), (x, hi)],
@@ -265,7 +277,7 @@ fn by_blocks(
             }
         }
         draw_points(&mut chart, rows, &methods, |r| {
-            (r.skipped.len() as f64, value(r).0)
+            (r.blocks_removed, value(r).0)
         })
         .map_err(|x| e(&x))?;
         chart
@@ -311,6 +323,41 @@ mod tests {
         assert_eq!(colour(&ms, "base"), BASE_COLOUR);
         assert_eq!(colour(&ms, "Hopscotch"), PALETTE[0]);
         assert_eq!(colour(&ms, "manual"), PALETTE[1]);
+    }
+
+    #[test]
+    fn every_mode_gets_its_own_colour_and_simulated_points_are_hollow() {
+        let methods = [
+            "Hopscotch search",
+            "by hand",
+            "KV budget",
+            "sparsity",
+            "token routing",
+            "healed",
+            "replaced",
+            "fitted by hand",
+        ];
+        let mut rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0))];
+        for (i, m) in methods.iter().enumerate() {
+            rows.push(row(&format!("p{i}"), m, 1, 10.5, (1.01, 1.0, 1.02)));
+        }
+        rows[4].speed_kind = SpeedKind::Simulated;
+        let ms = super::methods(&rows);
+        let colours: Vec<RGBColor> = methods.iter().map(|m| colour(&ms, m)).collect();
+        for (i, a) in colours.iter().enumerate() {
+            assert!(
+                colours[i + 1..].iter().all(|b| b != a),
+                "{} shares its colour",
+                methods[i]
+            );
+        }
+        let svg = quality_vs_speed(&rows, 10.0).unwrap();
+        let hollow = svg
+            .split("<circle")
+            .skip(1)
+            .filter(|c| c.split("/>").next().unwrap().contains("fill=\"none\""))
+            .count();
+        assert_eq!(hollow, 1, "one simulated point");
     }
 
     #[test]

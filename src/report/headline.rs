@@ -5,6 +5,7 @@
 use super::frontier::pareto;
 use super::Report;
 use super::Row;
+use super::SpeedKind;
 
 /// "Skip 3 attention blocks and 1 MLP block (fitted scales)".
 pub fn what_it_removes(r: &Row) -> String {
@@ -15,13 +16,20 @@ pub fn what_it_removes(r: &Row) -> String {
         |n: usize, what: &str| format!("{n} {what} block{}", if n == 1 { "" } else { "s" });
     let (a, m) = (r.attention_skipped(), r.mlp_skipped());
     let mut s = match (a, m) {
-        (0, 0) => "Skip nothing".to_string(),
+        (0, 0) => match &r.mode_summary {
+            Some(mode) => return mode.clone(),
+            None => "Skip nothing".to_string(),
+        },
         (a, 0) => format!("Skip {}", plural(a, "attention")),
         (0, m) => format!("Skip {}", plural(m, "MLP")),
         (a, m) => format!("Skip {} and {}", plural(a, "attention"), plural(m, "MLP")),
     };
     if r.has_scales {
         s.push_str(" (fitted scales)");
+    }
+    if let Some(mode) = &r.mode_summary {
+        s.push_str(" + ");
+        s.push_str(&mode.to_lowercase());
     }
     s
 }
@@ -72,12 +80,17 @@ pub fn sentence(r: &Row, base_perplexity: f64) -> String {
     )
 }
 
-/// Rows on the quality–speed frontier (decode speed-up against perplexity),
-/// fastest last.
+/// Rows on the quality–speed frontier (decode speed-up against the
+/// perplexity change, each against the unmodified model on the same
+/// positions), fastest last.
 pub fn frontier_rows(rows: &[Row]) -> Vec<usize> {
+    let base = rows
+        .iter()
+        .find(|r| r.is_base())
+        .map_or(f64::NAN, |r| r.perplexity);
     let pts: Vec<(f64, f64)> = rows
         .iter()
-        .map(|r| (r.decode_speedup.median, r.perplexity))
+        .map(|r| (r.decode_speedup.median, r.perplexity_change_pct(base)))
         .collect();
     pareto(&pts)
 }
@@ -88,7 +101,9 @@ pub fn favoured(rows: &[Row], base_perplexity: f64, budget_pct: f64) -> Option<u
     rows.iter()
         .enumerate()
         .filter(|(_, r)| {
+            // A simulated speed is not a saving anyone can deploy.
             !r.is_base()
+                && r.speed_kind == SpeedKind::Executed
                 && r.perplexity_change_pct(base_perplexity) <= budget_pct
                 && r.decode_speedup.min > 1.0
         })
@@ -163,6 +178,34 @@ mod tests {
             "{}",
             sentence(&noisy, 10.0)
         );
+    }
+
+    #[test]
+    fn mode_plans_say_what_they_do_against_their_own_reference() {
+        let mut kv = row("kv", "KV budget", 0, 20.0, (1.2, 1.1, 1.3));
+        kv.mode_summary = Some("Keep a KV budget of window:128 at a 512-token context".into());
+        // Measured at its own context, against the full cache there.
+        kv.reference_perplexity = Some(16.0);
+        kv.top1_agreement = 0.9;
+        assert_eq!(
+            sentence(&kv, 10.0),
+            "Keep a KV budget of window:128 at a 512-token context: 1.20× faster decode \
+             (runs 1.10–1.30×, executed), +25.0% perplexity, 90% of next tokens unchanged."
+        );
+        let mut routed = row("r", "token routing", 2, 10.5, (1.1, 1.05, 1.2));
+        routed.mode_summary = Some("Route tokens past blocks (80.0% of blocks executed)".into());
+        assert_eq!(
+            what_it_removes(&routed),
+            "Skip 2 attention blocks + route tokens past blocks (80.0% of blocks executed)"
+        );
+    }
+
+    #[test]
+    fn a_simulated_speed_is_never_recommended() {
+        let mut teal = row("teal", "sparsity", 0, 10.2, (1.3, 1.2, 1.4));
+        teal.speed_kind = SpeedKind::Simulated;
+        let rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)), teal];
+        assert_eq!(favoured(&rows, 10.0, 10.0), None);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use std::fmt::Write as _;
 
 use super::headline::{frontier_rows, headline, what_it_removes};
-use super::Report;
+use super::{DraftSpeed, Report, Row};
+use crate::eval::bench::Stat;
 
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -92,18 +93,52 @@ pub fn page(report: &Report, charts: &[(&str, String, String)]) -> String {
     h
 }
 
+/// "4 of 60", or "4.3 of 60" for a compute-equivalent share.
+pub fn blocks_removed(r: &Row) -> String {
+    let b = r.blocks_removed;
+    if (b - b.round()).abs() < 1e-9 {
+        format!("{b:.0} of {}", r.blocks_total)
+    } else {
+        format!("{b:.1} of {}", r.blocks_total)
+    }
+}
+
+/// The draft column: "1.12× (α 0.71, τ 2.3)" with the runs' spread.
+fn draft_cell(d: &DraftSpeed) -> String {
+    format!(
+        "{:.3}×<br><span class=\"spread\">{:.3}–{:.3}</span><br>α {:.2}, τ {:.2}, k {}{}",
+        d.speedup.median,
+        d.speedup.min,
+        d.speedup.max,
+        d.acceptance_rate,
+        d.mean_accepted,
+        d.draft_len,
+        if d.identical {
+            ""
+        } else {
+            "<br>output differs (quantized verify)"
+        }
+    )
+}
+
 fn comparison_table(h: &mut String, report: &Report) {
+    let drafts = report.rows.iter().any(|r| r.draft.is_some());
     h.push_str(
         "<h2>Comparison</h2>\n<p>Speed-ups are against the unmodified model timed in the same \
-         interleaved runs (median; the spread is the smallest and largest per-run ratio). A \
-         speed-up whose spread includes 1.00× is not a measurable change. Bold plans are on the \
+         interleaved runs on the same path (median; the spread is the smallest and largest \
+         per-run ratio); where that is not the base row's timing (a KV budget at its context, \
+         sparsity on the f32 path, routing on the text) the speed column says so. A speed-up \
+         whose spread includes 1.00× is not a measurable change. Bold plans are on the \
          frontier.</p>\n<table id=\"comparison\">\n<tr><th class=\"name\">plan</th>\
          <th class=\"name\">method</th><th class=\"name\">what it removes</th><th>blocks removed</th>\
          <th>perplexity</th><th>Δ perplexity</th><th>KL to base (nats/token)</th>\
          <th>top-1 agreement</th><th>decode tok/s</th><th>decode speed-up</th>\
-         <th>prefill tok/s</th><th>prefill speed-up</th><th>speed</th>\
-         <th class=\"name\">skipped blocks</th></tr>\n",
+         <th>prefill tok/s</th><th>prefill speed-up</th><th>speed</th>",
     );
+    if drafts {
+        h.push_str("<th>as a draft (lossless speed-up)</th>");
+    }
+    h.push_str("<th class=\"name\">skipped blocks</th></tr>\n");
     let base = report.base_perplexity();
     let frontier = frontier_rows(&report.rows);
     for (i, r) in report.rows.iter().enumerate() {
@@ -115,32 +150,53 @@ fn comparison_table(h: &mut String, report: &Report) {
         let spread = |lo: f64, hi: f64, digits: usize| {
             format!("<br><span class=\"spread\">{lo:.digits$}–{hi:.digits$}</span>")
         };
+        let stat = |s: &Option<Stat>, digits: usize, unit: &str| match s {
+            Some(s) => format!(
+                "{:.digits$}{unit}{}",
+                s.median,
+                spread(s.min, s.max, digits)
+            ),
+            None => "—<br><span class=\"spread\">not timed</span>".to_string(),
+        };
+        let delta = match r.reference_perplexity {
+            Some(_) => format!(
+                "{:+.2}%<br><span class=\"spread\">vs the full cache, same positions</span>",
+                r.perplexity_change_pct(base)
+            ),
+            None => format!("{:+.2}%", r.perplexity_change_pct(base)),
+        };
+        let speed = match &r.speed_reference {
+            Some(note) => format!(
+                "{}<br><span class=\"spread\">{}</span>",
+                r.speed_kind.label(),
+                escape(note)
+            ),
+            None => r.speed_kind.label().to_string(),
+        };
+        let draft = match (&r.draft, drafts) {
+            (_, false) => String::new(),
+            (Some(d), true) => format!("<td>{}</td>", draft_cell(d)),
+            (None, true) => "<td>—</td>".to_string(),
+        };
         let _ =
             writeln!(
             h,
             "<tr{}><td class=\"name\">{}</td><td class=\"name\">{}</td><td class=\"name\">{}</td>\
-             <td>{} of {}</td><td>{:.3}</td><td>{:+.2}%</td><td>{:.4}</td><td>{:.1}%</td>\
-             <td>{:.1}{}</td><td>{:.3}×{}</td><td>{:.1}{}</td><td>{:.3}×{}</td><td>{}</td>\
+             <td>{}</td><td>{:.3}</td><td>{delta}</td><td>{:.4}</td><td>{:.1}%</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{speed}</td>{draft}\
              <td class=\"blocks\"><code>{}</code></td></tr>",
             if frontier.contains(&i) { " class=\"frontier\"" } else { "" },
             escape(&r.name),
             escape(&r.method),
             escape(&what_it_removes(r)),
-            r.skipped.len(),
-            r.blocks_total,
+            blocks_removed(r),
             r.perplexity,
-            r.perplexity_change_pct(base),
             r.kl_to_base,
             r.top1_agreement * 100.0,
-            r.decode_tokens_per_sec.median,
-            spread(r.decode_tokens_per_sec.min, r.decode_tokens_per_sec.max, 1),
-            r.decode_speedup.median,
-            spread(r.decode_speedup.min, r.decode_speedup.max, 3),
-            r.prefill_tokens_per_sec.median,
-            spread(r.prefill_tokens_per_sec.min, r.prefill_tokens_per_sec.max, 1),
-            r.prefill_speedup.median,
-            spread(r.prefill_speedup.min, r.prefill_speedup.max, 3),
-            r.speed_kind.label(),
+            stat(&Some(r.decode_tokens_per_sec.clone()), 1, ""),
+            stat(&Some(r.decode_speedup.clone()), 3, "×"),
+            stat(&r.prefill_tokens_per_sec, 1, ""),
+            stat(&r.prefill_speedup, 3, "×"),
             escape(&blocks)
         );
     }
@@ -155,6 +211,29 @@ fn details(h: &mut String, report: &Report) {
         for (k, v) in &r.details {
             let _ = write!(cell, "{}: {}<br>", escape(k), escape(v));
         }
+        if let Some(d) = &r.draft {
+            let _ = write!(
+                cell,
+                "as a draft: α {:.3} (accepted / drafted), τ {:.2} (tokens per verify), {:.1} → \
+                 {:.1} tok/s, {:.3}× lossless speed-up (runs {:.3}–{:.3}×); {} prompts × {} new \
+                 tokens, greedy, {} drafted per verify; {}<br>",
+                d.acceptance_rate,
+                d.mean_accepted,
+                d.plain_tokens_per_sec.median,
+                d.speculative_tokens_per_sec.median,
+                d.speedup.median,
+                d.speedup.min,
+                d.speedup.max,
+                d.prompts,
+                d.new_tokens,
+                d.draft_len,
+                if d.identical {
+                    "output identical to plain decoding"
+                } else {
+                    "output differs from plain decoding on some prompt (quantized verify rows)"
+                }
+            );
+        }
         for c in &r.commands {
             let _ = write!(cell, "<code>{}</code><br>", escape(c));
         }
@@ -165,4 +244,93 @@ fn details(h: &mut String, report: &Report) {
         );
     }
     h.push_str("</table>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::testing::row;
+    use crate::report::{Settings, SpeedKind};
+
+    fn report(rows: Vec<Row>) -> Report {
+        Report {
+            title: "t".into(),
+            rows,
+            settings: Settings {
+                model: "m".into(),
+                architecture: "llama".into(),
+                origin: String::new(),
+                text: String::new(),
+                tokens: 512,
+                windows: 1,
+                window: 512,
+                threads: 1,
+                device: "cpu".into(),
+                machine: String::new(),
+                weights: String::new(),
+                bench: String::new(),
+                quality_budget_pct: 10.0,
+                generated_by: String::new(),
+                date: String::new(),
+            },
+        }
+    }
+
+    fn line<'a>(page: &'a str, name: &str) -> &'a str {
+        let cell = format!("<td class=\"name\">{name}</td>");
+        page.lines()
+            .find(|l| l.starts_with("<tr") && l.contains(&cell))
+            .unwrap()
+    }
+
+    #[test]
+    fn mode_rows_show_what_was_not_timed_and_what_they_are_against() {
+        let mut kv = row("kv", "KV budget", 0, 20.0, (1.2, 1.1, 1.3));
+        kv.prefill_tokens_per_sec = None;
+        kv.prefill_speedup = None;
+        kv.reference_perplexity = Some(16.0);
+        kv.speed_reference = Some("against the full cache".into());
+        let mut routed = row("routed", "token routing", 0, 10.5, (1.1, 1.0, 1.2));
+        routed.blocks_removed = 12.34;
+        routed.speed_kind = SpeedKind::Simulated;
+        let rows = vec![row("base", "base", 0, 10.0, (1.0, 1.0, 1.0)), kv, routed];
+        let html = page(&report(rows.clone()), &[]);
+        let kv_line = line(&html, "kv");
+        assert_eq!(kv_line.matches("not timed").count(), 2, "{kv_line}");
+        assert!(kv_line.contains("+25.00%<br><span class=\"spread\">vs the full cache"));
+        assert!(kv_line.contains("executed<br><span class=\"spread\">against the full cache"));
+        let r = line(&html, "routed");
+        assert!(
+            r.contains("<td>12.3 of 60</td>") && r.contains("<td>simulated</td>"),
+            "{r}"
+        );
+        assert!(
+            !html.contains("as a draft"),
+            "no draft column without drafts"
+        );
+
+        let mut with_draft = rows;
+        with_draft[1].draft = Some(DraftSpeed {
+            acceptance_rate: 0.712,
+            mean_accepted: 2.345,
+            draft_len: 4,
+            plain_tokens_per_sec: Stat::exact(50.0),
+            speculative_tokens_per_sec: Stat::exact(60.0),
+            speedup: Stat {
+                median: 1.2,
+                min: 1.1,
+                max: 1.3,
+                runs: vec![1.2],
+            },
+            identical: true,
+            prompts: 6,
+            new_tokens: 32,
+        });
+        let html = page(&report(with_draft), &[]);
+        assert!(line(&html, "kv").contains(
+            "<td>1.200×<br><span class=\"spread\">1.100–1.300</span><br>α 0.71, τ 2.35, k 4</td>"
+        ));
+        assert!(line(&html, "routed").contains("<td>—</td>"));
+        assert!(html.contains("as a draft: α 0.712 (accepted / drafted), τ 2.35"));
+    }
 }

@@ -1,0 +1,269 @@
+//! Sparse plans: quality through `eval`'s sparse evaluation; decode timed
+//! on the f32 candle path the sliced weights run on, against the
+//! unmodified model on that path (TEAL/WINA simulated: the zeroed channels
+//! are still multiplied).
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use super::{fact, Quality, Speed};
+use crate::eval::bench::{ratio, Stat};
+use crate::eval::data::Sequence;
+use crate::eval::perplexity::windows;
+use crate::model::{Model, Pass, RunOptions, SeqState};
+use crate::plan::Plan;
+use crate::surgery::sparsity::activation::ChannelProbe;
+use crate::surgery::sparsity::evaluate::{self as sparse_eval, HeldOut};
+use crate::surgery::sparsity::scores::sequence_scores;
+use crate::surgery::sparsity::speed::SPEED_RUN;
+use crate::surgery::sparsity::{MaskPolicy, Sparsifier, SparsitySection, UnitMask};
+
+/// The head/neuron mask a sparse plan runs (for the oracle: the one its
+/// scores on the first window give); `None` for TEAL/WINA and level 0.
+fn sparse_mask(
+    model: &Model,
+    plan: &Plan,
+    sp: &Sparsifier,
+    ids: &[u32],
+    window: usize,
+) -> Result<Option<UnitMask>> {
+    Ok(match sp {
+        Sparsifier::Mask(m) => Some(m.clone()),
+        Sparsifier::Oracle { level, split, .. } => {
+            let cfg = model.cfg();
+            let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
+            let w = windows(ids, window, bos).swap_remove(0);
+            let seq = Sequence {
+                ids: w,
+                scored_from: 1,
+            };
+            let scores = sequence_scores(model, &seq, plan)?.0;
+            Some(UnitMask::with_split(&scores, *level, *split)?)
+        }
+        Sparsifier::Dense | Sparsifier::Channels { .. } => None,
+    })
+}
+
+/// A sparse plan's quality, as `eval --plan` measures it.
+pub fn sparse_quality(
+    model: &Model,
+    plan: &Plan,
+    section: &SparsitySection,
+    ids: &[u32],
+    window: usize,
+    run: RunOptions,
+) -> Result<Quality> {
+    let sp = section.sparsifier(model)?;
+    let held = HeldOut::new(model, ids, window, usize::MAX)?;
+    let q = sparse_eval::evaluate(model, plan, &sp, &held, run, false, &AtomicBool::new(false))?;
+    let cfg = model.cfg();
+    let total = 2 * model.n_layers();
+    let kept = (total - plan.skip.len()) as f64;
+    let executed = section.method.executed();
+    let mut facts = vec![fact(
+        "sparsity",
+        format!(
+            "{} at level {} ({}, {} split; {})",
+            section.method,
+            section.level,
+            section.method.unit(),
+            section.split,
+            if executed {
+                "executed: sliced weights"
+            } else {
+                "simulated: masked inputs"
+            }
+        ),
+    )];
+    let share = match (
+        sparse_mask(model, plan, &sp, ids, window)?,
+        q.channels_zeroed,
+    ) {
+        (Some(mask), _) => {
+            let (heads, neurons) = mask.dropped_fractions(cfg);
+            let w = mask.weight_fraction_dropped(cfg);
+            facts.push(fact(
+                "dropped",
+                format!(
+                    "{:.1}% of query heads and {:.1}% of MLP neurons: {:.1}% of the layers' \
+                     projection weights not read",
+                    heads * 100.0,
+                    neurons * 100.0,
+                    w * 100.0
+                ),
+            ));
+            w
+        }
+        (None, Some(z)) => {
+            facts.push(fact(
+                "channels zeroed",
+                format!(
+                    "{:.1}% of projection inputs, measured on the evaluation text (the weights \
+                     are still read)",
+                    z * 100.0
+                ),
+            ));
+            z
+        }
+        (None, None) => 0.0,
+    };
+    Ok(Quality {
+        perplexity: q.perplexity,
+        reference_perplexity: None,
+        kl_to_base: q.kl_to_base,
+        top1_agreement: q.top1_agreement,
+        blocks_removed: Some(plan.skip.len() as f64 + share * kept),
+        summary: Some(format!(
+            "{} sparsity at level {:.2} ({})",
+            section.method,
+            section.level,
+            if executed { "executed" } else { "simulated" }
+        )),
+        facts,
+    })
+}
+
+/// How a sparse plan runs a pass.
+enum SparseRun<'a> {
+    Dense,
+    Mask(MaskPolicy<'a>),
+    Channels(&'a Sparsifier),
+}
+
+fn sparse_hidden(
+    model: &Model,
+    plan: &Plan,
+    how: &SparseRun,
+    input: &Tensor,
+    state: &mut SeqState,
+) -> Result<Tensor> {
+    let t = &model.transformer;
+    let pass = Pass::plan(plan, SPEED_RUN).with_state(state);
+    Ok(match how {
+        SparseRun::Dense => {
+            let mut pass = pass;
+            t.forward_hidden(input, &mut pass)?
+        }
+        SparseRun::Mask(p) => t.forward_hidden(input, &mut pass.with_policy(p))?,
+        SparseRun::Channels(Sparsifier::Channels { thresholds, norms }) => {
+            let mut probe = ChannelProbe::new(model, thresholds, norms.as_deref())?;
+            t.forward_hidden(input, &mut pass.with_probe(&mut probe))?
+        }
+        SparseRun::Channels(_) => unreachable!("only channel sparsifiers run a probe"),
+    })
+}
+
+/// Seconds for `n` greedy decode steps after `prompt`.
+fn time_sparse_decode(
+    model: &Model,
+    plan: &Plan,
+    how: &SparseRun,
+    prompt: &[u32],
+    n: usize,
+) -> Result<f64> {
+    let t = &model.transformer;
+    let mut state = t.new_state(prompt.len() + n + 1);
+    let step = |ids: &[u32], state: &mut SeqState| -> Result<u32> {
+        let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+        let h = sparse_hidden(model, plan, how, &input, state)?;
+        let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
+        Ok(t.logits(&last, SPEED_RUN)?
+            .argmax(D::Minus1)?
+            .squeeze(0)?
+            .to_scalar::<u32>()?)
+    };
+    let mut next = step(prompt, &mut state)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        next = step(&[next], &mut state)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Decode speed of sparse plans against the unmodified model, both on the
+/// f32 candle path (the sliced weights are f32 copies; the lean quantized
+/// path would fall back to candle for every masked block), one run of each
+/// in turn per round, after a warm-up each.
+pub fn sparse_speeds(
+    model: &Model,
+    plans: &[(&Plan, &SparsitySection)],
+    ids: &[u32],
+    window: usize,
+    prompt_tokens: usize,
+    steps: usize,
+    runs: usize,
+) -> Result<Vec<Speed>> {
+    let prompt = &ids[..prompt_tokens.min(ids.len()).max(1)];
+    let cfg = model.cfg();
+    let base = Plan::base();
+    let sparsifiers: Vec<Sparsifier> = plans
+        .iter()
+        .map(|(_, s)| s.sparsifier(model))
+        .collect::<Result<_>>()?;
+    let masks: Vec<Option<UnitMask>> = plans
+        .iter()
+        .zip(&sparsifiers)
+        .map(|((p, _), sp)| sparse_mask(model, p, sp, ids, window))
+        .collect::<Result<_>>()?;
+    let mut runners: Vec<(&Plan, SparseRun)> = vec![(&base, SparseRun::Dense)];
+    for (((plan, _), sp), mask) in plans.iter().zip(&sparsifiers).zip(&masks) {
+        let how = match (mask, sp) {
+            (Some(m), _) => SparseRun::Mask(MaskPolicy::new(plan, m, cfg)?),
+            (None, Sparsifier::Channels { .. }) => SparseRun::Channels(sp),
+            (None, _) => SparseRun::Dense,
+        };
+        runners.push((plan, how));
+    }
+    for (plan, how) in &runners {
+        time_sparse_decode(model, plan, how, prompt, steps.min(4))?;
+    }
+    let mut times = vec![Vec::new(); runners.len()];
+    for _ in 0..runs {
+        for ((plan, how), t) in runners.iter().zip(times.iter_mut()) {
+            // The slice cache holds about one mask: warm this one first.
+            time_sparse_decode(model, plan, how, prompt, 1)?;
+            t.push(steps as f64 / time_sparse_decode(model, plan, how, prompt, steps)?);
+        }
+    }
+    let stats: Vec<Stat> = times.into_iter().map(Stat::from).collect();
+    let dense = stats[0].clone();
+    Ok(plans
+        .iter()
+        .zip(stats.into_iter().skip(1))
+        .map(|((_, s), decode)| {
+            let executed = s.method.executed();
+            Speed {
+                prefill: None,
+                prefill_speedup: None,
+                decode_speedup: ratio(&decode, &dense),
+                decode,
+                executed,
+                reference: Some(if executed {
+                    "vs dense, f32 path, decode only".to_string()
+                } else {
+                    "channels still multiplied; vs dense, f32 path".to_string()
+                }),
+                facts: vec![fact(
+                    "speed",
+                    format!(
+                        "{}decode only, on the f32 candle path (the sliced weights are f32 \
+                         copies) against the unmodified model on the same path (decode {:.1} \
+                         tok/s, runs {:.1}–{:.1}), in the same rounds",
+                        if executed {
+                            ""
+                        } else {
+                            "simulated: the zeroed channels are still multiplied (no sparse \
+                             kernel), so this times the masking, not a saving; "
+                        },
+                        dense.median,
+                        dense.min,
+                        dense.max
+                    ),
+                )],
+            }
+        })
+        .collect())
+}
