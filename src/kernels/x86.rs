@@ -11,8 +11,6 @@
 
 use std::arch::x86_64::*;
 
-pub(crate) mod tiled;
-
 use super::acts::Acts;
 use super::formats::{scale_min_k4, Format};
 use super::quant::ROW_GROUP;
@@ -98,6 +96,7 @@ unsafe fn avx2_entry(format: Format, w: *const u8, acts: &Acts, r0: usize, out: 
     dispatch::<Avx2>(format, w, acts, r0, out)
 }
 
+/// Calls the kernel instantiated for `n` activation rows (1..=8).
 macro_rules! by_rows {
     ($f:ident :: <$d:ty, $($p:ty),*> ($($a:expr),*), $n:expr) => {
         match $n {
@@ -113,6 +112,9 @@ macro_rules! by_rows {
         }
     };
 }
+
+// After `by_rows!`, which it uses.
+pub(crate) mod tiled;
 
 #[inline(always)]
 unsafe fn dispatch<D: Dot>(format: Format, w: *const u8, acts: &Acts, r0: usize, out: &mut [f32]) {

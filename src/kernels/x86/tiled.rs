@@ -53,22 +53,6 @@ unsafe fn avx2_entry(format: Format, t: *const u8, acts: &Acts, r0: usize, out: 
     dispatch::<Avx2>(format, t, acts, r0, out)
 }
 
-macro_rules! by_rows {
-    ($f:ident :: <$d:ty, $($p:ty),*> ($($a:expr),*), $n:expr) => {
-        match $n {
-            1 => $f::<$d, $($p,)* 1>($($a),*),
-            2 => $f::<$d, $($p,)* 2>($($a),*),
-            3 => $f::<$d, $($p,)* 3>($($a),*),
-            4 => $f::<$d, $($p,)* 4>($($a),*),
-            5 => $f::<$d, $($p,)* 5>($($a),*),
-            6 => $f::<$d, $($p,)* 6>($($a),*),
-            7 => $f::<$d, $($p,)* 7>($($a),*),
-            8 => $f::<$d, $($p,)* 8>($($a),*),
-            _ => unreachable!("row groups are 1..=8"),
-        }
-    };
-}
-
 #[inline(always)]
 unsafe fn dispatch<D: TileDot>(
     format: Format,
