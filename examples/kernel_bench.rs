@@ -1,7 +1,7 @@
 //! Measures the quantized kernels against candle's `QMatMul::forward` on the same weights, for
 //! SmolLM2-135M's matrix shapes and 1..16 activation rows (decode and speculative verify).
 //!
-//! `cargo run --example kernel_bench [-- q4_1|q4_0|q8_0|q4k|q6k]`. The numbers are only as good
+//! `cargo run --example kernel_bench [-- q4_1|q4_0|q5_0|q5_1|q8_0|q4k|q6k]`. The numbers are only as good
 //! as the machine is quiet: run it when nothing else is.
 
 use std::sync::Arc;
@@ -42,10 +42,14 @@ fn main() -> candle_core::Result<()> {
     let dtype = match std::env::args().nth(1).as_deref() {
         None | Some("q4_1") => GgmlDType::Q4_1,
         Some("q4_0") => GgmlDType::Q4_0,
+        Some("q5_0") => GgmlDType::Q5_0,
+        Some("q5_1") => GgmlDType::Q5_1,
         Some("q8_0") => GgmlDType::Q8_0,
         Some("q4k") => GgmlDType::Q4K,
         Some("q6k") => GgmlDType::Q6K,
-        Some(other) => candle_core::bail!("unknown format {other}: q4_1, q4_0, q8_0, q4k or q6k"),
+        Some(other) => {
+            candle_core::bail!("unknown format {other}: q4_1, q4_0, q5_0, q5_1, q8_0, q4k or q6k")
+        }
     };
     let kernel = active_kernel();
     println!(

@@ -199,7 +199,13 @@ fn each_format_and_kernel_matches_the_dequantized_reference() {
 #[test]
 fn tiled_formats_equal_the_portable_kernel_bit_for_bit() {
     let pool = Pool::new(2);
-    for &dtype in &[GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+    for &dtype in &[
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ] {
         for (seed, &(out, blocks, rows)) in [(8, 1, 1), (19, 3, 9), (64, 18, 4), (7, 2, 3)]
             .iter()
             .enumerate()

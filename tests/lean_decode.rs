@@ -548,9 +548,9 @@ fn gemma3() -> &'static Model {
 
 /// Gemma 3 (q/k norms, sandwich norms, GELU, local and global RoPE, its
 /// Q5_0 / Q8_0 / Q4_K / Q6_K matrices) runs on the lean path, and its logits
-/// stay about as close to the f32 path as candle's quantized ones.
+/// stay closer to the f32 path than candle's quantized ones.
 #[test]
-fn gemma3_lean_logits_stay_as_close_to_f32_as_the_candle_path() {
+fn gemma3_lean_logits_stay_closer_to_f32_than_the_candle_path() {
     let model = gemma3();
     assert!(
         model.transformer.lean_ready().unwrap(),
@@ -576,11 +576,9 @@ fn gemma3_lean_logits_stay_as_close_to_f32_as_the_candle_path() {
          lean {rms_lean:.4}, candle {rms_candle:.4}; top-1 agreement: lean {top_lean}/24, \
          candle {top_candle}/24"
     );
-    // Measured 0.780 against candle's 0.736 (max 7.57 against 6.78): the two
-    // round differently (candle requantizes the Q5_0 matrices to Q8_0; the
-    // lean kernels read them as stored), neither is the f32 result.
+    // Measured RMS 0.677 against candle's 0.736 (max 5.07 against 6.78).
     assert!(
-        rms_lean <= 1.1 * rms_candle,
+        rms_lean <= rms_candle,
         "lean RMS {rms_lean} is further from f32 than candle {rms_candle}"
     );
     r.assert_top1_up_to_ties();

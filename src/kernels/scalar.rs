@@ -26,7 +26,7 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
     for (b, blk) in blocks.enumerate() {
         let xb = &x[b * bl..(b + 1) * bl];
         let sb = &s16[b * bl / 16..(b + 1) * bl / 16];
-        // Q4_0, Q4_1 and Q8_0 take the tiled SIMD kernels' exact arithmetic (integer dot, then
+        // The 32-element formats take the tiled SIMD kernels' exact arithmetic (integer dot, then
         // one fused multiply-add per term), so every variant gives these formats the same bits.
         let dwdx = f16_at(blk, 0) * d[b];
         acc = match format {
@@ -35,10 +35,10 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
                 let acc = (q4_dot(&blk[4..20], xb, 0) as f32).mul_add(dwdx, acc);
                 f16_at(blk, 2).mul_add(acts.dsum[r * nb + b], acc)
             }
-            Format::Q5_0 => acc + dwdx * q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32,
+            Format::Q5_0 => (q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32).mul_add(dwdx, acc),
             Format::Q5_1 => {
-                acc + (dwdx * q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32
-                    + f16_at(blk, 2) * acts.dsum[r * nb + b])
+                let acc = (q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32).mul_add(dwdx, acc);
+                f16_at(blk, 2).mul_add(acts.dsum[r * nb + b], acc)
             }
             Format::Q8_0 => {
                 let sumi: i32 = blk[2..34]

@@ -1,6 +1,7 @@
 //! AVX2 and AVX-512 VNNI kernels (256-bit vectors; VNNI replaces `maddubs`+`madd` by `vpdpbusd`).
 //!
-//! One weight row is unpacked once per block and dotted with up to `ROW_GROUP` activation rows,
+//! The 32-element formats run the tiled kernels (`tiled`). The K-quants' kernels here unpack one
+//! weight row once per block and dot it with up to `ROW_GROUP` activation rows,
 //! each with its own accumulators: a row's arithmetic is the same whatever the group size, which
 //! keeps results bit-identical across row counts. Both variants compute the same integers (no
 //! saturation is possible at these ranges), so they differ from the portable kernel only in the
@@ -120,10 +121,10 @@ pub(crate) mod tiled;
 unsafe fn dispatch<D: Dot>(format: Format, w: *const u8, acts: &Acts, r0: usize, out: &mut [f32]) {
     let n = out.len();
     match format {
-        Format::Q5_0 => by_rows!(blocks32::<D, Q5_0>(w, acts, r0, out), n),
-        Format::Q5_1 => by_rows!(blocks32::<D, Q5_1>(w, acts, r0, out), n),
         // Tiled (`tiled`); their odd rows take the portable kernel, which is bit-identical.
-        Format::Q4_0 | Format::Q4_1 | Format::Q8_0 => unreachable!("declined in dot_rows"),
+        Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
+            unreachable!("declined in dot_rows")
+        }
         Format::Q4K => by_rows!(q45k::<D, Q4K>(w, acts, r0, out), n),
         Format::Q5K => by_rows!(q45k::<D, Q5K>(w, acts, r0, out), n),
         Format::Q6K => by_rows!(q6k::<D, Q6K>(w, acts, r0, out), n),
@@ -137,153 +138,11 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 }
 
 #[inline(always)]
-unsafe fn hsum_ps(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-#[inline(always)]
 unsafe fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
-}
-
-/// sum a[i] * b[i] over `len`, 8 lanes then a scalar tail (order fixed by `len`).
-#[inline(always)]
-unsafe fn dot_f32(a: *const f32, b: *const f32, len: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= len {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc);
-        i += 8;
-    }
-    let mut s = hsum_ps(acc);
-    while i < len {
-        s += *a.add(i) * *b.add(i);
-        i += 1;
-    }
-    s
-}
-
-/// A 32-element block format: its bytes, scale, min term and values as 32 bytes in element order.
-trait Block32 {
-    const BYTES: usize;
-    /// The block's min/offset per unit of `d*sum(x)`; None when there is none.
-    unsafe fn min(blk: *const u8, d: f32) -> Option<f32>;
-    unsafe fn values(blk: *const u8) -> __m256i;
-}
-
-#[inline(always)]
-unsafe fn nibbles(qs: *const u8) -> __m256i {
-    let raw = _mm_loadu_si128(qs as *const __m128i);
-    let m = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(raw, m);
-    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    _mm256_set_m128i(hi, lo)
-}
-
-/// 0x10 in byte j where bit j of the little-endian u32 at `qh` is set (ggml's bytes_from_bits_32).
-#[inline(always)]
-unsafe fn fifth_bits(qh: *const u8) -> __m256i {
-    let x = u32::from_le_bytes([*qh, *qh.add(1), *qh.add(2), *qh.add(3)]);
-    let shuf = _mm256_set_epi64x(
-        0x0303030303030303,
-        0x0202020202020202,
-        0x0101010101010101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
-    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
-    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-}
-
-struct Q5_0;
-impl Block32 for Q5_0 {
-    const BYTES: usize = 22;
-    #[inline(always)]
-    unsafe fn min(_: *const u8, d: f32) -> Option<f32> {
-        Some(-16.0 * d)
-    }
-    #[inline(always)]
-    unsafe fn values(blk: *const u8) -> __m256i {
-        _mm256_or_si256(nibbles(blk.add(6)), fifth_bits(blk.add(2)))
-    }
-}
-
-struct Q5_1;
-impl Block32 for Q5_1 {
-    const BYTES: usize = 24;
-    #[inline(always)]
-    unsafe fn min(blk: *const u8, _: f32) -> Option<f32> {
-        Some(f16_at(blk.add(2)))
-    }
-    #[inline(always)]
-    unsafe fn values(blk: *const u8) -> __m256i {
-        _mm256_or_si256(nibbles(blk.add(8)), fifth_bits(blk.add(4)))
-    }
-}
-
-/// Blocks per segment: the per-block scales of a segment are staged on the stack.
-const SEG: usize = 64;
-
-/// 32-element block formats: sum_b d_w d_x sum(q x) (+ min_b * d_x sum(x)).
-#[inline(always)]
-unsafe fn blocks32<D: Dot, B: Block32, const R: usize>(
-    w: *const u8,
-    acts: &Acts,
-    r0: usize,
-    out: &mut [f32],
-) {
-    let n = acts.in_dim;
-    let nb = n / 32;
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut min_term = [0f32; R];
-    let mut dw = [0f32; SEG];
-    let mut mw = [0f32; SEG];
-    let mut dwdx = [[0f32; SEG]; R];
-    let mut s = 0;
-    while s < nb {
-        let len = (nb - s).min(SEG);
-        let mut has_min = false;
-        for b in 0..len {
-            let blk = w.add((s + b) * B::BYTES);
-            dw[b] = f16_at(blk);
-            if let Some(m) = B::min(blk, dw[b]) {
-                mw[b] = m;
-                has_min = true;
-            }
-        }
-        for r in 0..R {
-            let base = (r0 + r) * nb + s;
-            let dx = acts.d.as_ptr().add(base);
-            for b in 0..len {
-                dwdx[r][b] = dw[b] * *dx.add(b);
-            }
-            if has_min {
-                min_term[r] += dot_f32(mw.as_ptr(), acts.dsum.as_ptr().add(base), len);
-            }
-        }
-        for b in 0..len {
-            let blk = w.add((s + b) * B::BYTES);
-            let q = B::values(blk);
-            for r in 0..R {
-                let x = _mm256_loadu_si256(
-                    acts.qs.as_ptr().add((r0 + r) * n + (s + b) * 32) as *const __m256i
-                );
-                let p = D::dot(_mm256_setzero_si256(), q, x);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwdx[r][b]), acc[r]);
-            }
-        }
-        s += len;
-    }
-    for r in 0..R {
-        out[r] = hsum_ps(acc[r]) + min_term[r];
-    }
 }
 
 /// Q4_K / Q5_K: 256-element super-blocks of 8 sub-blocks with 6-bit scales and mins.

@@ -58,8 +58,8 @@ pub struct MemoryNeed {
     pub dense: u64,
     /// candle's x86 CPU kernels keep a repacked copy of each Q4_K, Q6_K
     /// and Q8_0 matrix after its first matmul (as large as the matrix), and
-    /// the lean path's kernels an interleaved copy of each Q4_0, Q4_1 and
-    /// Q8_0 matrix (`kernels::QWeight::tiled_bytes`).
+    /// the lean path's kernels an interleaved copy of each Q4_0, Q4_1, Q5_0,
+    /// Q5_1 and Q8_0 matrix (`kernels::QWeight::tiled_bytes`).
     pub repacked: u64,
     /// The largest temporary of the load itself (one tensor dequantized).
     pub load_transient: u64,
@@ -114,7 +114,10 @@ fn kept_type(dtype: GgmlDType, device: &Device) -> GgmlDType {
 fn tiled_on(dtype: GgmlDType, device: &Device) -> bool {
     cfg!(target_arch = "x86_64")
         && device.is_cpu()
-        && matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+        && matches!(
+            dtype,
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0
+        )
 }
 
 /// Whether candle's CPU matmul keeps a repacked copy of a `dtype` matrix.

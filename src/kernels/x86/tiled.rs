@@ -13,7 +13,9 @@ use super::{Avx2, Dot, Vnni};
 use crate::kernels::acts::Acts;
 use crate::kernels::formats::Format;
 use crate::kernels::quant::ROW_GROUP;
-use crate::kernels::tiles::{TileLayout, Q4_0_TILE, Q4_1_TILE, Q8_0_TILE, TILE_ROWS};
+use crate::kernels::tiles::{
+    TileLayout, Q4_0_TILE, Q4_1_TILE, Q5_0_TILE, Q5_1_TILE, Q8_0_TILE, TILE_ROWS,
+};
 use crate::kernels::Kernel;
 
 /// out[r][j] = dot(row j of the tile, activation row r0 + r); false: no tiled kernel for this.
@@ -65,6 +67,8 @@ unsafe fn dispatch<D: TileDot>(
     match format {
         Format::Q4_0 => by_rows!(tiled::<D, Q4_0>(t, acts, r0, out), n),
         Format::Q4_1 => by_rows!(tiled::<D, Q4_1>(t, acts, r0, out), n),
+        Format::Q5_0 => by_rows!(tiled::<D, Q5_0>(t, acts, r0, out), n),
+        Format::Q5_1 => by_rows!(tiled::<D, Q5_1>(t, acts, r0, out), n),
         Format::Q8_0 => by_rows!(tiled::<D, Q8_0>(t, acts, r0, out), n),
         _ => unreachable!("only formats with a TileLayout reach the tiled kernels"),
     }
@@ -107,7 +111,7 @@ impl TileDot for Avx2 {
 /// A tiled format: its tile-block, and its 8 value registers (element groups 4k..4k+4).
 trait TileFormat {
     const LAYOUT: TileLayout;
-    /// Values minus `offset` (in integers): 8 for Q4_0.
+    /// Values minus `offset` (in integers): 8 for Q4_0, 16 for Q5_0.
     const OFFSET: i32 = 0;
     const SIGNED: bool = false;
 }
@@ -123,29 +127,66 @@ impl TileFormat for Q4_1 {
     const LAYOUT: TileLayout = Q4_1_TILE;
 }
 
+struct Q5_0;
+impl TileFormat for Q5_0 {
+    const LAYOUT: TileLayout = Q5_0_TILE;
+    const OFFSET: i32 = 16;
+}
+
+struct Q5_1;
+impl TileFormat for Q5_1 {
+    const LAYOUT: TileLayout = Q5_1_TILE;
+}
+
 struct Q8_0;
 impl TileFormat for Q8_0 {
     const LAYOUT: TileLayout = Q8_0_TILE;
     const SIGNED: bool = true;
 }
 
-/// The 8 value registers of one tile-block: raw chunks (Q8_0) or nibbles split (Q4).
+/// The 8 value registers of one tile-block: raw chunks (Q8_0) or nibbles split (Q4, Q5 with their
+/// fifth bits). Plain loops, no closures: a closure would not inherit the caller's target
+/// features, and its intrinsics would become calls.
 #[inline(always)]
 unsafe fn values<F: TileFormat>(blk: *const u8) -> [__m256i; 8] {
     let v = blk.add(F::LAYOUT.values) as *const __m256i;
+    let mut out = [_mm256_setzero_si256(); 8];
     if F::SIGNED {
-        std::array::from_fn(|k| _mm256_loadu_si256(v.add(k)))
-    } else {
-        let m = _mm256_set1_epi8(0x0F);
-        let c: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(v.add(i)));
-        std::array::from_fn(|k| {
-            if k < 4 {
-                _mm256_and_si256(c[k], m)
-            } else {
-                _mm256_and_si256(_mm256_srli_epi16(c[k - 4], 4), m)
-            }
-        })
+        for k in 0..8 {
+            out[k] = _mm256_loadu_si256(v.add(k));
+        }
+        return out;
     }
+    let m = _mm256_set1_epi8(0x0F);
+    for i in 0..4 {
+        let c = _mm256_loadu_si256(v.add(i));
+        out[i] = _mm256_and_si256(c, m);
+        out[i + 4] = _mm256_and_si256(_mm256_srli_epi16(c, 4), m);
+    }
+    if let Some(at) = F::LAYOUT.high_bits {
+        let qh = _mm256_loadu_si256(blk.add(at) as *const __m256i);
+        for k in 0..8 {
+            out[k] = _mm256_or_si256(out[k], fifth_bits(qh, k));
+        }
+    }
+    out
+}
+
+/// 0x10 in byte t of lane j where bit 4k + t of lane j of `qh` is set: the fifth bits of value
+/// register k (elements 4k..4k+4 of each row).
+#[inline(always)]
+unsafe fn fifth_bits(qh: __m256i, k: usize) -> __m256i {
+    // Byte k / 2 of each 32-bit lane into all four of its bytes ...
+    let lane_base = _mm256_setr_epi8(
+        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12,
+        12, 12, 12,
+    );
+    let pick = _mm256_add_epi8(lane_base, _mm256_set1_epi8((k / 2) as i8));
+    let bytes = _mm256_shuffle_epi8(qh, pick);
+    // ... then byte t keeps bit t of its nibble.
+    let bit = _mm256_set1_epi32((0x0804_0201u32 << (4 * (k % 2))) as i32);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
 #[inline(always)]
@@ -172,11 +213,12 @@ unsafe fn tiled<D: TileDot, F: TileFormat, const R: usize>(
             None => _mm256_setzero_ps(),
         };
         let raw = values::<F>(blk);
-        let w: [__m256i; 8] = if F::SIGNED {
-            std::array::from_fn(|k| D::signed_operand(raw[k]))
-        } else {
-            raw
-        };
+        let mut w = raw;
+        if F::SIGNED {
+            for k in 0..8 {
+                w[k] = D::signed_operand(raw[k]);
+            }
+        }
         for r in 0..R {
             let row_block = (r0 + r) * nb + b;
             let x = acts.qs.as_ptr().add(row_block * 32) as *const i32;
