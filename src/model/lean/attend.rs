@@ -3,7 +3,7 @@
 //! query sees follows `model::mask`: keys at positions ≤ its own, within
 //! the sliding window; gaps and evictions follow from the positions.
 
-use super::ops::{axpy, dot, softmax_in_place, Shared};
+use super::ops::{scaled_dots, softmax_in_place, weighted_sum, Shared, Strided};
 use crate::kernels;
 
 /// Keys and values as f32: key `j` of KV head `g` starts at
@@ -76,14 +76,15 @@ pub fn attend(
         if hi == lo {
             return;
         }
-        let at = |j: usize| g * keys.head_stride + j * keys.key_stride;
-        for (j, sj) in (lo..hi).zip(s.iter_mut()) {
-            *sj = dot(qv, &keys.k[at(j)..at(j) + hd]) * scale;
-        }
+        let start = g * keys.head_stride + lo * keys.key_stride;
+        let rows = |m| Strided {
+            m,
+            start,
+            stride: keys.key_stride,
+        };
+        scaled_dots(qv, rows(keys.k), scale, s);
         softmax_in_place(s);
-        for (j, &p) in (lo..hi).zip(s.iter()) {
-            axpy(o, p, &keys.v[at(j)..at(j) + hd]);
-        }
+        weighted_sum(o, s, rows(keys.v));
     };
     kernels::pool().for_each(tasks, &task);
 }
