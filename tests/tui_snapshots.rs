@@ -15,6 +15,7 @@ use scalpel::tui::app::{
     App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
     Overlap, Quality, Record, Request, Side, Speed, Update,
 };
+use scalpel::tui::jobs::{importance, prompt_run};
 use scalpel::tui::{handler, keys, ui};
 
 fn info() -> ModelInfo {
@@ -60,13 +61,13 @@ fn scores(app: &mut App) {
     for l in 0..30 {
         for (block, base) in [(BlockId::attn(l), 0.02), (BlockId::mlp(l), 0.08)] {
             let v = base + ((l * 7 + block.kind as usize * 3) % 11) as f64 * 0.01;
-            app.apply(Update::Importance {
+            app.apply(Update::job(importance::Scored {
                 block,
                 scores: BlockScores {
                     delta_loss: Some(v),
                     influence: Some(v / 3.0),
                 },
-            });
+            }));
         }
     }
 }
@@ -132,28 +133,28 @@ fn busy_app() -> App {
     app.at = 2;
     app.cursor = BlockId::attn(27);
     app.gen.plan_label = app.plan().describe();
-    app.apply(Update::GenText {
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Base,
         text: "The sky appears blue because air molecules scatter short blue wavelengths \
                of sunlight more than red ones."
             .into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 402.3,
         decode_tps: 37.9,
-    });
-    app.apply(Update::GenText {
+    }));
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Plan,
         text: "The sky is blue because sunlight is scattered by the air, and blue light \
                scatters most."
             .into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Plan,
         prefill_tps: 431.0,
         decode_tps: 40.2,
-    });
+    }));
     app
 }
 
@@ -342,35 +343,37 @@ fn type_text(app: &mut App, text: &str) {
 fn draft_view_marks_drafted_tokens_and_checks_the_text() {
     let mut app = busy_app();
     let reqs = handler::handle_key(&mut app, key(KeyCode::Char('d')));
-    assert!(
-        matches!(&reqs[..], [Request::Generate { draft: true, .. }]),
+    assert_eq!(
+        reqs.iter().map(|r| r.job_name()).collect::<Vec<_>>(),
+        [Some("draft run".to_string())],
         "{reqs:?}"
     );
     let base = "The sky appears blue because air scatters blue light.";
-    app.apply(Update::GenText {
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Base,
         text: base.into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 402.3,
         decode_tps: 40.0,
-    });
+    }));
     let words: Vec<&str> = base.split_inclusive(' ').collect();
     let pieces: Vec<(String, bool)> = words
         .iter()
         .enumerate()
         .map(|(i, w)| (w.to_string(), i % 4 != 0))
         .collect();
-    app.apply(Update::DraftText { pieces });
-    app.apply(Update::DraftDone {
+    app.apply(Update::job(prompt_run::DraftText { pieces }));
+    app.apply(Update::job(prompt_run::DraftDone {
         prefill_tps: 398.0,
         decode_tps: 50.0,
         stats: DraftStats {
             acceptance_rate: 0.75,
             mean_accepted: 2.5,
         },
-    });
+        new_tokens: 10,
+    }));
     let mut terminal = Terminal::new(TestBackend::new(140, 45)).unwrap();
     terminal.draw(|f| ui::draw(f, &app)).unwrap();
     let screen = terminal.backend().to_string();
@@ -601,19 +604,20 @@ fn a_crashed_job_becomes_a_message_and_the_screen_stays() {
 /// Runs the current plan as a draft: plain decode `plain` tok/s, speculative `spec`.
 fn draft_run(app: &mut App, plain: f64, spec: f64, alpha: f64) {
     handler::handle_key(app, key(KeyCode::Char('d')));
-    app.apply(Update::GenDone {
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 400.0,
         decode_tps: plain,
-    });
-    app.apply(Update::DraftDone {
+    }));
+    app.apply(Update::job(prompt_run::DraftDone {
         prefill_tps: 390.0,
         decode_tps: spec,
         stats: DraftStats {
             acceptance_rate: alpha,
             mean_accepted: 1.0 + 3.0 * alpha,
         },
-    });
+        new_tokens: 48,
+    }));
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::prompt_run::PromptRun;
+use super::jobs::{Apply, Job};
 use crate::plan::{BlockId, BlockKind, ModelIdentity, Plan};
 
 /// The smallest terminal the layout is drawn for.
@@ -326,6 +328,27 @@ pub struct DraftStats {
     pub mean_accepted: f64,
 }
 
+/// One draft run (`d`) made this session, for the speculative view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftRun {
+    /// The plan that drafted.
+    pub plan: Plan,
+    pub new_tokens: usize,
+    pub stats: DraftStats,
+    /// Plain greedy decode of the same prompt, timed just before (tok/s).
+    pub plain_decode: Option<f64>,
+    /// Speculative decode, tok/s.
+    pub draft_decode: f64,
+    /// The speculative text is the plain greedy text (it must be).
+    pub identical: bool,
+}
+
+impl DraftRun {
+    pub fn speedup(&self) -> Option<f64> {
+        self.plain_decode.map(|b| self.draft_decode / b)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub prompt: String,
@@ -416,22 +439,46 @@ pub struct Status {
 }
 
 /// Work for the background threads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Request {
     /// Held-out quality, then speed; latest wins.
     Evaluate(Plan),
-    Generate {
-        prompt: String,
-        plan: Plan,
-        /// Run the plan as a draft the full model verifies (lossless),
-        /// instead of generating with the plan.
-        draft: bool,
-    },
+    /// Any job behind the one job interface (generation, draft runs,
+    /// importance; a new mode's work): the worker runs it on its lane.
+    Run(Box<dyn Job>),
     Search {
         k: usize,
     },
     Fit(Plan),
     CancelJob,
+}
+
+impl Request {
+    pub fn run(job: impl Job + 'static) -> Self {
+        Request::Run(Box::new(job))
+    }
+
+    /// The job's name, for a `Run`.
+    pub fn job_name(&self) -> Option<String> {
+        match self {
+            Request::Run(job) => Some(job.name()),
+            _ => None,
+        }
+    }
+}
+
+/// Jobs are plain data: two are equal when they print the same.
+impl PartialEq for Request {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Request::Evaluate(a), Request::Evaluate(b)) => a == b,
+            (Request::Run(a), Request::Run(b)) => format!("{a:?}") == format!("{b:?}"),
+            (Request::Search { k: a }, Request::Search { k: b }) => a == b,
+            (Request::Fit(a), Request::Fit(b)) => a == b,
+            (Request::CancelJob, Request::CancelJob) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The worker's threads, named for a crash report.
@@ -445,7 +492,7 @@ pub enum LaneName {
 }
 
 /// Results and progress from the background threads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Update {
     Baseline(Quality),
     BaselineFailed(String),
@@ -470,10 +517,6 @@ pub enum Update {
     },
     EvalCancelled(Plan),
     JobStarted(JobKind),
-    Importance {
-        block: BlockId,
-        scores: BlockScores,
-    },
     JobProgress {
         done: usize,
         total: usize,
@@ -487,34 +530,20 @@ pub enum Update {
     JobFinished(String),
     JobFailed(String),
     JobCancelled,
-    GenText {
-        side: Side,
-        text: String,
-    },
-    GenDone {
-        side: Side,
-        prefill_tps: f64,
-        decode_tps: f64,
-    },
-    GenFailed {
-        side: Side,
-        error: String,
-    },
-    /// A speculative run's text so far, one piece per token.
-    DraftText {
-        pieces: Vec<(String, bool)>,
-    },
-    DraftDone {
-        prefill_tps: f64,
-        decode_tps: f64,
-        stats: DraftStats,
-    },
+    /// A result of a job behind the job interface, applied as it says.
+    Job(Box<dyn Apply>),
     /// A job panicked (in its lane or a compute thread it waited on); the
     /// lane is ready for the next job.
     Crashed {
         lane: LaneName,
         message: String,
     },
+}
+
+impl Update {
+    pub fn job(result: impl Apply + 'static) -> Self {
+        Update::Job(Box::new(result))
+    }
 }
 
 pub struct App {
@@ -532,6 +561,8 @@ pub struct App {
     pub eval: Option<PendingEval>,
     pub job: Option<LongJob>,
     pub gen: Generation,
+    /// Every draft run this session, oldest first.
+    pub draft_runs: Vec<DraftRun>,
     pub mode: Mode,
     pub chart_x: ChartX,
     pub chart_y: ChartY,
@@ -563,6 +594,7 @@ impl App {
                 prompt,
                 ..Default::default()
             },
+            draft_runs: Vec::new(),
             mode: Mode::Normal,
             chart_x: ChartX::BlocksSkipped,
             chart_y: ChartY::Kl,
@@ -589,7 +621,7 @@ impl App {
         self.records.iter().find(|r| &r.plan == plan)
     }
 
-    fn record_mut(&mut self, plan: &Plan, origin: Origin) -> &mut Record {
+    pub(crate) fn record_mut(&mut self, plan: &Plan, origin: Origin) -> &mut Record {
         let i = match self.records.iter().position(|r| &r.plan == plan) {
             Some(i) => i,
             None => {
@@ -816,11 +848,11 @@ impl App {
         self.gen.plan_label = self.plan().describe();
         self.gen.drafting = draft;
         self.gen.draft_plan = draft.then(|| self.plan().clone());
-        vec![Request::Generate {
+        vec![Request::run(PromptRun {
             prompt,
             plan: self.plan().clone(),
             draft,
-        }]
+        })]
     }
 
     /// Folds a worker result into the state.
@@ -877,9 +909,6 @@ impl App {
             Update::JobStarted(kind) => {
                 self.job = Some(LongJob::new(kind, self.now));
             }
-            Update::Importance { block, scores } => {
-                self.importance.entry(block).or_default().merge(scores);
-            }
             Update::JobProgress {
                 done,
                 total,
@@ -926,57 +955,7 @@ impl App {
                 self.set_status(format!("{what} cancelled"), false);
                 return self.evaluate_current();
             }
-            Update::GenText { side, text } => {
-                let s = self.gen.side_mut(side);
-                s.queued = false;
-                s.running = true;
-                s.text = text;
-            }
-            Update::GenDone {
-                side,
-                prefill_tps,
-                decode_tps,
-            } => {
-                let s = self.gen.side_mut(side);
-                s.running = false;
-                s.queued = false;
-                s.prefill_tps = Some(prefill_tps);
-                s.decode_tps = Some(decode_tps);
-            }
-            Update::GenFailed { side, error } => {
-                let s = self.gen.side_mut(side);
-                s.running = false;
-                s.queued = false;
-                s.error = Some(error);
-            }
-            Update::DraftText { pieces } => {
-                let s = &mut self.gen.plan;
-                s.queued = false;
-                s.running = true;
-                s.text = pieces.iter().map(|(p, _)| p.as_str()).collect();
-                s.pieces = pieces;
-            }
-            Update::DraftDone {
-                prefill_tps,
-                decode_tps,
-                stats,
-            } => {
-                let s = &mut self.gen.plan;
-                s.running = false;
-                s.queued = false;
-                s.prefill_tps = Some(prefill_tps);
-                s.decode_tps = Some(decode_tps);
-                s.draft = Some(stats);
-                let base = self.gen.base.decode_tps.filter(|b| *b > 0.0);
-                if let (Some(b), Some(plan)) = (base, self.gen.draft_plan.clone()) {
-                    self.record_mut(&plan, Origin::User).speculative = Some(Speculative {
-                        speedup: decode_tps / b,
-                        acceptance_rate: stats.acceptance_rate,
-                        mean_accepted: stats.mean_accepted,
-                    });
-                    self.dirty = true;
-                }
-            }
+            Update::Job(result) => return result.apply(self),
             Update::Crashed { lane, message } => self.crashed(lane, message),
         }
         vec![]
@@ -1152,13 +1131,13 @@ mod tests {
         assert!((p - 300.0 / 1600.0).abs() < 1e-12);
         assert!((f - 300.0 / 2000.0).abs() < 1e-12);
         for l in 0..4 {
-            app.apply(Update::Importance {
+            app.apply(Update::job(crate::tui::jobs::importance::Scored {
                 block: BlockId::attn(l),
                 scores: BlockScores {
                     delta_loss: Some(l as f64),
                     influence: None,
                 },
-            });
+            }));
         }
         assert_eq!(app.level(BlockId::attn(0)), Some(0));
         assert_eq!(app.level(BlockId::attn(3)), Some(3));

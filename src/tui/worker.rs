@@ -3,6 +3,8 @@
 //! evaluation (latest wins: a newer plan cancels the older one, as gitui's
 //! `AsyncSingleJob`), long jobs (importance, search; Esc cancels) and
 //! generation (latest wins). Requests go in; `Update`s come out on a channel.
+//! A job behind the job interface (`Request::Run`) goes to the lane it
+//! names and is otherwise the job's own business.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{DraftStats, JobKind, LaneName, Origin, Quality, Request, Side, Speed, Update};
+use super::app::{LaneName, Origin, Quality, Request, Speed, Update};
 use super::jobs::activity::{Activity, Busy};
-use super::jobs::{self, Setup};
+use super::jobs::importance::ImportanceJob;
+use super::jobs::{self, Job, JobCx, JobLane, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
 
@@ -125,15 +128,9 @@ impl<J: Send + 'static> Lane<J> {
 }
 
 enum LongJob {
-    Importance,
     Search { k: usize },
     Fit(Plan),
-}
-
-struct GenJob {
-    prompt: String,
-    plan: Plan,
-    draft: bool,
+    Run(Box<dyn Job>),
 }
 
 /// Held-out quality already measured, keyed by the plan's JSON, shared by lanes.
@@ -146,7 +143,7 @@ fn key(plan: &Plan) -> String {
 pub struct Worker {
     eval: Lane<Plan>,
     long: Lane<LongJob>,
-    gen: Lane<GenJob>,
+    gen: Lane<Box<dyn Job>>,
 }
 
 /// Everything a lane needs, cloned into its thread.
@@ -166,6 +163,11 @@ impl Ctx {
     fn send(&self, u: Update) {
         // The UI has gone when this fails; the job's result no longer matters.
         let _ = self.tx.send(u);
+    }
+
+    fn run(&self, job: Box<dyn Job>, cancel: &AtomicBool) {
+        let cx = JobCx::new(&self.model, &self.setup, cancel, &self.activity, &self.tx);
+        job.run(&cx);
     }
 }
 
@@ -202,7 +204,7 @@ impl Worker {
         let long = Lane::spawn(
             "scalpel-long",
             move |job: LongJob, cancel| match job {
-                LongJob::Importance => importance(&c, cancel),
+                LongJob::Run(job) => c.run(job, cancel),
                 LongJob::Search { k } => {
                     let _busy = c.activity.enter(Busy::Search);
                     search(&c, k, cancel)
@@ -217,33 +219,22 @@ impl Worker {
         let c = ctx.clone();
         let gen = Lane::spawn(
             "scalpel-gen",
-            move |job: GenJob, cancel| {
-                let _busy = c.activity.enter(Busy::Generation);
-                generate(&c, job, cancel)
-            },
+            move |job: Box<dyn Job>, cancel| c.run(job, cancel),
             crashed(LaneName::Gen),
         );
         // The base model's numbers first, whatever the first plan is.
         eval.submit(Plan::base(), false);
-        long.submit(LongJob::Importance, false);
+        long.submit(LongJob::Run(Box::new(ImportanceJob)), false);
         Self { eval, long, gen }
     }
 
     pub fn send(&self, req: Request) {
         match req {
             Request::Evaluate(plan) => self.eval.submit(plan, true),
-            Request::Generate {
-                prompt,
-                plan,
-                draft,
-            } => self.gen.submit(
-                GenJob {
-                    prompt,
-                    plan,
-                    draft,
-                },
-                true,
-            ),
+            Request::Run(job) => match job.lane() {
+                JobLane::Gen => self.gen.submit(job, true),
+                JobLane::Long => self.long.submit(LongJob::Run(job), false),
+            },
             Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
             Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
             Request::CancelJob => self.long.cancel(),
@@ -349,50 +340,6 @@ fn plan_speed(c: &Ctx, plan: &Plan) -> anyhow::Result<Speed> {
     )
 }
 
-fn importance(c: &Ctx, cancel: &AtomicBool) {
-    let hash = &c.model.identity.content_hash;
-    let calib_desc = c.setup.describe_calibration();
-    let path = jobs::importance::cache_path(hash);
-    let n = c.model.n_layers();
-    if let Some(blocks) = jobs::importance::load_cache(&path, hash, &calib_desc, n) {
-        for (block, scores) in blocks {
-            c.send(Update::Importance { block, scores });
-        }
-        c.send(Update::JobFinished(format!(
-            "importance loaded from {}",
-            path.display()
-        )));
-        return;
-    }
-    let _busy = c.activity.enter(Busy::Importance);
-    c.send(Update::JobStarted(JobKind::Importance));
-    let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
-        c.send(Update::JobProgress {
-            done,
-            total,
-            loss: None,
-            detail: format!("{done}/{total} calibration sequences"),
-        })
-    });
-    match r {
-        Ok(all) => {
-            for (block, scores) in &all {
-                c.send(Update::Importance {
-                    block: *block,
-                    scores: *scores,
-                });
-            }
-            let saved = jobs::importance::save_cache(&path, hash, &calib_desc, &all);
-            c.send(Update::JobFinished(match saved {
-                Ok(()) => "importance scored and cached".into(),
-                Err(e) => format!("importance scored; cache not written: {e:#}"),
-            }));
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("importance: {e:#}"))),
-    }
-}
-
 /// Measures a plan on the held-out text for the chart (search steps, fits).
 fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
     let never = AtomicBool::new(false);
@@ -474,65 +421,6 @@ fn fit(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
         }
         Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
         Err(e) => c.send(Update::JobFailed(format!("fit: {e:#}"))),
-    }
-}
-
-fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
-    let ids = match jobs::generate::prompt_ids(&c.model, &job.prompt) {
-        Ok(ids) => ids,
-        Err(e) => {
-            for side in [Side::Base, Side::Plan] {
-                c.send(Update::GenFailed {
-                    side,
-                    error: format!("{e:#}"),
-                });
-            }
-            return;
-        }
-    };
-    let failed = |side, e: anyhow::Error| {
-        let error = if cancel.load(Ordering::Relaxed) {
-            "cancelled".to_string()
-        } else {
-            format!("{e:#}")
-        };
-        c.send(Update::GenFailed { side, error });
-    };
-    // The base model first; with a draft, the same text comes again, faster or not.
-    let sides = if job.draft {
-        vec![(Side::Base, Plan::base())]
-    } else {
-        vec![(Side::Base, Plan::base()), (Side::Plan, job.plan.clone())]
-    };
-    for (side, plan) in sides {
-        let r = jobs::generate::stream(&c.model, &c.setup, &ids, &plan, cancel, |text| {
-            c.send(Update::GenText { side, text })
-        });
-        match r {
-            Ok(rep) => c.send(Update::GenDone {
-                side,
-                prefill_tps: rep.prefill_tokens_per_sec,
-                decode_tps: rep.decode_tokens_per_sec,
-            }),
-            Err(e) => return failed(side, e),
-        }
-    }
-    if job.draft {
-        let r =
-            jobs::generate::stream_draft(&c.model, &c.setup, &ids, &job.plan, cancel, |pieces| {
-                c.send(Update::DraftText { pieces })
-            });
-        match r {
-            Ok(rep) => c.send(Update::DraftDone {
-                prefill_tps: rep.prompt_tokens as f64 / rep.prefill_seconds.max(1e-9),
-                decode_tps: rep.decode_tokens_per_sec,
-                stats: DraftStats {
-                    acceptance_rate: rep.acceptance_rate,
-                    mean_accepted: rep.mean_accepted,
-                },
-            }),
-            Err(e) => failed(Side::Plan, e),
-        }
     }
 }
 
