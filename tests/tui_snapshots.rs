@@ -410,7 +410,8 @@ fn draft_view_marks_drafted_tokens_and_checks_the_text() {
 /// What a key can change, as text: two apps in the same state print the same.
 fn observe(app: &App, reqs: &[Request]) -> String {
     format!(
-        "{:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        "{:?} {:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        app.view,
         app.mode,
         app.cursor,
         app.metric,
@@ -650,4 +651,107 @@ fn the_chart_offers_speculative_speed_up_once_a_draft_ran() {
     insta::assert_snapshot!(screen);
     handler::handle_key(&mut app, key(KeyCode::Char('x')));
     assert_eq!(app.chart_x, ChartX::BlocksSkipped);
+}
+
+/// A draft run whose texts are given: `plain` by the base model, `spec` by
+/// the speculative run (they must match; a mismatch must show).
+fn draft_run_with_text(app: &mut App, plain_tps: f64, spec_tps: f64, plain: &str, spec: &str) {
+    handler::handle_key(app, key(KeyCode::Char('d')));
+    app.apply(Update::job(prompt_run::Text {
+        side: Side::Base,
+        text: plain.into(),
+    }));
+    app.apply(Update::job(prompt_run::Done {
+        side: Side::Base,
+        prefill_tps: 400.0,
+        decode_tps: plain_tps,
+    }));
+    let pieces: Vec<(String, bool)> = spec
+        .split_inclusive(' ')
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i % 3 != 0))
+        .collect();
+    let n = pieces.len();
+    app.apply(Update::job(prompt_run::DraftText { pieces }));
+    app.apply(Update::job(prompt_run::DraftDone {
+        prefill_tps: 390.0,
+        decode_tps: spec_tps,
+        stats: DraftStats {
+            acceptance_rate: 0.6,
+            mean_accepted: 2.2,
+        },
+        new_tokens: n,
+    }));
+}
+
+/// `v` switches the main panel to the speculative view: every draft run of
+/// the session with its measurements, a mismatch marked; the grid's keys
+/// are then refused with the way back, and `v` again restores the grid.
+#[test]
+fn the_speculative_view_lists_this_sessions_draft_runs() {
+    let mut app = busy_app();
+    let empty = {
+        let mut a = busy_app();
+        handler::handle_key(&mut a, key(KeyCode::Char('v')));
+        render(&a, 80, 24)
+    };
+    assert!(empty.contains("no draft runs yet"), "{empty}");
+
+    let text = "The sky is blue because air scatters blue light most.";
+    draft_run_with_text(&mut app, 40.0, 50.0, text, text);
+    app.at = 1;
+    draft_run_with_text(
+        &mut app,
+        40.0,
+        46.0,
+        text,
+        "The sky is blue because of the sea.",
+    );
+    assert_eq!(app.draft_runs.len(), 2);
+    assert!(app.draft_runs[0].identical && !app.draft_runs[1].identical);
+    assert_eq!(app.draft_runs[0].new_tokens, 10);
+
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    assert_eq!(app.view, scalpel::tui::app::View::Speculative);
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("speculative view"), "{screen}");
+    // Run 1 drafted with attn.25 attn.27; run 2 with attn.25, the current plan.
+    let row = |n: usize| screen.lines().nth(n).unwrap().to_string();
+    assert!(row(2).contains("   # draft plan"), "{screen}");
+    assert!(
+        row(3).contains(
+            "   1 attn.25 attn.27                 10   60%  2.20   40.0   50.0  1.25×  ✓"
+        ),
+        "{screen}"
+    );
+    assert!(
+        row(4).contains(
+            "●  2 attn.25                          8   60%  2.20   40.0   46.0  1.15×  ✗"
+        ),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("identical output 1/2 (✗ differs: run 2) · mean τ 2.20 · best 1.25×"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
+
+    // The grid's tools belong to its view.
+    let bar = ui::cmdbar::keys(&app);
+    assert!(
+        !bar.contains(&("space", "skip")) && bar.contains(&("v", "view")),
+        "{bar:?}"
+    );
+    let before = app.plan().clone();
+    handler::handle_key(&mut app, key(KeyCode::Char(' ')));
+    assert_eq!(app.plan(), &before, "space toggled a block out of sight");
+    assert_eq!(
+        app.status.as_ref().unwrap().text,
+        "only in the blocks view; v switches"
+    );
+
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("┌ blocks · 1/60 skipped"), "{screen}");
+    assert!(!screen.contains("speculative"), "{screen}");
 }

@@ -398,6 +398,32 @@ pub enum Mode {
     Input { kind: InputKind, text: String },
 }
 
+/// What the main panel shows: one mode's view, with that mode's keys
+/// (a command bound to a view runs only there; see `keys::When::InView`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Block surgery: the grid, the plan's metrics and the chart.
+    Blocks,
+    /// Self-speculative decoding: the draft runs made this session.
+    Speculative,
+}
+
+impl View {
+    pub const ALL: [View; 2] = [View::Blocks, View::Speculative];
+
+    pub fn next(self) -> Self {
+        let i = Self::ALL.iter().position(|v| *v == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            View::Blocks => "blocks",
+            View::Speculative => "speculative",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChartX {
     BlocksSkipped,
@@ -563,6 +589,7 @@ pub struct App {
     pub gen: Generation,
     /// Every draft run this session, oldest first.
     pub draft_runs: Vec<DraftRun>,
+    pub view: View,
     pub mode: Mode,
     pub chart_x: ChartX,
     pub chart_y: ChartY,
@@ -595,6 +622,7 @@ impl App {
                 ..Default::default()
             },
             draft_runs: Vec::new(),
+            view: View::Blocks,
             mode: Mode::Normal,
             chart_x: ChartX::BlocksSkipped,
             chart_y: ChartY::Kl,
