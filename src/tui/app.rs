@@ -131,6 +131,9 @@ pub struct Overlap {
     pub search: bool,
     pub fit: bool,
     pub generation: bool,
+    /// A job of another mode (see `jobs::activity::Busy::Other`).
+    #[serde(default)]
+    pub other: bool,
 }
 
 impl Overlap {
@@ -144,6 +147,7 @@ impl Overlap {
             (self.search, "search"),
             (self.fit, "fit"),
             (self.generation, "generation"),
+            (self.other, "another job"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -238,8 +242,12 @@ pub enum EvalStage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     Importance,
-    Search { k: usize },
+    Search {
+        k: usize,
+    },
     Fit,
+    /// Any other long job (a new mode's), known by its name.
+    Named(&'static str),
 }
 
 impl JobKind {
@@ -248,6 +256,7 @@ impl JobKind {
             JobKind::Importance => "importance".into(),
             JobKind::Search { k } => format!("search K={k}"),
             JobKind::Fit => "fit scales".into(),
+            JobKind::Named(name) => name.to_string(),
         }
     }
 }
@@ -1170,6 +1179,41 @@ mod tests {
         assert_eq!(app.level(BlockId::attn(0)), Some(0));
         assert_eq!(app.level(BlockId::attn(3)), Some(3));
         assert_eq!(app.level(BlockId::mlp(3)), None);
+    }
+
+    /// A toy result of some future mode's job: one type, no enum touched.
+    #[derive(Debug)]
+    struct Swept(usize);
+
+    impl Apply for Swept {
+        fn apply(self: Box<Self>, app: &mut App) -> Vec<Request> {
+            app.set_status(format!("swept {} budgets", self.0), false);
+            vec![]
+        }
+    }
+
+    #[test]
+    fn a_job_of_another_mode_needs_no_variant_of_its_own() {
+        let mut app = App::new(info(), Plan::base(), "hi".into(), Instant::now());
+        app.apply(Update::JobStarted(JobKind::Named("kv sweep")));
+        assert_eq!(app.job.as_ref().unwrap().kind.label(), "kv sweep");
+        app.apply(Update::job(Swept(3)));
+        assert_eq!(app.status.as_ref().unwrap().text, "swept 3 budgets");
+        assert_eq!(app.cancel_job(), vec![Request::CancelJob]);
+        app.apply(Update::JobCancelled);
+        assert!(app.job.is_none());
+        assert_eq!(app.status.as_ref().unwrap().text, "kv sweep cancelled");
+        // Requests carrying jobs compare by what the job is.
+        let run = |draft| {
+            Request::run(PromptRun {
+                prompt: "hi".into(),
+                plan: Plan::base(),
+                draft,
+            })
+        };
+        assert_eq!(app.generate(true), vec![run(true)]);
+        assert_ne!(run(true), run(false));
+        assert_eq!(run(false).job_name().as_deref(), Some("generation"));
     }
 
     #[test]
