@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::fit::FitJob;
 use super::jobs::prompt_run::PromptRun;
+use super::jobs::search::SearchJob;
 use super::jobs::{Apply, Job};
 use crate::plan::{BlockId, BlockKind, ModelIdentity, Plan};
 
@@ -479,12 +481,9 @@ pub enum Request {
     /// Held-out quality, then speed; latest wins.
     Evaluate(Plan),
     /// Any job behind the one job interface (generation, draft runs,
-    /// importance; a new mode's work): the worker runs it on its lane.
+    /// importance, search, fit; a new mode's work): the worker runs it on its lane.
     Run(Box<dyn Job>),
-    Search {
-        k: usize,
-    },
-    Fit(Plan),
+    /// Cancels the running long job.
     CancelJob,
 }
 
@@ -508,8 +507,6 @@ impl PartialEq for Request {
         match (self, other) {
             (Request::Evaluate(a), Request::Evaluate(b)) => a == b,
             (Request::Run(a), Request::Run(b)) => format!("{a:?}") == format!("{b:?}"),
-            (Request::Search { k: a }, Request::Search { k: b }) => a == b,
-            (Request::Fit(a), Request::Fit(b)) => a == b,
             (Request::CancelJob, Request::CancelJob) => true,
             _ => false,
         }
@@ -558,10 +555,6 @@ pub enum Update {
         loss: Option<f64>,
         detail: String,
     },
-    /// The search chose a block: its plan becomes the current one.
-    SearchStep(Plan),
-    /// A fit finished: the plan with its scales becomes the current one.
-    Fitted(Plan),
     JobFinished(String),
     JobFailed(String),
     JobCancelled,
@@ -831,7 +824,7 @@ impl App {
         }
         self.job = Some(LongJob::new(JobKind::Search { k }, self.now));
         self.set_status(format!("{}: {k} blocks", self.info.search_name), false);
-        vec![Request::Search { k }]
+        vec![Request::run(SearchJob { k })]
     }
 
     /// Fits Hopscotch scales for the current plan in the background.
@@ -852,7 +845,9 @@ impl App {
             format!("fitting scales for {}", self.plan().describe()),
             false,
         );
-        vec![Request::Fit(self.plan().clone())]
+        vec![Request::run(FitJob {
+            plan: self.plan().clone(),
+        })]
     }
 
     pub fn cancel_job(&mut self) -> Vec<Request> {
@@ -958,21 +953,6 @@ impl App {
                     job.loss = loss.or(job.loss);
                     job.detail = detail;
                 }
-            }
-            Update::SearchStep(plan) if &plan == self.plan() => {}
-            Update::SearchStep(plan) => {
-                self.record_mut(&plan, Origin::Search);
-                if let Some(added) = plan.skip.difference(&self.plan().skip).next() {
-                    self.cursor = *added;
-                }
-                self.history.truncate(self.at + 1);
-                self.history.push(plan);
-                self.at = self.history.len() - 1;
-                self.dirty = true;
-            }
-            Update::Fitted(plan) => {
-                self.record_mut(&plan, Origin::User);
-                return self.push_plan(plan);
             }
             Update::JobFinished(summary) => {
                 let was_search = self.search_running();
@@ -1221,10 +1201,13 @@ mod tests {
         let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
         assert_eq!(app.start_search(99), vec![]);
         let reqs = app.start_search(2);
-        assert_eq!(reqs, vec![Request::Search { k: 2 }]);
+        assert_eq!(reqs, vec![Request::run(SearchJob { k: 2 })]);
+        assert_eq!(reqs[0].job_name().as_deref(), Some("search K=2"));
         assert!(app.toggle_cursor().is_empty());
         assert!(app.status.as_ref().unwrap().error);
-        app.apply(Update::SearchStep(Plan::with_skips([BlockId::mlp(1)])));
+        app.apply(Update::job(crate::tui::jobs::search::Step(
+            Plan::with_skips([BlockId::mlp(1)]),
+        )));
         assert_eq!(app.cursor, BlockId::mlp(1));
         let reqs = app.apply(Update::JobFinished("done".into()));
         assert!(app.job.is_none());

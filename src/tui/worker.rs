@@ -13,7 +13,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::app::{LaneName, Origin, Quality, Request, Speed, Update};
-use super::jobs::activity::{Activity, Busy};
+use super::jobs::activity::Activity;
 use super::jobs::importance::ImportanceJob;
 use super::jobs::{self, Job, JobCx, JobLane, Setup};
 use crate::model::Model;
@@ -127,12 +127,6 @@ impl<J: Send + 'static> Lane<J> {
     }
 }
 
-enum LongJob {
-    Search { k: usize },
-    Fit(Plan),
-    Run(Box<dyn Job>),
-}
-
 /// Held-out quality already measured, keyed by the plan's JSON, shared by lanes.
 type QualityCache = Arc<Mutex<HashMap<String, Quality>>>;
 
@@ -142,7 +136,7 @@ fn key(plan: &Plan) -> String {
 
 pub struct Worker {
     eval: Lane<Plan>,
-    long: Lane<LongJob>,
+    long: Lane<Box<dyn Job>>,
     gen: Lane<Box<dyn Job>>,
 }
 
@@ -166,7 +160,15 @@ impl Ctx {
     }
 
     fn run(&self, job: Box<dyn Job>, cancel: &AtomicBool) {
-        let cx = JobCx::new(&self.model, &self.setup, cancel, &self.activity, &self.tx);
+        let measured = |plan: &Plan, origin| measure(self, plan, origin);
+        let cx = JobCx::new(
+            &self.model,
+            &self.setup,
+            cancel,
+            &self.activity,
+            &self.tx,
+            &measured,
+        );
         job.run(&cx);
     }
 }
@@ -203,17 +205,7 @@ impl Worker {
         let c = ctx.clone();
         let long = Lane::spawn(
             "scalpel-long",
-            move |job: LongJob, cancel| match job {
-                LongJob::Run(job) => c.run(job, cancel),
-                LongJob::Search { k } => {
-                    let _busy = c.activity.enter(Busy::Search);
-                    search(&c, k, cancel)
-                }
-                LongJob::Fit(plan) => {
-                    let _busy = c.activity.enter(Busy::Fit);
-                    fit(&c, plan, cancel)
-                }
-            },
+            move |job: Box<dyn Job>, cancel| c.run(job, cancel),
             crashed(LaneName::Long),
         );
         let c = ctx.clone();
@@ -224,7 +216,7 @@ impl Worker {
         );
         // The base model's numbers first, whatever the first plan is.
         eval.submit(Plan::base(), false);
-        long.submit(LongJob::Run(Box::new(ImportanceJob)), false);
+        long.submit(Box::new(ImportanceJob), false);
         Self { eval, long, gen }
     }
 
@@ -233,10 +225,8 @@ impl Worker {
             Request::Evaluate(plan) => self.eval.submit(plan, true),
             Request::Run(job) => match job.lane() {
                 JobLane::Gen => self.gen.submit(job, true),
-                JobLane::Long => self.long.submit(LongJob::Run(job), false),
+                JobLane::Long => self.long.submit(job, false),
             },
-            Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
-            Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
             Request::CancelJob => self.long.cancel(),
         }
     }
@@ -359,68 +349,6 @@ fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
             plan: plan.clone(),
             error: format!("{e:#}"),
         }),
-    }
-}
-
-fn search(c: &Ctx, k: usize, cancel: &AtomicBool) {
-    let r = jobs::search::hopscotch(&c.model, &c.setup, k, cancel, |e| match e {
-        jobs::search::Event::Progress {
-            done,
-            total,
-            loss,
-            detail,
-        } => c.send(Update::JobProgress {
-            done,
-            total,
-            loss,
-            detail,
-        }),
-        jobs::search::Event::Chosen(plan) => {
-            c.send(Update::SearchStep(plan.clone()));
-            measure(c, &plan, Origin::Search);
-        }
-    });
-    match r {
-        Ok(res) if res.cancelled && res.steps.is_empty() => c.send(Update::JobCancelled),
-        Ok(res) => {
-            // The final plan carries the fitted scales (or the last step's, if cancelled).
-            c.send(Update::SearchStep(res.plan.clone()));
-            measure(c, &res.plan, Origin::Search);
-            if res.cancelled {
-                c.send(Update::JobCancelled);
-            } else {
-                c.send(Update::JobFinished(format!(
-                    "search done: {}",
-                    res.plan.describe()
-                )));
-            }
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("search: {e:#}"))),
-    }
-}
-
-fn fit(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
-    let epochs = jobs::fit::options().epochs;
-    let r = jobs::fit::fit(&c.model, &c.setup, &plan, cancel, |e| {
-        c.send(Update::JobProgress {
-            done: e.epoch,
-            total: epochs,
-            loss: Some(e.heldout_loss),
-            detail: format!("epoch {}/{epochs}", e.epoch),
-        })
-    });
-    match r {
-        Ok(res) if res.cancelled => c.send(Update::JobCancelled),
-        Ok(res) => {
-            c.send(Update::Fitted(res.plan.clone()));
-            c.send(Update::JobFinished(format!(
-                "scales fitted (best epoch {}, validation KL {:.4})",
-                res.best_epoch, res.best_heldout_loss
-            )));
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("fit: {e:#}"))),
     }
 }
 

@@ -12,7 +12,8 @@ use std::sync::mpsc::Sender;
 use super::activity::{Activity, Busy, Running};
 use super::Setup;
 use crate::model::Model;
-use crate::tui::app::{App, Request, Update};
+use crate::plan::Plan;
+use crate::tui::app::{App, Origin, Request, Update};
 
 /// Which worker thread runs a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,7 @@ pub struct JobCx<'a> {
     cancel: &'a AtomicBool,
     activity: &'a Activity,
     tx: &'a Sender<Update>,
+    measure: &'a (dyn Fn(&Plan, Origin) + Sync),
 }
 
 impl<'a> JobCx<'a> {
@@ -57,6 +59,7 @@ impl<'a> JobCx<'a> {
         cancel: &'a AtomicBool,
         activity: &'a Activity,
         tx: &'a Sender<Update>,
+        measure: &'a (dyn Fn(&Plan, Origin) + Sync),
     ) -> Self {
         Self {
             model,
@@ -64,7 +67,14 @@ impl<'a> JobCx<'a> {
             cancel,
             activity,
             tx,
+            measure,
         }
+    }
+
+    /// Held-out quality of a plan for the chart, through the worker's
+    /// cache of measured plans (sends `Quality`, or `EvalFailed`).
+    pub fn measure(&self, plan: &Plan, origin: Origin) {
+        (self.measure)(plan, origin)
     }
 
     /// Set when the user cancels or a newer job replaces this one.
