@@ -750,8 +750,26 @@ fn the_speculative_view_lists_this_sessions_draft_runs() {
         "only in the blocks view; v switches"
     );
 
+    // Nor does a click where the grid would be (row 3: attention, column 8: layer 1).
+    let click = |kind| ratatui::crossterm::event::MouseEvent {
+        kind,
+        column: 8,
+        row: 3,
+        modifiers: KeyModifiers::NONE,
+    };
+    let right = ratatui::crossterm::event::MouseEventKind::Down(
+        ratatui::crossterm::event::MouseButton::Right,
+    );
+    let screen_rect = ratatui::layout::Rect::new(0, 0, 80, 24);
+    assert!(handler::handle_mouse(&mut app, click(right), screen_rect).is_empty());
+    assert_eq!(app.plan(), &before, "a click toggled a block out of sight");
+
     handler::handle_key(&mut app, key(KeyCode::Char('v')));
     let screen = render(&app, 80, 24);
     assert!(screen.contains("┌ blocks · 1/60 skipped"), "{screen}");
+    // Back in the blocks view the same click skips attn.1.
+    let reqs = handler::handle_mouse(&mut app, click(right), screen_rect);
+    assert_eq!(reqs.len(), 1);
+    assert!(app.plan().skips_attn(1), "{}", app.plan().describe());
     assert!(!screen.contains("speculative"), "{screen}");
 }
