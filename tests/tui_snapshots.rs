@@ -15,6 +15,7 @@ use scalpel::tui::app::{
     App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
     Overlap, Quality, Record, Request, Side, Speed, Update,
 };
+use scalpel::tui::jobs::{importance, prompt_run};
 use scalpel::tui::{handler, keys, ui};
 
 fn info() -> ModelInfo {
@@ -60,13 +61,13 @@ fn scores(app: &mut App) {
     for l in 0..30 {
         for (block, base) in [(BlockId::attn(l), 0.02), (BlockId::mlp(l), 0.08)] {
             let v = base + ((l * 7 + block.kind as usize * 3) % 11) as f64 * 0.01;
-            app.apply(Update::Importance {
+            app.apply(Update::job(importance::Scored {
                 block,
                 scores: BlockScores {
                     delta_loss: Some(v),
                     influence: Some(v / 3.0),
                 },
-            });
+            }));
         }
     }
 }
@@ -132,28 +133,28 @@ fn busy_app() -> App {
     app.at = 2;
     app.cursor = BlockId::attn(27);
     app.gen.plan_label = app.plan().describe();
-    app.apply(Update::GenText {
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Base,
         text: "The sky appears blue because air molecules scatter short blue wavelengths \
                of sunlight more than red ones."
             .into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 402.3,
         decode_tps: 37.9,
-    });
-    app.apply(Update::GenText {
+    }));
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Plan,
         text: "The sky is blue because sunlight is scattered by the air, and blue light \
                scatters most."
             .into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Plan,
         prefill_tps: 431.0,
         decode_tps: 40.2,
-    });
+    }));
     app
 }
 
@@ -342,35 +343,37 @@ fn type_text(app: &mut App, text: &str) {
 fn draft_view_marks_drafted_tokens_and_checks_the_text() {
     let mut app = busy_app();
     let reqs = handler::handle_key(&mut app, key(KeyCode::Char('d')));
-    assert!(
-        matches!(&reqs[..], [Request::Generate { draft: true, .. }]),
+    assert_eq!(
+        reqs.iter().map(|r| r.job_name()).collect::<Vec<_>>(),
+        [Some("draft run".to_string())],
         "{reqs:?}"
     );
     let base = "The sky appears blue because air scatters blue light.";
-    app.apply(Update::GenText {
+    app.apply(Update::job(prompt_run::Text {
         side: Side::Base,
         text: base.into(),
-    });
-    app.apply(Update::GenDone {
+    }));
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 402.3,
         decode_tps: 40.0,
-    });
+    }));
     let words: Vec<&str> = base.split_inclusive(' ').collect();
     let pieces: Vec<(String, bool)> = words
         .iter()
         .enumerate()
         .map(|(i, w)| (w.to_string(), i % 4 != 0))
         .collect();
-    app.apply(Update::DraftText { pieces });
-    app.apply(Update::DraftDone {
+    app.apply(Update::job(prompt_run::DraftText { pieces }));
+    app.apply(Update::job(prompt_run::DraftDone {
         prefill_tps: 398.0,
         decode_tps: 50.0,
         stats: DraftStats {
             acceptance_rate: 0.75,
             mean_accepted: 2.5,
         },
-    });
+        new_tokens: 10,
+    }));
     let mut terminal = Terminal::new(TestBackend::new(140, 45)).unwrap();
     terminal.draw(|f| ui::draw(f, &app)).unwrap();
     let screen = terminal.backend().to_string();
@@ -407,7 +410,8 @@ fn draft_view_marks_drafted_tokens_and_checks_the_text() {
 /// What a key can change, as text: two apps in the same state print the same.
 fn observe(app: &App, reqs: &[Request]) -> String {
     format!(
-        "{:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        "{:?} {:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        app.view,
         app.mode,
         app.cursor,
         app.metric,
@@ -601,19 +605,20 @@ fn a_crashed_job_becomes_a_message_and_the_screen_stays() {
 /// Runs the current plan as a draft: plain decode `plain` tok/s, speculative `spec`.
 fn draft_run(app: &mut App, plain: f64, spec: f64, alpha: f64) {
     handler::handle_key(app, key(KeyCode::Char('d')));
-    app.apply(Update::GenDone {
+    app.apply(Update::job(prompt_run::Done {
         side: Side::Base,
         prefill_tps: 400.0,
         decode_tps: plain,
-    });
-    app.apply(Update::DraftDone {
+    }));
+    app.apply(Update::job(prompt_run::DraftDone {
         prefill_tps: 390.0,
         decode_tps: spec,
         stats: DraftStats {
             acceptance_rate: alpha,
             mean_accepted: 1.0 + 3.0 * alpha,
         },
-    });
+        new_tokens: 48,
+    }));
 }
 
 #[test]
@@ -646,4 +651,125 @@ fn the_chart_offers_speculative_speed_up_once_a_draft_ran() {
     insta::assert_snapshot!(screen);
     handler::handle_key(&mut app, key(KeyCode::Char('x')));
     assert_eq!(app.chart_x, ChartX::BlocksSkipped);
+}
+
+/// A draft run whose texts are given: `plain` by the base model, `spec` by
+/// the speculative run (they must match; a mismatch must show).
+fn draft_run_with_text(app: &mut App, plain_tps: f64, spec_tps: f64, plain: &str, spec: &str) {
+    handler::handle_key(app, key(KeyCode::Char('d')));
+    app.apply(Update::job(prompt_run::Text {
+        side: Side::Base,
+        text: plain.into(),
+    }));
+    app.apply(Update::job(prompt_run::Done {
+        side: Side::Base,
+        prefill_tps: 400.0,
+        decode_tps: plain_tps,
+    }));
+    let pieces: Vec<(String, bool)> = spec
+        .split_inclusive(' ')
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i % 3 != 0))
+        .collect();
+    let n = pieces.len();
+    app.apply(Update::job(prompt_run::DraftText { pieces }));
+    app.apply(Update::job(prompt_run::DraftDone {
+        prefill_tps: 390.0,
+        decode_tps: spec_tps,
+        stats: DraftStats {
+            acceptance_rate: 0.6,
+            mean_accepted: 2.2,
+        },
+        new_tokens: n,
+    }));
+}
+
+/// `v` switches the main panel to the speculative view: every draft run of
+/// the session with its measurements, a mismatch marked; the grid's keys
+/// are then refused with the way back, and `v` again restores the grid.
+#[test]
+fn the_speculative_view_lists_this_sessions_draft_runs() {
+    let mut app = busy_app();
+    let empty = {
+        let mut a = busy_app();
+        handler::handle_key(&mut a, key(KeyCode::Char('v')));
+        render(&a, 80, 24)
+    };
+    assert!(empty.contains("no draft runs yet"), "{empty}");
+
+    let text = "The sky is blue because air scatters blue light most.";
+    draft_run_with_text(&mut app, 40.0, 50.0, text, text);
+    app.at = 1;
+    draft_run_with_text(
+        &mut app,
+        40.0,
+        46.0,
+        text,
+        "The sky is blue because of the sea.",
+    );
+    assert_eq!(app.draft_runs.len(), 2);
+    assert!(app.draft_runs[0].identical && !app.draft_runs[1].identical);
+    assert_eq!(app.draft_runs[0].new_tokens, 10);
+
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    assert_eq!(app.view, scalpel::tui::app::View::Speculative);
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("speculative view"), "{screen}");
+    // Run 1 drafted with attn.25 attn.27; run 2 with attn.25, the current plan.
+    let row = |n: usize| screen.lines().nth(n).unwrap().to_string();
+    assert!(row(2).contains("   # draft plan"), "{screen}");
+    assert!(
+        row(3).contains(
+            "   1 attn.25 attn.27                 10   60%  2.20   40.0   50.0  1.25×  ✓"
+        ),
+        "{screen}"
+    );
+    assert!(
+        row(4).contains(
+            "●  2 attn.25                          8   60%  2.20   40.0   46.0  1.15×  ✗"
+        ),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("identical output 1/2 (✗ differs: run 2) · mean τ 2.20 · best 1.25×"),
+        "{screen}"
+    );
+    insta::assert_snapshot!(screen);
+
+    // The grid's tools belong to its view.
+    let bar = ui::cmdbar::keys(&app);
+    assert!(
+        !bar.contains(&("space", "skip")) && bar.contains(&("v", "view")),
+        "{bar:?}"
+    );
+    let before = app.plan().clone();
+    handler::handle_key(&mut app, key(KeyCode::Char(' ')));
+    assert_eq!(app.plan(), &before, "space toggled a block out of sight");
+    assert_eq!(
+        app.status.as_ref().unwrap().text,
+        "only in the blocks view; v switches"
+    );
+
+    // Nor does a click where the grid would be (row 3: attention, column 8: layer 1).
+    let click = |kind| ratatui::crossterm::event::MouseEvent {
+        kind,
+        column: 8,
+        row: 3,
+        modifiers: KeyModifiers::NONE,
+    };
+    let right = ratatui::crossterm::event::MouseEventKind::Down(
+        ratatui::crossterm::event::MouseButton::Right,
+    );
+    let screen_rect = ratatui::layout::Rect::new(0, 0, 80, 24);
+    assert!(handler::handle_mouse(&mut app, click(right), screen_rect).is_empty());
+    assert_eq!(app.plan(), &before, "a click toggled a block out of sight");
+
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("┌ blocks · 1/60 skipped"), "{screen}");
+    // Back in the blocks view the same click skips attn.1.
+    let reqs = handler::handle_mouse(&mut app, click(right), screen_rect);
+    assert_eq!(reqs.len(), 1);
+    assert!(app.plan().skips_attn(1), "{}", app.plan().describe());
+    assert!(!screen.contains("speculative"), "{screen}");
 }

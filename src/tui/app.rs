@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::fit::FitJob;
+use super::jobs::prompt_run::PromptRun;
+use super::jobs::search::SearchJob;
+use super::jobs::{Apply, Job};
 use crate::plan::{BlockId, BlockKind, ModelIdentity, Plan};
 
 /// The smallest terminal the layout is drawn for.
@@ -129,6 +133,9 @@ pub struct Overlap {
     pub search: bool,
     pub fit: bool,
     pub generation: bool,
+    /// A job of another mode (see `jobs::activity::Busy::Other`).
+    #[serde(default)]
+    pub other: bool,
 }
 
 impl Overlap {
@@ -142,6 +149,7 @@ impl Overlap {
             (self.search, "search"),
             (self.fit, "fit"),
             (self.generation, "generation"),
+            (self.other, "another job"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -236,8 +244,12 @@ pub enum EvalStage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     Importance,
-    Search { k: usize },
+    Search {
+        k: usize,
+    },
     Fit,
+    /// Any other long job (a new mode's), known by its name.
+    Named(&'static str),
 }
 
 impl JobKind {
@@ -246,6 +258,7 @@ impl JobKind {
             JobKind::Importance => "importance".into(),
             JobKind::Search { k } => format!("search K={k}"),
             JobKind::Fit => "fit scales".into(),
+            JobKind::Named(name) => name.to_string(),
         }
     }
 }
@@ -326,6 +339,27 @@ pub struct DraftStats {
     pub mean_accepted: f64,
 }
 
+/// One draft run (`d`) made this session, for the speculative view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftRun {
+    /// The plan that drafted.
+    pub plan: Plan,
+    pub new_tokens: usize,
+    pub stats: DraftStats,
+    /// Plain greedy decode of the same prompt, timed just before (tok/s).
+    pub plain_decode: Option<f64>,
+    /// Speculative decode, tok/s.
+    pub draft_decode: f64,
+    /// The speculative text is the plain greedy text (it must be).
+    pub identical: bool,
+}
+
+impl DraftRun {
+    pub fn speedup(&self) -> Option<f64> {
+        self.plain_decode.map(|b| self.draft_decode / b)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub prompt: String,
@@ -375,6 +409,32 @@ pub enum Mode {
     Input { kind: InputKind, text: String },
 }
 
+/// What the main panel shows: one mode's view, with that mode's keys
+/// (a command bound to a view runs only there; see `keys::When::InView`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Block surgery: the grid, the plan's metrics and the chart.
+    Blocks,
+    /// Self-speculative decoding: the draft runs made this session.
+    Speculative,
+}
+
+impl View {
+    pub const ALL: [View; 2] = [View::Blocks, View::Speculative];
+
+    pub fn next(self) -> Self {
+        let i = Self::ALL.iter().position(|v| *v == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            View::Blocks => "blocks",
+            View::Speculative => "speculative",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChartX {
     BlocksSkipped,
@@ -416,22 +476,41 @@ pub struct Status {
 }
 
 /// Work for the background threads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Request {
     /// Held-out quality, then speed; latest wins.
     Evaluate(Plan),
-    Generate {
-        prompt: String,
-        plan: Plan,
-        /// Run the plan as a draft the full model verifies (lossless),
-        /// instead of generating with the plan.
-        draft: bool,
-    },
-    Search {
-        k: usize,
-    },
-    Fit(Plan),
+    /// Any job behind the one job interface (generation, draft runs,
+    /// importance, search, fit; a new mode's work): the worker runs it on its lane.
+    Run(Box<dyn Job>),
+    /// Cancels the running long job.
     CancelJob,
+}
+
+impl Request {
+    pub fn run(job: impl Job + 'static) -> Self {
+        Request::Run(Box::new(job))
+    }
+
+    /// The job's name, for a `Run`.
+    pub fn job_name(&self) -> Option<String> {
+        match self {
+            Request::Run(job) => Some(job.name()),
+            _ => None,
+        }
+    }
+}
+
+/// Jobs are plain data: two are equal when they print the same.
+impl PartialEq for Request {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Request::Evaluate(a), Request::Evaluate(b)) => a == b,
+            (Request::Run(a), Request::Run(b)) => format!("{a:?}") == format!("{b:?}"),
+            (Request::CancelJob, Request::CancelJob) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The worker's threads, named for a crash report.
@@ -445,7 +524,7 @@ pub enum LaneName {
 }
 
 /// Results and progress from the background threads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Update {
     Baseline(Quality),
     BaselineFailed(String),
@@ -470,51 +549,29 @@ pub enum Update {
     },
     EvalCancelled(Plan),
     JobStarted(JobKind),
-    Importance {
-        block: BlockId,
-        scores: BlockScores,
-    },
     JobProgress {
         done: usize,
         total: usize,
         loss: Option<f64>,
         detail: String,
     },
-    /// The search chose a block: its plan becomes the current one.
-    SearchStep(Plan),
-    /// A fit finished: the plan with its scales becomes the current one.
-    Fitted(Plan),
     JobFinished(String),
     JobFailed(String),
     JobCancelled,
-    GenText {
-        side: Side,
-        text: String,
-    },
-    GenDone {
-        side: Side,
-        prefill_tps: f64,
-        decode_tps: f64,
-    },
-    GenFailed {
-        side: Side,
-        error: String,
-    },
-    /// A speculative run's text so far, one piece per token.
-    DraftText {
-        pieces: Vec<(String, bool)>,
-    },
-    DraftDone {
-        prefill_tps: f64,
-        decode_tps: f64,
-        stats: DraftStats,
-    },
+    /// A result of a job behind the job interface, applied as it says.
+    Job(Box<dyn Apply>),
     /// A job panicked (in its lane or a compute thread it waited on); the
     /// lane is ready for the next job.
     Crashed {
         lane: LaneName,
         message: String,
     },
+}
+
+impl Update {
+    pub fn job(result: impl Apply + 'static) -> Self {
+        Update::Job(Box::new(result))
+    }
 }
 
 pub struct App {
@@ -532,6 +589,9 @@ pub struct App {
     pub eval: Option<PendingEval>,
     pub job: Option<LongJob>,
     pub gen: Generation,
+    /// Every draft run this session, oldest first.
+    pub draft_runs: Vec<DraftRun>,
+    pub view: View,
     pub mode: Mode,
     pub chart_x: ChartX,
     pub chart_y: ChartY,
@@ -563,6 +623,8 @@ impl App {
                 prompt,
                 ..Default::default()
             },
+            draft_runs: Vec::new(),
+            view: View::Blocks,
             mode: Mode::Normal,
             chart_x: ChartX::BlocksSkipped,
             chart_y: ChartY::Kl,
@@ -589,7 +651,7 @@ impl App {
         self.records.iter().find(|r| &r.plan == plan)
     }
 
-    fn record_mut(&mut self, plan: &Plan, origin: Origin) -> &mut Record {
+    pub(crate) fn record_mut(&mut self, plan: &Plan, origin: Origin) -> &mut Record {
         let i = match self.records.iter().position(|r| &r.plan == plan) {
             Some(i) => i,
             None => {
@@ -762,7 +824,7 @@ impl App {
         }
         self.job = Some(LongJob::new(JobKind::Search { k }, self.now));
         self.set_status(format!("{}: {k} blocks", self.info.search_name), false);
-        vec![Request::Search { k }]
+        vec![Request::run(SearchJob { k })]
     }
 
     /// Fits Hopscotch scales for the current plan in the background.
@@ -783,7 +845,9 @@ impl App {
             format!("fitting scales for {}", self.plan().describe()),
             false,
         );
-        vec![Request::Fit(self.plan().clone())]
+        vec![Request::run(FitJob {
+            plan: self.plan().clone(),
+        })]
     }
 
     pub fn cancel_job(&mut self) -> Vec<Request> {
@@ -816,11 +880,11 @@ impl App {
         self.gen.plan_label = self.plan().describe();
         self.gen.drafting = draft;
         self.gen.draft_plan = draft.then(|| self.plan().clone());
-        vec![Request::Generate {
+        vec![Request::run(PromptRun {
             prompt,
             plan: self.plan().clone(),
             draft,
-        }]
+        })]
     }
 
     /// Folds a worker result into the state.
@@ -877,9 +941,6 @@ impl App {
             Update::JobStarted(kind) => {
                 self.job = Some(LongJob::new(kind, self.now));
             }
-            Update::Importance { block, scores } => {
-                self.importance.entry(block).or_default().merge(scores);
-            }
             Update::JobProgress {
                 done,
                 total,
@@ -892,21 +953,6 @@ impl App {
                     job.loss = loss.or(job.loss);
                     job.detail = detail;
                 }
-            }
-            Update::SearchStep(plan) if &plan == self.plan() => {}
-            Update::SearchStep(plan) => {
-                self.record_mut(&plan, Origin::Search);
-                if let Some(added) = plan.skip.difference(&self.plan().skip).next() {
-                    self.cursor = *added;
-                }
-                self.history.truncate(self.at + 1);
-                self.history.push(plan);
-                self.at = self.history.len() - 1;
-                self.dirty = true;
-            }
-            Update::Fitted(plan) => {
-                self.record_mut(&plan, Origin::User);
-                return self.push_plan(plan);
             }
             Update::JobFinished(summary) => {
                 let was_search = self.search_running();
@@ -926,57 +972,7 @@ impl App {
                 self.set_status(format!("{what} cancelled"), false);
                 return self.evaluate_current();
             }
-            Update::GenText { side, text } => {
-                let s = self.gen.side_mut(side);
-                s.queued = false;
-                s.running = true;
-                s.text = text;
-            }
-            Update::GenDone {
-                side,
-                prefill_tps,
-                decode_tps,
-            } => {
-                let s = self.gen.side_mut(side);
-                s.running = false;
-                s.queued = false;
-                s.prefill_tps = Some(prefill_tps);
-                s.decode_tps = Some(decode_tps);
-            }
-            Update::GenFailed { side, error } => {
-                let s = self.gen.side_mut(side);
-                s.running = false;
-                s.queued = false;
-                s.error = Some(error);
-            }
-            Update::DraftText { pieces } => {
-                let s = &mut self.gen.plan;
-                s.queued = false;
-                s.running = true;
-                s.text = pieces.iter().map(|(p, _)| p.as_str()).collect();
-                s.pieces = pieces;
-            }
-            Update::DraftDone {
-                prefill_tps,
-                decode_tps,
-                stats,
-            } => {
-                let s = &mut self.gen.plan;
-                s.running = false;
-                s.queued = false;
-                s.prefill_tps = Some(prefill_tps);
-                s.decode_tps = Some(decode_tps);
-                s.draft = Some(stats);
-                let base = self.gen.base.decode_tps.filter(|b| *b > 0.0);
-                if let (Some(b), Some(plan)) = (base, self.gen.draft_plan.clone()) {
-                    self.record_mut(&plan, Origin::User).speculative = Some(Speculative {
-                        speedup: decode_tps / b,
-                        acceptance_rate: stats.acceptance_rate,
-                        mean_accepted: stats.mean_accepted,
-                    });
-                    self.dirty = true;
-                }
-            }
+            Update::Job(result) => return result.apply(self),
             Update::Crashed { lane, message } => self.crashed(lane, message),
         }
         vec![]
@@ -1152,17 +1148,52 @@ mod tests {
         assert!((p - 300.0 / 1600.0).abs() < 1e-12);
         assert!((f - 300.0 / 2000.0).abs() < 1e-12);
         for l in 0..4 {
-            app.apply(Update::Importance {
+            app.apply(Update::job(crate::tui::jobs::importance::Scored {
                 block: BlockId::attn(l),
                 scores: BlockScores {
                     delta_loss: Some(l as f64),
                     influence: None,
                 },
-            });
+            }));
         }
         assert_eq!(app.level(BlockId::attn(0)), Some(0));
         assert_eq!(app.level(BlockId::attn(3)), Some(3));
         assert_eq!(app.level(BlockId::mlp(3)), None);
+    }
+
+    /// A toy result of some future mode's job: one type, no enum touched.
+    #[derive(Debug)]
+    struct Swept(usize);
+
+    impl Apply for Swept {
+        fn apply(self: Box<Self>, app: &mut App) -> Vec<Request> {
+            app.set_status(format!("swept {} budgets", self.0), false);
+            vec![]
+        }
+    }
+
+    #[test]
+    fn a_job_of_another_mode_needs_no_variant_of_its_own() {
+        let mut app = App::new(info(), Plan::base(), "hi".into(), Instant::now());
+        app.apply(Update::JobStarted(JobKind::Named("kv sweep")));
+        assert_eq!(app.job.as_ref().unwrap().kind.label(), "kv sweep");
+        app.apply(Update::job(Swept(3)));
+        assert_eq!(app.status.as_ref().unwrap().text, "swept 3 budgets");
+        assert_eq!(app.cancel_job(), vec![Request::CancelJob]);
+        app.apply(Update::JobCancelled);
+        assert!(app.job.is_none());
+        assert_eq!(app.status.as_ref().unwrap().text, "kv sweep cancelled");
+        // Requests carrying jobs compare by what the job is.
+        let run = |draft| {
+            Request::run(PromptRun {
+                prompt: "hi".into(),
+                plan: Plan::base(),
+                draft,
+            })
+        };
+        assert_eq!(app.generate(true), vec![run(true)]);
+        assert_ne!(run(true), run(false));
+        assert_eq!(run(false).job_name().as_deref(), Some("generation"));
     }
 
     #[test]
@@ -1170,10 +1201,13 @@ mod tests {
         let mut app = App::new(info(), Plan::base(), String::new(), Instant::now());
         assert_eq!(app.start_search(99), vec![]);
         let reqs = app.start_search(2);
-        assert_eq!(reqs, vec![Request::Search { k: 2 }]);
+        assert_eq!(reqs, vec![Request::run(SearchJob { k: 2 })]);
+        assert_eq!(reqs[0].job_name().as_deref(), Some("search K=2"));
         assert!(app.toggle_cursor().is_empty());
         assert!(app.status.as_ref().unwrap().error);
-        app.apply(Update::SearchStep(Plan::with_skips([BlockId::mlp(1)])));
+        app.apply(Update::job(crate::tui::jobs::search::Step(
+            Plan::with_skips([BlockId::mlp(1)]),
+        )));
         assert_eq!(app.cursor, BlockId::mlp(1));
         let reqs = app.apply(Update::JobFinished("done".into()));
         assert!(app.job.is_none());

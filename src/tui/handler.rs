@@ -7,7 +7,7 @@ use ratatui::crossterm::event::{
 };
 use ratatui::layout::Rect;
 
-use super::app::{App, ChartY, InputKind, Mode, Request};
+use super::app::{App, ChartY, InputKind, Mode, Request, View};
 use super::keys::{self, Action, HistoryAction, InputAction};
 use super::plan_io;
 use super::ui;
@@ -73,6 +73,7 @@ pub fn run(app: &mut App, action: Action) -> Vec<Request> {
         }
         Action::Generate => return app.generate(false),
         Action::Draft => return app.generate(true),
+        Action::View => app.view = app.view.next(),
         Action::EditPrompt => {
             let prompt = app.gen.prompt.clone();
             open_input(app, InputKind::Prompt, prompt);
@@ -199,7 +200,7 @@ fn submit(app: &mut App, kind: InputKind, text: String) -> Vec<Request> {
 
 /// A left click on a grid cell moves the cursor there; a right click also toggles it.
 pub fn handle_mouse(app: &mut App, mouse: MouseEvent, screen: Rect) -> Vec<Request> {
-    if app.mode != Mode::Normal || ui::too_small(screen) {
+    if app.mode != Mode::Normal || app.view != View::Blocks || ui::too_small(screen) {
         return vec![];
     }
     let grid = ui::areas(screen, app).grid;

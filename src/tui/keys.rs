@@ -6,7 +6,7 @@
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-use super::app::App;
+use super::app::{App, View};
 
 /// A key as bound: its code and whether Ctrl is held (Shift is part of
 /// the character; other modifiers are ignored).
@@ -83,6 +83,8 @@ pub enum When {
     JobRunning,
     /// Only while no background job runs.
     NoJob,
+    /// Only in this view (its panel is on screen).
+    InView(View),
 }
 
 impl When {
@@ -91,15 +93,17 @@ impl When {
             When::Always => true,
             When::JobRunning => app.job.is_some(),
             When::NoJob => app.job.is_none(),
+            When::InView(v) => app.view == v,
         }
     }
 
     /// Why it cannot run now, and whether that is an error.
-    pub fn refusal(self) -> (&'static str, bool) {
+    pub fn refusal(self) -> (String, bool) {
         match self {
-            When::Always => ("", false),
-            When::JobRunning => ("no background job to cancel", false),
-            When::NoJob => ("a background job is running; Esc cancels it", true),
+            When::Always => (String::new(), false),
+            When::JobRunning => ("no background job to cancel".into(), false),
+            When::NoJob => ("a background job is running; Esc cancels it".into(), true),
+            When::InView(v) => (format!("only in the {} view; v switches", v.label()), false),
         }
     }
 }
@@ -174,6 +178,7 @@ pub enum Action {
     Generate,
     Draft,
     EditPrompt,
+    View,
     Help,
     Quit,
 }
@@ -198,6 +203,9 @@ pub enum InputAction {
 
 use Action as A;
 
+/// The block-surgery view's panels: grid, metrics, chart.
+const BLOCKS: When = When::InView(View::Blocks);
+
 pub const MAIN: &[Group] = &[
     Group {
         name: "Block grid",
@@ -216,7 +224,8 @@ pub const MAIN: &[Group] = &[
                     (Key::ch('l'), A::Right),
                 ],
             )
-            .bar(&[(2, "hjkl", "move")]),
+            .bar(&[(2, "hjkl", "move")])
+            .when(BLOCKS),
             // Mouse only: the handler's click path, listed so the help shows it.
             Command::new(
                 "click",
@@ -232,7 +241,8 @@ pub const MAIN: &[Group] = &[
                     (Key::ch('$'), A::LastLayer),
                     (Key::code(KeyCode::End), A::LastLayer),
                 ],
-            ),
+            )
+            .when(BLOCKS),
             Command::new(
                 "space enter",
                 "skip or restore the block (re-evaluates)",
@@ -241,7 +251,8 @@ pub const MAIN: &[Group] = &[
                     (Key::code(KeyCode::Enter), A::Toggle),
                 ],
             )
-            .bar(&[(1, "space", "skip")]),
+            .bar(&[(1, "space", "skip")])
+            .when(BLOCKS),
             Command::new(
                 "c",
                 "clear: back to the base model",
@@ -252,7 +263,8 @@ pub const MAIN: &[Group] = &[
                 "colour by Δloss / block influence",
                 &[(Key::ch('m'), A::Metric)],
             )
-            .bar(&[(10, "m", "metric")]),
+            .bar(&[(10, "m", "metric")])
+            .when(BLOCKS),
         ],
     },
     Group {
@@ -315,8 +327,9 @@ pub const MAIN: &[Group] = &[
                 "x",
                 "x axis: skipped / decode × / draft × (after d)",
                 &[(Key::ch('x'), A::ChartX)],
-            ),
-            Command::new("y", "y axis: KL / perplexity", &[(Key::ch('y'), A::ChartY)]),
+            )
+            .when(BLOCKS),
+            Command::new("y", "y axis: KL / perplexity", &[(Key::ch('y'), A::ChartY)]).when(BLOCKS),
         ],
     },
     Group {
@@ -340,6 +353,12 @@ pub const MAIN: &[Group] = &[
     Group {
         name: "Anywhere",
         commands: &[
+            Command::new(
+                "v",
+                "view: block surgery / speculative draft runs",
+                &[(Key::ch('v'), A::View)],
+            )
+            .bar(&[(14, "v", "view")]),
             Command::new("?", "this help", &[(Key::ch('?'), A::Help)]).bar(&[(12, "?", "help")]),
             Command::new(
                 "q  ^c",

@@ -3,6 +3,8 @@
 //! evaluation (latest wins: a newer plan cancels the older one, as gitui's
 //! `AsyncSingleJob`), long jobs (importance, search; Esc cancels) and
 //! generation (latest wins). Requests go in; `Update`s come out on a channel.
+//! A job behind the job interface (`Request::Run`) goes to the lane it
+//! names and is otherwise the job's own business.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::app::{DraftStats, JobKind, LaneName, Origin, Quality, Request, Side, Speed, Update};
-use super::jobs::activity::{Activity, Busy};
-use super::jobs::{self, Setup};
+use super::app::{LaneName, Origin, Quality, Request, Speed, Update};
+use super::jobs::activity::Activity;
+use super::jobs::importance::ImportanceJob;
+use super::jobs::{self, Job, JobCx, JobLane, Setup};
 use crate::model::Model;
 use crate::plan::Plan;
 
@@ -124,18 +127,6 @@ impl<J: Send + 'static> Lane<J> {
     }
 }
 
-enum LongJob {
-    Importance,
-    Search { k: usize },
-    Fit(Plan),
-}
-
-struct GenJob {
-    prompt: String,
-    plan: Plan,
-    draft: bool,
-}
-
 /// Held-out quality already measured, keyed by the plan's JSON, shared by lanes.
 type QualityCache = Arc<Mutex<HashMap<String, Quality>>>;
 
@@ -145,8 +136,8 @@ fn key(plan: &Plan) -> String {
 
 pub struct Worker {
     eval: Lane<Plan>,
-    long: Lane<LongJob>,
-    gen: Lane<GenJob>,
+    long: Lane<Box<dyn Job>>,
+    gen: Lane<Box<dyn Job>>,
 }
 
 /// Everything a lane needs, cloned into its thread.
@@ -166,6 +157,19 @@ impl Ctx {
     fn send(&self, u: Update) {
         // The UI has gone when this fails; the job's result no longer matters.
         let _ = self.tx.send(u);
+    }
+
+    fn run(&self, job: Box<dyn Job>, cancel: &AtomicBool) {
+        let measured = |plan: &Plan, origin| measure(self, plan, origin);
+        let cx = JobCx::new(
+            &self.model,
+            &self.setup,
+            cancel,
+            &self.activity,
+            &self.tx,
+            &measured,
+        );
+        job.run(&cx);
     }
 }
 
@@ -201,51 +205,28 @@ impl Worker {
         let c = ctx.clone();
         let long = Lane::spawn(
             "scalpel-long",
-            move |job: LongJob, cancel| match job {
-                LongJob::Importance => importance(&c, cancel),
-                LongJob::Search { k } => {
-                    let _busy = c.activity.enter(Busy::Search);
-                    search(&c, k, cancel)
-                }
-                LongJob::Fit(plan) => {
-                    let _busy = c.activity.enter(Busy::Fit);
-                    fit(&c, plan, cancel)
-                }
-            },
+            move |job: Box<dyn Job>, cancel| c.run(job, cancel),
             crashed(LaneName::Long),
         );
         let c = ctx.clone();
         let gen = Lane::spawn(
             "scalpel-gen",
-            move |job: GenJob, cancel| {
-                let _busy = c.activity.enter(Busy::Generation);
-                generate(&c, job, cancel)
-            },
+            move |job: Box<dyn Job>, cancel| c.run(job, cancel),
             crashed(LaneName::Gen),
         );
         // The base model's numbers first, whatever the first plan is.
         eval.submit(Plan::base(), false);
-        long.submit(LongJob::Importance, false);
+        long.submit(Box::new(ImportanceJob), false);
         Self { eval, long, gen }
     }
 
     pub fn send(&self, req: Request) {
         match req {
             Request::Evaluate(plan) => self.eval.submit(plan, true),
-            Request::Generate {
-                prompt,
-                plan,
-                draft,
-            } => self.gen.submit(
-                GenJob {
-                    prompt,
-                    plan,
-                    draft,
-                },
-                true,
-            ),
-            Request::Search { k } => self.long.submit(LongJob::Search { k }, false),
-            Request::Fit(plan) => self.long.submit(LongJob::Fit(plan), false),
+            Request::Run(job) => match job.lane() {
+                JobLane::Gen => self.gen.submit(job, true),
+                JobLane::Long => self.long.submit(job, false),
+            },
             Request::CancelJob => self.long.cancel(),
         }
     }
@@ -349,50 +330,6 @@ fn plan_speed(c: &Ctx, plan: &Plan) -> anyhow::Result<Speed> {
     )
 }
 
-fn importance(c: &Ctx, cancel: &AtomicBool) {
-    let hash = &c.model.identity.content_hash;
-    let calib_desc = c.setup.describe_calibration();
-    let path = jobs::importance::cache_path(hash);
-    let n = c.model.n_layers();
-    if let Some(blocks) = jobs::importance::load_cache(&path, hash, &calib_desc, n) {
-        for (block, scores) in blocks {
-            c.send(Update::Importance { block, scores });
-        }
-        c.send(Update::JobFinished(format!(
-            "importance loaded from {}",
-            path.display()
-        )));
-        return;
-    }
-    let _busy = c.activity.enter(Busy::Importance);
-    c.send(Update::JobStarted(JobKind::Importance));
-    let r = jobs::importance::compute(&c.model, &c.setup, cancel, |done, total| {
-        c.send(Update::JobProgress {
-            done,
-            total,
-            loss: None,
-            detail: format!("{done}/{total} calibration sequences"),
-        })
-    });
-    match r {
-        Ok(all) => {
-            for (block, scores) in &all {
-                c.send(Update::Importance {
-                    block: *block,
-                    scores: *scores,
-                });
-            }
-            let saved = jobs::importance::save_cache(&path, hash, &calib_desc, &all);
-            c.send(Update::JobFinished(match saved {
-                Ok(()) => "importance scored and cached".into(),
-                Err(e) => format!("importance scored; cache not written: {e:#}"),
-            }));
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("importance: {e:#}"))),
-    }
-}
-
 /// Measures a plan on the held-out text for the chart (search steps, fits).
 fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
     let never = AtomicBool::new(false);
@@ -412,127 +349,6 @@ fn measure(c: &Ctx, plan: &Plan, origin: Origin) {
             plan: plan.clone(),
             error: format!("{e:#}"),
         }),
-    }
-}
-
-fn search(c: &Ctx, k: usize, cancel: &AtomicBool) {
-    let r = jobs::search::hopscotch(&c.model, &c.setup, k, cancel, |e| match e {
-        jobs::search::Event::Progress {
-            done,
-            total,
-            loss,
-            detail,
-        } => c.send(Update::JobProgress {
-            done,
-            total,
-            loss,
-            detail,
-        }),
-        jobs::search::Event::Chosen(plan) => {
-            c.send(Update::SearchStep(plan.clone()));
-            measure(c, &plan, Origin::Search);
-        }
-    });
-    match r {
-        Ok(res) if res.cancelled && res.steps.is_empty() => c.send(Update::JobCancelled),
-        Ok(res) => {
-            // The final plan carries the fitted scales (or the last step's, if cancelled).
-            c.send(Update::SearchStep(res.plan.clone()));
-            measure(c, &res.plan, Origin::Search);
-            if res.cancelled {
-                c.send(Update::JobCancelled);
-            } else {
-                c.send(Update::JobFinished(format!(
-                    "search done: {}",
-                    res.plan.describe()
-                )));
-            }
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("search: {e:#}"))),
-    }
-}
-
-fn fit(c: &Ctx, plan: Plan, cancel: &AtomicBool) {
-    let epochs = jobs::fit::options().epochs;
-    let r = jobs::fit::fit(&c.model, &c.setup, &plan, cancel, |e| {
-        c.send(Update::JobProgress {
-            done: e.epoch,
-            total: epochs,
-            loss: Some(e.heldout_loss),
-            detail: format!("epoch {}/{epochs}", e.epoch),
-        })
-    });
-    match r {
-        Ok(res) if res.cancelled => c.send(Update::JobCancelled),
-        Ok(res) => {
-            c.send(Update::Fitted(res.plan.clone()));
-            c.send(Update::JobFinished(format!(
-                "scales fitted (best epoch {}, validation KL {:.4})",
-                res.best_epoch, res.best_heldout_loss
-            )));
-        }
-        Err(_) if cancel.load(Ordering::Relaxed) => c.send(Update::JobCancelled),
-        Err(e) => c.send(Update::JobFailed(format!("fit: {e:#}"))),
-    }
-}
-
-fn generate(c: &Ctx, job: GenJob, cancel: &AtomicBool) {
-    let ids = match jobs::generate::prompt_ids(&c.model, &job.prompt) {
-        Ok(ids) => ids,
-        Err(e) => {
-            for side in [Side::Base, Side::Plan] {
-                c.send(Update::GenFailed {
-                    side,
-                    error: format!("{e:#}"),
-                });
-            }
-            return;
-        }
-    };
-    let failed = |side, e: anyhow::Error| {
-        let error = if cancel.load(Ordering::Relaxed) {
-            "cancelled".to_string()
-        } else {
-            format!("{e:#}")
-        };
-        c.send(Update::GenFailed { side, error });
-    };
-    // The base model first; with a draft, the same text comes again, faster or not.
-    let sides = if job.draft {
-        vec![(Side::Base, Plan::base())]
-    } else {
-        vec![(Side::Base, Plan::base()), (Side::Plan, job.plan.clone())]
-    };
-    for (side, plan) in sides {
-        let r = jobs::generate::stream(&c.model, &c.setup, &ids, &plan, cancel, |text| {
-            c.send(Update::GenText { side, text })
-        });
-        match r {
-            Ok(rep) => c.send(Update::GenDone {
-                side,
-                prefill_tps: rep.prefill_tokens_per_sec,
-                decode_tps: rep.decode_tokens_per_sec,
-            }),
-            Err(e) => return failed(side, e),
-        }
-    }
-    if job.draft {
-        let r =
-            jobs::generate::stream_draft(&c.model, &c.setup, &ids, &job.plan, cancel, |pieces| {
-                c.send(Update::DraftText { pieces })
-            });
-        match r {
-            Ok(rep) => c.send(Update::DraftDone {
-                prefill_tps: rep.prompt_tokens as f64 / rep.prefill_seconds.max(1e-9),
-                decode_tps: rep.decode_tokens_per_sec,
-                stats: DraftStats {
-                    acceptance_rate: rep.acceptance_rate,
-                    mean_accepted: rep.mean_accepted,
-                },
-            }),
-            Err(e) => failed(Side::Plan, e),
-        }
     }
 }
 

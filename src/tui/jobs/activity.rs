@@ -15,6 +15,8 @@ pub enum Busy {
     Search,
     Fit,
     Generation,
+    /// A job of another mode: marked as `another job`.
+    Other,
 }
 
 impl Busy {
@@ -24,6 +26,7 @@ impl Busy {
             Busy::Search => o.search = true,
             Busy::Fit => o.fit = true,
             Busy::Generation => o.generation = true,
+            Busy::Other => o.other = true,
         }
     }
 }
@@ -139,6 +142,14 @@ mod tests {
         drop(a.enter(Busy::Generation));
         let o = w.finish();
         assert_eq!(o.names(), vec!["generation"]);
+
+        // A job of another mode is marked too, by a name of its own.
+        let w = a.watch();
+        drop(a.enter(Busy::Other));
+        assert_eq!(
+            w.finish().warning().unwrap(),
+            "⚠ another job running: not comparable"
+        );
 
         // Finished before the measurement began: does not count.
         drop(a.enter(Busy::Search));

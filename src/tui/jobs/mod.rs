@@ -1,12 +1,17 @@
-//! What each background job computes, on the engine alone. The worker
-//! decides when they run; these functions only measure.
+//! What each background job computes, on the engine alone, and the job
+//! types that run it behind one interface (`interface`: a job is one type
+//! with its name, lane, run and results). The worker decides when they run.
 
 pub mod activity;
 pub mod eval;
 pub mod fit;
 pub mod generate;
 pub mod importance;
+pub mod interface;
+pub mod prompt_run;
 pub mod search;
+
+pub use interface::{Apply, Job, JobCx, JobLane};
 
 use anyhow::{bail, Result};
 

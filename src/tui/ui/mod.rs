@@ -6,6 +6,7 @@ pub mod generation;
 pub mod grid;
 pub mod help;
 pub mod metrics;
+pub mod speculative;
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -13,7 +14,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::app::{App, EvalStage, Mode, MIN_HEIGHT, MIN_WIDTH};
+use super::app::{App, EvalStage, Mode, View, MIN_HEIGHT, MIN_WIDTH};
 
 /// Where each panel goes on a screen of a given size.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +23,8 @@ pub struct Areas {
     pub grid: Rect,
     pub metrics: Rect,
     pub chart: Rect,
+    /// Grid, metrics and chart together: where another mode's view draws.
+    pub main: Rect,
     pub generation: Rect,
     /// One line for a running job's progress bar (zero height when idle).
     pub job: Rect,
@@ -52,6 +55,7 @@ pub fn areas(area: Rect, app: &App) -> Areas {
         grid,
         metrics,
         chart,
+        main: grid.union(middle),
         generation,
         job,
         cmdbar,
@@ -70,9 +74,14 @@ pub fn draw(frame: &mut Frame, app: &App) {
     }
     let a = areas(area, app);
     draw_title(frame, a.title, app);
-    grid::draw(frame, a.grid, app);
-    metrics::draw(frame, a.metrics, app);
-    chart::draw(frame, a.chart, app);
+    match app.view {
+        View::Blocks => {
+            grid::draw(frame, a.grid, app);
+            metrics::draw(frame, a.metrics, app);
+            chart::draw(frame, a.chart, app);
+        }
+        View::Speculative => speculative::draw(frame, a.main, app),
+    }
     generation::draw(frame, a.generation, app);
     if a.job.height > 0 {
         cmdbar::draw_job(frame, a.job, app);
@@ -138,6 +147,9 @@ fn draw_title(frame: &mut Frame, area: Rect, app: &App) {
     ];
     if plan.has_scales() {
         spans.push(Span::raw(" +scales"));
+    }
+    if app.view != View::Blocks {
+        spans.push(Span::raw(format!(" · {} view", app.view.label())));
     }
     if !state.is_empty() {
         spans.push(Span::raw("  "));
