@@ -198,8 +198,7 @@ fn eval_and_generate_on_the_quantized_only_load_match_todays_quantized_path() {
     let (pa, pb) = (ppl(both), ppl(&qonly));
     assert!((pa - pb).abs() / pa < 1e-5, "perplexity {pa} vs {pb}");
 
-    let prompt =
-        scalpel::commands::generate::prompt_ids(both, "The capital of France is", false).unwrap();
+    let prompt = both.prompt_ids("The capital of France is", false).unwrap();
     let gen = |m: &Model| {
         let opts = generate::GenOptions {
             max_new_tokens: 16,

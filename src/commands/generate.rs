@@ -10,24 +10,6 @@ use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
 
-/// A prompt's ids: the chat template around it, or BOS first where the
-/// model's metadata says so.
-pub fn prompt_ids(model: &crate::model::Model, text: &str, chat: bool) -> Result<Vec<u32>> {
-    let codec = model.codec()?;
-    let text = if chat {
-        codec.chat_prompt(text)?
-    } else {
-        text.to_string()
-    };
-    let mut ids = codec.encode_with_specials(&text)?;
-    if model.cfg().add_bos && !chat {
-        if let Some(bos) = model.cfg().bos_token_id {
-            ids.insert(0, bos);
-        }
-    }
-    Ok(ids)
-}
-
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
         bail!(
@@ -62,7 +44,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         None => None,
     };
     let codec = model.codec()?;
-    let prompt = prompt_ids(&model, &args.prompt, args.chat)?;
+    let prompt = model.prompt_ids(&args.prompt, args.chat)?;
     let run = args.weights.run_options(&model, true)?;
     let opts = generate::GenOptions {
         max_new_tokens: args.max_tokens,

@@ -155,7 +155,7 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     let prompt_ids = calib
         .iter()
         .take(args.spec_prompts)
-        .map(|p| super::generate::prompt_ids(&model, p, true))
+        .map(|p| model.prompt_ids(p, true))
         .collect::<Result<Vec<_>>>()?;
     if !resume.is_empty() {
         eprintln!("scalpel: resuming after {} finished steps", resume.len());

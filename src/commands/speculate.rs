@@ -84,7 +84,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let run = args.weights.run_options(&model, true)?;
     let prompts = texts
         .iter()
-        .map(|t| super::generate::prompt_ids(&model, &t.prompt, chat))
+        .map(|t| model.prompt_ids(&t.prompt, chat))
         .collect::<Result<Vec<_>>>()?;
 
     let pb = progress::bar(prompts.len() * args.runs, "runs");

@@ -63,6 +63,31 @@ impl Model {
         &self.transformer.device
     }
 
+    /// A prompt's ids: the chat template around it, or BOS first where the
+    /// model's metadata says so.
+    pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        let codec = self.codec()?;
+        let text = if chat {
+            codec.chat_prompt(text)?
+        } else {
+            text.to_string()
+        };
+        let mut ids = codec.encode_with_specials(&text)?;
+        if self.cfg().add_bos && !chat {
+            if let Some(bos) = self.cfg().bos_token_id {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The prompt through the chat template when the model has one, else as
+    /// plain text (what the workbench and the report's drafts use).
+    pub fn prompt_ids_preferring_chat(&self, text: &str) -> Result<Vec<u32>> {
+        self.prompt_ids(text, true)
+            .or_else(|_| self.prompt_ids(text, false))
+    }
+
     /// The tokenizer, or a clear error for weight-only folders.
     pub fn codec(&self) -> Result<&TextCodec> {
         self.codec

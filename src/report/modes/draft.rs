@@ -21,10 +21,7 @@ pub const DRAFT_LEN: usize = 4;
 fn draft_prompts(model: &Model) -> Result<Vec<Vec<u32>>> {
     prompt_sets::builtin("all", Some(1))?
         .iter()
-        .map(|p| {
-            crate::commands::generate::prompt_ids(model, &p.prompt, true)
-                .or_else(|_| crate::commands::generate::prompt_ids(model, &p.prompt, false))
-        })
+        .map(|p| model.prompt_ids_preferring_chat(&p.prompt))
         .collect()
 }
 

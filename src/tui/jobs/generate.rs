@@ -12,21 +12,6 @@ use crate::eval::speculative::{
 use crate::model::Model;
 use crate::plan::Plan;
 
-/// The prompt as the model expects it: chat-templated when it has a template.
-pub fn prompt_ids(model: &Model, prompt: &str) -> Result<Vec<u32>> {
-    let codec = model.codec()?;
-    let text = codec
-        .chat_prompt(prompt)
-        .unwrap_or_else(|_| prompt.to_string());
-    let mut ids = codec.encode_with_specials(&text)?;
-    if model.cfg().add_bos && codec.chat_prompt(prompt).is_err() {
-        if let Some(bos) = model.cfg().bos_token_id {
-            ids.insert(0, bos);
-        }
-    }
-    Ok(ids)
-}
-
 /// Greedy generation; `on_text` gets the whole decoded continuation after each token.
 pub fn stream(
     model: &Model,

@@ -3,7 +3,7 @@
 //! model; and what each of its results changes in the app.
 
 use super::activity::Busy;
-use super::generate::{prompt_ids, stream, stream_draft};
+use super::generate::{stream, stream_draft};
 use super::interface::{Apply, Job, JobCx, JobLane};
 use crate::plan::Plan;
 use crate::tui::app::{App, DraftRun, DraftStats, Origin, Request, Side, Speculative};
@@ -31,7 +31,7 @@ impl Job for PromptRun {
 
     fn run(self: Box<Self>, cx: &JobCx) {
         let _busy = cx.busy(Busy::Generation);
-        let ids = match prompt_ids(cx.model, &self.prompt) {
+        let ids = match cx.model.prompt_ids_preferring_chat(&self.prompt) {
             Ok(ids) => ids,
             Err(e) => {
                 for side in [Side::Base, Side::Plan] {
