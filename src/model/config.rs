@@ -153,6 +153,17 @@ impl ModelConfig {
         }
     }
 
+    /// Gemma 3 scores attention by 1/√query_pre_attn_scalar instead of
+    /// 1/√head_dim: the factor the queries are multiplied by (attention code
+    /// divides by √head_dim), or `None` where the two agree.
+    pub fn query_scale(&self) -> Option<f64> {
+        let hd = self.head_dim as f64;
+        self.gemma3
+            .as_ref()
+            .filter(|g| g.query_pre_attn_scalar != hd)
+            .map(|g| (hd / g.query_pre_attn_scalar).sqrt())
+    }
+
     /// Gemma 3 scales its embeddings by √hidden.
     pub fn embed_scale(&self) -> Option<f64> {
         self.gemma3

@@ -184,6 +184,18 @@ pub struct Layer {
     pub gemma: Option<GemmaNorms>,
 }
 
+impl Layer {
+    /// The gated MLP's activation: GELU (tanh) for Gemma 3's layers, SiLU
+    /// for the Llama family.
+    fn activation(&self) -> Activation {
+        if self.gemma.is_some() {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        }
+    }
+}
+
 /// The norms a Gemma 3 layer adds: RMSNorm of each query and key head
 /// before RoPE, and of each block's output before the residual add (the
 /// "sandwich"). Weights are the effective ones, `1 + w` of the checkpoint.
@@ -514,11 +526,7 @@ impl Transformer {
                 s.apply(3, &x1)?
             } else {
                 let h = rms_norm(&x1, &layer.mlp_norm, eps, run.mode)?;
-                let act = if layer.gemma.is_some() {
-                    Activation::GeluTanh
-                } else {
-                    Activation::Silu
-                };
+                let act = layer.activation();
                 let probe = pass.probe.as_deref_mut();
                 let probe = probe.map(|p| (p, i));
                 let m = match &exec {
@@ -703,12 +711,9 @@ impl Transformer {
         }
         .transpose(1, 2)?;
         let q = self.rope(&q.contiguous()?, &q_positions, call.layer, run.mode)?;
-        // `attend` scales by 1/√head_dim; Gemma asks for 1/√query_pre_attn_scalar.
-        let q = match &cfg.gemma3 {
-            Some(g) if g.query_pre_attn_scalar != hd as f64 => {
-                q.affine((hd as f64 / g.query_pre_attn_scalar).sqrt(), 0.0)?
-            }
-            _ => q,
+        let q = match cfg.query_scale() {
+            Some(s) => q.affine(s, 0.0)?,
+            None => q,
         };
         let window = self.attention_window(call.layer);
         let mask = masks.get(&q_positions, &key_positions, window, self, run)?;
@@ -760,9 +765,15 @@ impl Transformer {
     /// have their own base).
     fn rope_tables_of(&self, layer: usize) -> (&Tensor, &Tensor) {
         match &self.local_rope {
-            Some((cos, sin)) if self.attention_window(layer).is_some() => (cos, sin),
+            Some((cos, sin)) if self.uses_local_rope(layer) => (cos, sin),
             _ => (&self.cos, &self.sin),
         }
+    }
+
+    /// Whether `layer` rotates with the local tables (Gemma 3's windowed
+    /// layers), which must then exist.
+    fn uses_local_rope(&self, layer: usize) -> bool {
+        self.local_rope.is_some() && self.attention_window(layer).is_some()
     }
 
     /// Rotary embedding of x (b, heads, t, hd) at `positions`, with

@@ -59,11 +59,8 @@ struct Prepared {
     sin: Vec<f32>,
     /// Gemma 3's local layers' RoPE tables.
     local_rope: Option<(Vec<f32>, Vec<f32>)>,
-    /// Gemma 3: queries times √(head_dim / query_pre_attn_scalar) (`attend`
-    /// divides by √head_dim), as the candle path does.
+    /// `ModelConfig::query_scale`, as f32.
     query_scale: Option<f32>,
-    /// Gemma 3's GELU (tanh approximation) instead of SiLU.
-    activation: Activation,
 }
 
 struct LayerParams {
@@ -219,23 +216,12 @@ fn prepare(t: &Transformer) -> Result<Option<Prepared>> {
         Some((cos, sin)) => Some((to_f32(cos)?, to_f32(sin)?)),
         None => None,
     };
-    let hd = c.head_dim as f64;
-    let query_scale = c
-        .gemma3
-        .as_ref()
-        .filter(|g| g.query_pre_attn_scalar != hd)
-        .map(|g| (hd / g.query_pre_attn_scalar).sqrt() as f32);
     Ok(Some(Prepared {
         layers,
         cos: to_f32(&t.cos)?,
         sin: to_f32(&t.sin)?,
         local_rope,
-        query_scale,
-        activation: if c.gemma3.is_some() {
-            Activation::GeluTanh
-        } else {
-            Activation::Silu
-        },
+        query_scale: c.query_scale().map(|s| s as f32),
     }))
 }
 
@@ -354,7 +340,7 @@ impl Step<'_> {
                 let x1 = self.residual_tensor(ws)?;
                 let eps = self.t.cfg.rms_norm_eps;
                 let h = rms_norm(&x1, &layer.mlp_norm, eps, Mode::Fast)?;
-                let act = self.prep.activation;
+                let act = layer.activation();
                 let m = match &exec {
                     // Sliced once per mask (the transformer's slice cache).
                     MlpExec::Neurons(ns) => {
@@ -404,9 +390,8 @@ impl Step<'_> {
             ops::rms_norm_in_place(&mut ws.k, &g.k_norm, eps);
         }
         let window = self.t.attention_window(i);
-        // Gemma 3's local (windowed) layers rotate with their own base.
         let (cos, sin) = match &self.prep.local_rope {
-            Some((cos, sin)) if window.is_some() => (cos, sin),
+            Some((cos, sin)) if self.t.uses_local_rope(i) => (cos, sin),
             _ => (&self.prep.cos, &self.prep.sin),
         };
         let hd = c.head_dim;
@@ -498,7 +483,7 @@ impl Step<'_> {
         if ws.scores.len() < n {
             ws.scores.resize(n, 0.0);
         }
-        match self.prep.activation {
+        match layer.activation() {
             Activation::Silu => ops::silu_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n]),
             Activation::GeluTanh => {
                 ops::gelu_tanh_mul_in_place(&mut ws.gate, &ws.up, &mut ws.scores[..n])

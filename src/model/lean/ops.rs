@@ -91,7 +91,7 @@ pub fn weighted_sum(o: &mut [f32], p: &[f32], values: Strided) {
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let m = (dot(xr, xr) / n as f32 + eps).sqrt();
+        let m = rms(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v / m * g;
         }
@@ -101,13 +101,17 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// `rms_norm` in place: each run of `w.len()` values (a row, or a head of
 /// a row) scaled by its RMS and by `w`.
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let n = w.len();
-    for xr in x.chunks_exact_mut(n) {
-        let m = (dot(xr, xr) / n as f32 + eps).sqrt();
+    for xr in x.chunks_exact_mut(w.len()) {
+        let m = rms(xr, eps);
         for (v, &g) in xr.iter_mut().zip(w) {
             *v = *v / m * g;
         }
     }
+}
+
+/// sqrt(mean(x²) + eps).
+fn rms(x: &[f32], eps: f32) -> f32 {
+    (dot(x, x) / x.len() as f32 + eps).sqrt()
 }
 
 /// Rotary embedding in place of `heads` heads of `head_dim` per row of `x`
@@ -140,25 +144,26 @@ pub fn rope(
     }
 }
 
-/// `gate = silu(gate) · up`, as `fused::silu_mul`: exp(-g) vectorised,
-/// then g / (1 + exp(-g)) · up. `scratch` is as long as `gate`.
+/// `gate = silu(gate) · up`, as `fused::silu_mul`: g · sigmoid(g).
 pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32], scratch: &mut [f32]) {
-    for (e, g) in scratch.iter_mut().zip(gate.iter()) {
-        *e = -g;
-    }
-    exp_in_place(scratch);
-    for ((g, u), e) in gate.iter_mut().zip(up).zip(scratch.iter()) {
-        *g = *g / (1.0 + e) * u;
-    }
+    sigmoid_gate_mul(gate, up, scratch, |g| g)
 }
 
 /// `gate = gelu_tanh(gate) · up`, GELU's tanh approximation written as
-/// g · sigmoid(2u), u = √(2/π)(g + 0.044715 g³) (0.5(1 + tanh u) = sigmoid(2u)),
-/// with `exp` vectorised as in `silu_mul_in_place`.
+/// g · sigmoid(2u), u = √(2/π)(g + 0.044715 g³) (0.5(1 + tanh u) = sigmoid(2u)).
 pub fn gelu_tanh_mul_in_place(gate: &mut [f32], up: &[f32], scratch: &mut [f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    sigmoid_gate_mul(gate, up, scratch, |g| {
+        2.0 * SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g)
+    })
+}
+
+/// `gate = g · sigmoid(arg(g)) · up`: exp(-arg) vectorised into `scratch`
+/// (as long as `gate`), then g / (1 + exp(-arg)) · up.
+#[inline(always)]
+fn sigmoid_gate_mul(gate: &mut [f32], up: &[f32], scratch: &mut [f32], arg: impl Fn(f32) -> f32) {
     for (e, &g) in scratch.iter_mut().zip(gate.iter()) {
-        *e = -2.0 * SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
+        *e = -arg(g);
     }
     exp_in_place(scratch);
     for ((g, u), e) in gate.iter_mut().zip(up).zip(scratch.iter()) {
