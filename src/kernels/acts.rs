@@ -13,10 +13,9 @@ pub(crate) struct Acts {
     pub(crate) d: Vec<f32>,
     /// B32: per 32-block, `d * sum(q)` (Q4_1/Q5_1's min term). B256: unused.
     pub(crate) dsum: Vec<f32>,
-    /// Per block, `sum(q)` (the offsets of Q4_0 and of the tiled Q8_0, taken in integers).
+    /// Per block, `sum(q)` (the offsets of Q4_0, Q5_0 and the tiled Q8_0, taken in integers).
     pub(crate) qsum: Vec<i32>,
-    /// Sum of q per 16 elements, rows x (in_dim / 16) (the K-quants' min and offset terms;
-    /// B32 formats use pairs of them).
+    /// Sum of q per 16 elements, rows x (in_dim / 16) (the K-quants' min and offset terms).
     pub(crate) sums16: Vec<i16>,
 }
 

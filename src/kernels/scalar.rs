@@ -28,16 +28,17 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
         let sb = &s16[b * bl / 16..(b + 1) * bl / 16];
         // The 32-element formats take the tiled SIMD kernels' exact arithmetic (integer dot, then
         // one fused multiply-add per term), so every variant gives these formats the same bits.
-        let dwdx = f16_at(blk, 0) * d[b];
+        // Their blocks start with the f16 scale (the K-quants' do not).
+        let dwdx = || f16_at(blk, 0) * d[b];
         acc = match format {
-            Format::Q4_0 => (q4_dot(&blk[2..18], xb, 8) as f32).mul_add(dwdx, acc),
+            Format::Q4_0 => (q4_dot(&blk[2..18], xb, 8) as f32).mul_add(dwdx(), acc),
             Format::Q4_1 => {
-                let acc = (q4_dot(&blk[4..20], xb, 0) as f32).mul_add(dwdx, acc);
+                let acc = (q4_dot(&blk[4..20], xb, 0) as f32).mul_add(dwdx(), acc);
                 f16_at(blk, 2).mul_add(acts.dsum[r * nb + b], acc)
             }
-            Format::Q5_0 => (q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32).mul_add(dwdx, acc),
+            Format::Q5_0 => (q5_dot(&blk[2..6], &blk[6..22], xb, 16) as f32).mul_add(dwdx(), acc),
             Format::Q5_1 => {
-                let acc = (q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32).mul_add(dwdx, acc);
+                let acc = (q5_dot(&blk[4..8], &blk[8..24], xb, 0) as f32).mul_add(dwdx(), acc);
                 f16_at(blk, 2).mul_add(acts.dsum[r * nb + b], acc)
             }
             Format::Q8_0 => {
@@ -46,7 +47,7 @@ fn dot_row(format: Format, w: &[u8], acts: &Acts, r: usize) -> f32 {
                     .zip(xb)
                     .map(|(&w, &x)| w as i8 as i32 * x as i32)
                     .sum();
-                (sumi as f32).mul_add(dwdx, acc)
+                (sumi as f32).mul_add(dwdx(), acc)
             }
             Format::Q4K => acc + d[b] * q4k_dot(blk, xb, sb),
             Format::Q5K => acc + d[b] * q5k_dot(blk, xb, sb),
