@@ -23,7 +23,7 @@ use crate::model::{Model, ParamValues, RunOptions, TrainableParams};
 use crate::plan::{LayerScales, Plan};
 
 /// How many times a non-finite loss may cut the learning rate before giving up.
-const MAX_LR_CUTS: usize = 3;
+pub(crate) const MAX_LR_CUTS: usize = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FitOptions {

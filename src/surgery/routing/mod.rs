@@ -30,11 +30,8 @@ use crate::model::routing::{
 };
 use crate::model::{Model, ParamValues, Pass, RunOptions, TrainableParams};
 use crate::plan::{BlockId, Plan};
-use crate::surgery::fit::{grads_finite, new_adam};
+use crate::surgery::fit::{grads_finite, new_adam, MAX_LR_CUTS};
 use crate::surgery::objective::{input_ids, sequence_loss, BaseStates, LossKind};
-
-/// How many times a non-finite loss may cut the learning rate.
-const MAX_LR_CUTS: usize = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteOptions {
