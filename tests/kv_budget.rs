@@ -328,24 +328,38 @@ fn the_quest_page_bound_is_an_upper_bound_of_every_key_score() {
 
 #[test]
 fn quest_with_a_budget_covering_the_context_equals_full_attention_exactly() {
-    let model = tiny();
-    let ids = ids(60, &model);
-    let mut full = model.transformer.new_state(0);
-    let mut none = policy("full", &model);
-    let want_prefill = feed(&model, &ids[..50], 16, &mut full, &mut none);
-    let want_decode = feed(&model, &ids[50..], 1, &mut full, &mut none);
-    let mut state = model.transformer.new_state(0);
-    let mut p = policy("quest:64:8", &model);
-    assert_eq!(
-        feed(&model, &ids[..50], 16, &mut state, &mut p),
-        want_prefill
-    );
-    assert_eq!(feed(&model, &ids[50..], 1, &mut state, &mut p), want_decode);
-    // A smaller budget changes the result.
-    let mut state = model.transformer.new_state(0);
-    let mut p = policy("quest:16:8", &model);
-    let got = feed(&model, &ids[..50], 16, &mut state, &mut p);
-    assert!(common::max_abs_diff(&got, &want_prefill) > 1e-4);
+    // Gemma 3's local layers keep only their window: the policy must leave
+    // that alone, and its global layer still sees the budget.
+    for name in ["llama", "gemma3"] {
+        let model = common::load_tiny(name);
+        let ids = ids(60, &model);
+        let mut full = model.transformer.new_state(0);
+        let mut none = policy("full", &model);
+        let want_prefill = feed(&model, &ids[..50], 16, &mut full, &mut none);
+        let want_decode = feed(&model, &ids[50..], 1, &mut full, &mut none);
+        for spec in ["quest:64:8", "streaming:64:4", "h2o:64", "window:64"] {
+            let mut state = model.transformer.new_state(0);
+            let mut p = policy(spec, &model);
+            assert_eq!(
+                feed(&model, &ids[..50], 16, &mut state, &mut p),
+                want_prefill,
+                "{name} {spec} prefill"
+            );
+            assert_eq!(
+                feed(&model, &ids[50..], 1, &mut state, &mut p),
+                want_decode,
+                "{name} {spec} decode"
+            );
+        }
+        // A smaller budget changes the result.
+        let mut state = model.transformer.new_state(0);
+        let mut p = policy("quest:16:8", &model);
+        let got = feed(&model, &ids[..50], 16, &mut state, &mut p);
+        assert!(
+            common::max_abs_diff(&got, &want_prefill) > 1e-4,
+            "{name}: quest:16 had no effect"
+        );
+    }
 }
 
 #[test]

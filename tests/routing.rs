@@ -79,16 +79,18 @@ fn routed_hidden(
 
 #[test]
 fn routers_that_always_execute_are_the_base_model() {
-    let model = common::load_tiny("llama");
-    let input = ids(&model, 12);
-    let base = Plan::base();
-    let want = hidden(&model, &input, &mut Pass::plan(&base, RunOptions::FAST));
-    for on in [RouteOn::Attn, RouteOn::Mlp, RouteOn::Both] {
-        let routers = random_routers(&model, on, 1, 0.01, 100.0);
-        let policy = RouterPolicy::new(&base, &routers, KvPolicy::Gap, 0.0, model.n_layers());
-        let got = routed_hidden(&model, &input, &policy, RunOptions::FAST);
-        assert_eq!(got, want, "{on:?}: bit-identical to the base model");
-        assert_eq!(policy.counts.executed_fraction(), 1.0);
+    for name in ["llama", "gemma3"] {
+        let model = common::load_tiny(name);
+        let input = ids(&model, 12);
+        let base = Plan::base();
+        let want = hidden(&model, &input, &mut Pass::plan(&base, RunOptions::FAST));
+        for on in [RouteOn::Attn, RouteOn::Mlp, RouteOn::Both] {
+            let routers = random_routers(&model, on, 1, 0.01, 100.0);
+            let policy = RouterPolicy::new(&base, &routers, KvPolicy::Gap, 0.0, model.n_layers());
+            let got = routed_hidden(&model, &input, &policy, RunOptions::FAST);
+            assert_eq!(got, want, "{name} {on:?}: bit-identical to the base model");
+            assert_eq!(policy.counts.executed_fraction(), 1.0);
+        }
     }
 }
 
@@ -166,7 +168,13 @@ fn gathered_rows_equal_masked_execution() {
 
 #[test]
 fn decode_token_by_token_equals_prefill_under_routing() {
-    let model = common::load_tiny("llama");
+    for name in ["llama", "gemma3"] {
+        decode_equals_prefill_under_routing(name);
+    }
+}
+
+fn decode_equals_prefill_under_routing(name: &str) {
+    let model = common::load_tiny(name);
     let t = 10;
     let input = ids(&model, t);
     let base = Plan::base();

@@ -129,3 +129,19 @@ fn a_full_window_drops_the_keys_no_query_can_see() {
         assert!(kv.len() <= 8 + 256, "round {round}: {} keys kept", kv.len());
     }
 }
+
+#[test]
+fn a_kv_budget_is_refused_where_every_layer_already_has_a_window() {
+    let dir = common::scratch_dir();
+    let model = load(dir.path());
+    let err = scalpel::model::kv::KvPolicy::new("quest:64:8".parse().unwrap(), model.cfg())
+        .err()
+        .expect("a budget on a model with no global layer must be refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("every layer of this model already uses a sliding window of 8 tokens"),
+        "{msg}"
+    );
+    // Full attention is what the model does anyway.
+    assert!(scalpel::model::kv::KvPolicy::new("full".parse().unwrap(), model.cfg()).is_ok());
+}

@@ -22,8 +22,10 @@ use scalpel::surgery::sparsity::{
 
 const FAST: RunOptions = RunOptions::FAST;
 
-fn ids(n: usize) -> Vec<u32> {
-    let r = common::read_json(common::tiny_dir("llama").join("reference.json"));
+/// The first `n` of a tiny model's reference ids (each tiny model has its
+/// own vocabulary).
+fn ids_of(name: &str, n: usize) -> Vec<u32> {
+    let r = common::read_json(common::tiny_dir(name).join("reference.json"));
     common::json_ints::<u32>(&r["token_ids"])[..n].to_vec()
 }
 
@@ -141,12 +143,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn a_sliced_mask_equals_the_masked_forward_on_the_tiny_models() {
-    for name in ["llama", "mistral"] {
+    for name in ["llama", "mistral", "gemma3"] {
         let model = common::load_tiny(name);
         let mask = some_mask(&model, 0.5);
         let (h, n) = mask.dropped_fractions(model.cfg());
         assert!(h > 0.4 && n > 0.4, "{name}: the mask must drop units");
-        let ids = ids(12);
+        let ids = ids_of(name, 12);
         let (sliced, masked) = sliced_and_masked(&model, &ids, &mask, FAST);
         let d = max_diff(&sliced, &masked);
         eprintln!("{name}: sliced vs masked logits, max |Δ| {d:e}");
@@ -255,7 +257,7 @@ fn plainact_scores_equal_finite_differences_on_a_tiny_model() {
     };
     let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
     let seq = Sequence {
-        ids: ids(12),
+        ids: ids_of("llama", 12),
         scored_from: 1,
     };
     let plan = Plan::base();

@@ -29,7 +29,7 @@ fn spec_opts(n: usize, k: usize) -> SpecOptions {
 
 #[test]
 fn speculative_output_is_the_full_models_greedy_output() {
-    for name in ["llama", "qwen2", "mistral"] {
+    for name in ["llama", "qwen2", "mistral", "gemma3"] {
         let model = common::load_tiny(name);
         let r = common::read_json(common::tiny_dir(name).join("reference.json"));
         let ids = common::json_ints::<u32>(&r["token_ids"]);

@@ -21,7 +21,13 @@ pub fn read_json(path: PathBuf) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A tiny reference model's folder: the shared ones by name, and
+/// `gemma3`, the project's own transformers-made Gemma 3
+/// (`tests/fixtures/make_gemma3_tiny.py`).
 pub fn tiny_dir(name: &str) -> PathBuf {
+    if name == "gemma3" {
+        return PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gemma3");
+    }
     shared_dir().join("reference/tiny").join(name)
 }
 

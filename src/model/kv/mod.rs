@@ -11,6 +11,10 @@
 //! kept keys into the same slots (`KvStore::select_per_head`) and the
 //! policy remembers each head's own positions. Keys were rotated at their
 //! true positions when written, so RoPE stays correct after eviction.
+//!
+//! A model with local (sliding-window) layers, as Gemma 3's five of every
+//! six, keeps each local layer to its window: the policy acts on the
+//! global layers only, where the cache grows with the context.
 
 pub mod evict;
 pub mod quest;
@@ -56,6 +60,9 @@ pub struct KvPolicy {
     heads: usize,
     kv_heads: usize,
     layers: Vec<LayerBook>,
+    /// Per layer, whether the policy acts there (global layers; local
+    /// layers keep their own window).
+    acts: Vec<bool>,
     /// Queries in the current pass (SnapKV observes prefill passes only).
     pass_tokens: usize,
     /// Quest decode steps gather the chosen keys (executed); `false` masks
@@ -65,10 +72,13 @@ pub struct KvPolicy {
 
 impl KvPolicy {
     pub fn new(spec: KvSpec, cfg: &ModelConfig) -> anyhow::Result<Self> {
-        if spec != KvSpec::Full && cfg.sliding_window.is_some() {
+        let acts: Vec<bool> = (0..cfg.n_layers)
+            .map(|l| cfg.layer_window(l).is_none())
+            .collect();
+        if spec != KvSpec::Full && !acts.contains(&true) {
             bail!(
-                "KV policy `{spec}`: this model already uses a sliding window of {} tokens; \
-                 KV budgets are implemented for full-attention models only",
+                "KV policy `{spec}`: every layer of this model already uses a sliding window of \
+                 {} tokens; KV budgets act on full-attention (global) layers and it has none",
                 cfg.sliding_window.unwrap_or(0)
             );
         }
@@ -77,6 +87,7 @@ impl KvPolicy {
             heads: cfg.n_heads,
             kv_heads: cfg.n_kv_heads,
             layers: (0..cfg.n_layers).map(|_| LayerBook::default()).collect(),
+            acts,
             pass_tokens: 0,
             gather_decode: true,
         })
@@ -132,6 +143,9 @@ impl KvPolicy {
         let spec = self.spec.clone();
         let prefill = self.pass_tokens > 1;
         for (layer, book) in self.layers.iter_mut().enumerate() {
+            if !self.acts[layer] {
+                continue;
+            }
             let Some(store) = state.kv_mut(layer) else {
                 continue;
             };
@@ -234,12 +248,12 @@ impl KvPolicy {
 }
 
 impl Probe for KvPolicy {
-    fn wants_attention(&self, _layer: usize) -> bool {
-        self.observes()
+    fn wants_attention(&self, layer: usize) -> bool {
+        self.observes() && self.acts[layer]
     }
 
     fn attention(&mut self, layer: usize, probs: &Tensor, _key_positions: &[u32]) -> Result<()> {
-        if !self.observes() {
+        if !self.wants_attention(layer) {
             return Ok(());
         }
         let (b, nh, t, n) = probs.dims4()?;
@@ -282,6 +296,9 @@ impl Probe for KvPolicy {
         let KvSpec::Quest { budget, page } = self.spec else {
             return Ok(None);
         };
+        if !self.acts[layer] {
+            return Ok(None);
+        }
         let (keys, _) = kv;
         let (b, _, t, hd) = q.dims4()?;
         if b != 1 {
