@@ -282,6 +282,12 @@ pub struct SearchArgs {
     /// Speculative: weights used while drafting (auto: quantized when the file is).
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
+    /// Speculative: candidates drafted per step, the best by matchness on the calibration text (0: draft all).
+    #[arg(long, default_value_t = 4)]
+    pub prescreen: usize,
+    /// Speculative: fit Hopscotch scales for the chosen draft (the --epochs/--lr/--loss fit settings) and draft with and without them.
+    #[arg(long = "fit")]
+    pub fit_draft: bool,
     #[arg(long, default_value = "hopscotch-plan.json")]
     pub out: PathBuf,
     /// Continue the search saved in --out.
@@ -296,7 +302,7 @@ pub struct SearchArgs {
     /// Default mode: candidates refitted per step after the cheap screen.
     #[arg(long, default_value_t = 3)]
     pub shortlist: usize,
-    /// Default mode: calibration sequences the screen runs on (0: all).
+    /// Default mode: calibration sequences the screen runs on (0: all); speculative: the matchness screen's.
     #[arg(long, default_value_t = 8)]
     pub screen_samples: usize,
     /// Adam steps' batch size in the per-candidate refits.

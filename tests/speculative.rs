@@ -214,6 +214,12 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
         max_new_tokens: 12,
         verify_cost: 1.0,
         run: RunOptions::FAST,
+        prescreen: 0,
+    };
+    // Without the screen the calibration text is never read.
+    let no_text = scalpel::eval::data::TokenSet {
+        source: "none".into(),
+        sequences: vec![],
     };
     // The weights a step reads: the head always, the kept blocks.
     let (attn, mlp) = model.cfg().block_params();
@@ -223,7 +229,10 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
     assert!((weight_fraction(&model, &one) - (all - mlp as f64) / all).abs() < 1e-12);
 
     let cancel = AtomicBool::new(false);
-    let result = search_draft(&model, &prompts, &opts, vec![], &cancel, |_| Ok(())).unwrap();
+    let result = search_draft(&model, &prompts, &no_text, &opts, vec![], &cancel, |_| {
+        Ok(())
+    })
+    .unwrap();
     // The full model drafts itself perfectly: τ = k + 1, proxy (k+1)/(k+1).
     assert_eq!(result.start.acceptance_rate, 1.0);
     assert!((result.start.proxy_speedup - 1.0).abs() < 1e-12);
@@ -263,6 +272,7 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
         let resumed = search_draft(
             &model,
             &prompts,
+            &no_text,
             &opts,
             result.steps[..1].to_vec(),
             &cancel,
@@ -271,4 +281,366 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
         .unwrap();
         assert_eq!(resumed.plan.skip, result.plan.skip);
     }
+}
+
+/// The tiny llama with attention 3 writing nothing (its output projection
+/// zeroed) and MLP 2 writing a tenth: a random model has no redundant block,
+/// so without these no removal pays and the search chooses nothing.
+fn tiny_llama_with_quiet_blocks() -> (tempfile::TempDir, Model) {
+    use candle_core::{Device, Tensor};
+    let from = common::tiny_dir("llama");
+    let dir = common::scratch_dir();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut weights =
+        candle_core::safetensors::load(from.join("model.safetensors"), &Device::Cpu).unwrap();
+    let scale = |w: &mut std::collections::HashMap<String, Tensor>, name: &str, by: f64| {
+        let t = w[name].affine(by, 0.0).unwrap();
+        w.insert(name.into(), t);
+    };
+    scale(&mut weights, "model.layers.3.self_attn.o_proj.weight", 0.0);
+    scale(&mut weights, "model.layers.2.mlp.down_proj.weight", 0.1);
+    candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
+    let resolved = scalpel::model::Resolved {
+        local: scalpel::model::LocalModel::HfDir(dir.path().to_path_buf()),
+        origin: "test".into(),
+    };
+    let model = Model::load(&resolved, &Device::Cpu).unwrap();
+    (dir, model)
+}
+
+/// The tiny llama with quiet blocks, two calibration prompts and search
+/// options for the matchness and fit tests.
+fn tiny_search_setup(
+    prescreen: usize,
+) -> (tempfile::TempDir, Model, Vec<Vec<u32>>, SpecSearchOptions) {
+    let (dir, model) = tiny_llama_with_quiet_blocks();
+    let r = common::read_json(common::tiny_dir("llama").join("reference.json"));
+    let ids = common::json_ints::<u32>(&r["token_ids"]);
+    let prompts = vec![ids[..5].to_vec(), ids[5..12].to_vec()];
+    let opts = SpecSearchOptions {
+        max_blocks: 3,
+        include_mlp: true,
+        draft_len: DraftLen::Fixed(3),
+        max_new_tokens: 12,
+        verify_cost: 1.0,
+        run: RunOptions::FAST,
+        prescreen,
+    };
+    (dir, model, prompts, opts)
+}
+
+use scalpel::surgery::speculative_search::{SpecSearchEvent, SpecSearchOptions};
+
+/// Positions where `plan`'s argmax equals the full model's, and positions
+/// scored, by a plain forward of each whole sequence (not the screen's code).
+fn direct_matches(
+    model: &Model,
+    data: &scalpel::eval::data::TokenSet,
+    plan: &Plan,
+) -> (usize, usize) {
+    let argmax = |ids: &[u32], plan: &Plan| -> Vec<u32> {
+        let t = &model.transformer;
+        let input = candle_core::Tensor::new(ids, model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut pass = scalpel::model::Pass::plan(plan, RunOptions::FAST);
+        let h = t
+            .forward_hidden(&input, &mut pass)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let logits = t.logits(&h, RunOptions::FAST).unwrap();
+        logits
+            .argmax(candle_core::D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (mut same, mut scored) = (0, 0);
+    for seq in &data.sequences {
+        let full = argmax(&seq.ids, &Plan::base());
+        let under = argmax(&seq.ids, plan);
+        // Row j - 1 predicts token j; tokens from `scored_from` are scored.
+        for j in seq.scored_from..seq.ids.len() {
+            same += usize::from(full[j - 1] == under[j - 1]);
+            scored += 1;
+        }
+    }
+    (same, scored)
+}
+
+#[test]
+fn matchness_is_one_for_the_full_model_and_the_direct_share_for_a_skip() {
+    use scalpel::surgery::objective::{LayerInputs, Start};
+    use scalpel::surgery::speculative_search::MatchReference;
+    use std::sync::atomic::AtomicBool;
+
+    let model = common::load_tiny("llama");
+    let calib = common::random_set(&model, 11, 3, 20);
+    let reference = MatchReference::compute(&model, &calib).unwrap();
+    assert_eq!(reference.matchness(&model, &Plan::base()).unwrap(), 1.0);
+    // The single skip that changes the most argmaxes.
+    let (block, (same, scored)) = (0..model.n_layers())
+        .flat_map(|l| [BlockId::attn(l), BlockId::mlp(l)])
+        .map(|b| (b, direct_matches(&model, &calib, &Plan::with_skips([b]))))
+        .min_by_key(|(_, (same, _))| *same)
+        .unwrap();
+    assert_eq!(scored, calib.scored_tokens());
+    assert!(same < scored, "no skip changed an argmax");
+    let plan = Plan::with_skips([block]);
+    let m = reference.matchness(&model, &plan).unwrap();
+    assert_eq!(m, same as f64 / scored as f64, "{block}");
+    assert!(m < 1.0);
+    // The search's cheap path (cached inputs to the skipped layer) agrees.
+    let never = AtomicBool::new(false);
+    let inputs = LayerInputs::compute(&model, &calib, &Plan::base(), &never).unwrap();
+    let cheap = reference
+        .matchness_from(&model, &plan, Start::Layer(block.layer, &inputs))
+        .unwrap();
+    assert_eq!(cheap, m);
+    // Over two skips too, against the direct count.
+    let two = Plan::with_skips([BlockId::attn(0), BlockId::mlp(3)]);
+    let (same, scored) = direct_matches(&model, &calib, &two);
+    assert_eq!(
+        reference.matchness(&model, &two).unwrap(),
+        same as f64 / scored as f64
+    );
+}
+
+/// Runs the search, counting the drafted and screened candidates per step.
+fn counted_search(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    calib: &scalpel::eval::data::TokenSet,
+    opts: &SpecSearchOptions,
+) -> (
+    scalpel::surgery::speculative_search::SpecSearchResult,
+    std::collections::BTreeMap<usize, (usize, usize)>,
+) {
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let mut counts = std::collections::BTreeMap::<usize, (usize, usize)>::new();
+    let result = scalpel::surgery::speculative_search::search_draft(
+        model,
+        prompts,
+        calib,
+        opts,
+        vec![],
+        &cancel,
+        |e| {
+            match e {
+                SpecSearchEvent::Matchness { step, .. } => counts.entry(*step).or_default().0 += 1,
+                SpecSearchEvent::Candidate { step, .. } => counts.entry(*step).or_default().1 += 1,
+                _ => {}
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    (result, counts)
+}
+
+#[test]
+fn the_prescreen_drafts_only_the_top_candidates_by_matchness() {
+    use scalpel::surgery::speculative_search::{
+        load_draft_search, save_draft_search, MatchReference,
+    };
+
+    let (_dir, model, prompts, opts) = tiny_search_setup(2);
+    let calib = common::random_set(&model, 11, 3, 20);
+    let (result, counts) = counted_search(&model, &prompts, &calib, &opts);
+    assert!(!result.steps.is_empty(), "the search chose nothing");
+    let reference = MatchReference::compute(&model, &calib).unwrap();
+    let mut plan = Plan::base();
+    for s in &result.steps {
+        let remaining = 2 * model.n_layers() - plan.skip.len();
+        // Every candidate screened, two drafted.
+        assert_eq!(counts[&s.step], (remaining, 2), "step {}", s.step);
+        assert_eq!(s.candidates.len(), 2);
+        assert_eq!(s.screened_out.len(), remaining - 2);
+        let chosen = s.candidates.iter().find(|c| c.block == s.chosen).unwrap();
+        let chosen_m = chosen.matchness.unwrap();
+        for out in &s.screened_out {
+            for c in &s.candidates {
+                assert!(c.matchness.unwrap() >= out.matchness, "step {}", s.step);
+            }
+            assert!(chosen_m >= out.matchness);
+        }
+        // The recorded matchness is the plan's, computed from scratch.
+        let mut trial = plan.clone();
+        trial.skip.insert(s.chosen);
+        assert_eq!(reference.matchness(&model, &trial).unwrap(), chosen_m);
+        plan = trial;
+    }
+    // A last screened step that found no gain drafted two as well.
+    if let Some((_, &(_, drafted))) = counts.range(result.steps.len() + 1..).next() {
+        assert_eq!(drafted, 2);
+    }
+    // Saved and loaded, the steps keep their matchness.
+    let dir = common::scratch_dir();
+    let path = dir.path().join("screened.json");
+    let settings = serde_json::json!({"prescreen": 2});
+    save_draft_search(&model, &result.steps, &settings, true, &path).unwrap();
+    let steps = load_draft_search(&model, &settings, &path).unwrap();
+    assert_eq!(
+        steps[0].candidates[0].matchness,
+        result.steps[0].candidates[0].matchness
+    );
+    assert_eq!(
+        steps[0].screened_out.len(),
+        result.steps[0].screened_out.len()
+    );
+    // A file from before the screen (no matchness, no prescreen setting)
+    // loads, as a search that drafted every candidate.
+    let mut old = serde_json::to_value(&result.steps).unwrap();
+    for step in old.as_array_mut().unwrap() {
+        step.as_object_mut().unwrap().remove("screened_out");
+        for c in step["candidates"].as_array_mut().unwrap() {
+            c.as_object_mut().unwrap().remove("matchness");
+        }
+    }
+    let mut pf = model.load_plan(&path).unwrap();
+    pf.metrics.insert("speculative_search_steps".into(), old);
+    pf.provenance.insert(
+        "speculative_search".into(),
+        serde_json::json!({"settings": {"k": 3}, "complete": true}),
+    );
+    pf.save(&path).unwrap();
+    let steps =
+        load_draft_search(&model, &serde_json::json!({"k": 3, "prescreen": 0}), &path).unwrap();
+    assert_eq!(steps.len(), result.steps.len());
+    assert!(steps[0].candidates[0].matchness.is_none());
+}
+
+#[test]
+fn a_prescreen_wider_than_the_candidates_drafts_them_all() {
+    let (_dir, model, prompts, opts) = tiny_search_setup(100);
+    let calib = common::random_set(&model, 11, 3, 20);
+    let (wide, counts) = counted_search(&model, &prompts, &calib, &opts);
+    let unscreened = SpecSearchOptions {
+        prescreen: 0,
+        ..opts
+    };
+    let (plain, plain_counts) = counted_search(&model, &prompts, &calib, &unscreened);
+    assert_eq!(wide.plan.skip, plain.plan.skip);
+    assert!(
+        wide.steps.len() >= 2,
+        "the search chose {:?}",
+        wide.plan.skip
+    );
+    for (&step, &(screened, drafted)) in &counts {
+        // Step s runs after s - 1 blocks are skipped.
+        let remaining = 2 * model.n_layers() - (step - 1);
+        assert_eq!((screened, drafted), (remaining, remaining), "step {step}");
+        assert_eq!(plain_counts[&step], (0, remaining), "step {step}");
+    }
+    for s in &wide.steps {
+        assert!(s.screened_out.is_empty());
+        assert!(s.candidates.iter().all(|c| c.matchness.is_some()));
+    }
+}
+
+#[test]
+fn fitted_draft_scores_are_recorded_and_reproduced_from_the_saved_plan() {
+    use scalpel::surgery::fit::FitOptions;
+    use scalpel::surgery::speculative_search::{
+        fit_draft, load_draft_search, save_fitted_draft, score_draft, DraftScore,
+    };
+    use std::sync::atomic::AtomicBool;
+
+    let (_dir, model, prompts, opts) = tiny_search_setup(2);
+    let calib = common::random_set(&model, 11, 3, 20);
+    let (result, _) = counted_search(&model, &prompts, &calib, &opts);
+    assert!(!result.plan.skip.is_empty());
+    // Judged on its training text: this checks what is recorded, not how
+    // well a fit generalises.
+    let train = common::random_set(&model, 21, 6, 24);
+    let fit_opts = FitOptions {
+        lr: 1e-3,
+        batch_size: 6,
+        ..FitOptions::default()
+    };
+    let never = AtomicBool::new(false);
+    let fitted = fit_draft(
+        &model,
+        &result.plan,
+        &prompts,
+        &opts,
+        &train,
+        &train,
+        &fit_opts,
+        &never,
+        |_| {},
+    )
+    .unwrap()
+    .expect("not cancelled");
+    assert_eq!(fitted.plan.skip, result.plan.skip);
+    assert!(
+        fitted.best_epoch > 0,
+        "the fit never improved: {:?}",
+        fitted.history
+    );
+    let last = result.steps.last().unwrap().score;
+    assert_eq!(fitted.unfitted.mean_accepted, last.mean_accepted);
+    let dir = common::scratch_dir();
+    let path = dir.path().join("fitted.json");
+    let settings = serde_json::json!({"prescreen": 2});
+    save_fitted_draft(&model, &result.steps, &settings, &fitted, &path).unwrap();
+    // Loaded back: scales (not all 1) in the plan, and drafting with it
+    // gives the recorded fitted score.
+    let pf = model.load_plan(&path).unwrap();
+    assert_eq!(pf.plan.skip, result.plan.skip);
+    let scales = pf.plan.scales.clone().expect("the fitted plan has scales");
+    assert!(scales.iter().any(|s| !s.is_identity()), "{scales:?}");
+    let recorded = &pf.metrics["speculative_fit"];
+    let fitted_rec: DraftScore = serde_json::from_value(recorded["fitted"].clone()).unwrap();
+    let unfitted_rec: DraftScore = serde_json::from_value(recorded["unfitted"].clone()).unwrap();
+    let again = score_draft(&model, &pf.plan, &prompts, &opts).unwrap();
+    assert_eq!(again.acceptance_rate, fitted_rec.acceptance_rate);
+    assert_eq!(again.mean_accepted, fitted_rec.mean_accepted);
+    assert_eq!(again.proxy_speedup, fitted_rec.proxy_speedup);
+    let bare = score_draft(
+        &model,
+        &Plan::with_skips(pf.plan.skip.clone()),
+        &prompts,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(bare.mean_accepted, unfitted_rec.mean_accepted);
+    // The search steps are still there to resume from.
+    assert_eq!(
+        load_draft_search(&model, &settings, &path).unwrap().len(),
+        result.steps.len()
+    );
+}
+
+#[test]
+fn the_draft_reads_the_plans_scales() {
+    use scalpel::plan::LayerScales;
+    use scalpel::surgery::speculative_search::score_draft;
+
+    let (_dir, model, prompts, opts) = tiny_search_setup(0);
+    let skip = Plan::with_skips([BlockId::attn(1)]);
+    let mut scaled = skip.clone();
+    let halved = LayerScales {
+        b_att: 0.3,
+        s_att: 1.0,
+        b_mlp: 0.3,
+        s_mlp: 1.0,
+    };
+    scaled.scales = Some(vec![halved; model.n_layers()]);
+    let plain = score_draft(&model, &skip, &prompts, &opts).unwrap();
+    let with_scales = score_draft(&model, &scaled, &prompts, &opts).unwrap();
+    assert_ne!(plain.mean_accepted, with_scales.mean_accepted);
+    // Scales are no skip: the full model with scales 1 drafts perfectly.
+    let mut ones = Plan::base();
+    ones.scales = Some(vec![LayerScales::IDENTITY; model.n_layers()]);
+    assert_eq!(
+        score_draft(&model, &ones, &prompts, &opts)
+            .unwrap()
+            .acceptance_rate,
+        1.0
+    );
 }

@@ -1,15 +1,20 @@
 //! `scalpel search`: the greedy Hopscotch search with progress and ETA;
 //! each step is saved to --out so `--resume` continues it.
 
+use std::sync::atomic::AtomicBool;
+
 use anyhow::{bail, Result};
 
 use super::surgery_common as common;
 use crate::cli::{self, SearchArgs, SearchObjective};
-use crate::eval::data::{prompts, CALIBRATION_PROMPTS};
+use crate::eval::data::{prompts, TokenSet, CALIBRATION_PROMPTS};
+use crate::model::Model;
 use crate::surgery::hopscotch::{load_checkpoint, search, SearchEvent, SearchOptions};
 use crate::surgery::speculative_search::{
-    load_draft_search, save_draft_search, search_draft, SpecSearchEvent, SpecSearchOptions,
+    fit_draft, load_draft_search, save_draft_search, save_fitted_draft, search_draft, DraftFit,
+    DraftScore, SpecSearchEvent, SpecSearchOptions, SpecSearchResult,
 };
+use crate::surgery::unless_cancelled;
 
 pub fn run(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     if args.objective == SearchObjective::Speculative {
@@ -112,7 +117,9 @@ fn fmt_secs(s: f64) -> String {
 }
 
 /// `search --objective speculative`: greedy removal of the block that most
-/// raises the self-speculative throughput proxy, saved after every step.
+/// raises the self-speculative throughput proxy (candidates screened by
+/// matchness first), saved after every step; `--fit` then fits the draft's
+/// scales and drafts with and without them.
 fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     let cancel = common::cancel_on_ctrl_c();
     if args.spec_prompts == 0 || args.spec_tokens < 2 {
@@ -130,8 +137,23 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         max_new_tokens: args.spec_tokens,
         verify_cost: args.verify_cost,
         run,
+        prescreen: args.prescreen,
     };
-    let settings = serde_json::json!({
+    // The built-in calibration prompts answered by the base model (as the
+    // Hopscotch search fits on): the matchness screen's text and the fit's data.
+    let calib = if opts.prescreen > 0 || args.fit_draft {
+        common::calibration(&model, &args.data, &cancel)?
+    } else {
+        TokenSet {
+            source: "none (no screen, no fit)".into(),
+            sequences: Vec::new(),
+        }
+    };
+    let screen = match args.screen_samples {
+        0 => calib.clone(),
+        n => calib.take(n),
+    };
+    let mut settings = serde_json::json!({
         "objective": "speculative",
         "include_mlp": opts.include_mlp,
         "draft_len": opts.draft_len.describe(),
@@ -139,7 +161,20 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         "tokens": opts.max_new_tokens,
         "verify_cost": opts.verify_cost,
         "quantized": run.quantized,
+        "prescreen": opts.prescreen,
     });
+    if opts.prescreen > 0 {
+        settings["screen"] = serde_json::json!({
+            "data": screen.source, "sequences": screen.sequences.len(),
+            "scored_tokens": screen.scored_tokens(),
+        });
+        eprintln!(
+            "scalpel: matchness screen on {} sequences ({} scored tokens); drafting the top {} per step",
+            screen.sequences.len(),
+            screen.scored_tokens(),
+            opts.prescreen
+        );
+    }
     let resume = if args.resume {
         if !args.out.exists() {
             bail!(
@@ -151,8 +186,8 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let calib = prompts(CALIBRATION_PROMPTS);
-    let prompt_ids = calib
+    let calib_prompts = prompts(CALIBRATION_PROMPTS);
+    let prompt_ids = calib_prompts
         .iter()
         .take(args.spec_prompts)
         .map(|p| model.prompt_ids(p, true))
@@ -161,39 +196,50 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         eprintln!("scalpel: resuming after {} finished steps", resume.len());
     }
     let mut done = resume.clone();
-    let result = search_draft(&model, &prompt_ids, &opts, resume, &cancel, |e| {
+    let result = search_draft(&model, &prompt_ids, &screen, &opts, resume, &cancel, |e| {
         match e {
-            SpecSearchEvent::Candidate {
-                step,
-                block,
-                score,
-                done: n,
-                total,
-                eta_secs,
-            } => eprintln!(
-                "step {step}: {block:<8} α {:.3} τ {:.2} c {:.3} proxy {:.3}×   [{n}/{total}, eta {}]",
-                score.acceptance_rate,
-                score.mean_accepted,
-                score.weight_fraction,
-                score.proxy_speedup,
-                fmt_secs(*eta_secs)
-            ),
-            SpecSearchEvent::StepDone(s) => {
-                done.push(s.clone());
-                save_draft_search(&model, &done, &settings, false, &args.out)?;
-                eprintln!(
-                    "step {}: skip {} (proxy {:.3}×, {:.1}s) — saved to {}",
-                    s.step,
-                    s.chosen,
-                    s.score.proxy_speedup,
-                    s.seconds,
-                    args.out.display()
-                );
+                SpecSearchEvent::Matchness {
+                    step,
+                    block,
+                    matchness,
+                    done: n,
+                    total,
+                    eta_secs,
+                } => eprintln!(
+                    "step {step}: {block:<8} matchness {matchness:.4}   [screen {n}/{total}, eta {}]",
+                    fmt_secs(*eta_secs)
+                ),
+                SpecSearchEvent::Candidate {
+                    step,
+                    block,
+                    score,
+                    done: n,
+                    total,
+                    eta_secs,
+                } => eprintln!(
+                    "step {step}: {block:<8} α {:.3} τ {:.2} c {:.3} proxy {:.3}×   [{n}/{total}, eta {}]",
+                    score.acceptance_rate,
+                    score.mean_accepted,
+                    score.weight_fraction,
+                    score.proxy_speedup,
+                    fmt_secs(*eta_secs)
+                ),
+                SpecSearchEvent::StepDone(s) => {
+                    done.push(s.clone());
+                    save_draft_search(&model, &done, &settings, false, &args.out)?;
+                    eprintln!(
+                        "step {}: skip {} (proxy {:.3}×, {:.1}s) — saved to {}",
+                        s.step,
+                        s.chosen,
+                        s.score.proxy_speedup,
+                        s.seconds,
+                        args.out.display()
+                    );
+                }
+                SpecSearchEvent::NoGain { step, best } => eprintln!(
+                    "step {step}: no removal raises the proxy above {best:.3}×; stopping"
+                ),
             }
-            SpecSearchEvent::NoGain { step, best } => eprintln!(
-                "step {step}: no removal raises the proxy above {best:.3}×; stopping"
-            ),
-        }
         Ok(())
     })?;
     save_draft_search(
@@ -211,26 +257,53 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let fitted = if args.fit_draft {
+        fit_the_draft(
+            &model,
+            &result,
+            &prompt_ids,
+            &opts,
+            &calib,
+            &args,
+            &settings,
+            &cancel,
+        )?
+    } else {
+        None
+    };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "plan": result.plan, "start": result.start, "steps": result.steps,
-                "seconds": result.seconds,
-            }))?
-        );
+        let mut v = serde_json::json!({
+            "plan": result.plan, "start": result.start, "steps": result.steps,
+            "seconds": result.seconds,
+        });
+        if let Some(f) = &fitted {
+            v["plan"] = serde_json::to_value(&f.plan)?;
+            v["unfitted"] = serde_json::to_value(f.unfitted)?;
+            v["fitted"] = serde_json::to_value(f.fitted)?;
+            v["fit_best_epoch"] = f.best_epoch.into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let last = result.steps.last().map_or(result.start, |s| s.score);
         println!("skip      {}", result.plan.describe());
-        println!(
-            "draft     α {:.3}, τ {:.2}, weights read {:.3} (not timed), proxy speed-up {:.3}× \
-             (verify cost {} step)",
-            last.acceptance_rate,
-            last.mean_accepted,
-            last.weight_fraction,
-            last.proxy_speedup,
-            opts.verify_cost
-        );
+        let line = |label: &str, s: &DraftScore| {
+            println!(
+                "{label}α {:.3}, τ {:.2}, weights read {:.3} (not timed), proxy speed-up {:.3}× \
+                 (verify cost {} step)",
+                s.acceptance_rate,
+                s.mean_accepted,
+                s.weight_fraction,
+                s.proxy_speedup,
+                opts.verify_cost
+            )
+        };
+        match &fitted {
+            Some(f) => {
+                line("unfitted  ", &f.unfitted);
+                line("fitted    ", &f.fitted);
+            }
+            None => line("draft     ", &last),
+        }
         println!("time      {:.1}s", result.seconds);
         println!(
             "plan      {} (scalpel speculate --plan {} to measure)",
@@ -239,4 +312,67 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--fit`: the chosen skip set's scales fitted (the fit settings, KL by
+/// default, as `scalpel fit`), drafted with and without them, and saved.
+#[allow(clippy::too_many_arguments)]
+fn fit_the_draft(
+    model: &Model,
+    result: &SpecSearchResult,
+    prompt_ids: &[Vec<u32>],
+    opts: &SpecSearchOptions,
+    calib: &TokenSet,
+    args: &SearchArgs,
+    settings: &serde_json::Value,
+    cancel: &AtomicBool,
+) -> Result<Option<DraftFit>> {
+    if result.plan.skip.is_empty() {
+        eprintln!("scalpel: --fit: the search skipped no block, so there is nothing to fit");
+        return Ok(None);
+    }
+    let (train, validation) = common::fit_sets(calib);
+    let fit_opts = common::fit_options(&args.fit);
+    eprintln!(
+        "scalpel: fitting the draft's scales ({} loss, lr {}, {} epochs)",
+        fit_opts.loss, fit_opts.lr, fit_opts.epochs
+    );
+    let fitted = fit_draft(
+        model,
+        &result.plan,
+        prompt_ids,
+        opts,
+        &train,
+        &validation,
+        &fit_opts,
+        cancel,
+        |e| {
+            if e.epoch == 0 {
+                eprintln!("fit: epoch 0 (unfitted) validation {:.5}", e.heldout_loss)
+            } else {
+                eprintln!(
+                    "fit: epoch {} train {:.5} validation {:.5} ({:.1}s)",
+                    e.epoch, e.train_loss, e.heldout_loss, e.seconds
+                )
+            }
+        },
+    );
+    let Some(Some(fitted)) = unless_cancelled(fitted, cancel)? else {
+        eprintln!("scalpel: fit cancelled; the unfitted draft is saved");
+        return Ok(None);
+    };
+    for w in &fitted.warnings {
+        eprintln!("scalpel: warning: {w}");
+    }
+    save_fitted_draft(model, &result.steps, settings, &fitted, &args.out)?;
+    eprintln!(
+        "fit: best epoch {}; drafted unfitted α {:.3} τ {:.2} → fitted α {:.3} τ {:.2} — saved to {}",
+        fitted.best_epoch,
+        fitted.unfitted.acceptance_rate,
+        fitted.unfitted.mean_accepted,
+        fitted.fitted.acceptance_rate,
+        fitted.fitted.mean_accepted,
+        args.out.display()
+    );
+    Ok(Some(fitted))
 }

@@ -14,14 +14,29 @@
 //! τ / (k · c + v), with v the cost of a verify pass in decode steps (an
 //! assumption, `verify_cost`: 1 when k + 1 rows cost one step, as with
 //! kernels that read the weights once for all rows).
+//!
+//! Drafting every candidate is the cost, so candidates are first screened
+//! by SWIFT's *matchness*: the share of a calibration text's scored
+//! positions where the model under the candidate plan has the same argmax
+//! as the full model, from one teacher-forced parallel pass per candidate
+//! (the full model's argmaxes computed once per search). Only the top
+//! `prescreen` candidates by matchness are drafted.
+//!
+//! `fit_draft` then fits Hopscotch scales for the chosen skip set and
+//! drafts with and without them: does fitting raise acceptance?
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::D;
 use serde::{Deserialize, Serialize};
 
+use super::fit::{fit_scales, FitEpoch, FitOptions, FitResult};
+use super::objective::{scored_rows, LayerInputs, Start};
+use crate::eval::data::TokenSet;
+use crate::eval::score::LOGIT_CHUNK;
 use crate::eval::speculative::{speculate, DraftLen, Drafter, SpecOptions};
 use crate::model::{Model, RunOptions};
 use crate::plan::{BlockId, BlockKind, Plan, PlanFile};
@@ -37,6 +52,9 @@ pub struct SpecSearchOptions {
     /// Assumed cost of one verify pass, in plain decode steps.
     pub verify_cost: f64,
     pub run: RunOptions,
+    /// Candidates drafted per step, the best by matchness (0: draft every
+    /// candidate, no screen; more than the candidates: all of them).
+    pub prescreen: usize,
 }
 
 /// What real drafting measured for one plan.
@@ -55,6 +73,16 @@ pub struct DraftScore {
 pub struct SpecCandidate {
     pub block: BlockId,
     pub score: DraftScore,
+    /// Its matchness, when the step screened (absent in older plan files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matchness: Option<f64>,
+}
+
+/// A candidate the matchness screen left undrafted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScreenedOut {
+    pub block: BlockId,
+    pub matchness: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,12 +91,26 @@ pub struct SpecStep {
     pub step: usize,
     pub chosen: BlockId,
     pub score: DraftScore,
+    /// The drafted candidates.
     pub candidates: Vec<SpecCandidate>,
+    /// The candidates the matchness screen did not draft.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub screened_out: Vec<ScreenedOut>,
     pub seconds: f64,
 }
 
 #[derive(Debug, Clone)]
 pub enum SpecSearchEvent {
+    /// One candidate's matchness (the screen before drafting).
+    Matchness {
+        step: usize,
+        block: BlockId,
+        matchness: f64,
+        done: usize,
+        total: usize,
+        eta_secs: f64,
+    },
+    /// A drafted candidate.
     Candidate {
         step: usize,
         block: BlockId,
@@ -145,10 +187,75 @@ pub fn score_draft(
     })
 }
 
+/// The full model's argmax at every scored position of a calibration set
+/// (teacher-forced on its text), computed once per search, so a plan's
+/// matchness costs one parallel pass per sequence.
+pub struct MatchReference<'a> {
+    data: &'a TokenSet,
+    base: Vec<Vec<u32>>,
+}
+
+impl<'a> MatchReference<'a> {
+    pub fn compute(model: &Model, data: &'a TokenSet) -> Result<Self> {
+        if data.scored_tokens() == 0 {
+            bail!("the matchness screen needs calibration text with scored tokens");
+        }
+        let full = Plan::base();
+        let base = (0..data.sequences.len())
+            .map(|i| argmaxes(model, data, i, &full, Start::Embeddings))
+            .collect::<Result<_>>()?;
+        Ok(Self { data, base })
+    }
+
+    pub fn data(&self) -> &TokenSet {
+        self.data
+    }
+
+    /// Share of the scored positions where `plan`'s argmax is the full model's.
+    pub fn matchness(&self, model: &Model, plan: &Plan) -> Result<f64> {
+        self.matchness_from(model, plan, Start::Embeddings)
+    }
+
+    /// `matchness` with every sequence started from `start` (cached inputs
+    /// to the candidate's layer under the plan it extends).
+    pub fn matchness_from(&self, model: &Model, plan: &Plan, start: Start) -> Result<f64> {
+        let (mut same, mut scored) = (0, 0);
+        for (i, want) in self.base.iter().enumerate() {
+            let got = argmaxes(model, self.data, i, plan, start)?;
+            same += got.iter().zip(want).filter(|(a, b)| a == b).count();
+            scored += want.len();
+        }
+        Ok(same as f64 / scored as f64)
+    }
+}
+
+/// The argmax token at each scored position of sequence `i` under `plan`.
+fn argmaxes(
+    model: &Model,
+    data: &TokenSet,
+    i: usize,
+    plan: &Plan,
+    start: Start,
+) -> Result<Vec<u32>> {
+    let run = RunOptions::FAST;
+    let seq = &data.sequences[i];
+    let rows = scored_rows(&start.forward(model, seq, i, plan, plan, run)?, seq)?;
+    let n = rows.dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for from in (0..n).step_by(LOGIT_CHUNK) {
+        let len = LOGIT_CHUNK.min(n - from);
+        let logits = model.transformer.logits(&rows.narrow(0, from, len)?, run)?;
+        out.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
+    Ok(out)
+}
+
 /// Runs the greedy search, continuing after `resume` (finished steps).
+/// `calib` is the matchness screen's text (unused with `prescreen` 0).
 pub fn search_draft(
     model: &Model,
     prompts: &[Vec<u32>],
+    calib: &TokenSet,
     opts: &SpecSearchOptions,
     resume: Vec<SpecStep>,
     cancel: &AtomicBool,
@@ -169,6 +276,10 @@ pub fn search_draft(
     }
     opts.draft_len.validate()?;
     let t_all = Instant::now();
+    let reference = match opts.prescreen {
+        0 => None,
+        _ => Some(MatchReference::compute(model, calib)?),
+    };
     let start = score_draft(model, &Plan::base(), prompts, opts)?;
     let mut steps = resume;
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
@@ -183,8 +294,52 @@ pub fn search_draft(
             .flat_map(|l| kinds.iter().map(move |&kind| BlockId { layer: l, kind }))
             .filter(|b| !plan.is_skipped(*b))
             .collect();
+        // The screen: every candidate's matchness, the best `prescreen` drafted.
+        let mut to_draft: Vec<(BlockId, Option<f64>)> =
+            remaining.iter().map(|&b| (b, None)).collect();
+        let mut screened_out = Vec::new();
+        if let Some(reference) = &reference {
+            let inputs = match LayerInputs::compute(model, reference.data(), &plan, cancel) {
+                Err(_) if cancel.load(Ordering::Relaxed) => {
+                    cancelled = true;
+                    break 'steps;
+                }
+                r => r?,
+            };
+            let t_screen = Instant::now();
+            let mut scored = Vec::with_capacity(remaining.len());
+            for (i, &block) in remaining.iter().enumerate() {
+                if cancel.load(Ordering::Relaxed) {
+                    cancelled = true;
+                    break 'steps;
+                }
+                let mut trial = plan.clone();
+                trial.skip.insert(block);
+                let from = Start::Layer(block.layer, &inputs);
+                let matchness = reference.matchness_from(model, &trial, from)?;
+                let elapsed = t_screen.elapsed().as_secs_f64();
+                on_event(&SpecSearchEvent::Matchness {
+                    step,
+                    block,
+                    matchness,
+                    done: i + 1,
+                    total: remaining.len(),
+                    eta_secs: elapsed / (i + 1) as f64 * (remaining.len() - i - 1) as f64,
+                })?;
+                scored.push((block, matchness));
+            }
+            // Stable: equal matchness keeps the layer order.
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let keep = opts.prescreen.min(scored.len());
+            screened_out = scored[keep..]
+                .iter()
+                .map(|&(block, matchness)| ScreenedOut { block, matchness })
+                .collect();
+            to_draft = scored[..keep].iter().map(|&(b, m)| (b, Some(m))).collect();
+        }
+        let t_draft = Instant::now();
         let mut candidates = Vec::new();
-        for (i, &block) in remaining.iter().enumerate() {
+        for (i, &(block, matchness)) in to_draft.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 cancelled = true;
                 break 'steps;
@@ -192,16 +347,20 @@ pub fn search_draft(
             let mut trial = plan.clone();
             trial.skip.insert(block);
             let score = score_draft(model, &trial, prompts, opts)?;
-            let elapsed = t_step.elapsed().as_secs_f64();
+            let elapsed = t_draft.elapsed().as_secs_f64();
             on_event(&SpecSearchEvent::Candidate {
                 step,
                 block,
                 score,
                 done: i + 1,
-                total: remaining.len(),
-                eta_secs: elapsed / (i + 1) as f64 * (remaining.len() - i - 1) as f64,
+                total: to_draft.len(),
+                eta_secs: elapsed / (i + 1) as f64 * (to_draft.len() - i - 1) as f64,
             })?;
-            candidates.push(SpecCandidate { block, score });
+            candidates.push(SpecCandidate {
+                block,
+                score,
+                matchness,
+            });
         }
         let Some(top) = candidates
             .iter()
@@ -221,6 +380,7 @@ pub fn search_draft(
             chosen: top.block,
             score: top.score,
             candidates,
+            screened_out,
             seconds: t_step.elapsed().as_secs_f64(),
         };
         steps.push(s.clone());
@@ -235,6 +395,72 @@ pub fn search_draft(
     })
 }
 
+/// The chosen skip set drafted with and without fitted Hopscotch scales.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DraftFit {
+    /// The skip set with the fitted scales.
+    pub plan: Plan,
+    pub unfitted: DraftScore,
+    pub fitted: DraftScore,
+    pub fit: FitOptions,
+    pub best_epoch: usize,
+    pub history: Vec<FitEpoch>,
+    pub warnings: Vec<String>,
+}
+
+/// Fits the scales of the skip set `skip` (its own scales dropped) on
+/// `train`, the best epoch chosen on `validation`, then drafts `prompts`
+/// with the plan unfitted and fitted. `None` when the fit was cancelled.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_draft(
+    model: &Model,
+    skip: &Plan,
+    prompts: &[Vec<u32>],
+    opts: &SpecSearchOptions,
+    train: &TokenSet,
+    validation: &TokenSet,
+    fit: &FitOptions,
+    cancel: &AtomicBool,
+    on_epoch: impl FnMut(&FitEpoch),
+) -> Result<Option<DraftFit>> {
+    if skip.skip.is_empty() {
+        bail!("the draft skips no block; there is nothing for fitted scales to compensate");
+    }
+    let unfitted_plan = Plan::with_skips(skip.skip.iter().copied());
+    let fit_opts = FitOptions {
+        init: None,
+        ..fit.clone()
+    };
+    let FitResult {
+        plan,
+        history,
+        best_epoch,
+        cancelled,
+        warnings,
+        ..
+    } = fit_scales(
+        model,
+        &unfitted_plan,
+        train,
+        validation,
+        &fit_opts,
+        cancel,
+        on_epoch,
+    )?;
+    if cancelled {
+        return Ok(None);
+    }
+    Ok(Some(DraftFit {
+        unfitted: score_draft(model, &unfitted_plan, prompts, opts)?,
+        fitted: score_draft(model, &plan, prompts, opts)?,
+        plan,
+        fit: fit_opts,
+        best_epoch,
+        history,
+        warnings,
+    }))
+}
+
 /// The search so far as a plan file (`speculate --plan` takes it), its
 /// steps and settings recorded so `--resume` can continue it.
 pub fn save_draft_search(
@@ -244,6 +470,45 @@ pub fn save_draft_search(
     complete: bool,
     path: &Path,
 ) -> Result<()> {
+    draft_search_file(model, steps, settings, complete)?.save(path)
+}
+
+/// The finished search with its fitted draft: the plan carries the fitted
+/// scales (as `fit` writes them), the metrics both drafts' scores.
+pub fn save_fitted_draft(
+    model: &Model,
+    steps: &[SpecStep],
+    settings: &serde_json::Value,
+    fit: &DraftFit,
+    path: &Path,
+) -> Result<()> {
+    let mut pf = draft_search_file(model, steps, settings, true)?;
+    if pf.plan.skip != fit.plan.skip {
+        bail!("the fitted draft skips other blocks than the search chose");
+    }
+    pf.plan = fit.plan.clone();
+    pf.metrics.insert(
+        "speculative_fit".into(),
+        serde_json::json!({"unfitted": fit.unfitted, "fitted": fit.fitted}),
+    );
+    pf.metrics
+        .insert("fit_history".into(), serde_json::to_value(&fit.history)?);
+    pf.metrics
+        .insert("fit_best_epoch".into(), fit.best_epoch.into());
+    pf.provenance.insert(
+        "fit".into(),
+        serde_json::json!({"loss": fit.fit.loss, "lr": fit.fit.lr, "epochs": fit.fit.epochs,
+            "batch_size": fit.fit.batch_size}),
+    );
+    pf.save(path)
+}
+
+fn draft_search_file(
+    model: &Model,
+    steps: &[SpecStep],
+    settings: &serde_json::Value,
+    complete: bool,
+) -> Result<PlanFile> {
     let plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
     let mut pf = PlanFile::new(model.identity.clone(), plan);
     pf.metrics.insert(
@@ -261,7 +526,7 @@ pub fn save_draft_search(
         "speculative_search".into(),
         serde_json::json!({"settings": settings, "complete": complete}),
     );
-    pf.save(path)
+    Ok(pf)
 }
 
 /// The finished steps of a saved draft search made with `settings`.
@@ -277,11 +542,20 @@ pub fn load_draft_search(
             path.display()
         );
     };
-    if saved["settings"] != *settings {
+    // Searches saved before the matchness screen drafted every candidate.
+    let unscreened_by_default = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(map) = v.as_object_mut() {
+            map.entry("prescreen").or_insert(0.into());
+        }
+        v
+    };
+    let saved_settings = unscreened_by_default(&saved["settings"]);
+    if saved_settings != unscreened_by_default(settings) {
         bail!(
             "{} was searched with other settings ({}); resume with the same options or start anew",
             path.display(),
-            saved["settings"]
+            saved_settings
         );
     }
     let Some(steps) = pf.metrics.get("speculative_search_steps") else {
