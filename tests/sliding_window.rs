@@ -134,9 +134,10 @@ fn a_full_window_drops_the_keys_no_query_can_see() {
 fn a_kv_budget_is_refused_where_every_layer_already_has_a_window() {
     let dir = common::scratch_dir();
     let model = load(dir.path());
-    let err = scalpel::model::kv::KvPolicy::new("quest:64:8".parse().unwrap(), model.cfg())
-        .err()
-        .expect("a budget on a model with no global layer must be refused");
+    let Err(err) = scalpel::model::kv::KvPolicy::new("quest:64:8".parse().unwrap(), model.cfg())
+    else {
+        panic!("a budget on a model with no global layer must be refused");
+    };
     let msg = format!("{err:#}");
     assert!(
         msg.contains("every layer of this model already uses a sliding window of 8 tokens"),

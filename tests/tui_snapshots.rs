@@ -10,11 +10,14 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::style::Color;
 use ratatui::Terminal;
 
+use scalpel::model::routing::{KvPolicy, RouteOn, RoutingSection, ROUTERS_ARTIFACT};
 use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
+use scalpel::tui::app::View;
 use scalpel::tui::app::{
     App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
     Overlap, Quality, Record, Request, Side, Speed, Update,
 };
+use scalpel::tui::jobs::routing::{Cell, Decisions, RouteKey, RoutedTokens, RoutingState};
 use scalpel::tui::jobs::{importance, prompt_run};
 use scalpel::tui::{handler, keys, ui};
 
@@ -257,7 +260,7 @@ fn help_popup() {
     let mut app = busy_app();
     handler::handle_key(&mut app, key(KeyCode::Char('?')));
     assert_eq!(app.mode, Mode::Help);
-    insta::assert_snapshot!(render(&app, 80, 30));
+    insta::assert_snapshot!(render(&app, 80, 34));
 }
 
 #[test]
@@ -410,7 +413,7 @@ fn draft_view_marks_drafted_tokens_and_checks_the_text() {
 /// What a key can change, as text: two apps in the same state print the same.
 fn observe(app: &App, reqs: &[Request]) -> String {
     format!(
-        "{:?} {:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} {reqs:?}",
+        "{:?} {:?} {:?} {:?} {:?} {:?} quit={} at={}/{} {:?} cancelling={:?} scroll={:?} {reqs:?}",
         app.view,
         app.mode,
         app.cursor,
@@ -422,6 +425,7 @@ fn observe(app: &App, reqs: &[Request]) -> String {
         app.history.len(),
         app.status,
         app.job.as_ref().map(|j| j.cancelling),
+        app.routing.as_ref().map(|r| r.scroll),
     )
 }
 
@@ -437,14 +441,50 @@ fn ready_for(command: &keys::Command<keys::Action>, action: keys::Action) -> App
     if command.when == keys::When::JobRunning {
         app.job = Some(LongJob::new(JobKind::Importance, app.now));
     }
+    if let keys::When::InView(view) = command.when {
+        app.view = view;
+    }
+    if command.when == keys::When::InView(View::Routing) {
+        app.routing = Some(routed_session());
+    }
     app
+}
+
+/// A routed plan open with 40 routed tokens, scrolled to the middle (the
+/// routing view's keys all have something to do).
+fn routed_session() -> RoutingState {
+    let section = RoutingSection {
+        artifact: ROUTERS_ARTIFACT.into(),
+        on: RouteOn::Both,
+        capacity: 0.8,
+        kv: KvPolicy::Write,
+        threshold: 0.0,
+    };
+    let mut r = RoutingState::new("routed.json".into(), section, Plan::base());
+    r.tokens = Some(RoutedTokens {
+        key: RouteKey {
+            path: "routed.json".into(),
+            prompt: "old prompt".into(),
+            continuation: String::new(),
+        },
+        pieces: (0..40).map(|i| format!("t{i}")).collect(),
+        prompt_tokens: 40,
+        decisions: Decisions {
+            cells: vec![vec![Cell::Ran; 60]; 40],
+            executed_fraction: 1.0,
+            routed_share: 1.0,
+        },
+    });
+    r.scroll = 16;
+    r
 }
 
 #[test]
 fn every_key_binding_is_handled_and_shown_in_help() {
     let mut help = busy_app();
     handler::handle_key(&mut help, key(KeyCode::Char('?')));
-    let help = render(&help, 80, 30);
+    // Tall enough for every line of the help.
+    let help = render(&help, 80, 34);
     let mut bound = 0;
     for c in keys::main_commands() {
         assert!(
@@ -764,6 +804,9 @@ fn the_speculative_view_lists_this_sessions_draft_runs() {
     assert!(handler::handle_mouse(&mut app, click(right), screen_rect).is_empty());
     assert_eq!(app.plan(), &before, "a click toggled a block out of sight");
 
+    // v cycles blocks → speculative → routing → blocks.
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    assert_eq!(app.view, scalpel::tui::app::View::Routing);
     handler::handle_key(&mut app, key(KeyCode::Char('v')));
     let screen = render(&app, 80, 24);
     assert!(screen.contains("┌ blocks · 1/60 skipped"), "{screen}");

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jobs::fit::FitJob;
 use super::jobs::prompt_run::PromptRun;
+use super::jobs::routing::RoutingState;
 use super::jobs::search::SearchJob;
 use super::jobs::{Apply, Job};
 use crate::plan::{BlockId, BlockKind, ModelIdentity, Plan};
@@ -417,10 +418,13 @@ pub enum View {
     Blocks,
     /// Self-speculative decoding: the draft runs made this session.
     Speculative,
+    /// Token routing: which tokens the routed plan's routers send past
+    /// which blocks, for the current prompt.
+    Routing,
 }
 
 impl View {
-    pub const ALL: [View; 2] = [View::Blocks, View::Speculative];
+    pub const ALL: [View; 3] = [View::Blocks, View::Speculative, View::Routing];
 
     pub fn next(self) -> Self {
         let i = Self::ALL.iter().position(|v| *v == self).unwrap_or(0);
@@ -431,6 +435,7 @@ impl View {
         match self {
             View::Blocks => "blocks",
             View::Speculative => "speculative",
+            View::Routing => "routing",
         }
     }
 }
@@ -521,6 +526,8 @@ pub enum LaneName {
     /// Importance, search, fit.
     Long,
     Gen,
+    /// A view's quick computation (the routing decisions).
+    Glance,
 }
 
 /// Results and progress from the background threads.
@@ -592,6 +599,8 @@ pub struct App {
     /// Every draft run this session, oldest first.
     pub draft_runs: Vec<DraftRun>,
     pub view: View,
+    /// The routed plan opened for the routing view, and its decisions.
+    pub routing: Option<RoutingState>,
     pub mode: Mode,
     pub chart_x: ChartX,
     pub chart_y: ChartY,
@@ -625,6 +634,7 @@ impl App {
             },
             draft_runs: Vec::new(),
             view: View::Blocks,
+            routing: None,
             mode: Mode::Normal,
             chart_x: ChartX::BlocksSkipped,
             chart_y: ChartY::Kl,
@@ -1002,6 +1012,13 @@ impl App {
                     }
                 }
                 "generation".to_string()
+            }
+            LaneName::Glance => {
+                if let Some(r) = &mut self.routing {
+                    r.pending = None;
+                    r.error = Some("crashed".into());
+                }
+                "the routing decisions".to_string()
             }
         };
         self.set_status(format!("{what} crashed: {message}; please report it"), true);

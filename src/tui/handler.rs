@@ -8,6 +8,7 @@ use ratatui::crossterm::event::{
 use ratatui::layout::Rect;
 
 use super::app::{App, ChartY, InputKind, Mode, Request, View};
+use super::jobs::routing::SCROLL_STEP;
 use super::keys::{self, Action, HistoryAction, InputAction};
 use super::plan_io;
 use super::ui;
@@ -73,7 +74,15 @@ pub fn run(app: &mut App, action: Action) -> Vec<Request> {
         }
         Action::Generate => return app.generate(false),
         Action::Draft => return app.generate(true),
-        Action::View => app.view = app.view.next(),
+        Action::View => {
+            app.view = app.view.next();
+            if app.view == View::Routing {
+                return app.refresh_routing(false);
+            }
+        }
+        Action::EarlierTokens => app.scroll_routing(-(SCROLL_STEP as isize)),
+        Action::LaterTokens => app.scroll_routing(SCROLL_STEP as isize),
+        Action::RouteAgain => return app.refresh_routing(true),
         Action::EditPrompt => {
             let prompt = app.gen.prompt.clone();
             open_input(app, InputKind::Prompt, prompt);
@@ -178,14 +187,18 @@ fn submit(app: &mut App, kind: InputKind, text: String) -> Vec<Request> {
         InputKind::OpenPath => {
             let path = PathBuf::from(&text);
             match plan_io::open(app, &path) {
-                Ok((plan, notes)) => {
+                Ok(opened) => {
                     if app.search_running() {
                         app.set_status("a search is changing the plan; Esc cancels it first", true);
                         return vec![];
                     }
                     app.save_path = path.clone();
-                    let reqs = app.push_plan(plan);
-                    let notes: String = notes.iter().map(|n| format!("; {n}")).collect();
+                    let mut reqs = app.push_plan(opened.plan.clone());
+                    let mut notes: String = opened.notes.iter().map(|n| format!("; {n}")).collect();
+                    if let Some(section) = opened.routing {
+                        reqs.extend(app.open_routing(&path, section, opened.plan));
+                        notes.push_str(plan_io::ROUTED_NOTE);
+                    }
                     app.set_status(format!("opened {}{notes}", path.display()), false);
                     reqs
                 }

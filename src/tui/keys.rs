@@ -179,6 +179,9 @@ pub enum Action {
     Draft,
     EditPrompt,
     View,
+    EarlierTokens,
+    LaterTokens,
+    RouteAgain,
     Help,
     Quit,
 }
@@ -351,11 +354,25 @@ pub const MAIN: &[Group] = &[
         ],
     },
     Group {
+        name: "Routing view",
+        commands: &[Command::new(
+            "[ ] r",
+            "earlier / later tokens / route the prompt again",
+            &[
+                (Key::ch('['), A::EarlierTokens),
+                (Key::ch(']'), A::LaterTokens),
+                (Key::ch('r'), A::RouteAgain),
+            ],
+        )
+        .bar(&[(2, "[ ]", "tokens"), (3, "r", "route")])
+        .when(When::InView(View::Routing))],
+    },
+    Group {
         name: "Anywhere",
         commands: &[
             Command::new(
                 "v",
-                "view: block surgery / speculative draft runs",
+                "view: block surgery / speculative / routing",
                 &[(Key::ch('v'), A::View)],
             )
             .bar(&[(14, "v", "view")]),

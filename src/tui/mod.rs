@@ -50,7 +50,11 @@ pub fn run(msource: &ModelSource, psource: &PlanSource) -> Result<()> {
     // Before anything starts rayon's pool.
     event::lower_compute_priority();
     let model = setup::load_model(msource)?;
-    let (plan, _) = setup::load_plan(psource, &model)?;
+    let (plan, file) = setup::load_plan_honouring(psource, &model, plan_io::HONOURED)?;
+    let routing = match &file {
+        Some(f) => jobs::routing::section_of(f)?,
+        None => None,
+    };
     let setup = jobs::Setup::for_model(&model)?;
     let mut app = App::new(
         model_info(&model, &setup),
@@ -66,7 +70,16 @@ pub fn run(msource: &ModelSource, psource: &PlanSource) -> Result<()> {
     }
     if psource.is_given() {
         // Evaluated below by `start`.
-        let _ = app.push_plan(plan);
+        let _ = app.push_plan(plan.clone());
+    }
+    // The decisions are routed when the routing view opens.
+    if let (Some(section), Some(path)) = (routing, &psource.plan) {
+        app.routing = Some(jobs::routing::RoutingState::new(
+            path.clone(),
+            section,
+            plan,
+        ));
+        app.set_status(format!("{}{}", path.display(), plan_io::ROUTED_NOTE), false);
     }
     let (tx, rx) = mpsc::channel();
     let worker = worker::Worker::spawn(Arc::new(model), Arc::new(setup), tx);

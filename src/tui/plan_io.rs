@@ -5,7 +5,27 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::app::App;
+use super::jobs::routing::section_of;
+use crate::model::routing::{RoutingSection, ROUTING_SECTION};
 use crate::plan::{Plan, PlanFile};
+
+/// The plan sections the workbench carries out (the routing view routes
+/// with them); a plan with any other section is refused, as the CLI does.
+pub const HONOURED: &[&str] = &[ROUTING_SECTION];
+
+/// Said when a routed plan opens: where its routing shows, and that the
+/// blocks view measures the plan under the routers.
+pub const ROUTED_NOTE: &str =
+    "; routers: routing view (v); blocks view measures the static plan without routing";
+
+/// A plan file as opened: its static plan, what reading it changed (see
+/// `PlanFile::notes`) and its routing, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    pub plan: Plan,
+    pub notes: Vec<String>,
+    pub routing: Option<RoutingSection>,
+}
 
 /// Writes the current plan, with what was measured about it, atomically.
 pub fn save(app: &App, path: &Path) -> Result<()> {
@@ -44,14 +64,20 @@ pub fn plan_file(app: &App) -> PlanFile {
     file
 }
 
-/// Reads a plan file and checks it was made for this model; also returns
-/// what reading it changed (see `PlanFile::notes`).
-pub fn open(app: &App, path: &Path) -> Result<(Plan, Vec<String>)> {
+/// Reads a plan file and checks it was made for this model and carries no
+/// section the workbench would leave out.
+pub fn open(app: &App, path: &Path) -> Result<Opened> {
     let file = PlanFile::load(path)?;
     // A plan made on other weights of the same shapes (another quantization)
     // loads, as it always has here; the CLI prints the warning.
     let _other_weights = file
         .check_model(&app.info.identity)
         .with_context(|| format!("cannot use plan {}", path.display()))?;
-    Ok((file.plan, file.notes))
+    crate::setup::refuse_sections(&file, path, "the workbench", HONOURED)?;
+    let routing = section_of(&file)?;
+    Ok(Opened {
+        plan: file.plan,
+        notes: file.notes,
+        routing,
+    })
 }

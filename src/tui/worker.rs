@@ -1,8 +1,9 @@
 //! Background threads that own the model (through an `Arc`) and run jobs,
-//! so the UI thread never waits on it. Three lanes, each one std thread:
+//! so the UI thread never waits on it. Four lanes, each one std thread:
 //! evaluation (latest wins: a newer plan cancels the older one, as gitui's
-//! `AsyncSingleJob`), long jobs (importance, search; Esc cancels) and
-//! generation (latest wins). Requests go in; `Update`s come out on a channel.
+//! `AsyncSingleJob`), long jobs (importance, search; Esc cancels),
+//! generation (latest wins) and a view's quick computations (latest
+//! wins). Requests go in; `Update`s come out on a channel.
 //! A job behind the job interface (`Request::Run`) goes to the lane it
 //! names and is otherwise the job's own business.
 
@@ -138,6 +139,7 @@ pub struct Worker {
     eval: Lane<Plan>,
     long: Lane<Box<dyn Job>>,
     gen: Lane<Box<dyn Job>>,
+    glance: Lane<Box<dyn Job>>,
 }
 
 /// Everything a lane needs, cloned into its thread.
@@ -214,10 +216,21 @@ impl Worker {
             move |job: Box<dyn Job>, cancel| c.run(job, cancel),
             crashed(LaneName::Gen),
         );
+        let c = ctx.clone();
+        let glance = Lane::spawn(
+            "scalpel-glance",
+            move |job: Box<dyn Job>, cancel| c.run(job, cancel),
+            crashed(LaneName::Glance),
+        );
         // The base model's numbers first, whatever the first plan is.
         eval.submit(Plan::base(), false);
         long.submit(Box::new(ImportanceJob), false);
-        Self { eval, long, gen }
+        Self {
+            eval,
+            long,
+            gen,
+            glance,
+        }
     }
 
     pub fn send(&self, req: Request) {
@@ -226,6 +239,7 @@ impl Worker {
             Request::Run(job) => match job.lane() {
                 JobLane::Gen => self.gen.submit(job, true),
                 JobLane::Long => self.long.submit(job, false),
+                JobLane::Glance => self.glance.submit(job, true),
             },
             Request::CancelJob => self.long.cancel(),
         }
@@ -236,6 +250,7 @@ impl Worker {
         self.eval.close();
         self.long.close();
         self.gen.close();
+        self.glance.close();
     }
 }
 

@@ -24,6 +24,9 @@ pub enum JobLane {
     Long,
     /// The generation panel's runs: the latest wins, cancelling the older.
     Gen,
+    /// A view's quick computation (the routing view's decisions): the
+    /// latest wins, beside the long jobs and generation.
+    Glance,
 }
 
 /// Background work of any mode.

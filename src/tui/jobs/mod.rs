@@ -9,6 +9,7 @@ pub mod generate;
 pub mod importance;
 pub mod interface;
 pub mod prompt_run;
+pub mod routing;
 pub mod search;
 
 pub use interface::{Apply, Job, JobCx, JobLane};

@@ -6,7 +6,7 @@ use super::activity::Busy;
 use super::generate::{stream, stream_draft};
 use super::interface::{Apply, Job, JobCx, JobLane};
 use crate::plan::Plan;
-use crate::tui::app::{App, DraftRun, DraftStats, Origin, Request, Side, Speculative};
+use crate::tui::app::{App, DraftRun, DraftStats, Origin, Request, Side, Speculative, View};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptRun {
@@ -125,6 +125,10 @@ impl Apply for Done {
         s.queued = false;
         s.prefill_tps = Some(self.prefill_tps);
         s.decode_tps = Some(self.decode_tps);
+        // The routing view routes the continuation too, once it is there.
+        if self.side == Side::Base && app.view == View::Routing {
+            return app.refresh_routing(false);
+        }
         vec![]
     }
 }

@@ -6,6 +6,7 @@ pub mod generation;
 pub mod grid;
 pub mod help;
 pub mod metrics;
+pub mod routing;
 pub mod speculative;
 
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -81,6 +82,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
             chart::draw(frame, a.chart, app);
         }
         View::Speculative => speculative::draw(frame, a.main, app),
+        View::Routing => routing::draw(frame, a.main, app),
     }
     generation::draw(frame, a.generation, app);
     if a.job.height > 0 {
