@@ -7,8 +7,11 @@ use anyhow::{bail, Context, Result};
 use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
+use crate::model::routing::{load_from_plan, ROUTING_SECTION};
+use crate::model::LayerPolicy;
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
+use crate::surgery::routing::measure::Routed;
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
@@ -21,14 +24,28 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
     // The prompt's length in bytes bounds its tokens (before the tokenizer is loaded).
     let context = args.prompt.len() + args.max_tokens + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 1))?;
-    let (plan, _) = cli::load_plan_honouring(
+    let (plan, file) = cli::load_plan_honouring(
         pargs,
         &model,
         &[
             crate::surgery::replace::REPLACE_SECTION,
             crate::plan::HEAL_SECTION,
+            ROUTING_SECTION,
         ],
     )?;
+    // A routed plan: its routers decide per token which blocks run.
+    let routing = file
+        .as_ref()
+        .map(|f| load_from_plan(f, &model))
+        .transpose()?
+        .flatten();
+    let routed = routing.as_ref().map(|(section, routers)| Routed {
+        plan: &plan,
+        routers,
+        kv: section.kv,
+        threshold: section.threshold,
+    });
+    let policy = routed.as_ref().map(|r| r.policy(&model));
     let draft = match &args.speculative {
         Some(path) => {
             let source = PlanSource {
@@ -115,16 +132,27 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         }
         return Ok(());
     }
-    let report = generate::generate(&model, &prompt, &plan, opts, on_token)?;
+    let layer_policy = policy.as_ref().map(|p| p as &dyn LayerPolicy);
+    let report = generate::generate_with(&model, &prompt, &plan, layer_policy, opts, on_token)?;
+    // Blocks executed per token over all blocks, prompt and new tokens.
+    let executed = policy.as_ref().map(|p| p.counts.executed_fraction());
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["text"] = codec.decode(&report.new_tokens)?.into();
         v["plan"] = plan.describe().into();
+        if let (Some(f), Some((section, _))) = (executed, &routing) {
+            v["executed_fraction"] = f.into();
+            v["routing"] = serde_json::to_value(section)?;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!();
+        let routed_note = match executed {
+            Some(f) => format!(" + routing (executed {f:.4} of the blocks per token, measured)"),
+            None => String::new(),
+        };
         eprintln!(
-            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), weights {}, plan {}",
+            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), weights {}, plan {}{routed_note}",
             report.prefill_tokens_per_sec,
             report.prompt_tokens,
             report.decode_tokens_per_sec,

@@ -9,7 +9,7 @@ use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::model::{Model, Pass, RunOptions, SeqState};
+use crate::model::{LayerPolicy, Model, Pass, RunOptions, SeqState};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,19 @@ pub fn generate(
     prompt: &[u32],
     plan: &Plan,
     opts: GenOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenReport> {
+    generate_with(model, prompt, plan, None, opts, on_token)
+}
+
+/// `generate` with a layer policy deciding what runs instead of `plan`'s
+/// own skips (a routed plan's routers: per token, in prefill and decode).
+pub fn generate_with(
+    model: &Model,
+    prompt: &[u32],
+    plan: &Plan,
+    policy: Option<&dyn LayerPolicy>,
+    opts: GenOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenReport> {
     if prompt.is_empty() {
@@ -63,7 +76,10 @@ pub fn generate(
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let prefill_run = opts.run.for_prefill(prompt.len());
-    let mut next = step(model, &input, &mut state, plan, prefill_run, &mut sampler)?;
+    let step_with = |input: &Tensor, state: &mut SeqState, run, sampler: &mut Sampler| {
+        step(model, input, state, plan, policy, run, sampler)
+    };
+    let mut next = step_with(&input, &mut state, prefill_run, &mut sampler)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
@@ -77,7 +93,7 @@ pub fn generate(
             break;
         }
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        next = step(model, &input, &mut state, plan, opts.run, &mut sampler)?;
+        next = step_with(&input, &mut state, opts.run, &mut sampler)?;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
     let steps = new_tokens.len().saturating_sub(1);
@@ -172,11 +188,15 @@ fn step(
     input: &Tensor,
     state: &mut SeqState,
     plan: &Plan,
+    policy: Option<&dyn LayerPolicy>,
     run: RunOptions,
     sampler: &mut Sampler,
 ) -> Result<u32> {
     let t = input.dim(1)?;
     let mut pass = Pass::plan(plan, run).with_state(state);
+    if let Some(policy) = policy {
+        pass = pass.with_policy(policy);
+    }
     let hidden = model.transformer.forward_hidden(input, &mut pass)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
     let logits = model.transformer.logits(&last, run)?.squeeze(0)?;
