@@ -8,13 +8,16 @@
 
 mod common;
 
+use std::sync::atomic::AtomicBool;
+
 use candle_core::{Device, Tensor};
-use scalpel::eval::kv::{evaluate_kv, KvEvalOptions};
+use scalpel::eval::kv::{evaluate_kv, evaluate_kv_under, KvEvalOptions};
+use scalpel::eval::perplexity;
 use scalpel::model::kv::evict::{h2o_keep, snapkv_keep, streaming_keep, top_k, window_keep};
 use scalpel::model::kv::quest::{page_bound, PageBounds};
 use scalpel::model::kv::{KeptKeys, KvPolicy, KvSpec};
 use scalpel::model::{Model, Pass, Probe, RunOptions, SeqState};
-use scalpel::plan::Plan;
+use scalpel::plan::{BlockId, LayerScales, Plan};
 
 const FAST: RunOptions = RunOptions::FAST;
 
@@ -551,4 +554,61 @@ fn needle_the_full_cache_finds_the_key_a_small_window_has_evicted() {
     };
     let err = needle_grid(model, &[], &bad, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("outside [0, 1]"), "{err}");
+}
+
+#[test]
+fn a_kv_policy_on_top_of_a_skip_plan_measures_its_own_cost_on_the_pruned_model() {
+    let model = tiny();
+    let ids = ids(200, &model);
+    let mut plan = Plan::with_skips([BlockId::attn(1), BlockId::mlp(0)]);
+    plan.scales = Some(
+        (0..model.n_layers())
+            .map(|i| LayerScales {
+                b_att: 0.9 + 0.05 * i as f32,
+                s_att: 1.02,
+                b_mlp: 1.1,
+                s_mlp: 0.97,
+            })
+            .collect(),
+    );
+    let eval = |plan: &Plan, specs: &str| {
+        let specs = KvSpec::parse_list(specs).unwrap();
+        evaluate_kv_under(&model, &ids, plan, &specs, eval_opts(false), |_, _| {}).unwrap()
+    };
+    // Budgets covering the context: every position scored, as perplexity does.
+    let under = eval(&plan, "quest:4096,window:4096");
+    let base = eval(&Plan::base(), "quest:4096,window:4096");
+    assert_eq!(under.scored_from, 0);
+    // The reference is the plan with the full cache, not the base model.
+    assert_ne!(under.full_perplexity, base.full_perplexity);
+    let whole = perplexity::evaluate(
+        &model,
+        &ids,
+        &plan,
+        perplexity::EvalOptions {
+            window: 96,
+            compare_base: false,
+            run: FAST,
+            parallel_windows: false,
+        },
+        &AtomicBool::new(false),
+        |_, _| {},
+    )
+    .unwrap();
+    let rel = (under.full_perplexity / whole.perplexity - 1.0).abs();
+    eprintln!("chunked full cache vs whole windows under the plan: relative {rel:e}");
+    assert!(
+        rel < 1e-9,
+        "chunked full cache vs whole windows under the plan: {rel}"
+    );
+    for row in &under.rows {
+        assert_eq!(row.perplexity, under.full_perplexity, "{}", row.policy);
+        assert_eq!(row.kl_to_full, 0.0, "{}", row.policy);
+    }
+    // Small budgets cost something on top of the plan.
+    for row in &eval(&plan, "quest:16:4,window:16,h2o:16").rows {
+        assert!(row.kl_to_full > 1e-6, "{}: {}", row.policy, row.kl_to_full);
+    }
+    // The skipped attention layer holds no K/V: less memory than the base's.
+    assert!(under.full_kv_bytes < base.full_kv_bytes);
 }

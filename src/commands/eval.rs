@@ -187,9 +187,6 @@ fn run_kv(
     args: &EvalArgs,
     run: RunOptions,
 ) -> Result<()> {
-    if *plan != Plan::base() {
-        bail!("--kv measures KV policies on the full model; a plan that skips blocks or rescales them is not combined with one yet (drop --plan, or give a plan with only a `kv` section)");
-    }
     let max = model.transformer.max_positions();
     let context = args.context.unwrap_or(max.min(8192));
     let opts = kv::KvEvalOptions {
@@ -206,21 +203,30 @@ fn run_kv(
         let mut prompt = perplexity::windows(ids, context, bos).swap_remove(0);
         prompt.truncate(max - args.decode_speed - 1);
         let decode_run = args.weights.run_options(model, true)?;
-        let rows = kv::decode_speed(model, &prompt, specs, args.decode_speed, 3, decode_run)?;
+        let rows = kv::decode_speed_under(
+            model,
+            &prompt,
+            plan,
+            specs,
+            args.decode_speed,
+            3,
+            decode_run,
+        )?;
         if args.json {
-            let v = serde_json::json!({"context": prompt.len(), "steps": args.decode_speed, "decode_speed": rows});
+            let v = serde_json::json!({"context": prompt.len(), "steps": args.decode_speed, "decode_speed": rows, "plan": plan.describe()});
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(());
         }
         println!(
-            "decode          {} steps after a {}-token prefill ({})",
+            "decode          {} steps after a {}-token prefill ({}, plan {})",
             args.decode_speed,
             prompt.len(),
             if decode_run.quantized {
                 "quantized weights"
             } else {
                 "f32 weights"
-            }
+            },
+            plan.describe()
         );
         for s in &rows {
             println!(
@@ -233,9 +239,10 @@ fn run_kv(
         }
         return Ok(());
     }
-    let report = kv::evaluate_kv(model, ids, specs, opts, |_, _| {})?;
+    let report = kv::evaluate_kv_under(model, ids, plan, specs, opts, |_, _| {})?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
+        v["plan"] = plan.describe().into();
         v["model"] = serde_json::to_value(&model.identity)?;
         v["threads"] = rayon::current_num_threads().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -250,6 +257,12 @@ fn run_kv(
         report.scored_from,
         report.scored_tokens
     );
+    if *plan != Plan::base() {
+        println!(
+            "plan            {} (the full cache and every policy run under it; KL is to the plan with the full cache)",
+            plan.describe()
+        );
+    }
     println!(
         "full cache      perplexity {:.4}, KV {:.1} MiB",
         report.full_perplexity,

@@ -79,8 +79,23 @@ pub fn evaluate_kv(
     ids: &[u32],
     specs: &[KvSpec],
     opts: KvEvalOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<KvEvalReport> {
+    evaluate_kv_under(model, ids, &Plan::base(), specs, opts, progress)
+}
+
+/// `evaluate_kv` on top of a skip plan: the policies and the full cache
+/// both run under `plan`, so the numbers are the policy's own cost on the
+/// pruned model (KL to the plan with the full cache).
+pub fn evaluate_kv_under(
+    model: &Model,
+    ids: &[u32],
+    plan: &Plan,
+    specs: &[KvSpec],
+    opts: KvEvalOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<KvEvalReport> {
+    model.check_plan(plan)?;
     if specs.is_empty() {
         bail!("no KV policy given");
     }
@@ -121,7 +136,7 @@ pub fn evaluate_kv(
         );
     }
     let start = Instant::now();
-    let one = |w: &Vec<u32>| window_sums(model, w, specs, opts, scored_from);
+    let one = |w: &Vec<u32>| window_sums(model, w, plan, specs, opts, scored_from);
     let results: Vec<Result<(Scores, usize, Vec<PolicySums>)>> = if opts.parallel_windows {
         wins.par_iter().map(one).collect()
     } else {
@@ -189,11 +204,11 @@ fn capacity(spec: &KvSpec, window: usize, chunk: usize) -> usize {
 fn window_sums(
     model: &Model,
     window: &[u32],
+    plan: &Plan,
     specs: &[KvSpec],
     opts: KvEvalOptions,
     scored_from: usize,
 ) -> Result<(Scores, usize, Vec<PolicySums>)> {
-    let base = Plan::base();
     let t = &model.transformer;
     let run = opts.run;
     let mut full_state = t.new_state(window.len());
@@ -218,7 +233,7 @@ fn window_sums(
         let mut kept = Vec::with_capacity(specs.len());
         for ((policy, state), sum) in policies.iter_mut().zip(&mut states).zip(&mut sums) {
             policy.begin_pass(len);
-            let mut pass = Pass::plan(&base, run).with_state(state).with_probe(policy);
+            let mut pass = Pass::plan(plan, run).with_state(state).with_probe(policy);
             let h = t.forward_hidden(&input, &mut pass)?.squeeze(0)?;
             kept.push(
                 (0..t.n_layers())
@@ -237,7 +252,7 @@ fn window_sums(
             wanted: opts.recall && kept.iter().flatten().any(|k| !matches!(k, KeptKeys::All)),
         };
         let h_full = {
-            let mut pass = Pass::plan(&base, run).with_state(&mut full_state);
+            let mut pass = Pass::plan(plan, run).with_state(&mut full_state);
             if recall.wanted {
                 pass = pass.with_probe(&mut recall);
             }
@@ -367,6 +382,21 @@ pub fn decode_speed(
     rounds: usize,
     run: RunOptions,
 ) -> Result<Vec<SpeedRow>> {
+    decode_speed_under(model, prompt, &Plan::base(), specs, steps, rounds, run)
+}
+
+/// `decode_speed` on top of a skip plan (skipped blocks compute nothing,
+/// and skipped attention layers hold no K/V).
+pub fn decode_speed_under(
+    model: &Model,
+    prompt: &[u32],
+    base: &Plan,
+    specs: &[KvSpec],
+    steps: usize,
+    rounds: usize,
+    run: RunOptions,
+) -> Result<Vec<SpeedRow>> {
+    model.check_plan(base)?;
     let t = &model.transformer;
     if prompt.len() + steps + 1 > t.max_positions() {
         bail!(
@@ -376,12 +406,11 @@ pub fn decode_speed(
             t.max_positions()
         );
     }
-    let base = Plan::base();
     let mut prefilled = t.new_state(prompt.len() + steps + 1);
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let h = t.forward_hidden(
         &input,
-        &mut Pass::plan(&base, run.for_prefill(prompt.len())).with_state(&mut prefilled),
+        &mut Pass::plan(base, run.for_prefill(prompt.len())).with_state(&mut prefilled),
     )?;
     let last = h.narrow(1, prompt.len() - 1, 1)?.squeeze(1)?;
     let first: u32 = t
@@ -405,7 +434,7 @@ pub fn decode_speed(
                 let t0 = Instant::now();
                 policy.begin_pass(1);
                 let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-                let mut pass = Pass::plan(&base, run)
+                let mut pass = Pass::plan(base, run)
                     .with_state(&mut state)
                     .with_probe(&mut policy);
                 let h = t.forward_hidden(&input, &mut pass)?;
