@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::fmt_rate;
+use super::{clip, fmt_rate};
 use crate::tui::app::{App, GenSide};
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App) {
@@ -98,12 +98,12 @@ fn draw_side(frame: &mut Frame, area: Rect, name: &str, side: &GenSide, verdict:
     };
     let width = area.width as usize;
     let mut lines = vec![Line::from(Span::styled(
-        truncate(&head, width),
+        clip(&head, width),
         Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD),
     ))];
     if !verdict.is_empty() && !one_line {
         lines.push(Line::from(Span::styled(
-            truncate(&verdict, width),
+            clip(&verdict, width),
             Style::new().fg(Color::Yellow),
         )));
     }
@@ -120,16 +120,6 @@ fn draw_side(frame: &mut Frame, area: Rect, name: &str, side: &GenSide, verdict:
     let skip = body.len().saturating_sub(room);
     lines.extend(body.into_iter().skip(skip));
     frame.render_widget(Paragraph::new(lines), area);
-}
-
-fn truncate(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
 }
 
 /// Greedy word wrap to `width` columns (long words are split).

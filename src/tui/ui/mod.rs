@@ -185,3 +185,14 @@ pub fn fmt_rate(v: f64) -> String {
         format!("{v:.1}")
     }
 }
+
+/// `s` cut to `width` columns, with `…` marking the cut.
+pub fn clip(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}

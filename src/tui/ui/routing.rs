@@ -11,6 +11,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
+use super::clip;
 use super::generation::wrap;
 use crate::model::routing::{KvPolicy, RouteOn};
 use crate::plan::BlockId;
@@ -279,14 +280,4 @@ fn footer(r: &RoutingState, t: &RoutedTokens, g: Geometry, width: usize) -> Vec<
     }
     out.push(legend);
     out
-}
-
-fn clip(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
 }

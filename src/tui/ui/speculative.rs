@@ -9,8 +9,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 use ratatui::Frame;
 
-use super::fmt_rate;
 use super::generation::wrap;
+use super::{clip, fmt_rate};
 use crate::tui::app::{App, DraftRun};
 use crate::tui::jobs::generate::DRAFT_LEN;
 
@@ -134,14 +134,4 @@ fn footer(app: &App, width: usize) -> Vec<String> {
         width,
     ));
     out
-}
-
-fn clip(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
 }
