@@ -59,7 +59,7 @@ pub enum Command {
     Compare(CompareArgs),
     /// Lossless speed from a plan: the model under --plan drafts, the full model verifies (greedy).
     Speculate(SpeculateArgs),
-    /// Passkey retrieval under KV budget policies: a key hidden at chosen depths of long filler text.
+    /// Passkey retrieval under KV budget policies (and --plan): a key hidden at chosen depths of long filler text.
     Needle(NeedleArgs),
     /// Replace attention layers with distilled gated linear mixers (constant-size state, no KV).
     Replace(ReplaceArgs),
@@ -545,6 +545,8 @@ pub struct SpeculateArgs {
 pub struct NeedleArgs {
     /// KV budget policies to compare with the full cache (always run first),
     /// comma-separated, as `eval --kv`: window:B, streaming:B, h2o:B, snapkv:B, quest:B.
+    /// With --plan (skips, scales, replaced or healed layers) every column runs
+    /// under the plan, after the unpruned model's own full-cache column (`base`).
     #[arg(long, default_value = "")]
     pub kv: String,
     /// Prompt lengths in tokens, comma-separated.

@@ -26,3 +26,12 @@ pub fn spinner(what: &str) -> ProgressBar {
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
 }
+
+/// Seconds left for `total` items when `done` of them took `elapsed_secs`,
+/// at the average rate so far (0 before the first item, when no rate is known).
+pub fn eta_secs(elapsed_secs: f64, done: usize, total: usize) -> f64 {
+    if done == 0 {
+        return 0.0;
+    }
+    elapsed_secs / done as f64 * total.saturating_sub(done) as f64
+}

@@ -544,15 +544,36 @@ fn needle_the_full_cache_finds_the_key_a_small_window_has_evicted() {
         run: RunOptions::FAST,
     };
     let window: KvSpec = "window:64".parse().unwrap();
-    let report = needle_grid(model, &[window], &opts, |_, _| {}).unwrap();
+    let report = needle_grid(
+        model,
+        &Plan::base(),
+        std::slice::from_ref(&window),
+        &opts,
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(report.policies, ["full", "window:64"]);
     assert_eq!(report.found("full"), (1, 1), "{:?}", report.cells);
     assert_eq!(report.found("window:64"), (0, 1), "{:?}", report.cells);
+    // Under a skip plan the unpruned model answers first, on the same key.
+    let plan = Plan::with_skips([BlockId::attn(6), BlockId::attn(25)]);
+    let pruned = needle_grid(model, &plan, &[window], &opts, |_, _| {}).unwrap();
+    assert_eq!(pruned.policies, ["base", "plan", "plan+window:64"]);
+    let answer = |r: &scalpel::eval::needle::NeedleReport, p: &str| {
+        r.cells
+            .iter()
+            .find(|c| c.policy == p)
+            .unwrap()
+            .example_answer
+            .clone()
+    };
+    assert_eq!(answer(&pruned, "base"), answer(&report, "full"));
+    assert_eq!(pruned.found("plan+window:64"), (0, 1), "{:?}", pruned.cells);
     let bad = NeedleOptions {
         depths: vec![1.5],
         ..opts
     };
-    let err = needle_grid(model, &[], &bad, |_, _| {}).unwrap_err();
+    let err = needle_grid(model, &Plan::base(), &[], &bad, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("outside [0, 1]"), "{err}");
 }
 

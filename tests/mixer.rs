@@ -2,6 +2,8 @@
 //! initialised mixer reproduces its attention on one token, the engine runs
 //! it with a recurrent state and no KV cache, its gradients match finite
 //! differences, distillation lowers the losses, and the plan round-trips.
+//! The engine's tests run on the tiny Llama and on the transformers-made
+//! tiny Gemma 3 (q/k norms, sandwich norms, local and global layers).
 
 mod common;
 
@@ -58,6 +60,9 @@ fn tiny() -> Model {
     common::load_tiny("llama")
 }
 
+/// The architectures the engine tests run on.
+const ARCHS: [&str; 2] = ["llama", "gemma3"];
+
 /// `plan` with layers `layers` replaced by mixers initialised from attention.
 fn replaced(model: &Model, plan: &Plan, layers: &[usize]) -> Plan {
     let params = replace::init_params(model, layers).unwrap();
@@ -78,25 +83,72 @@ fn logits(model: &Model, ids: &[u32], plan: &Plan) -> Vec<f32> {
 
 #[test]
 fn an_initialised_mixer_reproduces_its_attention_on_one_token() {
-    let model = tiny();
-    let plan = replaced(&model, &Plan::base(), &[1, 2]);
-    let base = logits(&model, &[7], &Plan::base());
-    let mixed = logits(&model, &[7], &plan);
-    let diff = common::max_abs_diff(&base, &mixed);
-    assert!(
-        diff < 1e-4,
-        "one token: base vs replaced logits differ by {diff}"
-    );
-    // On longer sequences it is a different function (no softmax, no RoPE).
-    let ids: Vec<u32> = (1..20).collect();
-    let diff = common::max_abs_diff(
-        &logits(&model, &ids, &Plan::base()),
-        &logits(&model, &ids, &plan),
-    );
-    assert!(
-        diff > 1e-3,
-        "19 tokens: the mixer should differ from attention, diff {diff}"
-    );
+    for arch in ARCHS {
+        let model = common::load_tiny(arch);
+        let plan = replaced(&model, &Plan::base(), &[1, 2]);
+        let base = logits(&model, &[7], &Plan::base());
+        let mixed = logits(&model, &[7], &plan);
+        let diff = common::max_abs_diff(&base, &mixed);
+        assert!(
+            diff < 1e-4,
+            "{arch}, one token: base vs replaced logits differ by {diff}"
+        );
+        // On longer sequences it is a different function (no softmax, no RoPE).
+        let ids: Vec<u32> = (1..20).collect();
+        let diff = common::max_abs_diff(
+            &logits(&model, &ids, &Plan::base()),
+            &logits(&model, &ids, &plan),
+        );
+        assert!(
+            diff > 1e-3,
+            "{arch}, 19 tokens: the mixer should differ from attention, diff {diff}"
+        );
+    }
+}
+
+/// Prefill `ids[..split]` on a state, then one token at a time: the largest
+/// logit difference to one stateless pass over all of `ids`.
+fn decode_vs_prefill(model: &Model, plan: &Plan, ids: &[u32], split: usize) -> f32 {
+    let full = logits(model, ids, plan);
+    let vocab = model.cfg().vocab_size;
+    let t = &model.transformer;
+    let mut state = t.new_state(0);
+    let input = Tensor::new(&ids[..split], model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut pass = Pass::plan(plan, RunOptions::FAST).with_state(&mut state);
+    t.forward_hidden(&input, &mut pass).unwrap();
+    let mut worst = 0f32;
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let input = Tensor::new(&[id], model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut pass = Pass::plan(plan, RunOptions::FAST).with_state(&mut state);
+        let h = t.forward_hidden(&input, &mut pass).unwrap();
+        let step = flat(&t.logits(&h, RunOptions::FAST).unwrap());
+        worst = worst.max(common::max_abs_diff(
+            &step,
+            &full[i * vocab..(i + 1) * vocab],
+        ));
+    }
+    worst
+}
+
+#[test]
+fn gemma_decode_past_the_local_window_with_a_replaced_global_layer_equals_one_prefill() {
+    let model = common::load_tiny("gemma3");
+    // Layer 1 is the global layer, 0 and 2 local (window 4); 40 tokens.
+    for layers in [&[1usize][..], &[0, 2]] {
+        let plan = replaced(&model, &Plan::base(), layers);
+        let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 40).collect();
+        let worst = decode_vs_prefill(&model, &plan, &ids, 30);
+        assert!(
+            worst < 1e-4,
+            "replacing {layers:?}: decode vs prefill logits differ by {worst}"
+        );
+    }
 }
 
 #[test]
@@ -105,32 +157,15 @@ fn decode_steps_on_the_recurrent_state_equal_one_prefill_and_keep_no_kv() {
     let plan = replaced(&model, &Plan::base(), &[1, 3]);
     let t = &model.transformer;
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 37 + 5) % 500).collect();
-    // One pass over all tokens (several parallel chunks, no state).
-    let full = logits(&model, &ids, &plan);
-    let vocab = model.cfg().vocab_size;
-    // A prefill then one token at a time, on a state.
+    // Several parallel chunks in the stateless pass, then 10 recurrent steps.
+    let worst = decode_vs_prefill(&model, &plan, &ids, 290);
     let mut state = t.new_state(0);
-    let split = 290;
-    let input = Tensor::new(&ids[..split], model.device())
+    let input = Tensor::new(ids.as_slice(), model.device())
         .unwrap()
         .unsqueeze(0)
         .unwrap();
     let mut pass = Pass::plan(&plan, RunOptions::FAST).with_state(&mut state);
     t.forward_hidden(&input, &mut pass).unwrap();
-    let mut worst = 0f32;
-    for (i, &id) in ids.iter().enumerate().skip(split) {
-        let input = Tensor::new(&[id], model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut pass = Pass::plan(&plan, RunOptions::FAST).with_state(&mut state);
-        let h = t.forward_hidden(&input, &mut pass).unwrap();
-        let step = flat(&t.logits(&h, RunOptions::FAST).unwrap());
-        worst = worst.max(common::max_abs_diff(
-            &step,
-            &full[i * vocab..(i + 1) * vocab],
-        ));
-    }
     assert!(worst < 1e-4, "decode vs prefill logits differ by {worst}");
     assert_eq!(
         state.cached_layers(),
@@ -162,14 +197,23 @@ fn set_element(var: &candle_core::Var, index: usize, value: f32) {
 
 #[test]
 fn mixer_parameter_gradients_match_finite_differences() {
+    check_mixer_gradients("llama", 2, 500);
+}
+
+/// On Gemma the gradients pass its q/k norms and the post-attention norm.
+#[test]
+fn gemma_mixer_parameter_gradients_match_finite_differences() {
+    check_mixer_gradients("gemma3", 1, 40);
+}
+
+fn check_mixer_gradients(arch: &str, layer: usize, vocab: u32) {
     use scalpel::model::{LocalModel, Resolved};
     let resolved = Resolved {
-        local: LocalModel::HfDir(common::tiny_dir("llama")),
+        local: LocalModel::HfDir(common::tiny_dir(arch)),
         origin: "test".into(),
     };
     // f64 activations; the trained tensors are f32 vars, cast on use.
     let model = Model::load_as(&resolved, &Device::Cpu, DType::F64).unwrap();
-    let layer = 2;
     let params = replace::init_params(&model, &[layer]).unwrap();
     // A gate that is not zero, so its gradient path is exercised off the start.
     let gate = params.var(&format!("mixer.{layer}.gate")).unwrap();
@@ -179,7 +223,7 @@ fn mixer_parameter_gradients_match_finite_differences() {
         .unwrap();
     let mut plan = Plan::base();
     plan.replace = Some(mixer::Replaced::layers([layer]));
-    let ids: Vec<u32> = (0..12u32).map(|i| (i * 41 + 3) % 500).collect();
+    let ids: Vec<u32> = (0..12u32).map(|i| (i * 41 + 3) % vocab).collect();
     let loss = || -> Tensor {
         let input = Tensor::new(&ids[..11], &Device::Cpu)
             .unwrap()
@@ -228,14 +272,14 @@ fn mixer_parameter_gradients_match_finite_differences() {
             let err = (fd - ad).abs();
             assert!(
                 err < 2e-3 * fd.abs().max(ad.abs()) + 1e-6,
-                "{name}[{index}]: autograd {ad:e} vs finite difference {fd:e}"
+                "{arch} {name}[{index}]: autograd {ad:e} vs finite difference {fd:e}"
             );
             checked += usize::from(ad.abs() > 1e-7);
         }
     }
     assert!(
         checked >= 12,
-        "most checked gradients are non-zero ({checked} of 18)"
+        "{arch}: most checked gradients are non-zero ({checked} of 18)"
     );
 }
 
@@ -251,7 +295,16 @@ fn quick(epochs: usize, lr: f64) -> FitOptions {
 
 #[test]
 fn distillation_lowers_the_layer_local_loss_and_the_heldout_kl() {
-    let model = tiny();
+    distillation_lowers_the_losses("llama");
+}
+
+#[test]
+fn gemma_distillation_lowers_the_layer_local_loss_and_the_heldout_kl() {
+    distillation_lowers_the_losses("gemma3");
+}
+
+fn distillation_lowers_the_losses(arch: &str) {
+    let model = common::load_tiny(arch);
     let layers = [1usize, 2];
     let train = common::random_set(&model, 21, 32, 32);
     let validation = common::random_set(&model, 22, 4, 32);
@@ -277,7 +330,7 @@ fn distillation_lowers_the_layer_local_loss_and_the_heldout_kl() {
         let best = f.history[f.best_epoch].heldout_loss;
         assert!(
             best < 0.95 * start,
-            "attn.{}: local loss {start} → {best}: {:?}",
+            "{arch} attn.{}: local loss {start} → {best}: {:?}",
             f.layer,
             f.history
         );
@@ -311,13 +364,13 @@ fn distillation_lowers_the_layer_local_loss_and_the_heldout_kl() {
     .unwrap();
     assert!(
         r.best_epoch > 0,
-        "end-to-end training improved on its start: {:?}",
+        "{arch}: end-to-end training improved on its start: {:?}",
         r.history
     );
     let after = kl(&trained);
     assert!(
         after < 0.995 * after_local,
-        "held-out KL {after_local} → {after}"
+        "{arch}: held-out KL {after_local} → {after}"
     );
 }
 

@@ -28,7 +28,7 @@ use scalpel::model::{AttnExec, LayerPolicy, MlpExec, Model, Pass, RunOptions};
 use scalpel::plan::{BlockId, ModelIdentity, Plan, PlanFile};
 use scalpel::surgery::routing::measure::{evaluate_text, Routed};
 use scalpel::surgery::routing::routed_blocks;
-use scalpel::tui::app::{App, ModelInfo, Request, View};
+use scalpel::tui::app::{App, Request, View};
 use scalpel::tui::jobs::routing::{
     decide, Cell, Decisions, RouteKey, RoutedTokens, Routes, RoutingJob, RoutingState, HOW_TO_ROUTE,
 };
@@ -239,30 +239,6 @@ fn the_decisions_job_measures_what_the_routed_eval_measures() {
     assert!(ours > 0.3 && ours < 0.9, "a mix of tokens ran: {ours}");
 }
 
-fn info(identity: ModelIdentity, n_layers: usize) -> ModelInfo {
-    ModelInfo {
-        identity,
-        n_layers,
-        attn_params: 884_736,
-        mlp_params: 2_654_208,
-        head_params: 28_311_552,
-        heldout: "held-out: GPL-3 text, 2×256 tokens".into(),
-        calibration: "calibration: last 128 tokens of the GPL-3 text (disjoint)".into(),
-        speed: "speed: 32-tok prefill, 8 decode, median of 3, quantized weights, 2 threads".into(),
-        search_name: "greedy skip search".into(),
-    }
-}
-
-fn smollm2_identity() -> ModelIdentity {
-    ModelIdentity {
-        name: "SmolLM2-135M-Instruct".into(),
-        architecture: "llama".into(),
-        n_layers: 30,
-        shape: None,
-        content_hash: "b650d530b2cd0000".into(),
-    }
-}
-
 fn section() -> RoutingSection {
     RoutingSection {
         artifact: ROUTERS_ARTIFACT.into(),
@@ -292,7 +268,7 @@ fn rows(screen: &str) -> Vec<Vec<char>> {
 
 fn app_with(identity: ModelIdentity, n_layers: usize, tokens: RoutedTokens, plan: Plan) -> App {
     let mut app = App::new(
-        info(identity, n_layers),
+        common::workbench_info(identity, n_layers),
         Plan::base(),
         tokens.key.prompt.clone(),
         Instant::now(),
@@ -450,7 +426,7 @@ fn thirty_layer_tokens() -> (RoutedTokens, Vec<Vec<Cell>>) {
 fn a_thirty_layer_heat_map_fits_80x24_and_140x45() {
     let (tokens, cells) = thirty_layer_tokens();
     let app = app_with(
-        smollm2_identity(),
+        common::smollm2_identity(),
         30,
         tokens,
         Plan::with_skips([BlockId::mlp(27)]),
@@ -469,7 +445,7 @@ fn a_thirty_layer_heat_map_fits_80x24_and_140x45() {
 #[test]
 fn without_a_routed_plan_the_view_says_how_to_get_one() {
     let mut app = App::new(
-        info(smollm2_identity(), 30),
+        common::workbench_info(common::smollm2_identity(), 30),
         Plan::base(),
         "Hello".into(),
         Instant::now(),
@@ -527,7 +503,7 @@ fn opening_a_routed_plan_routes_the_prompt_in_the_background() {
     file.save(&path).unwrap();
 
     let mut app = App::new(
-        info(model.identity.clone(), 4),
+        common::workbench_info(model.identity.clone(), 4),
         Plan::base(),
         "Hello".into(),
         Instant::now(),

@@ -11,7 +11,7 @@ use ratatui::style::Color;
 use ratatui::Terminal;
 
 use scalpel::model::routing::{KvPolicy, RouteOn, RoutingSection, ROUTERS_ARTIFACT};
-use scalpel::plan::{BlockId, LayerScales, ModelIdentity, Plan};
+use scalpel::plan::{BlockId, LayerScales, Plan};
 use scalpel::tui::app::View;
 use scalpel::tui::app::{
     App, BlockScores, DraftStats, InputKind, JobKind, LaneName, LongJob, Mode, ModelInfo, Origin,
@@ -22,23 +22,7 @@ use scalpel::tui::jobs::{importance, prompt_run};
 use scalpel::tui::{handler, keys, ui};
 
 fn info() -> ModelInfo {
-    ModelInfo {
-        identity: ModelIdentity {
-            name: "SmolLM2-135M-Instruct".into(),
-            architecture: "llama".into(),
-            n_layers: 30,
-            shape: None,
-            content_hash: "b650d530b2cd0000".into(),
-        },
-        n_layers: 30,
-        attn_params: 884_736,
-        mlp_params: 2_654_208,
-        head_params: 28_311_552,
-        heldout: "held-out: GPL-3 text, 2×256 tokens".into(),
-        calibration: "calibration: last 128 tokens of the GPL-3 text (disjoint)".into(),
-        speed: "speed: 32-tok prefill, 8 decode, median of 3, quantized weights, 2 threads".into(),
-        search_name: "greedy skip search".into(),
-    }
+    common::workbench_info(common::smollm2_identity(), 30)
 }
 
 fn quality(ppl: f64, kl: f64, top1: f64) -> Quality {

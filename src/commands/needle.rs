@@ -1,21 +1,20 @@
 //! `scalpel needle`: passkey retrieval under KV budget policies, against
 //! the full cache, as a grid of contexts × depths.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::{self, NeedleArgs};
 use crate::eval::needle::{needle_grid, NeedleOptions, NeedleReport};
 use crate::model::kv::KvSpec;
-use crate::plan::{KvSection, Plan, KV_SECTION};
+use crate::plan::{KvSection, HEAL_SECTION, KV_SECTION};
 use crate::progress;
+use crate::surgery::replace::REPLACE_SECTION;
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: NeedleArgs) -> Result<()> {
     let longest = args.context.iter().copied().max().unwrap_or(0);
     let model = cli::load_model_for(margs, args.weights.load_options(longest, 1))?;
-    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[KV_SECTION])?;
-    if plan != Plan::base() {
-        bail!("needle measures KV policies on the full model; a plan that skips or rescales blocks is not combined with one yet (drop --plan, or give a plan with only a `kv` section)");
-    }
+    let (plan, file) =
+        cli::load_plan_honouring(pargs, &model, &[KV_SECTION, REPLACE_SECTION, HEAL_SECTION])?;
     let mut specs = if args.kv.trim().is_empty() {
         Vec::new()
     } else {
@@ -33,7 +32,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: NeedleArgs) -> R
         run: args.weights.run_options(&model, false)?,
     };
     let pb = progress::bar(0, "answers");
-    let report = needle_grid(&model, &specs, &opts, |done, total| {
+    let report = needle_grid(&model, &plan, &specs, &opts, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     });

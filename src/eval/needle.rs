@@ -4,6 +4,9 @@
 //! policy acting between prefill chunks and on every decode step, as in
 //! serving. A trial passes when the answer contains the key. The full
 //! cache runs every trial first: it is what each policy is compared with.
+//! Under a plan (skips, scales, replaced or healed layers) the unpruned
+//! model runs first too, so the grid shows what the plan costs in
+//! retrieval as well as what each policy costs on top of it.
 
 use std::time::Instant;
 
@@ -50,7 +53,9 @@ pub struct NeedleCell {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NeedleReport {
-    /// `full` first, then the policies in the order given.
+    /// `full` first, then the policies in the order given; under a plan
+    /// `base` (the unpruned model), `plan` (its full cache), then
+    /// `plan+POLICY` for each policy.
     pub policies: Vec<String>,
     pub cells: Vec<NeedleCell>,
     pub seconds: f64,
@@ -124,17 +129,50 @@ fn build_prompt(
     Ok(ids)
 }
 
-/// The greedy answer under `spec`: chunked prefill, then decode steps, the
-/// policy acting after every pass.
+/// One column of the grid: a plan and a KV policy, and its label.
+struct Column<'a> {
+    label: String,
+    plan: &'a Plan,
+    spec: KvSpec,
+}
+
+/// The grid's columns: the full cache, then each policy; under a plan that
+/// is not the base model's, the unpruned model first and the plan's labels
+/// prefixed (`plan`, `plan+quest:64`).
+fn columns<'a>(plan: &'a Plan, base: &'a Plan, specs: &[KvSpec]) -> Vec<Column<'a>> {
+    let mut all = vec![KvSpec::Full];
+    all.extend(specs.iter().filter(|s| **s != KvSpec::Full).cloned());
+    let pruned = plan != base;
+    let mut cols = Vec::new();
+    if pruned {
+        cols.push(Column {
+            label: "base".into(),
+            plan: base,
+            spec: KvSpec::Full,
+        });
+    }
+    for spec in all {
+        let label = match (pruned, &spec) {
+            (false, s) => s.to_string(),
+            (true, KvSpec::Full) => "plan".into(),
+            (true, s) => format!("plan+{s}"),
+        };
+        cols.push(Column { label, plan, spec });
+    }
+    cols
+}
+
+/// The greedy answer under `plan` and `spec`: chunked prefill, then decode
+/// steps, the policy acting after every pass.
 fn answer(
     model: &Model,
+    plan: &Plan,
     spec: &KvSpec,
     prompt: &[u32],
     chunk: usize,
     run: RunOptions,
 ) -> Result<Vec<u32>> {
     let t = &model.transformer;
-    let base = Plan::base();
     let mut state = t.new_state(prompt.len() + ANSWER_TOKENS + chunk);
     let mut policy = KvPolicy::new(spec.clone(), model.cfg())?;
     let mut last = None;
@@ -142,7 +180,7 @@ fn answer(
         |ids: &[u32], state: &mut crate::model::SeqState, policy: &mut KvPolicy| -> Result<u32> {
             policy.begin_pass(ids.len());
             let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-            let mut pass = Pass::plan(&base, run.for_prefill(ids.len()))
+            let mut pass = Pass::plan(plan, run.for_prefill(ids.len()))
                 .with_state(state)
                 .with_probe(policy);
             let h = t.forward_hidden(&input, &mut pass)?;
@@ -167,9 +205,11 @@ fn answer(
 }
 
 /// Runs the grid: for every context, depth and trial, the full cache and
-/// each policy answer the same prompt (the same key).
+/// each policy answer the same prompt (the same key), under `plan` (and,
+/// when it prunes anything, the unpruned model first).
 pub fn needle_grid(
     model: &Model,
+    plan: &Plan,
     specs: &[KvSpec],
     opts: &NeedleOptions,
     mut progress: impl FnMut(usize, usize),
@@ -184,10 +224,11 @@ pub fn needle_grid(
     if let Some(c) = opts.contexts.iter().find(|&&c| c + ANSWER_TOKENS > max) {
         bail!("--context {c} plus the answer exceeds the model's {max} positions");
     }
-    let mut all = vec![KvSpec::Full];
-    all.extend(specs.iter().filter(|s| **s != KvSpec::Full).cloned());
-    for s in &all {
-        KvPolicy::new(s.clone(), model.cfg())?;
+    model.check_plan(plan)?;
+    let base = Plan::base();
+    let all = columns(plan, &base, specs);
+    for c in &all {
+        KvPolicy::new(c.spec.clone(), model.cfg())?;
     }
     let codec = model.codec()?;
     let filler = codec.encode(super::data::DEFAULT_EVAL_TEXT)?;
@@ -200,8 +241,8 @@ pub fn needle_grid(
         for &depth in &opts.depths {
             let mut row: Vec<NeedleCell> = all
                 .iter()
-                .map(|s| NeedleCell {
-                    policy: s.to_string(),
+                .map(|c| NeedleCell {
+                    policy: c.label.clone(),
                     context,
                     depth,
                     found: 0,
@@ -213,8 +254,8 @@ pub fn needle_grid(
                 let key: u32 = rng.random_range(10_000..100_000);
                 let parts = prompt_parts(model, key)?;
                 let prompt = build_prompt(&parts, &filler, context, depth)?;
-                for (spec, cell) in all.iter().zip(&mut row) {
-                    let ids = answer(model, spec, &prompt, opts.chunk, opts.run)?;
+                for (col, cell) in all.iter().zip(&mut row) {
+                    let ids = answer(model, col.plan, &col.spec, &prompt, opts.chunk, opts.run)?;
                     let text = codec.decode(&ids)?;
                     let found = text.contains(&key.to_string());
                     let first_miss = !found && cell.found == trial;
@@ -230,7 +271,7 @@ pub fn needle_grid(
         }
     }
     Ok(NeedleReport {
-        policies: all.iter().map(ToString::to_string).collect(),
+        policies: all.into_iter().map(|c| c.label).collect(),
         cells,
         seconds: start.elapsed().as_secs_f64(),
     })

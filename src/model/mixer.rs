@@ -279,6 +279,15 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.broadcast_matmul(&w.t()?)
 }
 
+/// Per-head norms of q and k before the features, as the replaced
+/// attention applies them (Gemma 3's frozen q/k norms); `norm(x, weight)`
+/// is the model's RMSNorm over the last dimension.
+pub struct HeadNorms<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub norm: &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+}
+
 /// The mixer over normed input `x` (b, t, hidden) → (b, t, hidden). With a
 /// state, continues from it and leaves it after the last token; decode
 /// steps (one token) take the recurrent form, longer inputs the chunked
@@ -287,16 +296,22 @@ pub fn forward(
     w: &MixerWeights,
     x: &Tensor,
     dims: Dims,
+    norms: Option<&HeadNorms>,
     state: Option<&mut MixerState>,
 ) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (dims.heads, dims.kv_heads, dims.head_dim);
-    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-        y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+    let heads = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+        let y = y.reshape((b, t, n, hd))?;
+        let y = match (norms, norm) {
+            (Some(n), Some(weight)) => (n.norm)(&y, weight)?,
+            _ => y,
+        };
+        y.transpose(1, 2)?.contiguous()
     };
-    let q = features(&heads(linear(x, &w.q)?, nh)?, hd)?;
-    let k = features(&heads(linear(x, &w.k)?, nkv)?, hd)?;
-    let v = heads(linear(x, &w.v)?, nkv)?;
+    let q = features(&heads(linear(x, &w.q)?, nh, norms.map(|n| n.q))?, hd)?;
+    let k = features(&heads(linear(x, &w.k)?, nkv, norms.map(|n| n.k))?, hd)?;
+    let v = heads(linear(x, &w.v)?, nkv, None)?;
     let a = linear(x, &w.gate)?.broadcast_add(&w.gate_bias)?;
     let log_a = log_sigmoid(&a.transpose(1, 2)?.contiguous()?)?;
     let (s0, z0) = match &state {

@@ -499,9 +499,9 @@ impl Transformer {
             };
             // Gemma's sandwich: the block's output is normed before it is
             // scaled and added, x1 = b_att·post_norm(Attn(norm(x))) + s_att·x.
-            let a = match (a, &layer.gemma) {
-                (Some(a), Some(g)) => Some(rms_norm(&a, &g.post_attn_norm, eps, run.mode)?),
-                (a, _) => a,
+            let a = match a {
+                Some(a) => Some(self.attn_block_output(i, a, run.mode)?),
+                None => None,
             };
             let a = match (a, pass.probe.as_deref_mut()) {
                 (Some(a), Some(p)) => Some(p.block_output(BlockId::attn(i), &x, &a)?.unwrap_or(a)),
@@ -583,17 +583,45 @@ impl Transformer {
     /// Layer `layer`'s replacing mixer over normed input `h`, its weights
     /// from the pass's parameters, continuing the layer's recurrent state.
     fn mixer(&self, layer: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        if self.layers[layer].gemma.is_some() {
-            candle_core::bail!("attention replacement supports Llama-family layers only");
-        }
-        let dims = mixer::Dims::of(&self.cfg);
         let w = mixer::MixerWeights::from_params(pass.params, layer, h.dtype())?;
-        w.check(dims, layer)?;
         let state = match pass.state.as_deref_mut() {
             Some(s) => Some(s.mixer_mut(layer)?),
             None => None,
         };
-        mixer::forward(&w, h, dims, state)
+        self.run_mixer(layer, &w, h, state, pass.run.mode)
+    }
+
+    /// Layer `layer`'s mixer with weights `w` over normed input `h`. On
+    /// Gemma its q and k pass the layer's frozen per-head norms, as the
+    /// attention's do, so the copied weights start on the same scale.
+    pub fn run_mixer(
+        &self,
+        layer: usize,
+        w: &mixer::MixerWeights,
+        h: &Tensor,
+        state: Option<&mut mixer::MixerState>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let dims = mixer::Dims::of(&self.cfg);
+        w.check(dims, layer)?;
+        let eps = self.cfg.rms_norm_eps;
+        let norm = |x: &Tensor, weight: &Tensor| rms_norm(x, weight, eps, mode);
+        let norms = self.layers[layer].gemma.as_ref().map(|g| mixer::HeadNorms {
+            q: &g.q_norm,
+            k: &g.k_norm,
+            norm: &norm,
+        });
+        mixer::forward(w, h, dims, norms.as_ref(), state)
+    }
+
+    /// What layer `layer`'s attention block adds to the residual stream for
+    /// its output `a` (at unit scale): Gemma norms it (the sandwich's
+    /// post-attention norm), Llama adds it as it is.
+    pub fn attn_block_output(&self, layer: usize, a: Tensor, mode: Mode) -> Result<Tensor> {
+        match &self.layers[layer].gemma {
+            Some(g) => rms_norm(&a, &g.post_attn_norm, self.cfg.rms_norm_eps, mode),
+            None => Ok(a),
+        }
     }
 
     /// One attention block over normed input `x` (b, t, hidden) as `call`

@@ -35,6 +35,7 @@ use crate::eval::data::TokenSet;
 use crate::eval::score::{reference_logits, Reference, Scores};
 use crate::model::{Model, RunOptions};
 use crate::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
+use crate::progress::eta_secs;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SearchOptions {
@@ -488,14 +489,17 @@ pub fn search(
                 best = Some((block, loss, fitted));
             }
             done_candidates += 1;
-            let rate = t_search.elapsed().as_secs_f64() / (done_candidates - first_done) as f64;
             on_event(&SearchEvent::Candidate {
                 step: k + 1,
                 block,
                 loss,
                 done: done_candidates,
                 total: total_candidates,
-                eta_secs: rate * (total_candidates - done_candidates) as f64,
+                eta_secs: eta_secs(
+                    t_search.elapsed().as_secs_f64(),
+                    done_candidates - first_done,
+                    total_candidates - first_done,
+                ),
             });
         }
         let refit_seconds = t_refit.elapsed().as_secs_f64();

@@ -21,7 +21,7 @@ use super::objective::{input_ids, mean_loss_with, BaseStates, LayerInputs, LossK
 use crate::eval::data::TokenSet;
 use crate::model::mixer::{self, Dims, MixerWeights, Replaced};
 use crate::model::params::residual_name;
-use crate::model::{Model, Pass, Probe, RunOptions, TrainableParams};
+use crate::model::{Mode, Model, Pass, Probe, RunOptions, TrainableParams};
 use crate::plan::{BlockId, LayerScales, Plan, PlanFile};
 
 /// The plan section naming the replaced layers and their artifact.
@@ -119,9 +119,6 @@ fn checked_weights(
 
 /// Trainable mixers for `layers`, each initialised from its attention.
 pub fn init_params(model: &Model, layers: &[usize]) -> Result<TrainableParams> {
-    if model.cfg().gemma3.is_some() {
-        bail!("attention replacement supports Llama-family models (this is Gemma 3)");
-    }
     let dims = Dims::of(model.cfg());
     let mut p = TrainableParams::new();
     for &l in layers {
@@ -254,7 +251,8 @@ impl LocalTargets {
 }
 
 /// Relative squared error of `layer`'s mixer on one sequence:
-/// ‖mix(h) − attn(h)‖² / ‖attn(h)‖².
+/// ‖mix(h) − attn(h)‖² / ‖attn(h)‖², both as the block adds them (on Gemma
+/// after its post-attention norm).
 fn local_loss(
     params: &TrainableParams,
     model: &Model,
@@ -263,7 +261,9 @@ fn local_loss(
     target: &Tensor,
 ) -> Result<Tensor> {
     let w = MixerWeights::from_params(&params.over(&Plan::base()), layer, h.dtype())?;
-    let y = mixer::forward(&w, h, Dims::of(model.cfg()), None)?;
+    let t = &model.transformer;
+    let y = t.run_mixer(layer, &w, h, None, Mode::Differentiable)?;
+    let y = t.attn_block_output(layer, y, Mode::Differentiable)?;
     let err = (y - target)?.sqr()?.sum_all()?;
     let norm = target.sqr()?.sum_all()?;
     Ok(err.broadcast_div(&norm)?)

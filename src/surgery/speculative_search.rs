@@ -40,6 +40,7 @@ use crate::eval::score::LOGIT_CHUNK;
 use crate::eval::speculative::{speculate, DraftLen, Drafter, SpecOptions};
 use crate::model::{Model, RunOptions};
 use crate::plan::{BlockId, BlockKind, Plan, PlanFile};
+use crate::progress::eta_secs;
 
 #[derive(Debug, Clone)]
 pub struct SpecSearchOptions {
@@ -324,7 +325,7 @@ pub fn search_draft(
                     matchness,
                     done: i + 1,
                     total: remaining.len(),
-                    eta_secs: elapsed / (i + 1) as f64 * (remaining.len() - i - 1) as f64,
+                    eta_secs: eta_secs(elapsed, i + 1, remaining.len()),
                 })?;
                 scored.push((block, matchness));
             }
@@ -354,7 +355,7 @@ pub fn search_draft(
                 score,
                 done: i + 1,
                 total: to_draft.len(),
-                eta_secs: elapsed / (i + 1) as f64 * (to_draft.len() - i - 1) as f64,
+                eta_secs: eta_secs(elapsed, i + 1, to_draft.len()),
             })?;
             candidates.push(SpecCandidate {
                 block,

@@ -304,8 +304,9 @@ impl LongJob {
             return None;
         }
         let elapsed = now.saturating_duration_since(self.started).as_secs_f64();
-        let left = self.total.saturating_sub(self.done) as f64;
-        Some(Duration::from_secs_f64(elapsed / self.done as f64 * left))
+        Some(Duration::from_secs_f64(crate::progress::eta_secs(
+            elapsed, self.done, self.total,
+        )))
     }
 }
 

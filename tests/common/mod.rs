@@ -103,3 +103,33 @@ pub fn random_set(
 pub fn scratch_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("cannot create a scratch folder")
 }
+
+/// SmolLM2-135M-Instruct's identity as the workbench tests show it.
+pub fn smollm2_identity() -> scalpel::plan::ModelIdentity {
+    scalpel::plan::ModelIdentity {
+        name: "SmolLM2-135M-Instruct".into(),
+        architecture: "llama".into(),
+        n_layers: 30,
+        shape: None,
+        content_hash: "b650d530b2cd0000".into(),
+    }
+}
+
+/// The workbench's model facts for the snapshot tests: SmolLM2-135M's
+/// parameter counts and data lines, under `identity` with `n_layers`.
+pub fn workbench_info(
+    identity: scalpel::plan::ModelIdentity,
+    n_layers: usize,
+) -> scalpel::tui::app::ModelInfo {
+    scalpel::tui::app::ModelInfo {
+        identity,
+        n_layers,
+        attn_params: 884_736,
+        mlp_params: 2_654_208,
+        head_params: 28_311_552,
+        heldout: "held-out: GPL-3 text, 2×256 tokens".into(),
+        calibration: "calibration: last 128 tokens of the GPL-3 text (disjoint)".into(),
+        speed: "speed: 32-tok prefill, 8 decode, median of 3, quantized weights, 2 threads".into(),
+        search_name: "greedy skip search".into(),
+    }
+}
