@@ -592,3 +592,54 @@ fn generate_with_a_routed_plan_runs_the_routers_per_token() {
     .unwrap();
     assert_ne!(plain.new_tokens, got, "routing changed nothing");
 }
+
+/// A routed plan as the draft of self-speculative decoding: the routers
+/// decide per drafted token which blocks run, the full model verifies, and
+/// the output is the full model's greedy output, with either K/V policy
+/// for the tokens that skip an attention block (the verify rewrites them).
+#[test]
+fn a_routed_draft_speculates_the_full_models_greedy_output() {
+    use scalpel::eval::generate::{generate, GenOptions};
+    use scalpel::eval::speculative::{speculate, Drafter, SpecOptions};
+    for name in ["llama", "gemma3"] {
+        let model = common::load_tiny(name);
+        let prompt = common::random_set(&model, 9, 1, 6).sequences[0].ids.clone();
+        let plain = GenOptions {
+            max_new_tokens: 16,
+            temperature: 0.0,
+            seed: 0,
+            stop_at_eos: false,
+            run: RunOptions::FAST,
+        };
+        let want = generate(&model, &prompt, &Plan::base(), plain, |_| Ok(()))
+            .unwrap()
+            .new_tokens;
+        let plan = Plan::with_skips([BlockId::mlp(0)]);
+        let mut routers = random_routers(&model, RouteOn::Both, 3, 0.5, 0.0);
+        routers.by_block.remove(&BlockId::mlp(0));
+        for kv in [KvPolicy::Write, KvPolicy::Gap] {
+            let policy = RouterPolicy::new(&plan, &routers, kv, 0.0, model.n_layers());
+            for k in [1, 3, 6] {
+                let drafter = Drafter::Routed {
+                    plan: &plan,
+                    policy: &policy,
+                };
+                let got = speculate(
+                    &model,
+                    &prompt,
+                    drafter,
+                    SpecOptions::greedy(16, k, RunOptions::FAST),
+                )
+                .unwrap();
+                assert_eq!(got.new_tokens, want, "{name} {kv:?} k {k}");
+                assert!(got.drafted > 0 && got.accepted <= got.drafted);
+            }
+            // The routers decided during drafting: some blocks ran, not all.
+            let executed = policy.counts.executed_fraction();
+            assert!(
+                executed > 0.05 && executed < 0.95,
+                "{name} {kv:?}: the draft executed {executed} of the blocks"
+            );
+        }
+    }
+}

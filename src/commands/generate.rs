@@ -46,20 +46,29 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         threshold: section.threshold,
     });
     let policy = routed.as_ref().map(|r| r.policy(&model));
+    // The draft: a plan, routed or not.
     let draft = match &args.speculative {
         Some(path) => {
             let source = PlanSource {
                 plan: Some(path.clone()),
                 skip: None,
             };
-            Some(
-                setup::load_plan(&source, &model)
-                    .context("--speculative")?
-                    .0,
-            )
+            let (plan, file) = setup::load_plan_honouring(&source, &model, &[ROUTING_SECTION])
+                .context("--speculative")?;
+            let routing = load_from_plan(&file.context("a plan file")?, &model)?;
+            Some((plan, routing))
         }
         None => None,
     };
+    let draft_routed = draft.as_ref().and_then(|(plan, routing)| {
+        routing.as_ref().map(|(section, routers)| Routed {
+            plan,
+            routers,
+            kv: section.kv,
+            threshold: section.threshold,
+        })
+    });
+    let draft_policy = draft_routed.as_ref().map(|r| r.policy(&model));
     let codec = model.codec()?;
     let prompt = model.prompt_ids(&args.prompt, args.chat)?;
     let run = args.weights.run_options(&model, true)?;
@@ -91,7 +100,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         }
         Ok(())
     };
-    if let Some(draft) = draft {
+    if let Some((draft, _)) = &draft {
         let spec = SpecOptions {
             max_new_tokens: opts.max_new_tokens,
             draft_len: args.draft_len,
@@ -101,18 +110,24 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             seed: opts.seed,
             accept: AcceptRule::SpeculativeSampling,
         };
-        let report = speculative::speculate_with(
-            &model,
-            &prompt,
-            Drafter::SelfPlan(&draft),
-            spec,
-            |tok, _| on_token(tok),
-        )?;
+        let drafter = match &draft_policy {
+            Some(policy) => Drafter::Routed {
+                plan: draft,
+                policy,
+            },
+            None => Drafter::SelfPlan(draft),
+        };
+        let report =
+            speculative::speculate_with(&model, &prompt, drafter, spec, |tok, _| on_token(tok))?;
+        let draft_executed = draft_policy.as_ref().map(|p| p.counts.executed_fraction());
         if args.json {
             let mut v = serde_json::to_value(&report)?;
             v["text"] = codec.decode(&report.new_tokens)?.into();
             v["plan"] = Plan::base().describe().into();
             v["draft_plan"] = draft.describe().into();
+            if let Some(f) = draft_executed {
+                v["draft_executed_fraction"] = f.into();
+            }
             v["draft_len"] = args.draft_len.describe().into();
             v["weights"] = generate::weights_used(run, report.prompt_tokens, "f32").into();
             println!("{}", serde_json::to_string_pretty(&v)?);

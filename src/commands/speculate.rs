@@ -12,9 +12,11 @@ use crate::eval::bench::Stat;
 use crate::eval::generate::{self, GenOptions};
 use crate::eval::prompt_sets::{self, Prompt};
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions, SpecReport};
+use crate::model::routing::{load_from_plan, ROUTING_SECTION};
 use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
+use crate::surgery::routing::measure::Routed;
 
 /// What one prompt measured (medians over the runs).
 #[derive(Debug, Serialize)]
@@ -73,8 +75,28 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     // Bytes bound tokens; the draft and the verifier each hold a sequence.
     let context = longest + args.max_tokens + args.draft_len.max() + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 2))?;
-    let (plan, _) = cli::load_plan(pargs, &model)?;
-    if plan.skip.is_empty() {
+    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[ROUTING_SECTION])?;
+    // A routed plan drafts with its routers deciding per token which blocks run.
+    let routing = file
+        .as_ref()
+        .map(|f| load_from_plan(f, &model))
+        .transpose()?
+        .flatten();
+    let routed = routing.as_ref().map(|(section, routers)| Routed {
+        plan: &plan,
+        routers,
+        kv: section.kv,
+        threshold: section.threshold,
+    });
+    let policy = routed.as_ref().map(|r| r.policy(&model));
+    let drafter = match &policy {
+        Some(p) => Drafter::Routed {
+            plan: &plan,
+            policy: p,
+        },
+        None => Drafter::SelfPlan(&plan),
+    };
+    if plan.skip.is_empty() && policy.is_none() {
         eprintln!("scalpel: note: the plan skips nothing, so the draft is the full model");
     }
     let n_blocks = 2 * model.n_layers();
@@ -91,7 +113,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let mut results = Vec::new();
     let mut last_tokens = Vec::new();
     for (prompt, text) in prompts.iter().zip(&texts) {
-        let (r, tokens) = measure_prompt(&model, prompt, &plan, run, &args, || pb.inc(1))?;
+        let (r, tokens) = measure_prompt(&model, prompt, drafter, run, &args, || pb.inc(1))?;
         last_tokens = tokens;
         results.push(PromptResult {
             kind: text.kind.clone(),
@@ -103,6 +125,18 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let summary = summarize(&results.iter().collect::<Vec<_>>());
     let kinds = per_kind(&results);
     let weights = generate::weights_used(run, 1, "f32");
+    // Blocks the routed draft ran per drafted token, over all 2·layers blocks.
+    let draft_executed = policy.as_ref().map(|p| p.counts.executed_fraction());
+    let draft_name = match (&routing, draft_executed) {
+        (Some((section, _)), Some(f)) => format!(
+            "{} + routers on {:?} blocks (capacity {}; the draft ran {:.1}% of the blocks per drafted token)",
+            plan.describe(),
+            section.on,
+            section.capacity,
+            100.0 * f
+        ),
+        _ => plan.describe(),
+    };
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
         let mut by_kind = serde_json::Map::new();
@@ -112,6 +146,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         v["kinds"] = by_kind.into();
         v["prompts"] = serde_json::to_value(&results)?;
         v["plan"] = plan.describe().into();
+        if let (Some(f), Some((section, _))) = (draft_executed, &routing) {
+            v["draft_executed_fraction"] = f.into();
+            v["routing"] = serde_json::to_value(section)?;
+        }
         v["draft_len"] = args.draft_len.describe().into();
         v["temperature"] = args.temp.into();
         v["weights"] = weights.into();
@@ -125,7 +163,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     println!(
         "model {} | plan {} | draft {} | {} prompts × {} runs, {}, weights {weights} (executed)",
         model.identity.name,
-        plan.describe(),
+        draft_name,
         args.draft_len.describe(),
         results.len(),
         args.runs,
@@ -183,7 +221,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
 fn measure_prompt(
     model: &Model,
     prompt: &[u32],
-    plan: &Plan,
+    drafter: Drafter,
     run: crate::model::RunOptions,
     args: &SpeculateArgs,
     mut tick: impl FnMut(),
@@ -213,7 +251,7 @@ fn measure_prompt(
         plain.push(p.decode_tokens_per_sec);
         plain_step.push(1.0 / p.decode_tokens_per_sec.max(1e-9));
         reference = p.new_tokens;
-        let s = speculative::speculate(model, prompt, Drafter::SelfPlan(plan), spec)?;
+        let s = speculative::speculate(model, prompt, drafter, spec)?;
         selfspec.push(s.decode_tokens_per_sec);
         s_last = Some(s);
         let l = speculative::speculate(

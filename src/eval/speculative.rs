@@ -32,14 +32,20 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use super::generate::Sampler;
-use crate::model::{Model, Pass, RunOptions, SeqState};
+use crate::model::{LayerPolicy, Model, Pass, RunOptions, SeqState};
 use crate::plan::Plan;
 
 /// Where draft tokens come from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum Drafter<'a> {
     /// The same weights under a plan.
     SelfPlan(&'a Plan),
+    /// The same weights under a plan whose routers decide, per drafted
+    /// token, which blocks run (`policy` is the plan's router policy).
+    Routed {
+        plan: &'a Plan,
+        policy: &'a dyn LayerPolicy,
+    },
     /// An n-gram match in the prompt and the output so far (longest n first).
     PromptLookup { max_ngram: usize },
 }
@@ -209,7 +215,7 @@ pub fn speculate_with(
         bail!("the prompt is empty");
     }
     opts.draft_len.validate()?;
-    if let Drafter::SelfPlan(plan) = drafter {
+    if let Drafter::SelfPlan(plan) | Drafter::Routed { plan, .. } = drafter {
         model.check_plan(plan)?;
     }
     let k_max = opts.draft_len.max();
@@ -231,7 +237,7 @@ pub fn speculate_with(
     let logits = rows_logits(
         model,
         prompt,
-        &full,
+        (&full, None),
         opts.run.for_prefill(prompt.len()),
         &mut state,
         true,
@@ -257,12 +263,16 @@ pub fn speculate_with(
         let budget = k_max.min(opts.max_new_tokens - out.len());
         let td = Instant::now();
         let draft = match drafter {
-            Drafter::SelfPlan(plan) => {
+            Drafter::SelfPlan(plan) | Drafter::Routed { plan, .. } => {
                 let stop_below = matches!(opts.draft_len, DraftLen::Auto { .. }).then_some(gamma);
+                let policy = match drafter {
+                    Drafter::Routed { policy, .. } => Some(policy),
+                    _ => None,
+                };
                 let d = draft_with_plan(
                     model,
                     next,
-                    plan,
+                    (plan, policy),
                     budget,
                     stop_below,
                     opts.run,
@@ -281,7 +291,7 @@ pub fn speculate_with(
         let tv = Instant::now();
         let mut rows = vec![next];
         rows.extend_from_slice(&draft.tokens);
-        let logits = rows_logits(model, &rows, &full, opts.run, &mut state, false)?;
+        let logits = rows_logits(model, &rows, (&full, None), opts.run, &mut state, false)?;
         let (n, following) = if sampler.is_greedy() {
             accept_greedy(&draft.tokens, &logits)?
         } else {
@@ -405,12 +415,15 @@ fn accept_sampled(
     Ok((n, sampler.sample_from(&p[n])?))
 }
 
+/// What a pass runs under: a plan and, for a routed plan, its router policy.
+type DraftPass<'a> = (&'a Plan, Option<&'a dyn LayerPolicy>);
+
 /// Runs `ids` after what `state` holds under `plan`: the logits after each
 /// row, (rows, vocab) (`last_only`: after the last row only, (1, vocab)).
 fn rows_logits(
     model: &Model,
     ids: &[u32],
-    plan: &Plan,
+    (plan, policy): DraftPass,
     run: RunOptions,
     state: &mut SeqState,
     last_only: bool,
@@ -418,6 +431,9 @@ fn rows_logits(
     let t = &model.transformer;
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
     let mut pass = Pass::plan(plan, run).with_state(state);
+    if let Some(policy) = policy {
+        pass = pass.with_policy(policy);
+    }
     let mut h = t.forward_hidden(&input, &mut pass)?.squeeze(0)?;
     if last_only {
         h = h.narrow(0, ids.len() - 1, 1)?;
@@ -433,7 +449,7 @@ fn rows_logits(
 fn draft_with_plan(
     model: &Model,
     first: u32,
-    plan: &Plan,
+    draft: DraftPass,
     k: usize,
     stop_below: Option<f64>,
     run: RunOptions,
@@ -444,7 +460,7 @@ fn draft_with_plan(
     let mut qs = Vec::new();
     let mut cur = first;
     for _ in 0..k {
-        let logits = rows_logits(model, &[cur], plan, run, state, true)?;
+        let logits = rows_logits(model, &[cur], draft, run, state, true)?;
         let (tok, prob) = if sampler.is_greedy() {
             let tok = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
             let prob = match stop_below {
