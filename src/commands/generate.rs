@@ -39,12 +39,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         .map(|f| load_from_plan(f, &model))
         .transpose()?
         .flatten();
-    let routed = routing.as_ref().map(|(section, routers)| Routed {
-        plan: &plan,
-        routers,
-        kv: section.kv,
-        threshold: section.threshold,
-    });
+    let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
     // The draft: a plan, routed or not.
     let draft = match &args.speculative {
@@ -60,14 +55,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         }
         None => None,
     };
-    let draft_routed = draft.as_ref().and_then(|(plan, routing)| {
-        routing.as_ref().map(|(section, routers)| Routed {
-            plan,
-            routers,
-            kv: section.kv,
-            threshold: section.threshold,
-        })
-    });
+    let draft_routed = draft
+        .as_ref()
+        .and_then(|(plan, routing)| routing.as_ref().map(|r| Routed::of(plan, r)));
     let draft_policy = draft_routed.as_ref().map(|r| r.policy(&model));
     let codec = model.codec()?;
     let prompt = model.prompt_ids(&args.prompt, args.chat)?;

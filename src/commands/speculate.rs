@@ -82,12 +82,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         .map(|f| load_from_plan(f, &model))
         .transpose()?
         .flatten();
-    let routed = routing.as_ref().map(|(section, routers)| Routed {
-        plan: &plan,
-        routers,
-        kv: section.kv,
-        threshold: section.threshold,
-    });
+    let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
     let drafter = match &policy {
         Some(p) => Drafter::Routed {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::eval::data::TokenSet;
 use crate::eval::perplexity::windows;
 use crate::eval::score::{score_rows, Reference, Scores};
-use crate::model::routing::{slot, KvPolicy, RouterPolicy, Routers};
+use crate::model::routing::{slot, KvPolicy, RouterPolicy, Routers, RoutingSection};
 use crate::model::{Model, Pass, RunOptions};
 use crate::plan::Plan;
 use crate::surgery::objective::{input_ids, score_sequence, BaseStates};
@@ -28,6 +28,17 @@ pub struct Routed<'a> {
 }
 
 impl<'a> Routed<'a> {
+    /// `plan` under the routers and settings a plan file carried
+    /// (`model::routing::load_from_plan`).
+    pub fn of(plan: &'a Plan, (section, routers): &'a (RoutingSection, Routers)) -> Self {
+        Self {
+            plan,
+            routers,
+            kv: section.kv,
+            threshold: section.threshold,
+        }
+    }
+
     pub fn policy(&self, model: &Model) -> RouterPolicy<'a> {
         RouterPolicy::new(
             self.plan,
