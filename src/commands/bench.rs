@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::{self, BenchArgs};
 use crate::eval::bench;
-use crate::model::routing::{load_from_plan, ROUTING_SECTION};
+use crate::model::routing::{load_from_given, ROUTING_SECTION};
 use crate::model::{synthetic, Model};
 use crate::progress;
 
@@ -35,12 +35,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
         ],
     )?;
     let run = args.weights.run_options(&model, true)?;
-    if let Some((section, routers)) = file
-        .as_ref()
-        .map(|f| load_from_plan(f, &model))
-        .transpose()?
-        .flatten()
-    {
+    if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::bench_routed(&model, &plan, section, &routers, &args, run);
     }
     let opts = bench::BenchOptions {

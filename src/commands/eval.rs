@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::cli::{self, EvalArgs};
 use crate::eval::{kv, perplexity};
 use crate::model::kv::KvSpec;
-use crate::model::routing::{load_from_plan, ROUTING_SECTION};
+use crate::model::routing::{load_from_given, ROUTING_SECTION};
 use crate::model::{Model, RunOptions};
 use crate::plan::{KvSection, Plan, HEAL_SECTION, KV_SECTION};
 use crate::progress;
@@ -43,12 +43,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
     )?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
-    if let Some((section, routers)) = file
-        .as_ref()
-        .map(|f| load_from_plan(f, &model))
-        .transpose()?
-        .flatten()
-    {
+    if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::eval_routed(&model, &plan, &ids, section, &routers, &args, run);
     }
     let section = match &file {

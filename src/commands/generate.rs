@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
-use crate::model::routing::{load_from_plan, ROUTING_SECTION};
+use crate::model::routing::{load_from_given, ROUTING_SECTION};
 use crate::model::LayerPolicy;
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
@@ -34,11 +34,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         ],
     )?;
     // A routed plan: its routers decide per token which blocks run.
-    let routing = file
-        .as_ref()
-        .map(|f| load_from_plan(f, &model))
-        .transpose()?
-        .flatten();
+    let routing = load_from_given(file.as_ref(), &model)?;
     let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
     // The draft: a plan, routed or not.
@@ -50,7 +46,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             };
             let (plan, file) = setup::load_plan_honouring(&source, &model, &[ROUTING_SECTION])
                 .context("--speculative")?;
-            let routing = load_from_plan(&file.context("a plan file")?, &model)?;
+            let routing = load_from_given(file.as_ref(), &model)?;
             Some((plan, routing))
         }
         None => None,

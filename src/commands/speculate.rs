@@ -12,7 +12,7 @@ use crate::eval::bench::Stat;
 use crate::eval::generate::{self, GenOptions};
 use crate::eval::prompt_sets::{self, Prompt};
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions, SpecReport};
-use crate::model::routing::{load_from_plan, ROUTING_SECTION};
+use crate::model::routing::{load_from_given, ROUTING_SECTION};
 use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
@@ -77,11 +77,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let model = cli::load_model_for(margs, args.weights.load_options(context, 2))?;
     let (plan, file) = cli::load_plan_honouring(pargs, &model, &[ROUTING_SECTION])?;
     // A routed plan drafts with its routers deciding per token which blocks run.
-    let routing = file
-        .as_ref()
-        .map(|f| load_from_plan(f, &model))
-        .transpose()?
-        .flatten();
+    let routing = load_from_given(file.as_ref(), &model)?;
     let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
     let drafter = match &policy {

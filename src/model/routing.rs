@@ -408,6 +408,17 @@ pub fn save_to_plan(
 }
 
 /// The routing a plan file carries (`None` without a `routing` section),
+/// `load_from_plan` of the plan file a command was given, if any.
+pub fn load_from_given(
+    file: Option<&PlanFile>,
+    model: &Model,
+) -> anyhow::Result<Option<(RoutingSection, Routers)>> {
+    Ok(file
+        .map(|f| load_from_plan(f, model))
+        .transpose()?
+        .flatten())
+}
+
 /// its routers checked against `model`'s shapes.
 pub fn load_from_plan(
     file: &PlanFile,
