@@ -490,8 +490,9 @@ fn open(app: &mut App, path: &Path) -> Vec<Request> {
 
 /// `o` opens a routed plan: its static plan becomes the current plan, its
 /// routing the routing view's, and the prompt is routed by a job on the
-/// job interface (the decisions land through its `Apply`). A KV plan is
-/// refused with what to do, not opened as its skips alone.
+/// job interface (the decisions land through its `Apply`). A KV plan
+/// opens into the KV view; a healed plan is refused with what to do, not
+/// opened as its skips alone.
 #[test]
 fn opening_a_routed_plan_routes_the_prompt_in_the_background() {
     let tiny = Tiny::new();
@@ -564,19 +565,32 @@ fn opening_a_routed_plan_routes_the_prompt_in_the_background() {
     let screen = render(&app, 80, 24);
     assert!(screen.contains("routed.json · 12 tokens"), "{screen}");
 
-    // A KV-budget plan: refused, the message says what to do.
+    // A KV-budget plan opens: its policy becomes the KV view's, attached.
     let kv = dir.path().join("kv.json");
     let mut file = PlanFile::new(model.identity.clone(), Plan::base());
     file.sections
         .set("kv", &serde_json::json!({"policy": "quest:512"}))
         .unwrap();
     file.save(&kv).unwrap();
-    let before = app.plan().clone();
     open(&mut app, &kv);
+    let status = app.status.clone().unwrap();
+    assert!(!status.error, "{status:?}");
+    assert!(status.text.contains("KV view (v)"), "{}", status.text);
+    assert_eq!(app.kv.spec().to_string(), "quest:512:16");
+    assert!(app.kv.attached);
+
+    // A healed plan: refused, the message says what to do.
+    let healed = dir.path().join("healed.json");
+    let mut file = PlanFile::new(model.identity.clone(), Plan::base());
+    let heal = serde_json::json!({"rank": 4, "targets": [], "layers": [], "artifact": "x", "parameters": 0});
+    file.sections.set("heal", &heal).unwrap();
+    file.save(&healed).unwrap();
+    let before = app.plan().clone();
+    open(&mut app, &healed);
     let status = app.status.clone().unwrap();
     assert!(status.error, "{status:?}");
     assert!(
-        status.text.contains("`kv` section") && status.text.contains("the workbench"),
+        status.text.contains("`heal` section") && status.text.contains("the workbench"),
         "{}",
         status.text
     );

@@ -244,7 +244,7 @@ fn help_popup() {
     let mut app = busy_app();
     handler::handle_key(&mut app, key(KeyCode::Char('?')));
     assert_eq!(app.mode, Mode::Help);
-    insta::assert_snapshot!(render(&app, 80, 34));
+    insta::assert_snapshot!(render(&app, 80, 40));
 }
 
 #[test]
@@ -468,7 +468,7 @@ fn every_key_binding_is_handled_and_shown_in_help() {
     let mut help = busy_app();
     handler::handle_key(&mut help, key(KeyCode::Char('?')));
     // Tall enough for every line of the help.
-    let help = render(&help, 80, 34);
+    let help = render(&help, 80, 40);
     let mut bound = 0;
     for c in keys::main_commands() {
         assert!(
@@ -788,9 +788,11 @@ fn the_speculative_view_lists_this_sessions_draft_runs() {
     assert!(handler::handle_mouse(&mut app, click(right), screen_rect).is_empty());
     assert_eq!(app.plan(), &before, "a click toggled a block out of sight");
 
-    // v cycles blocks → speculative → routing → blocks.
+    // v cycles blocks → speculative → routing → KV → blocks.
     handler::handle_key(&mut app, key(KeyCode::Char('v')));
     assert_eq!(app.view, scalpel::tui::app::View::Routing);
+    handler::handle_key(&mut app, key(KeyCode::Char('v')));
+    assert_eq!(app.view, scalpel::tui::app::View::Kv);
     handler::handle_key(&mut app, key(KeyCode::Char('v')));
     let screen = render(&app, 80, 24);
     assert!(screen.contains("┌ blocks · 1/60 skipped"), "{screen}");

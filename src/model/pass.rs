@@ -14,7 +14,7 @@
 use candle_core::{Result, Tensor};
 
 use super::state::SeqState;
-use super::transformer::RunOptions;
+use super::transformer::{KeyRuns, RunOptions, StoredKeys};
 use crate::plan::{BlockId, LayerScales, Plan};
 
 /// What an attention block executes for the tokens of a pass.
@@ -237,6 +237,24 @@ pub trait Probe {
         _key_positions: &[u32],
         _query_positions: &[u32],
     ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Whether a lean pass (`model/lean`: the quantized CPU path of a few
+    /// rows) may carry this probe. Such a probe needs none of the hooks
+    /// above (the lean path calls none of them), only `select_keys`.
+    fn rides_lean(&self) -> bool {
+        false
+    }
+    /// On the lean path, the keys of `layer`'s store each query attends to:
+    /// per query row and KV head, runs of key indices (`None`: all it sees).
+    /// `q` holds the pass's rotated queries, rows × heads · head dim.
+    fn select_keys(
+        &mut self,
+        _layer: usize,
+        _q: &[f32],
+        _keys: &StoredKeys,
+        _query_positions: &[u32],
+    ) -> Result<Option<KeyRuns>> {
         Ok(None)
     }
     /// The policy's decision for a block.

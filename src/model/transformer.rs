@@ -35,6 +35,7 @@ use crate::plan::{BlockId, LayerScales};
 #[path = "lean/mod.rs"]
 mod lean;
 pub use lean::MAX_ROWS as LEAN_MAX_ROWS;
+pub use lean::{row_dots, KeyRuns, Keys as StoredKeys};
 
 /// A linear layer: f32 (or bf16 on GPU) weights for exact and differentiable
 /// work, and optionally the original quantized weights for fast decode. A

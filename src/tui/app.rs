@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::fit::FitJob;
+use super::jobs::kv::KvView;
 use super::jobs::prompt_run::PromptRun;
 use super::jobs::routing::RoutingState;
 use super::jobs::search::SearchJob;
@@ -419,13 +420,16 @@ pub enum View {
     Blocks,
     /// Self-speculative decoding: the draft runs made this session.
     Speculative,
+    /// KV budgets: which keys a policy keeps per layer for the current
+    /// prompt, and its long-context measurements.
+    Kv,
     /// Token routing: which tokens the routed plan's routers send past
     /// which blocks, for the current prompt.
     Routing,
 }
 
 impl View {
-    pub const ALL: [View; 3] = [View::Blocks, View::Speculative, View::Routing];
+    pub const ALL: [View; 4] = [View::Blocks, View::Speculative, View::Routing, View::Kv];
 
     pub fn next(self) -> Self {
         let i = Self::ALL.iter().position(|v| *v == self).unwrap_or(0);
@@ -437,6 +441,7 @@ impl View {
             View::Blocks => "blocks",
             View::Speculative => "speculative",
             View::Routing => "routing",
+            View::Kv => "KV",
         }
     }
 }
@@ -602,6 +607,8 @@ pub struct App {
     pub view: View,
     /// The routed plan opened for the routing view, and its decisions.
     pub routing: Option<RoutingState>,
+    /// The KV budget view's policy, kept-keys map and measurements.
+    pub kv: KvView,
     pub mode: Mode,
     pub chart_x: ChartX,
     pub chart_y: ChartY,
@@ -636,6 +643,7 @@ impl App {
             draft_runs: Vec::new(),
             view: View::Blocks,
             routing: None,
+            kv: KvView::default(),
             mode: Mode::Normal,
             chart_x: ChartX::BlocksSkipped,
             chart_y: ChartY::Kl,
@@ -1019,7 +1027,10 @@ impl App {
                     r.pending = None;
                     r.error = Some("crashed".into());
                 }
-                "the routing decisions".to_string()
+                if self.kv.pending.take().is_some() {
+                    self.kv.error = Some("crashed".into());
+                }
+                "the view's computation".to_string()
             }
         };
         self.set_status(format!("{what} crashed: {message}; please report it"), true);

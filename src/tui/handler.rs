@@ -76,10 +76,17 @@ pub fn run(app: &mut App, action: Action) -> Vec<Request> {
         Action::Draft => return app.generate(true),
         Action::View => {
             app.view = app.view.next();
-            if app.view == View::Routing {
-                return app.refresh_routing(false);
+            match app.view {
+                View::Routing => return app.refresh_routing(false),
+                View::Kv => return app.refresh_kv_map(),
+                _ => {}
             }
         }
+        Action::KvPolicy => return app.next_kv_policy(),
+        Action::KvBudgetUp => return app.scale_kv_budget(true),
+        Action::KvBudgetDown => return app.scale_kv_budget(false),
+        Action::KvAttach => app.toggle_kv_attached(),
+        Action::KvLong => return app.measure_kv_long(),
         Action::EarlierTokens => app.scroll_routing(-(SCROLL_STEP as isize)),
         Action::LaterTokens => app.scroll_routing(SCROLL_STEP as isize),
         Action::RouteAgain => return app.refresh_routing(true),
@@ -198,6 +205,12 @@ fn submit(app: &mut App, kind: InputKind, text: String) -> Vec<Request> {
                     if let Some(section) = opened.routing {
                         reqs.extend(app.open_routing(&path, section, opened.plan));
                         notes.push_str(plan_io::ROUTED_NOTE);
+                    }
+                    if let Some(kv) = &opened.kv {
+                        match app.kv.adopt(kv) {
+                            Ok(()) => notes.push_str(plan_io::KV_NOTE),
+                            Err(e) => notes.push_str(&format!("; {e:#}")),
+                        }
                     }
                     app.set_status(format!("opened {}{notes}", path.display()), false);
                     reqs

@@ -182,6 +182,11 @@ pub enum Action {
     EarlierTokens,
     LaterTokens,
     RouteAgain,
+    KvPolicy,
+    KvBudgetUp,
+    KvBudgetDown,
+    KvAttach,
+    KvLong,
     Help,
     Quit,
 }
@@ -368,11 +373,48 @@ pub const MAIN: &[Group] = &[
         .when(When::InView(View::Routing))],
     },
     Group {
+        name: "KV view",
+        commands: &[
+            Command::new(
+                "t",
+                "next policy: quest/streaming/window/h2o/snapkv",
+                &[(Key::ch('t'), A::KvPolicy)],
+            )
+            .bar(&[(2, "t", "policy")])
+            .when(When::InView(View::Kv)),
+            Command::new(
+                "+ = -",
+                "double / halve the budget (16 to 4096 tokens)",
+                &[
+                    (Key::ch('+'), A::KvBudgetUp),
+                    (Key::ch('='), A::KvBudgetUp),
+                    (Key::ch('-'), A::KvBudgetDown),
+                ],
+            )
+            .bar(&[(3, "+", "budget")])
+            .when(When::InView(View::Kv)),
+            Command::new(
+                "a",
+                "put the policy in the saved plan / take it out",
+                &[(Key::ch('a'), A::KvAttach)],
+            )
+            .bar(&[(4, "a", "attach")])
+            .when(When::InView(View::Kv)),
+            Command::new(
+                "L",
+                "measure it at 2,048 tokens vs the full cache",
+                &[(Key::ch('L'), A::KvLong)],
+            )
+            .bar(&[(5, "L", "long context")])
+            .when(When::InView(View::Kv)),
+        ],
+    },
+    Group {
         name: "Anywhere",
         commands: &[
             Command::new(
                 "v",
-                "view: block surgery / speculative / routing",
+                "view: blocks / speculative / routing / KV",
                 &[(Key::ch('v'), A::View)],
             )
             .bar(&[(14, "v", "view")]),

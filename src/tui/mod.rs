@@ -55,6 +55,12 @@ pub fn run(msource: &ModelSource, psource: &PlanSource) -> Result<()> {
         Some(f) => jobs::routing::section_of(f)?,
         None => None,
     };
+    let kv = match &file {
+        Some(f) => f
+            .sections
+            .get::<crate::plan::KvSection>(crate::plan::KV_SECTION)?,
+        None => None,
+    };
     let setup = jobs::Setup::for_model(&model)?;
     let mut app = App::new(
         model_info(&model, &setup),
@@ -71,6 +77,10 @@ pub fn run(msource: &ModelSource, psource: &PlanSource) -> Result<()> {
     if psource.is_given() {
         // Evaluated below by `start`.
         let _ = app.push_plan(plan.clone());
+    }
+    if let Some(kv) = &kv {
+        app.kv.adopt(kv)?;
+        app.set_status(format!("{}{}", kv.policy, plan_io::KV_NOTE), false);
     }
     // The decisions are routed when the routing view opens.
     if let (Some(section), Some(path)) = (routing, &psource.plan) {

@@ -7,11 +7,16 @@ use anyhow::{Context, Result};
 use super::app::App;
 use super::jobs::routing::section_of;
 use crate::model::routing::{RoutingSection, ROUTING_SECTION};
-use crate::plan::{Plan, PlanFile};
+use crate::plan::{KvSection, Plan, PlanFile, KV_SECTION};
 
 /// The plan sections the workbench carries out (the routing view routes
-/// with them); a plan with any other section is refused, as the CLI does.
-pub const HONOURED: &[&str] = &[ROUTING_SECTION];
+/// with them, the KV view takes the policy); a plan with any other section
+/// is refused, as the CLI does.
+pub const HONOURED: &[&str] = &[ROUTING_SECTION, KV_SECTION];
+
+/// Said when a plan with a KV policy opens.
+pub const KV_NOTE: &str =
+    "; KV policy: KV view (v); blocks view measures the plan with the full cache";
 
 /// Said when a routed plan opens: where its routing shows, and that the
 /// blocks view measures the plan under the routers.
@@ -25,6 +30,7 @@ pub struct Opened {
     pub plan: Plan,
     pub notes: Vec<String>,
     pub routing: Option<RoutingSection>,
+    pub kv: Option<KvSection>,
 }
 
 /// Writes the current plan, with what was measured about it, atomically.
@@ -61,6 +67,10 @@ pub fn plan_file(app: &App) -> PlanFile {
         file.metrics
             .insert("base_perplexity".into(), b.perplexity.into());
     }
+    if let Some(kv) = app.kv.section() {
+        // A KvSection always serialises.
+        let _ = file.sections.set(KV_SECTION, &kv);
+    }
     file
 }
 
@@ -75,9 +85,11 @@ pub fn open(app: &App, path: &Path) -> Result<Opened> {
         .with_context(|| format!("cannot use plan {}", path.display()))?;
     crate::setup::refuse_sections(&file, path, "the workbench", HONOURED)?;
     let routing = section_of(&file)?;
+    let kv = file.sections.get::<KvSection>(KV_SECTION)?;
     Ok(Opened {
         plan: file.plan,
         notes: file.notes,
         routing,
+        kv,
     })
 }

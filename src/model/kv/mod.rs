@@ -28,6 +28,7 @@ pub use spec::{KvSpec, POLICY_NAMES};
 use super::config::ModelConfig;
 use super::pass::Probe;
 use super::state::SeqState;
+use super::transformer::{KeyRuns, StoredKeys};
 use quest::{PageBounds, Picks};
 
 /// What a layer's queries could attend to in the last pass, for attention
@@ -283,6 +284,47 @@ impl Probe for KvPolicy {
             }
         }
         Ok(())
+    }
+
+    fn rides_lean(&self) -> bool {
+        // H2O and SnapKV's prefill read probabilities; a masked Quest
+        // decode (tests) runs the candle path.
+        !self.observes() && (self.gather_decode || !matches!(self.spec, KvSpec::Quest { .. }))
+    }
+
+    fn select_keys(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        keys: &StoredKeys,
+        query_positions: &[u32],
+    ) -> Result<Option<KeyRuns>> {
+        let KvSpec::Quest { budget, page } = self.spec else {
+            return Ok(None);
+        };
+        if !self.acts[layer] {
+            return Ok(None);
+        }
+        let hd = q.len() / (query_positions.len() * self.heads).max(1);
+        let book = &mut self.layers[layer];
+        let pages = book
+            .pages
+            .get_or_insert_with(|| PageBounds::new(page, self.kv_heads, hd));
+        pages.update_from_store(keys);
+        book.picks = None;
+        let key_positions = keys.positions;
+        let sees_more = query_positions
+            .iter()
+            .any(|&p| key_positions.partition_point(|&k| k <= p) > budget);
+        if !sees_more {
+            // Every query sees no more than the budget: exactly the full model.
+            return Ok(None);
+        }
+        let bounds = pages.bounds_of_rows(q, self.heads);
+        let picks = quest::pick(&bounds, key_positions, query_positions, budget, page);
+        let runs = quest::runs(&picks, page);
+        book.picks = Some(picks);
+        Ok(Some(runs))
     }
 
     fn attend(

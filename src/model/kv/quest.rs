@@ -10,9 +10,12 @@
 //! gathers the selected keys (executed: it reads only them); a prefill pass
 //! of many queries masks the others (simulated: it saves nothing).
 
+use std::ops::Range;
+
 use candle_core::{DType, Result, Tensor};
 
 use crate::model::attention;
+use crate::model::transformer::{row_dots, KeyRuns, StoredKeys};
 
 /// Per KV head, the min and max of each page's keys, (pages · head dim).
 #[derive(Debug, Clone, Default)]
@@ -52,12 +55,7 @@ impl PageBounds {
     /// recomputes the last partial page and the pages after it.
     pub fn update(&mut self, keys: &Tensor) -> Result<()> {
         let n = keys.dim(2)?;
-        if n < self.slots {
-            // Rolled back: start over.
-            *self = Self::new(self.page, self.mins.len(), self.head_dim);
-        }
-        let first_page = self.slots / self.page;
-        let from = first_page * self.page;
+        let from = self.stale_from(n);
         if from >= n {
             return Ok(());
         }
@@ -66,15 +64,43 @@ impl PageBounds {
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec3::<f32>()?;
-        let d = self.head_dim;
-        for (h, rows) in fresh.iter().enumerate() {
-            self.mins[h].truncate(first_page * d);
-            self.maxs[h].truncate(first_page * d);
-            for chunk in rows.chunks(self.page) {
+        self.summarise(from, n, |h, j| &fresh[h][j - from]);
+        Ok(())
+    }
+
+    /// `update` from a layer's f32 store as the lean path reads it.
+    pub fn update_from_store(&mut self, keys: &StoredKeys) {
+        let n = keys.positions.len();
+        let from = self.stale_from(n);
+        if from < n {
+            let d = self.head_dim;
+            self.summarise(from, n, |h, j| {
+                &keys.k[h * keys.head_stride + j * keys.key_stride..][..d]
+            });
+        }
+    }
+
+    /// The first slot whose page must be (re)summarised for `n` slots.
+    fn stale_from(&mut self, n: usize) -> usize {
+        if n < self.slots {
+            // Rolled back: start over.
+            *self = Self::new(self.page, self.mins.len(), self.head_dim);
+        }
+        (self.slots / self.page) * self.page
+    }
+
+    /// Min and max per page of slots `from..n` (`from` starts a page);
+    /// `key(h, j)` is KV head h's key in slot j.
+    fn summarise<'k>(&mut self, from: usize, n: usize, key: impl Fn(usize, usize) -> &'k [f32]) {
+        let (d, page) = (self.head_dim, self.page);
+        for h in 0..self.mins.len() {
+            self.mins[h].truncate(from / page * d);
+            self.maxs[h].truncate(from / page * d);
+            for start in (from..n).step_by(page) {
                 let mut lo = vec![f32::INFINITY; d];
                 let mut hi = vec![f32::NEG_INFINITY; d];
-                for key in chunk {
-                    for (i, &x) in key.iter().enumerate() {
+                for j in start..(start + page).min(n) {
+                    for (i, &x) in key(h, j).iter().enumerate() {
                         lo[i] = lo[i].min(x);
                         hi[i] = hi[i].max(x);
                     }
@@ -84,7 +110,35 @@ impl PageBounds {
             }
         }
         self.slots = n;
-        Ok(())
+    }
+
+    /// `bounds` for the lean path's queries (rows × heads · head dim). The
+    /// group's Σ_h Σ_i max(q_hi·min_i, q_hi·max_i) is P·max + N·min with
+    /// P = Σ_h relu(q_h) and N = Σ_h min(q_h, 0): two dots per page.
+    pub fn bounds_of_rows(&self, q: &[f32], heads: usize) -> Vec<Vec<Vec<f32>>> {
+        let (d, nkv) = (self.head_dim, self.mins.len());
+        let group = heads / nkv;
+        let rows = q.len() / (heads * d);
+        let pages = self.pages();
+        (0..nkv)
+            .map(|g| {
+                (0..rows)
+                    .map(|r| {
+                        let (mut pos, mut neg) = (vec![0.0f32; d], vec![0.0f32; d]);
+                        for h in g * group..(g + 1) * group {
+                            for (i, &x) in q[(r * heads + h) * d..][..d].iter().enumerate() {
+                                pos[i] += x.max(0.0);
+                                neg[i] += x.min(0.0);
+                            }
+                        }
+                        let (mut up, mut down) = (vec![0.0; pages], vec![0.0; pages]);
+                        row_dots(&pos, &self.maxs[g], &mut up);
+                        row_dots(&neg, &self.mins[g], &mut down);
+                        up.iter().zip(&down).map(|(a, b)| a + b).collect()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Upper bounds of q·k per page, summed over each KV head's group of
@@ -166,6 +220,26 @@ pub fn slots(pages: &[u32], page: usize, visible: usize) -> impl Iterator<Item =
     pages
         .iter()
         .flat_map(move |&p| p as usize * page..((p as usize + 1) * page).min(visible))
+}
+
+/// The picks as the lean path's key runs: per query row and KV head.
+pub fn runs(picks: &Picks, page: usize) -> KeyRuns {
+    let rows = picks.first().map_or(0, Vec::len);
+    (0..rows)
+        .map(|r| {
+            picks
+                .iter()
+                .map(|per_query| {
+                    per_query[r].as_ref().map(|pages| {
+                        pages
+                            .iter()
+                            .map(|&p| p as usize * page..(p as usize + 1) * page)
+                            .collect::<Vec<Range<usize>>>()
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Attention of q (1, heads, t, hd) over k, v (1, kv heads, n, hd) limited to
@@ -254,5 +328,72 @@ mod tests {
         assert_eq!(choose_pages(&bound, 4, 3), vec![0, 1, 4]);
         assert_eq!(choose_pages(&bound, 4, 4), vec![0, 1, 3, 4]);
         assert_eq!(choose_pages(&bound, 1, 4), vec![0, 1]);
+    }
+
+    fn numbers(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 211) as f32 / 53.0 - 2.0)
+            .collect()
+    }
+
+    /// The lean path's bounds (from the store's slices and the queries'
+    /// rows) equal the candle path's (from tensors), partial last page included.
+    #[test]
+    fn bounds_from_the_store_equal_bounds_from_tensors() {
+        let (kv_heads, heads, d, n, cap, page) = (2, 6, 8, 37, 40, 16);
+        let dev = candle_core::Device::Cpu;
+        // Head-major store with capacity `cap`, as `KvStore::with_f32` hands it.
+        let store = numbers(kv_heads * cap * d, 3);
+        let mut dense = Vec::new();
+        for h in 0..kv_heads {
+            dense.extend_from_slice(&store[h * cap * d..][..n * d]);
+        }
+        let keys = Tensor::from_vec(dense, (1, kv_heads, n, d), &dev).unwrap();
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let view = StoredKeys {
+            k: &store,
+            v: &store,
+            head_stride: cap * d,
+            key_stride: d,
+            positions: &positions,
+        };
+        let (mut a, mut b) = (
+            PageBounds::new(page, kv_heads, d),
+            PageBounds::new(page, kv_heads, d),
+        );
+        a.update(&keys.narrow(2, 0, 20).unwrap()).unwrap();
+        a.update(&keys).unwrap();
+        b.update_from_store(&view);
+        assert_eq!(
+            (a.mins.clone(), a.maxs.clone()),
+            (b.mins.clone(), b.maxs.clone())
+        );
+        let rows = 2;
+        let q = numbers(rows * heads * d, 11);
+        // (1, heads, rows, d) from rows × heads · d.
+        let qt = Tensor::from_vec(q.clone(), (1, rows, heads, d), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = a.bounds(&qt).unwrap();
+        let got = b.bounds_of_rows(&q, heads);
+        assert_eq!(got.len(), kv_heads);
+        for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+            assert_eq!(w.len(), 3);
+            for (x, y) in w.iter().zip(g) {
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn picks_become_runs_per_row_and_kv_head() {
+        let picks: Picks = vec![vec![Some(vec![0, 2]), None], vec![None, Some(vec![1])]];
+        let runs = runs(&picks, 4);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0], vec![Some(vec![0..4, 8..12]), None]);
+        assert_eq!(runs[1], vec![None, Some(std::iter::once(4..8).collect())]);
     }
 }

@@ -3,8 +3,15 @@
 //! query sees follows `model::mask`: keys at positions ≤ its own, within
 //! the sliding window; gaps and evictions follow from the positions.
 
+use std::ops::Range;
+
 use super::ops::{scaled_dots, softmax_in_place, weighted_sum, Shared, Strided};
 use crate::kernels;
+
+/// Per query row, per KV head: the runs of key indices the query attends
+/// to (a KV policy's selection, Quest's pages), or `None` for every key it
+/// sees. Runs are disjoint; each is clipped to the keys the query sees.
+pub type KeyRuns = Vec<Vec<Option<Vec<Range<usize>>>>>;
 
 /// Keys and values as f32: key `j` of KV head `g` starts at
 /// `g · head_stride + j · key_stride`, at position `positions[j]`.
@@ -33,14 +40,17 @@ pub fn visible(keys: &[u32], q: u32, window: Option<usize>) -> (usize, usize) {
 }
 
 /// `ctx` (rows × heads · head_dim) = softmax(q·kᵀ / √hd) · v for queries
-/// `q` (same shape) at `positions`. `scores` is scratch, grown as needed.
-/// Head subsets (a later mode) are a filter on the task list.
+/// `q` (same shape) at `positions`, over every key each sees or only over
+/// `runs` (which reads just those keys). `scores` is scratch, grown as
+/// needed. Head subsets (a later mode) are a filter on the task list.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
     positions: &[u32],
     keys: &Keys,
     window: Option<usize>,
     heads: Heads,
+    runs: Option<&KeyRuns>,
     scores: &mut Vec<f32>,
     ctx: &mut [f32],
 ) {
@@ -76,15 +86,34 @@ pub fn attend(
         if hi == lo {
             return;
         }
-        let start = g * keys.head_stride + lo * keys.key_stride;
-        let rows = |m| Strided {
+        let chosen = runs.and_then(|runs| runs[r][g].as_deref());
+        let spans: Vec<Range<usize>> = match chosen {
+            None => std::iter::once(lo..hi).collect(),
+            Some(runs) => runs
+                .iter()
+                .map(|run| run.start.max(lo)..run.end.min(hi))
+                .filter(|run| !run.is_empty())
+                .collect(),
+        };
+        let rows = |m, from: usize| Strided {
             m,
-            start,
+            start: g * keys.head_stride + from * keys.key_stride,
             stride: keys.key_stride,
         };
-        scaled_dots(qv, rows(keys.k), scale, s);
-        softmax_in_place(s);
-        weighted_sum(o, s, rows(keys.v));
+        let mut n = 0;
+        for run in &spans {
+            scaled_dots(qv, rows(keys.k, run.start), scale, &mut s[n..n + run.len()]);
+            n += run.len();
+        }
+        if n == 0 {
+            return;
+        }
+        softmax_in_place(&mut s[..n]);
+        let mut n = 0;
+        for run in &spans {
+            weighted_sum(o, &s[n..n + run.len()], rows(keys.v, run.start));
+            n += run.len();
+        }
     };
     kernels::pool().for_each(tasks, &task);
 }
@@ -162,6 +191,7 @@ mod tests {
             &keys,
             Some(2),
             heads,
+            None,
             &mut Vec::new(),
             &mut ctx,
         );
@@ -174,6 +204,66 @@ mod tests {
                 let row = |base: &[f32], j: usize| base[(g * cap + j) * 8..][..8].to_vec();
                 let ks: Vec<_> = (lo..hi).map(|j| row(&k, j)).collect();
                 let vs: Vec<_> = (lo..hi).map(|j| row(&v, j)).collect();
+                let want = naive(&q[r * 32 + h * 8..][..8], &ks, &vs);
+                let got = &ctx[r * 32 + h * 8..][..8];
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "row {r} head {h}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runs_limit_each_query_to_its_kv_heads_chosen_keys() {
+        let heads = Heads {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let f = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
+        let cap = 12;
+        let k: Vec<f32> = (0..2 * cap * 8).map(f).collect();
+        let v: Vec<f32> = (0..2 * cap * 8).map(|i| f(i + 13)).collect();
+        let key_pos: Vec<u32> = (0..10).collect();
+        let keys = Keys {
+            k: &k,
+            v: &v,
+            head_stride: cap * 8,
+            key_stride: 8,
+            positions: &key_pos,
+        };
+        let q: Vec<f32> = (0..2 * 32).map(|i| f(i + 29)).collect();
+        let positions = [6u32, 9];
+        // Row 0: head 0 keys 0..2 and 4..8 (clipped to 0..=6), head 1 all.
+        // Row 1: head 0 all, head 1 keys 8..10 and 1..3.
+        let runs: KeyRuns = vec![
+            vec![Some(vec![0..2, 4..8]), None],
+            vec![None, Some(vec![8..10, 1..3])],
+        ];
+        let chosen = |r: usize, g: usize| -> Vec<usize> {
+            let hi = positions[r] as usize + 1;
+            match &runs[r][g] {
+                None => (0..hi).collect(),
+                Some(rs) => rs.iter().flat_map(|x| x.start..x.end.min(hi)).collect(),
+            }
+        };
+        let mut ctx = vec![0.0; 64];
+        attend(
+            &q,
+            &positions,
+            &keys,
+            None,
+            heads,
+            Some(&runs),
+            &mut Vec::new(),
+            &mut ctx,
+        );
+        for r in 0..2 {
+            for h in 0..4 {
+                let g = h / 2;
+                let row = |base: &[f32], j: usize| base[(g * cap + j) * 8..][..8].to_vec();
+                let ks: Vec<_> = chosen(r, g).iter().map(|&j| row(&k, j)).collect();
+                let vs: Vec<_> = chosen(r, g).iter().map(|&j| row(&v, j)).collect();
                 let want = naive(&q[r * 32 + h * 8..][..8], &ks, &vs);
                 let got = &ctx[r * 32 + h * 8..][..8];
                 for (a, b) in got.iter().zip(&want) {

@@ -36,10 +36,22 @@ use super::{
 use crate::kernels::QWeight;
 use crate::model::config::Arch;
 use crate::model::lowrank;
-use crate::model::pass::{AttnExec, MlpExec, Pass, Residual};
+use crate::model::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
 use crate::model::state::{position_range, KvStore};
 use crate::plan::LayerScales;
-use attend::{Heads, Keys};
+use attend::Heads;
+pub use attend::{KeyRuns, Keys};
+
+/// `out[i]` = q · row i of `rows` (contiguous rows of `q.len()`), with this
+/// path's SIMD dot: Quest's page bounds on the lean path.
+pub fn row_dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let m = ops::Strided {
+        m: rows,
+        start: 0,
+        stride: q.len(),
+    };
+    ops::scaled_dots(q, m, 1.0, out);
+}
 
 /// Rows up to which a pass runs here (a decode step is 1, a speculative
 /// verify of k drafts is k + 1); longer prefills take the dense GEMM.
@@ -234,7 +246,8 @@ pub(super) fn run_layers(
     pass: &mut Pass,
 ) -> Result<Option<Tensor>> {
     let (b, rows, hidden) = x.dims3()?;
-    if b != 1 || pass.probe.is_some() || !wants_lean(t, pass.run, rows) {
+    let probe_rides = pass.probe.as_deref().is_none_or(|p| p.rides_lean());
+    if b != 1 || !probe_rides || !wants_lean(t, pass.run, rows) {
         return Ok(None);
     }
     let Some(prep) = t.lean.prepared(t)? else {
@@ -318,13 +331,14 @@ impl Step<'_> {
             }
             AttnExec::Full if attn_lean => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
-                self.attention(i, layer, ws, store)?;
+                self.attention(i, layer, ws, store, pass.probe.as_deref_mut())?;
                 self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
             exec => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
-                self.candle_attention(i, layer, &exec, ws, store, pass.run)?;
+                let probe = pass.probe.as_deref_mut();
+                self.candle_attention(i, layer, &exec, ws, (store, probe), pass.run)?;
                 self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
@@ -357,13 +371,15 @@ impl Step<'_> {
         Ok(())
     }
 
-    /// Full attention of layer `i` into `ws.out`, writing K/V to `store`.
-    fn attention(
+    /// Full attention of layer `i` into `ws.out`, writing K/V to `store`,
+    /// over the keys `probe` selects (a KV budget policy) or all of them.
+    fn attention<'p>(
         &self,
         i: usize,
         layer: &Layer,
         ws: &mut Workspace,
         store: Option<&mut KvStore>,
+        probe: Option<&mut (dyn Probe + 'p)>,
     ) -> Result<()> {
         let c = &self.t.cfg;
         let (p, rows) = (&self.prep.layers[i], self.rows);
@@ -412,16 +428,24 @@ impl Step<'_> {
             Some(store) => {
                 store.append_rows(k, v, self.positions, c.n_kv_heads, hd)?;
                 let key_pos = store.positions();
-                store.with_f32(|k, v, cap| {
-                    let keys = Keys {
-                        k,
-                        v,
-                        head_stride: cap * hd,
-                        key_stride: hd,
-                        positions: key_pos,
-                    };
-                    attend::attend(q, self.positions, &keys, window, heads, scores, ctx);
-                })?;
+                store
+                    .with_f32(|k, v, cap| -> Result<()> {
+                        let keys = Keys {
+                            k,
+                            v,
+                            head_stride: cap * hd,
+                            key_stride: hd,
+                            positions: key_pos,
+                        };
+                        let runs = match probe {
+                            Some(p) => p.select_keys(i, q, &keys, self.positions)?,
+                            None => None,
+                        };
+                        let runs = runs.as_ref();
+                        attend::attend(q, self.positions, &keys, window, heads, runs, scores, ctx);
+                        Ok(())
+                    })?
+                    .transpose()?;
             }
             None => {
                 let keys = Keys {
@@ -431,7 +455,7 @@ impl Step<'_> {
                     key_stride: c.n_kv_heads * hd,
                     positions: self.positions,
                 };
-                attend::attend(q, self.positions, &keys, window, heads, scores, ctx);
+                attend::attend(q, self.positions, &keys, window, heads, None, scores, ctx);
             }
         }
         matmul(&a.o, &ws.ctx, rows, &mut ws.out);
@@ -440,13 +464,13 @@ impl Step<'_> {
 
     /// An attention answer the lean path does not compute (subsets, K/V
     /// only) through the candle path, on the same state, into `ws.out`.
-    fn candle_attention(
+    fn candle_attention<'p>(
         &mut self,
         i: usize,
         layer: &Layer,
         exec: &AttnExec,
         ws: &mut Workspace,
-        store: Option<&mut KvStore>,
+        (store, probe): (Option<&mut KvStore>, Option<&mut (dyn Probe + 'p)>),
         run: RunOptions,
     ) -> Result<()> {
         let x = self.residual_tensor(ws)?;
@@ -460,7 +484,7 @@ impl Step<'_> {
         };
         match self
             .t
-            .attention(&layer.attn, &h, call, store, &mut self.masks, None)?
+            .attention(&layer.attn, &h, call, store, &mut self.masks, probe)?
         {
             Some(a) => copy_into(&a, &mut ws.out),
             None => {

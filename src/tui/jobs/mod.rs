@@ -8,6 +8,7 @@ pub mod fit;
 pub mod generate;
 pub mod importance;
 pub mod interface;
+pub mod kv;
 pub mod prompt_run;
 pub mod routing;
 pub mod search;

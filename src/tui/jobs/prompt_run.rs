@@ -126,8 +126,12 @@ impl Apply for Done {
         s.prefill_tps = Some(self.prefill_tps);
         s.decode_tps = Some(self.decode_tps);
         // The routing view routes the continuation too, once it is there.
-        if self.side == Side::Base && app.view == View::Routing {
-            return app.refresh_routing(false);
+        if self.side == Side::Base {
+            match app.view {
+                View::Routing => return app.refresh_routing(false),
+                View::Kv => return app.refresh_kv_map(),
+                _ => {}
+            }
         }
         vec![]
     }

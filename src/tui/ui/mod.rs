@@ -5,6 +5,7 @@ pub mod cmdbar;
 pub mod generation;
 pub mod grid;
 pub mod help;
+pub mod kv;
 pub mod metrics;
 pub mod routing;
 pub mod speculative;
@@ -83,6 +84,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         }
         View::Speculative => speculative::draw(frame, a.main, app),
         View::Routing => routing::draw(frame, a.main, app),
+        View::Kv => kv::draw(frame, a.main, app),
     }
     generation::draw(frame, a.generation, app);
     if a.job.height > 0 {
