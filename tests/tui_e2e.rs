@@ -279,3 +279,65 @@ fn redraws_stay_under_100ms_while_a_search_runs() {
     assert!(p95_gap < 100.0, "redraws slowed to {p95_gap:.1} ms (p95)");
     assert!(worst_gap < 1000.0, "the screen froze for {worst_gap:.1} ms");
 }
+
+/// The KV view as a person uses it: `v` to the view, the kept-keys map of
+/// the default policy on the prompt, `t` to StreamingLLM, `a` to put it in
+/// the plan, `s` to save; the saved plan's `kv` section then runs in
+/// `scalpel eval`.
+#[test]
+fn the_kv_view_maps_a_policy_and_saves_it_in_the_plan() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch_dir();
+    let session = dir.path().join("session");
+    let tmux = Tmux::start("kv", &[("SCALPEL_SESSION_DIR", &session)], &model_arg());
+    tmux.wait_for("the block grid", MINUTES, |s| s.contains("blocks · 0/60"));
+    tmux.keys(&["v", "v", "v"]);
+    let screen = tmux.wait_for("the kept-keys map", 5 * MINUTES, |s| {
+        s.contains("┌ KV · quest:32:16:2") && s.contains("kept per layer and KV head")
+    });
+    assert!(screen.contains("share of KV heads"), "{screen}");
+    tmux.keys(&["t"]);
+    let screen = tmux.wait_for("the StreamingLLM map", 5 * MINUTES, |s| {
+        s.contains("┌ KV · streaming:32:4")
+            && s.contains("kept per layer")
+            && !s.contains("mapping…")
+    });
+    // StreamingLLM keeps its 32 keys per layer and KV head.
+    assert!(
+        screen.contains("kept per layer and KV head: 32.0 of"),
+        "{screen}"
+    );
+    tmux.keys(&["a"]);
+    tmux.wait_for("the policy in the plan", MINUTES, |s| {
+        s.contains("· in plan")
+    });
+    let saved = dir.path().join("kv-plan.json");
+    tmux.keys(&["s", "C-u"]);
+    tmux.text(&saved.display().to_string());
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the save message", MINUTES, |s| s.contains("saved "));
+    tmux.keys(&["q"]);
+    tmux.wait_for("scalpel to exit", MINUTES, |s| s.contains("EXITED 0"));
+
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(plan["sections"]["kv"]["policy"], "streaming:32:4", "{plan}");
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, &scalpel::commands::eval::DEFAULT_EVAL_TEXT[..1500]).unwrap();
+    let out = Command::new(BIN)
+        .arg("--model")
+        .arg(common::smollm2_path())
+        .args(["--offline", "eval", "--context", "256", "--plan"])
+        .arg(&saved)
+        .arg("--text")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "eval --plan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("streaming:32:4"), "{stdout}");
+}

@@ -66,12 +66,16 @@ fn the_map_keeps_what_each_policy_says() {
     }
 
     // Quest: the last query's pages per KV head, the sink page among them.
-    let quest = map("quest:32:16", &Plan::base());
+    let quest = map("quest:32:16:2", &Plan::base());
     assert!(
         quest.kv_bytes > quest.full_kv_bytes,
         "Quest keeps every key and its pages"
     );
-    for layer in quest.layers.iter().flatten() {
+    // Its first two layers stay dense, as the reference leaves them.
+    for layer in quest.layers[..2].iter().flatten() {
+        assert!(layer.iter().all(|&s| s == 1.0));
+    }
+    for layer in quest.layers[2..].iter().flatten() {
         let share_kept: f32 = layer.iter().sum();
         // 3 KV heads, 2 pages of 16 each (the own page holds 100 − 96 = 4).
         assert!(layer[..16].iter().all(|&s| s == 1.0), "{layer:?}");
@@ -178,7 +182,7 @@ fn the_view_draws_the_map_at_80x24_and_120x40() {
 #[test]
 fn keys_change_the_policy_attach_it_and_ask_for_measurements() {
     let mut app = app();
-    assert_eq!(app.kv.spec().to_string(), "quest:32:16");
+    assert_eq!(app.kv.spec().to_string(), "quest:32:16:2");
     let reqs = handler::handle_key(&mut app, key('t'));
     assert_eq!(app.kv.spec().name(), "streaming");
     assert!(

@@ -576,7 +576,7 @@ fn opening_a_routed_plan_routes_the_prompt_in_the_background() {
     let status = app.status.clone().unwrap();
     assert!(!status.error, "{status:?}");
     assert!(status.text.contains("KV view (v)"), "{}", status.text);
-    assert_eq!(app.kv.spec().to_string(), "quest:512:16");
+    assert_eq!(app.kv.spec().to_string(), "quest:512:16:2");
     assert!(app.kv.attached);
 
     // A healed plan: refused, the message says what to do.

@@ -73,14 +73,24 @@ pub struct KvPolicy {
 
 impl KvPolicy {
     pub fn new(spec: KvSpec, cfg: &ModelConfig) -> anyhow::Result<Self> {
-        let acts: Vec<bool> = (0..cfg.n_layers)
-            .map(|l| cfg.layer_window(l).is_none())
-            .collect();
-        if spec != KvSpec::Full && !acts.contains(&true) {
+        let dense = match spec {
+            KvSpec::Quest { dense_layers, .. } => dense_layers,
+            _ => 0,
+        };
+        let global = |l: usize| cfg.layer_window(l).is_none();
+        if spec != KvSpec::Full && !(0..cfg.n_layers).any(global) {
             bail!(
                 "KV policy `{spec}`: every layer of this model already uses a sliding window of \
                  {} tokens; KV budgets act on full-attention (global) layers and it has none",
                 cfg.sliding_window.unwrap_or(0)
+            );
+        }
+        let acts: Vec<bool> = (0..cfg.n_layers).map(|l| global(l) && l >= dense).collect();
+        if spec != KvSpec::Full && !acts.contains(&true) {
+            bail!(
+                "KV policy `{spec}`: its {dense} dense layers leave no full-attention layer of \
+                 this model's {} to act on; give fewer (quest:B:PAGE:DENSE)",
+                cfg.n_layers
             );
         }
         Ok(Self {
@@ -299,7 +309,7 @@ impl Probe for KvPolicy {
         keys: &StoredKeys,
         query_positions: &[u32],
     ) -> Result<Option<KeyRuns>> {
-        let KvSpec::Quest { budget, page } = self.spec else {
+        let KvSpec::Quest { budget, page, .. } = self.spec else {
             return Ok(None);
         };
         if !self.acts[layer] {
@@ -335,7 +345,7 @@ impl Probe for KvPolicy {
         key_positions: &[u32],
         query_positions: &[u32],
     ) -> Result<Option<Tensor>> {
-        let KvSpec::Quest { budget, page } = self.spec else {
+        let KvSpec::Quest { budget, page, .. } = self.spec else {
             return Ok(None);
         };
         if !self.acts[layer] {

@@ -1,6 +1,6 @@
 //! KV budget policies as written on the command line and in plan files:
 //! `full`, `window:B`, `streaming:B[:SINKS]`, `h2o:B[:RECENT_SHARE]`,
-//! `snapkv:B[:WINDOW[:KERNEL]]`, `quest:B[:PAGE]`. Budgets are in tokens
+//! `snapkv:B[:WINDOW[:KERNEL]]`, `quest:B[:PAGE[:DENSE]]`. Budgets are in tokens
 //! (keys kept per layer and KV head).
 
 use std::fmt;
@@ -17,6 +17,9 @@ pub const DEFAULT_OBSERVATION: usize = 32;
 pub const DEFAULT_KERNEL: usize = 5;
 /// Quest's page (chunk) size.
 pub const DEFAULT_PAGE: usize = 16;
+/// Quest leaves the first two layers dense, as its reference does
+/// (`evaluation/quest_attention.py`): their attention is not sparse.
+pub const DEFAULT_DENSE_LAYERS: usize = 2;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum KvSpec {
@@ -40,12 +43,17 @@ pub enum KvSpec {
     },
     /// Nothing evicted; per query and KV head, the `budget / page` pages
     /// with the highest upper bound of q·k (from each page's per-channel
-    /// key min and max) are attended to.
-    Quest { budget: usize, page: usize },
+    /// key min and max) are attended to; the first `dense_layers` layers
+    /// attend to every key.
+    Quest {
+        budget: usize,
+        page: usize,
+        dense_layers: usize,
+    },
 }
 
 pub const POLICY_NAMES: &str = "full, window:B, streaming:B[:SINKS], h2o:B[:RECENT_SHARE], \
-                                snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE]";
+                                snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE[:DENSE_LAYERS]]";
 
 impl KvSpec {
     /// The token budget; `None` for the full cache.
@@ -112,8 +120,8 @@ impl FromStr for KvSpec {
         }
         let max_args = match name.as_str() {
             "window" => 1,
-            "streaming" | "h2o" | "quest" => 2,
-            "snapkv" => 3,
+            "streaming" | "h2o" => 2,
+            "snapkv" | "quest" => 3,
             _ => bail!("unknown KV policy `{spec}`: use one of {POLICY_NAMES}"),
         };
         if args.len() > max_args {
@@ -170,7 +178,13 @@ impl FromStr for KvSpec {
                 if budget < 2 * page {
                     bail!("KV policy `{spec}`: a budget of {budget} holds fewer than 2 pages of {page} (the first page and the query's own are always kept); raise the budget or lower the page size");
                 }
-                Self::Quest { budget, page }
+                let dense_layers =
+                    field(spec, "the dense layer count", arg(2), DEFAULT_DENSE_LAYERS)?;
+                Self::Quest {
+                    budget,
+                    page,
+                    dense_layers,
+                }
             }
             _ => unreachable!("names checked above"),
         };
@@ -193,7 +207,11 @@ impl fmt::Display for KvSpec {
                 observation,
                 kernel,
             } => write!(f, "snapkv:{budget}:{observation}:{kernel}"),
-            Self::Quest { budget, page } => write!(f, "quest:{budget}:{page}"),
+            Self::Quest {
+                budget,
+                page,
+                dense_layers,
+            } => write!(f, "quest:{budget}:{page}:{dense_layers}"),
         }
     }
 }

@@ -48,8 +48,11 @@ pub fn spec_of(kind: &str, budget: usize) -> KvSpec {
 pub struct KeptMap {
     pub tokens: usize,
     pub layers: Vec<Option<Vec<f32>>>,
-    /// Per layer: the policy acts there (local layers keep their own window).
-    pub acts: Vec<bool>,
+    /// Layers with their own sliding window (Gemma 3's local layers),
+    /// which keep it whatever the policy.
+    pub local_layers: usize,
+    /// Leading layers the policy leaves dense (Quest's first two).
+    pub dense_layers: usize,
     /// Live K/V bytes under the policy (Quest: plus its page tables), and
     /// with the full cache.
     pub kv_bytes: usize,
@@ -113,9 +116,13 @@ pub fn kept_map(
     Ok(KeptMap {
         tokens: ids.len(),
         layers,
-        acts: (0..cfg.n_layers)
-            .map(|l| cfg.layer_window(l).is_none())
-            .collect(),
+        local_layers: (0..cfg.n_layers)
+            .filter(|&l| cfg.layer_window(l).is_some())
+            .count(),
+        dense_layers: match spec {
+            KvSpec::Quest { dense_layers, .. } => *dense_layers,
+            _ => 0,
+        },
         kv_bytes: state.bytes() + policy.metadata_bytes(),
         full_kv_bytes: full.bytes(),
     })

@@ -130,11 +130,13 @@ fn mib(bytes: usize) -> f64 {
 
 fn summary(map: &KeptMap) -> String {
     let saved = 1.0 - map.kv_bytes as f64 / map.full_kv_bytes.max(1) as f64;
-    let local = map.acts.iter().filter(|a| !**a).count();
-    let local = match local {
+    let mut local = match map.local_layers {
         0 => String::new(),
         n => format!(" · {n} local layers keep their own window"),
     };
+    if map.dense_layers > 0 {
+        local.push_str(&format!(" · layers 0–{} dense", map.dense_layers - 1));
+    }
     format!(
         "kept per layer and KV head: {:.1} of {} keys · KV {:.2} MiB vs {:.2} MiB full ({:+.0}%){local}",
         map.mean_kept(),
