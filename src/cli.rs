@@ -442,7 +442,7 @@ pub struct EvalArgs {
     pub json: bool,
     /// KV budget policies to evaluate at long context, comma-separated:
     /// full, window:B, streaming:B[:SINKS], h2o:B[:RECENT_SHARE],
-    /// snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE] (budgets in tokens).
+    /// snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE[:DENSE]] (budgets in tokens).
     /// Default: the plan's `kv` section, if any.
     #[arg(long)]
     pub kv: Option<String>,

@@ -104,6 +104,30 @@ fn model_arg() -> String {
 
 const MINUTES: Duration = Duration::from_secs(60);
 
+/// `scalpel eval --plan saved` on the first 1,500 characters of the
+/// built-in text, with `args`; its stdout (it must succeed).
+fn eval_saved(dir: &Path, saved: &Path, args: &[&str]) -> String {
+    let text = dir.join("short.txt");
+    std::fs::write(&text, &scalpel::commands::eval::DEFAULT_EVAL_TEXT[..1500]).unwrap();
+    let out = Command::new(BIN)
+        .arg("--model")
+        .arg(common::smollm2_path())
+        .args(["--offline", "eval"])
+        .args(args)
+        .arg("--plan")
+        .arg(saved)
+        .arg("--text")
+        .arg(&text)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "eval --plan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn toggle_two_blocks_see_metrics_change_save_and_quit() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,30 +178,7 @@ fn toggle_two_blocks_see_metrics_change_save_and_quit() {
     tmux.wait_for("scalpel to exit", MINUTES, |s| s.contains("EXITED 0"));
 
     // The saved file is a plan `scalpel eval` accepts.
-    let text = dir.path().join("short.txt");
-    std::fs::write(&text, &scalpel::commands::eval::DEFAULT_EVAL_TEXT[..1500]).unwrap();
-    let out = Command::new(BIN)
-        .args(["--model"])
-        .arg(common::smollm2_path())
-        .args([
-            "--offline",
-            "eval",
-            "--no-base",
-            "--window",
-            "128",
-            "--plan",
-        ])
-        .arg(&saved)
-        .arg("--text")
-        .arg(&text)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "eval --plan failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = eval_saved(dir.path(), &saved, &["--no-base", "--window", "128"]);
     assert!(stdout.contains("attn.10 attn.15"), "{stdout}");
     // The autosave kept the session and the current plan.
     assert!(std::fs::read_dir(&session).unwrap().count() >= 2);
@@ -322,22 +323,6 @@ fn the_kv_view_maps_a_policy_and_saves_it_in_the_plan() {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(plan["sections"]["kv"]["policy"], "streaming:32:4", "{plan}");
-    let text = dir.path().join("short.txt");
-    std::fs::write(&text, &scalpel::commands::eval::DEFAULT_EVAL_TEXT[..1500]).unwrap();
-    let out = Command::new(BIN)
-        .arg("--model")
-        .arg(common::smollm2_path())
-        .args(["--offline", "eval", "--context", "256", "--plan"])
-        .arg(&saved)
-        .arg("--text")
-        .arg(&text)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "eval --plan failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = eval_saved(dir.path(), &saved, &["--context", "256"]);
     assert!(stdout.contains("streaming:32:4"), "{stdout}");
 }

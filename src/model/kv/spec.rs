@@ -53,7 +53,7 @@ pub enum KvSpec {
 }
 
 pub const POLICY_NAMES: &str = "full, window:B, streaming:B[:SINKS], h2o:B[:RECENT_SHARE], \
-                                snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE[:DENSE_LAYERS]]";
+                                snapkv:B[:WINDOW[:KERNEL]], quest:B[:PAGE[:DENSE]]";
 
 impl KvSpec {
     /// The token budget; `None` for the full cache.

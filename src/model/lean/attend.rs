@@ -161,104 +161,46 @@ mod tests {
         out
     }
 
-    #[test]
-    fn grouped_heads_read_their_kv_head_and_see_only_visible_keys() {
-        let heads = Heads {
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-        };
-        let n_keys = 5;
-        let f = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
-        // Head-major storage with a capacity of 6.
-        let cap = 6;
-        let k: Vec<f32> = (0..2 * cap * 8).map(f).collect();
-        let v: Vec<f32> = (0..2 * cap * 8).map(|i| f(i + 13)).collect();
-        let key_pos = [0u32, 1, 2, 3, 4];
-        let keys = Keys {
-            k: &k,
-            v: &v,
-            head_stride: cap * 8,
-            key_stride: 8,
-            positions: &key_pos,
-        };
-        let q: Vec<f32> = (0..2 * 32).map(|i| f(i + 29)).collect();
-        let positions = [2u32, 4];
-        let mut ctx = vec![0.0; 64];
-        attend(
-            &q,
-            &positions,
-            &keys,
-            Some(2),
-            heads,
-            None,
-            &mut Vec::new(),
-            &mut ctx,
-        );
-        for (r, &p) in positions.iter().enumerate() {
-            let (lo, hi) = visible(&key_pos, p, Some(2));
-            assert_eq!(hi - lo, 2);
-            assert!(hi <= n_keys);
-            for h in 0..4 {
-                let g = h / 2;
-                let row = |base: &[f32], j: usize| base[(g * cap + j) * 8..][..8].to_vec();
-                let ks: Vec<_> = (lo..hi).map(|j| row(&k, j)).collect();
-                let vs: Vec<_> = (lo..hi).map(|j| row(&v, j)).collect();
-                let want = naive(&q[r * 32 + h * 8..][..8], &ks, &vs);
-                let got = &ctx[r * 32 + h * 8..][..8];
-                for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5, "row {r} head {h}: {a} vs {b}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn runs_limit_each_query_to_its_kv_heads_chosen_keys() {
+    /// Checks `attend` for 4 query heads over 2 KV heads of 8 dims, stored
+    /// head-major with `cap` slots, against naive attention over the keys
+    /// `chosen(row, kv head)`.
+    fn check_against_naive(
+        cap: usize,
+        key_pos: &[u32],
+        (positions, window): (&[u32], Option<usize>),
+        runs: Option<&KeyRuns>,
+        chosen: impl Fn(usize, usize) -> Vec<usize>,
+    ) {
         let heads = Heads {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 8,
         };
         let f = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
-        let cap = 12;
         let k: Vec<f32> = (0..2 * cap * 8).map(f).collect();
         let v: Vec<f32> = (0..2 * cap * 8).map(|i| f(i + 13)).collect();
-        let key_pos: Vec<u32> = (0..10).collect();
         let keys = Keys {
             k: &k,
             v: &v,
             head_stride: cap * 8,
             key_stride: 8,
-            positions: &key_pos,
+            positions: key_pos,
         };
-        let q: Vec<f32> = (0..2 * 32).map(|i| f(i + 29)).collect();
-        let positions = [6u32, 9];
-        // Row 0: head 0 keys 0..2 and 4..8 (clipped to 0..=6), head 1 all.
-        // Row 1: head 0 all, head 1 keys 8..10 and 1..3.
-        let runs: KeyRuns = vec![
-            vec![Some(vec![0..2, 4..8]), None],
-            vec![None, Some(vec![8..10, 1..3])],
-        ];
-        let chosen = |r: usize, g: usize| -> Vec<usize> {
-            let hi = positions[r] as usize + 1;
-            match &runs[r][g] {
-                None => (0..hi).collect(),
-                Some(rs) => rs.iter().flat_map(|x| x.start..x.end.min(hi)).collect(),
-            }
-        };
-        let mut ctx = vec![0.0; 64];
+        let rows = positions.len();
+        let q: Vec<f32> = (0..rows * 32).map(|i| f(i + 29)).collect();
+        let mut ctx = vec![0.0; rows * 32];
+        let mut scores = Vec::new();
         attend(
             &q,
-            &positions,
+            positions,
             &keys,
-            None,
+            window,
             heads,
-            Some(&runs),
-            &mut Vec::new(),
+            runs,
+            &mut scores,
             &mut ctx,
         );
-        for r in 0..2 {
+        for r in 0..rows {
             for h in 0..4 {
                 let g = h / 2;
                 let row = |base: &[f32], j: usize| base[(g * cap + j) * 8..][..8].to_vec();
@@ -271,5 +213,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn grouped_heads_read_their_kv_head_and_see_only_visible_keys() {
+        let key_pos = [0u32, 1, 2, 3, 4];
+        let positions = [2u32, 4];
+        check_against_naive(6, &key_pos, (&positions, Some(2)), None, |r, _| {
+            let (lo, hi) = visible(&key_pos, positions[r], Some(2));
+            assert_eq!(hi - lo, 2);
+            assert!(hi <= key_pos.len());
+            (lo..hi).collect()
+        });
+    }
+
+    #[test]
+    fn runs_limit_each_query_to_its_kv_heads_chosen_keys() {
+        let key_pos: Vec<u32> = (0..10).collect();
+        let positions = [6u32, 9];
+        // Row 0: head 0 keys 0..2 and 4..8 (clipped to 0..=6), head 1 all.
+        // Row 1: head 0 all, head 1 keys 8..10 and 1..3.
+        let runs: KeyRuns = vec![
+            vec![Some(vec![0..2, 4..8]), None],
+            vec![None, Some(vec![8..10, 1..3])],
+        ];
+        check_against_naive(12, &key_pos, (&positions, None), Some(&runs), |r, g| {
+            let hi = positions[r] as usize + 1;
+            match &runs[r][g] {
+                None => (0..hi).collect(),
+                Some(rs) => rs.iter().flat_map(|x| x.start..x.end.min(hi)).collect(),
+            }
+        });
     }
 }
