@@ -569,15 +569,19 @@ fn opening_a_routed_plan_routes_the_prompt_in_the_background() {
     let kv = dir.path().join("kv.json");
     let mut file = PlanFile::new(model.identity.clone(), Plan::base());
     file.sections
-        .set("kv", &serde_json::json!({"policy": "quest:512"}))
+        .set("kv", &serde_json::json!({"policy": "quest:512:8:1"}))
         .unwrap();
     file.save(&kv).unwrap();
     open(&mut app, &kv);
     let status = app.status.clone().unwrap();
     assert!(!status.error, "{status:?}");
     assert!(status.text.contains("KV view (v)"), "{}", status.text);
-    assert_eq!(app.kv.spec().to_string(), "quest:512:16:2");
+    // Kept as written (not the view's defaults), so saving loses nothing.
+    assert_eq!(app.kv.spec().to_string(), "quest:512:8:1");
     assert!(app.kv.attached);
+    let saved = scalpel::tui::plan_io::plan_file(&app);
+    let section: scalpel::plan::KvSection = saved.sections.get("kv").unwrap().unwrap();
+    assert_eq!(section.policy, "quest:512:8:1");
 
     // A healed plan: refused, the message says what to do.
     let healed = dir.path().join("healed.json");

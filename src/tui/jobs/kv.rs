@@ -207,6 +207,9 @@ pub struct MapKey {
 pub struct KvView {
     pub kind: usize,
     pub budget: usize,
+    /// An opened plan's policy, exactly as written (its page size, sinks
+    /// or dense layers), until `t` or `+`/`-` change it.
+    pub opened: Option<KvSpec>,
     /// Saved as the plan's `kv` section (`a`); opened plans set it.
     pub attached: bool,
     pub map: Option<(MapKey, KeptMap)>,
@@ -220,6 +223,7 @@ impl Default for KvView {
         Self {
             kind: 0,
             budget: DEFAULT_BUDGET,
+            opened: None,
             attached: false,
             map: None,
             pending: None,
@@ -231,7 +235,10 @@ impl Default for KvView {
 
 impl KvView {
     pub fn spec(&self) -> KvSpec {
-        spec_of(KINDS[self.kind], self.budget)
+        match &self.opened {
+            Some(spec) => spec.clone(),
+            None => spec_of(KINDS[self.kind], self.budget),
+        }
     }
 
     /// Takes a plan file's `kv` section: its policy, attached.
@@ -243,6 +250,7 @@ impl KvView {
             .with_context(|| format!("the KV view cannot show `{spec}`"))?;
         self.kind = kind;
         self.budget = spec.budget().unwrap_or(DEFAULT_BUDGET);
+        self.opened = Some(spec);
         self.attached = true;
         Ok(())
     }
@@ -289,12 +297,14 @@ impl App {
 
     /// `t`: the next policy.
     pub fn next_kv_policy(&mut self) -> Vec<Request> {
+        self.kv.opened = None;
         self.kv.kind = (self.kv.kind + 1) % KINDS.len();
         self.kv_changed()
     }
 
     /// `+` / `-`: doubles or halves the budget.
     pub fn scale_kv_budget(&mut self, up: bool) -> Vec<Request> {
+        self.kv.opened = None;
         let b = self.kv.budget;
         self.kv.budget = match up {
             true => (b * 2).min(MAX_BUDGET),
