@@ -46,14 +46,15 @@ fn prefilled(model: &Model, prompt: &[u32]) -> SeqState {
 
 /// Logits of each teacher-forced decode step after the prompt, under
 /// `spec` (compressed to its budget first, as `eval --decode-speed` does),
-/// or with the full cache and no probe; and the policy at the end.
+/// or with the full cache and no probe; the policy at the end, and what
+/// it let each step see.
 fn decode(
     model: &Model,
     start: &SeqState,
     spec: Option<&str>,
     run: RunOptions,
     tokens: &[u32],
-) -> (Vec<Vec<f32>>, Option<KvPolicy>) {
+) -> (Vec<Vec<f32>>, Option<KvPolicy>, Vec<String>) {
     let t = &model.transformer;
     let plan = Plan::base();
     let mut state = start.deep_clone().unwrap();
@@ -63,6 +64,7 @@ fn decode(
         p.end_pass(&mut state).unwrap();
     }
     let mut out = Vec::new();
+    let mut picks = Vec::new();
     for &tok in tokens {
         let mut pass = Pass::plan(&plan, run).with_state(&mut state);
         if let Some(p) = &mut policy {
@@ -73,10 +75,12 @@ fn decode(
         let logits = t.logits(&h.squeeze(1).unwrap(), run).unwrap();
         out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         if let Some(p) = &mut policy {
+            let kept: Vec<_> = (0..t.n_layers()).map(|l| p.kept(l, &state)).collect();
+            picks.push(format!("{kept:?}"));
             p.end_pass(&mut state).unwrap();
         }
     }
-    (out, policy)
+    (out, policy, picks)
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -93,8 +97,8 @@ fn kv_policies_decode_on_the_lean_path_as_on_the_candle_path() {
     let ids = text(model);
     let (prompt, next) = ids.split_at(PROMPT);
     let start = prefilled(model, prompt);
-    let (full_lean, _) = decode(model, &start, None, LEAN, next);
-    let (full_candle, _) = decode(model, &start, None, CANDLE, next);
+    let (full_lean, ..) = decode(model, &start, None, LEAN, next);
+    let (full_candle, ..) = decode(model, &start, None, CANDLE, next);
     let yardstick = max_diff(&full_lean, &full_candle);
     assert!(
         yardstick > 0.0,
@@ -103,22 +107,41 @@ fn kv_policies_decode_on_the_lean_path_as_on_the_candle_path() {
     eprintln!("full cache: lean vs candle {yardstick:.4}");
 
     // A budget covering the context: the same bits as the full cache.
-    let (covering, _) = decode(model, &start, Some("quest:256"), LEAN, next);
+    let (covering, ..) = decode(model, &start, Some("quest:256"), LEAN, next);
     assert_eq!(
         covering, full_lean,
         "quest:256 over 204 tokens must be the full cache"
     );
 
-    for spec in ["quest:64", "window:64", "streaming:64", "snapkv:64"] {
-        let (lean, policy) = decode(model, &start, Some(spec), LEAN, next);
-        let (candle, _) = decode(model, &start, Some(spec), CANDLE, next);
+    for spec in [
+        "quest:64",
+        "quest:64:16:0",
+        "window:64",
+        "streaming:64",
+        "snapkv:64",
+    ] {
+        let (lean, policy, lean_picks) = decode(model, &start, Some(spec), LEAN, next);
+        let (candle, _, candle_picks) = decode(model, &start, Some(spec), CANDLE, next);
         let paths = max_diff(&lean, &candle);
         let effect = max_diff(&lean, &full_lean);
-        eprintln!("{spec}: lean vs candle {paths:.4}, policy vs full cache {effect:.4}");
+        // Quest picks pages from each path's own queries: a near-tie can
+        // pick another page on the other path, which moves the logits more
+        // than kernel rounding does.
+        let flipped = lean_picks
+            .iter()
+            .zip(&candle_picks)
+            .filter(|(a, b)| a != b)
+            .count();
+        let bound = if flipped == 0 { 2.0 } else { 3.0 } * yardstick;
+        eprintln!(
+            "{spec}: lean vs candle {paths:.4}, policy vs full cache {effect:.4}, \
+             steps whose keys differ {flipped}"
+        );
         assert_ne!(lean, candle, "{spec}: the decode must take the lean path");
         assert!(
-            paths <= 2.0 * yardstick,
-            "{spec}: lean and candle differ by {paths}, the full cache's paths by {yardstick}"
+            paths <= bound,
+            "{spec}: lean and candle differ by {paths}, the full cache's paths by {yardstick} \
+             ({flipped} steps chose other keys)"
         );
         assert!(
             effect > 2.0 * yardstick,
