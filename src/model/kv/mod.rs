@@ -239,6 +239,25 @@ impl KvPolicy {
         Ok(())
     }
 
+    /// Quest's budget and page size and `layer`'s page tables (made for
+    /// head dim `hd` on first use), its last picks cleared; `None` where
+    /// Quest does not act (another policy, a dense or local layer).
+    fn quest_layer(&mut self, layer: usize, hd: usize) -> Option<(usize, usize, &mut PageBounds)> {
+        let KvSpec::Quest { budget, page, .. } = self.spec else {
+            return None;
+        };
+        if !self.acts[layer] {
+            return None;
+        }
+        let kv_heads = self.kv_heads;
+        let book = &mut self.layers[layer];
+        book.picks = None;
+        let pages = book
+            .pages
+            .get_or_insert_with(|| PageBounds::new(page, kv_heads, hd));
+        Some((budget, page, pages))
+    }
+
     /// KV bytes a cache of `tokens` keys per layer would take under this
     /// policy's pages (Quest's min/max tables; 0 for the others).
     pub fn metadata_bytes(&self) -> usize {
@@ -309,31 +328,21 @@ impl Probe for KvPolicy {
         keys: &StoredKeys,
         query_positions: &[u32],
     ) -> Result<Option<KeyRuns>> {
-        let KvSpec::Quest { budget, page, .. } = self.spec else {
+        let hd = q.len() / (query_positions.len() * self.heads).max(1);
+        let heads = self.heads;
+        let Some((budget, page, pages)) = self.quest_layer(layer, hd) else {
             return Ok(None);
         };
-        if !self.acts[layer] {
-            return Ok(None);
-        }
-        let hd = q.len() / (query_positions.len() * self.heads).max(1);
-        let book = &mut self.layers[layer];
-        let pages = book
-            .pages
-            .get_or_insert_with(|| PageBounds::new(page, self.kv_heads, hd));
         pages.update_from_store(keys);
-        book.picks = None;
-        let key_positions = keys.positions;
-        let sees_more = query_positions
-            .iter()
-            .any(|&p| key_positions.partition_point(|&k| k <= p) > budget);
-        if !sees_more {
+        let visible = quest::visible_counts(keys.positions, query_positions);
+        if visible.iter().all(|&v| v <= budget) {
             // Every query sees no more than the budget: exactly the full model.
             return Ok(None);
         }
-        let bounds = pages.bounds_of_rows(q, self.heads);
-        let picks = quest::pick(&bounds, key_positions, query_positions, budget, page);
+        let bounds = pages.bounds_of_rows(q, heads);
+        let picks = quest::pick(&bounds, keys.positions, query_positions, budget, page);
         let runs = quest::runs(&picks, page);
-        book.picks = Some(picks);
+        self.layers[layer].picks = Some(picks);
         Ok(Some(runs))
     }
 
@@ -345,27 +354,16 @@ impl Probe for KvPolicy {
         key_positions: &[u32],
         query_positions: &[u32],
     ) -> Result<Option<Tensor>> {
-        let KvSpec::Quest { budget, page, .. } = self.spec else {
-            return Ok(None);
-        };
-        if !self.acts[layer] {
-            return Ok(None);
-        }
         let (keys, _) = kv;
         let (b, _, t, hd) = q.dims4()?;
+        let Some((budget, page, pages)) = self.quest_layer(layer, hd) else {
+            return Ok(None);
+        };
         if b != 1 {
             candle_core::bail!("KV budget policies run one sequence at a time (batch {b})");
         }
-        let book = &mut self.layers[layer];
-        let pages = book
-            .pages
-            .get_or_insert_with(|| PageBounds::new(page, self.kv_heads, hd));
         pages.update(keys)?;
-        book.picks = None;
-        let visible: Vec<usize> = query_positions
-            .iter()
-            .map(|&p| key_positions.partition_point(|&k| k <= p))
-            .collect();
+        let visible = quest::visible_counts(key_positions, query_positions);
         if visible.iter().all(|&v| v <= budget) {
             // Every query sees no more than the budget: exactly the full model.
             return Ok(None);
@@ -381,7 +379,7 @@ impl Probe for KvPolicy {
             quest::masked_attention(q, kv, &picks, &visible, page)?
         };
         debug_assert_eq!(self.heads, q.dim(1)?);
-        book.picks = Some(picks);
+        self.layers[layer].picks = Some(picks);
         Ok(Some(y))
     }
 }

@@ -197,10 +197,7 @@ pub fn pick(
     budget: usize,
     page: usize,
 ) -> Picks {
-    let visible: Vec<usize> = query_positions
-        .iter()
-        .map(|&q| key_positions.partition_point(|&p| p <= q))
-        .collect();
+    let visible = visible_counts(key_positions, query_positions);
     bounds
         .iter()
         .map(|per_query| {
@@ -215,11 +212,25 @@ pub fn pick(
         .collect()
 }
 
+/// Per query, how many of the keys (increasing positions) it may see.
+pub fn visible_counts(key_positions: &[u32], query_positions: &[u32]) -> Vec<usize> {
+    query_positions
+        .iter()
+        .map(|&q| key_positions.partition_point(|&p| p <= q))
+        .collect()
+}
+
+/// The slots page `p` covers (the last page may be cut by the slots there are).
+pub fn page_span(p: u32, page: usize) -> Range<usize> {
+    p as usize * page..(p as usize + 1) * page
+}
+
 /// The slots a query's pages cover among its `visible` slots.
 pub fn slots(pages: &[u32], page: usize, visible: usize) -> impl Iterator<Item = usize> + '_ {
-    pages
-        .iter()
-        .flat_map(move |&p| p as usize * page..((p as usize + 1) * page).min(visible))
+    pages.iter().flat_map(move |&p| {
+        let span = page_span(p, page);
+        span.start..span.end.min(visible)
+    })
 }
 
 /// The picks as the lean path's key runs: per query row and KV head.
@@ -230,12 +241,9 @@ pub fn runs(picks: &Picks, page: usize) -> KeyRuns {
             picks
                 .iter()
                 .map(|per_query| {
-                    per_query[r].as_ref().map(|pages| {
-                        pages
-                            .iter()
-                            .map(|&p| p as usize * page..(p as usize + 1) * page)
-                            .collect::<Vec<Range<usize>>>()
-                    })
+                    per_query[r]
+                        .as_ref()
+                        .map(|pages| pages.iter().map(|&p| page_span(p, page)).collect())
                 })
                 .collect()
         })

@@ -86,14 +86,17 @@ pub fn attend(
         if hi == lo {
             return;
         }
-        let chosen = runs.and_then(|runs| runs[r][g].as_deref());
-        let spans: Vec<Range<usize>> = match chosen {
-            None => std::iter::once(lo..hi).collect(),
-            Some(runs) => runs
+        // Every visible key, or the chosen runs clipped to the visible ones
+        // (no allocation: this runs per head, layer and step).
+        let every = lo..hi;
+        let chosen = runs
+            .and_then(|runs| runs[r][g].as_deref())
+            .unwrap_or(std::slice::from_ref(&every));
+        let spans = || {
+            chosen
                 .iter()
                 .map(|run| run.start.max(lo)..run.end.min(hi))
                 .filter(|run| !run.is_empty())
-                .collect(),
         };
         let rows = |m, from: usize| Strided {
             m,
@@ -101,7 +104,7 @@ pub fn attend(
             stride: keys.key_stride,
         };
         let mut n = 0;
-        for run in &spans {
+        for run in spans() {
             scaled_dots(qv, rows(keys.k, run.start), scale, &mut s[n..n + run.len()]);
             n += run.len();
         }
@@ -110,7 +113,7 @@ pub fn attend(
         }
         softmax_in_place(&mut s[..n]);
         let mut n = 0;
-        for run in &spans {
+        for run in spans() {
             weighted_sum(o, &s[n..n + run.len()], rows(keys.v, run.start));
             n += run.len();
         }

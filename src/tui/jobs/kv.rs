@@ -12,7 +12,7 @@ use super::activity::Busy;
 use super::interface::{Apply, Job, JobCx, JobLane};
 use crate::eval::data::DEFAULT_EVAL_TEXT;
 use crate::eval::kv::{evaluate_kv_under, KvEvalOptions, KvEvalReport};
-use crate::model::kv::{KeptKeys, KvPolicy, KvSpec};
+use crate::model::kv::{quest, KeptKeys, KvPolicy, KvSpec};
 use crate::model::{Model, Pass, RunOptions};
 use crate::plan::{KvSection, Plan};
 use crate::tui::app::{App, JobKind, Request, Update};
@@ -87,7 +87,6 @@ pub fn kept_map(
     let t = &model.transformer;
     let mut policy = KvPolicy::new(spec.clone(), model.cfg())?;
     let mut state = t.new_state(ids.len());
-    let mut full = t.new_state(ids.len());
     let mut last_kept = Vec::new();
     for piece in ids.chunks(chunk.max(1)) {
         let input = Tensor::new(piece, model.device())?.unsqueeze(0)?;
@@ -98,9 +97,19 @@ pub fn kept_map(
         t.forward_hidden(&input, &mut pass)?;
         last_kept = (0..t.n_layers()).map(|l| policy.kept(l, &state)).collect();
         policy.end_pass(&mut state)?;
-        t.forward_hidden(&input, &mut Pass::plan(plan, run).with_state(&mut full))?;
     }
     let cfg = model.cfg();
+    // The full cache holds every position in a global layer; a local layer
+    // keeps its own window under any policy, as it does here.
+    let full_kv_bytes = (0..t.n_layers())
+        .filter_map(|l| {
+            let store = state.kv(l).filter(|s| !s.is_empty())?;
+            Some(match cfg.layer_window(l) {
+                Some(_) => store.bytes(),
+                None => store.bytes() / store.len() * ids.len(),
+            })
+        })
+        .sum();
     let layers = (0..t.n_layers())
         .map(|l| {
             state.kv(l).filter(|s| !s.is_empty())?;
@@ -124,7 +133,7 @@ pub fn kept_map(
             _ => 0,
         },
         kv_bytes: state.bytes() + policy.metadata_bytes(),
-        full_kv_bytes: full.bytes(),
+        full_kv_bytes,
     })
 }
 
@@ -145,7 +154,7 @@ fn shares(kept: &KeptKeys, tokens: usize, kv_heads: usize) -> Vec<f32> {
                 match per_query.last() {
                     Some(Some(pages)) => pages
                         .iter()
-                        .flat_map(|&p| p as usize * page..(p as usize + 1) * page)
+                        .flat_map(|&p| quest::page_span(p, *page))
                         .for_each(&mut mark),
                     _ => (0..tokens).for_each(&mut mark),
                 }
