@@ -586,7 +586,7 @@ pub struct BenchArgs {
     /// Random weights of a known shape instead of --model: llama-8b, llama-1b, smollm2-135m.
     #[arg(long)]
     pub synthetic: Option<String>,
-    /// With a routed --plan: a static plan timed in the same run (e.g. Hopscotch at the same compute).
+    /// Another plan timed in the same run, interleaved with the base model and --plan (e.g. the skip plan a replaced or routed plan competes with).
     #[arg(long, value_name = "PLAN")]
     pub against: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]

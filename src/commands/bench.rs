@@ -5,8 +5,87 @@ use anyhow::{bail, Result};
 use crate::cli::{self, BenchArgs};
 use crate::eval::bench;
 use crate::model::routing::{load_from_given, ROUTING_SECTION};
-use crate::model::{synthetic, Model};
+use crate::model::{synthetic, Model, RunOptions};
+use crate::plan::Plan;
 use crate::progress;
+use crate::surgery::routing::speed::{speed_interleaved, SpeedEntry, SpeedOptions};
+
+/// Plan sections `bench` carries out (a routed plan only as `--plan`).
+const STATIC_SECTIONS: [&str; 2] = [
+    crate::surgery::replace::REPLACE_SECTION,
+    crate::plan::HEAL_SECTION,
+];
+
+/// `--against`'s plan (skips, scales, a replacement or a healing), checked
+/// against the model.
+pub fn against_plan(model: &Model, args: &BenchArgs) -> Result<Option<Plan>> {
+    let Some(path) = &args.against else {
+        return Ok(None);
+    };
+    let pargs = cli::PlanArgs {
+        plan: Some(path.clone()),
+        skip: None,
+    };
+    Ok(Some(
+        cli::load_plan_honouring(&pargs, model, &STATIC_SECTIONS)?.0,
+    ))
+}
+
+/// Times `entries` one after another per round on the built-in text (drift
+/// hits all alike) and prints the table, or JSON with `--json`.
+pub fn interleaved(
+    model: &Model,
+    entries: &[SpeedEntry],
+    args: &BenchArgs,
+    run: RunOptions,
+    label: &str,
+) -> Result<()> {
+    let ids = model
+        .codec()?
+        .encode(crate::eval::data::DEFAULT_EVAL_TEXT)?;
+    let opts = SpeedOptions {
+        prefill_tokens: args.prefill,
+        decode_tokens: args.decode,
+        runs: args.runs,
+        run,
+    };
+    let pb = progress::bar(args.runs, "runs");
+    let rows = speed_interleaved(model, entries, &ids, opts, |d, _| pb.set_position(d as u64));
+    pb.finish_and_clear();
+    let rows = rows?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{label}; {} threads; {} runs interleaved (median [min–max]); prefill {} tokens, then {} decode steps over the built-in text ({} weights for decode)",
+        rayon::current_num_threads(),
+        args.runs,
+        args.prefill,
+        args.decode,
+        if run.quantized { "quantized" } else { "f32" }
+    );
+    println!("| | executed | prefill tok/s | decode tok/s | decode vs base |");
+    println!("|---|---|---|---|---|");
+    let base_decode = rows[0].decode_tokens_per_sec.median;
+    for r in &rows {
+        let p = &r.prefill_tokens_per_sec;
+        let d = &r.decode_tokens_per_sec;
+        println!(
+            "| {} | {:.3} | {:.1} [{:.1}–{:.1}] | {:.1} [{:.1}–{:.1}] | {:.3}× |",
+            r.name,
+            r.executed_fraction,
+            p.median,
+            p.min,
+            p.max,
+            d.median,
+            d.min,
+            d.max,
+            d.median / base_decode
+        );
+    }
+    Ok(())
+}
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Result<()> {
     if args.runs == 0 || args.prefill < 1 || args.decode < 1 {
@@ -37,6 +116,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     let run = args.weights.run_options(&model, true)?;
     if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::bench_routed(&model, &plan, section, &routers, &args, run);
+    }
+    if let Some(against) = against_plan(&model, &args)? {
+        let base = Plan::base();
+        let entry = |name: String, plan| SpeedEntry {
+            name,
+            plan,
+            routed: None,
+        };
+        let entries = [
+            entry("base".into(), &base),
+            entry(format!("against {}", against.describe()), &against),
+            entry(format!("plan {}", plan.describe()), &plan),
+        ];
+        return interleaved(&model, &entries, &args, run, "executed");
     }
     let opts = bench::BenchOptions {
         prefill_tokens: args.prefill,

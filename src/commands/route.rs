@@ -19,7 +19,7 @@ use crate::plan::{Plan, PlanFile};
 use crate::progress;
 use crate::surgery::objective::BaseStates;
 use crate::surgery::routing::measure::{evaluate_text, measure_set, Routed};
-use crate::surgery::routing::speed::{speed_interleaved, SpeedEntry, SpeedOptions};
+use crate::surgery::routing::speed::SpeedEntry;
 use crate::surgery::routing::{train_routers, RouteData, RouteEvent, RouteOptions};
 use crate::surgery::unless_cancelled;
 
@@ -298,9 +298,9 @@ pub fn eval_routed(
     Ok(())
 }
 
-/// `bench --plan` of a routed plan: the base model, the routed plan's own
-/// static skips, `--against` (a static plan), and the routing with each
-/// K/V policy, timed interleaved on the built-in text.
+/// `bench --plan` of a routed plan: the base model, `--against` (a static
+/// plan), and the routing with each K/V policy, timed interleaved on the
+/// built-in text.
 pub fn bench_routed(
     model: &Model,
     plan: &Plan,
@@ -309,20 +309,8 @@ pub fn bench_routed(
     args: &BenchArgs,
     run: RunOptions,
 ) -> Result<()> {
-    if args.runs == 0 || args.prefill < 1 {
-        bail!("--runs and --prefill must be at least 1");
-    }
     let base = Plan::base();
-    let against = match &args.against {
-        Some(p) => {
-            let pargs = cli::PlanArgs {
-                plan: Some(p.clone()),
-                skip: None,
-            };
-            Some(cli::load_plan(&pargs, model)?.0)
-        }
-        None => None,
-    };
+    let against = super::bench::against_plan(model, args)?;
     let mut entries = vec![SpeedEntry {
         name: "base".into(),
         plan: &base,
@@ -347,51 +335,5 @@ pub fn bench_routed(
             }),
         });
     }
-    let ids = model
-        .codec()?
-        .encode(crate::eval::data::DEFAULT_EVAL_TEXT)?;
-    let opts = SpeedOptions {
-        prefill_tokens: args.prefill,
-        decode_tokens: args.decode,
-        runs: args.runs,
-        run,
-    };
-    let pb = progress::bar(args.runs, "runs");
-    let rows = speed_interleaved(model, &entries, &ids, opts, |d, _| {
-        pb.set_position(d as u64)
-    });
-    pb.finish_and_clear();
-    let rows = rows?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "routing executed for real; {} threads; {} runs interleaved (median [min–max]); prefill {} tokens, then {} decode steps over the built-in text ({} weights for decode)",
-        rayon::current_num_threads(),
-        args.runs,
-        args.prefill,
-        args.decode,
-        if run.quantized { "quantized" } else { "f32" }
-    );
-    println!("| | executed | prefill tok/s | decode tok/s | decode vs base |");
-    println!("|---|---|---|---|---|");
-    let base_decode = rows[0].decode_tokens_per_sec.median;
-    for r in &rows {
-        let p = &r.prefill_tokens_per_sec;
-        let d = &r.decode_tokens_per_sec;
-        println!(
-            "| {} | {:.3} | {:.1} [{:.1}–{:.1}] | {:.1} [{:.1}–{:.1}] | {:.3}× |",
-            r.name,
-            r.executed_fraction,
-            p.median,
-            p.min,
-            p.max,
-            d.median,
-            d.min,
-            d.max,
-            d.median / base_decode
-        );
-    }
-    Ok(())
+    super::bench::interleaved(model, &entries, args, run, "routing executed for real")
 }

@@ -34,7 +34,7 @@ use super::pass::ParamSource;
 use super::transformer::Attention;
 
 /// Added to the normaliser (features are positive, so it is never 0).
-const EPS: f64 = 1e-6;
+pub const EPS: f64 = 1e-6;
 /// Tokens per chunk of the parallel form (bounds its t × t matrices).
 pub const CHUNK: usize = 128;
 /// The gate's starting bias: α = sigmoid(3) ≈ 0.953, a memory of ~20 tokens.
@@ -251,6 +251,51 @@ impl MixerState {
         b(&self.s) + b(&self.z)
     }
 
+    /// Fails when a rollback made this state stale (it cannot forget tokens).
+    pub fn check_fresh(&self) -> Result<()> {
+        if self.stale {
+            candle_core::bail!(
+                "a replaced layer's recurrent state cannot forget tokens (rollback, as speculative \
+                 decoding does): run replaced plans without speculation"
+            );
+        }
+        Ok(())
+    }
+
+    /// S and z as flat f32 values (zeros before the first token), for the
+    /// lean path's step; `shape` is (kv heads, head dim).
+    pub fn to_f32(&self, (kv_heads, head_dim): (usize, usize)) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_fresh()?;
+        let flat = |t: &Option<Tensor>, n: usize| -> Result<Vec<f32>> {
+            match t {
+                Some(t) => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1(),
+                None => Ok(vec![0.0; n]),
+            }
+        };
+        Ok((
+            flat(&self.s, kv_heads * head_dim * head_dim)?,
+            flat(&self.z, kv_heads * head_dim)?,
+        ))
+    }
+
+    /// Takes S and z back from the lean path after it consumed `tokens` more.
+    pub fn store_f32(
+        &mut self,
+        (s, z): (Vec<f32>, Vec<f32>),
+        (kv_heads, head_dim): (usize, usize),
+        tokens: usize,
+        device: &Device,
+    ) -> Result<()> {
+        self.s = Some(Tensor::from_vec(
+            s,
+            (1, kv_heads, head_dim, head_dim),
+            device,
+        )?);
+        self.z = Some(Tensor::from_vec(z, (1, kv_heads, head_dim), device)?);
+        self.tokens += tokens as u32;
+        Ok(())
+    }
+
     pub fn deep_clone(&self) -> Result<Self> {
         let copy = |t: &Option<Tensor>| t.as_ref().map(Tensor::copy).transpose();
         Ok(Self {
@@ -314,11 +359,10 @@ pub fn forward(
     let v = heads(linear(x, &w.v)?, nkv, None)?;
     let a = linear(x, &w.gate)?.broadcast_add(&w.gate_bias)?;
     let log_a = log_sigmoid(&a.transpose(1, 2)?.contiguous()?)?;
+    if let Some(st) = &state {
+        st.check_fresh()?;
+    }
     let (s0, z0) = match &state {
-        Some(st) if st.stale => candle_core::bail!(
-            "a replaced layer's recurrent state cannot forget tokens (rollback, as speculative \
-             decoding does): run replaced plans without speculation"
-        ),
         Some(MixerState {
             s: Some(s),
             z: Some(z),

@@ -23,6 +23,7 @@
 //! forces the candle path, for comparisons.
 
 mod attend;
+mod mixer;
 mod ops;
 
 use std::ops::Range;
@@ -36,6 +37,7 @@ use super::{
 use crate::kernels::QWeight;
 use crate::model::config::Arch;
 use crate::model::lowrank;
+use crate::model::mixer::MixerState;
 use crate::model::pass::{AttnExec, MlpExec, Pass, Probe, Residual};
 use crate::model::state::{position_range, KvStore};
 use crate::plan::LayerScales;
@@ -63,6 +65,8 @@ pub const MAX_ROWS: usize = 32;
 pub struct Cache {
     prepared: OnceLock<Option<Prepared>>,
     workspace: Mutex<Workspace>,
+    /// Replaced layers' mixers, quantized on first use.
+    mixers: mixer::Mixers,
 }
 
 struct Prepared {
@@ -321,11 +325,14 @@ impl Step<'_> {
         let mlp_lean = lean_corrections(&[&m.gate, &m.up, &m.down]);
         match pass.policy.attn(i, &self.residual_tensor(ws)?)? {
             AttnExec::Skip => ops::scale(&mut ws.x, s_att),
-            // A replaced attention: its mixer through the candle ops.
+            // A replaced attention: its mixer here when its shapes have a
+            // kernel, else through the candle ops.
             AttnExec::Mixer => {
-                let x = self.residual_tensor(ws)?;
-                let h = rms_norm(&x, &layer.attn_norm, self.t.cfg.rms_norm_eps, Mode::Fast)?;
-                copy_into(&self.t.mixer(i, &h, pass)?, &mut ws.out)?;
+                if !self.mixer(i, ws, pass)? {
+                    let x = self.residual_tensor(ws)?;
+                    let h = rms_norm(&x, &layer.attn_norm, self.t.cfg.rms_norm_eps, Mode::Fast)?;
+                    copy_into(&self.t.mixer(i, &h, pass)?, &mut ws.out)?;
+                }
                 self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
@@ -460,6 +467,47 @@ impl Step<'_> {
         }
         matmul(&a.o, &ws.ctx, rows, &mut ws.out);
         Ok(())
+    }
+
+    /// Layer `i`'s mixer over `ws.x` into `ws.out`, continuing its state;
+    /// `false` (nothing done) when it has no kernel here.
+    fn mixer(&self, i: usize, ws: &mut Workspace, pass: &mut Pass) -> Result<bool> {
+        let dims = crate::model::mixer::Dims::of(&self.t.cfg);
+        let Some(m) = self.t.lean.mixers.get(pass.params, i, dims)? else {
+            return Ok(false);
+        };
+        let c = &self.t.cfg;
+        let eps = c.rms_norm_eps as f32;
+        let p = &self.prep.layers[i];
+        ops::rms_norm(&ws.x, &p.attn_norm, eps, &mut ws.h);
+        let norms = p.gemma.as_ref().map(|g| mixer::QkNorms {
+            q: &g.q_norm,
+            k: &g.k_norm,
+            eps,
+        });
+        let shape = (c.n_kv_heads, c.head_dim);
+        let state = match pass.state.as_deref_mut() {
+            Some(st) => Some(st.mixer_mut(i)?),
+            None => None,
+        };
+        // No sequence state (a one-off pass): start from zeros, keep nothing.
+        let mut sz = match &state {
+            Some(st) => st.to_f32(shape)?,
+            None => MixerState::new().to_f32(shape)?,
+        };
+        let buffers = mixer::Buffers {
+            h: &ws.h,
+            q: &mut ws.q,
+            k: &mut ws.k,
+            v: &mut ws.v,
+            y: &mut ws.ctx,
+            out: &mut ws.out,
+        };
+        m.run(dims, self.rows, buffers, norms, (&mut sz.0, &mut sz.1));
+        if let Some(st) = state {
+            st.store_f32(sz, shape, self.rows, &self.t.device)?;
+        }
+        Ok(true)
     }
 
     /// An attention answer the lean path does not compute (subsets, K/V
