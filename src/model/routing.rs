@@ -231,6 +231,23 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     l.broadcast_add(&b)
 }
 
+/// `router_logits` of one f32 sequence in plain loops: at a decode step
+/// its five candle ops per routed block cost more than the block skips.
+fn plain_router_logits(x: &Tensor, r: &Router) -> Result<Vec<f32>> {
+    let h = x.dim(D::Minus1)?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let w: Vec<f32> = r.w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let b: f32 = r.b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+    Ok(xs
+        .chunks_exact(h)
+        .map(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let rms = (ms + ROUTER_EPS as f32).sqrt();
+            row.iter().zip(&w).map(|(v, w)| v / rms * w).sum::<f32>() + b
+        })
+        .collect())
+}
+
 /// Executed and total token-blocks counted by a policy, per block.
 #[derive(Debug, Default)]
 pub struct ExecCounts {
@@ -329,7 +346,11 @@ impl<'a> RouterPolicy<'a> {
                  sequences one by one"
             );
         }
-        let logits: Vec<f32> = router_logits(x, &r.w, &r.b)?.squeeze(0)?.to_vec1()?;
+        let logits = if x.dtype() == DType::F32 {
+            plain_router_logits(x, r)?
+        } else {
+            router_logits(x, &r.w, &r.b)?.squeeze(0)?.to_vec1()?
+        };
         debug_assert_eq!(logits.len(), t);
         Ok(Some(
             (0..t as u32)

@@ -13,9 +13,11 @@
 //! It runs when the pass is fast, quantized, on the CPU in f32, unprobed,
 //! with constant residual scales, at most `MAX_ROWS` rows, and every
 //! projection of the model has a kernel (`Transformer::lean_ready`).
-//! Blocks the policy skips compute nothing and write no K/V; any other
-//! answer (row, head or neuron subsets, K/V only) runs that block through
-//! the candle path on the same state, so every policy stays correct. A
+//! Blocks the policy skips compute nothing and write no K/V; a K/V-only
+//! answer computes K and V alone; a replaced layer runs its mixer here
+//! (`mixer`); any other answer (row, head or neuron subsets) runs that
+//! block through the candle path on the same state, so every policy stays
+//! correct. A
 //! subset variant here is a filter on the attention tasks (heads) or a
 //! `QWeight::matmul_range` over the selected outputs (rows, neurons).
 //!
@@ -342,6 +344,13 @@ impl Step<'_> {
                 self.post_norm(i, Block::Attn, &mut ws.out);
                 ops::residual(&mut ws.x, &ws.out, b_att, s_att);
             }
+            // A token routed past the block still writes its K/V (routing's
+            // `write` policy): the block adds nothing.
+            AttnExec::KvOnly if attn_lean && pass.probe.is_none() => {
+                let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
+                self.write_kv(i, layer, ws, store)?;
+                ops::scale(&mut ws.x, s_att);
+            }
             exec => {
                 let store = pass.state.as_deref_mut().and_then(|st| st.kv_mut(i));
                 let probe = pass.probe.as_deref_mut();
@@ -389,37 +398,15 @@ impl Step<'_> {
         probe: Option<&mut (dyn Probe + 'p)>,
     ) -> Result<()> {
         let c = &self.t.cfg;
-        let (p, rows) = (&self.prep.layers[i], self.rows);
+        let rows = self.rows;
         let heads = Heads {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        let a = &layer.attn;
-        ops::rms_norm(&ws.x, &p.attn_norm, c.rms_norm_eps as f32, &mut ws.h);
-        for (l, bias, y) in [
-            (&a.q, &p.q_bias, &mut ws.q),
-            (&a.k, &p.k_bias, &mut ws.k),
-            (&a.v, &p.v_bias, &mut ws.v),
-        ] {
-            matmul(l, &ws.h, rows, y);
-            if let Some(bias) = bias {
-                ops::add_bias(y, bias);
-            }
-        }
-        let eps = c.rms_norm_eps as f32;
-        if let Some(g) = &p.gemma {
-            ops::rms_norm_in_place(&mut ws.q, &g.q_norm, eps);
-            ops::rms_norm_in_place(&mut ws.k, &g.k_norm, eps);
-        }
+        self.project_qkv(i, layer, ws, true);
         let window = self.t.attention_window(i);
-        let (cos, sin) = match &self.prep.local_rope {
-            Some((cos, sin)) if self.t.uses_local_rope(i) => (cos, sin),
-            _ => (&self.prep.cos, &self.prep.sin),
-        };
         let hd = c.head_dim;
-        ops::rope(&mut ws.q, self.positions, hd, c.rope_layout, cos, sin);
-        ops::rope(&mut ws.k, self.positions, hd, c.rope_layout, cos, sin);
         if let Some(s) = self.prep.query_scale {
             ops::scale(&mut ws.q, s);
         }
@@ -465,7 +452,7 @@ impl Step<'_> {
                 attend::attend(q, self.positions, &keys, window, heads, None, scores, ctx);
             }
         }
-        matmul(&a.o, &ws.ctx, rows, &mut ws.out);
+        matmul(&layer.attn.o, &ws.ctx, rows, &mut ws.out);
         Ok(())
     }
 
@@ -508,6 +495,57 @@ impl Step<'_> {
             st.store_f32(sz, shape, self.rows, &self.t.device)?;
         }
         Ok(true)
+    }
+
+    /// Layer `i`'s K (normed, rotated) and V of every row into `ws.k` and
+    /// `ws.v`, and with `with_q` its Q into `ws.q` (before the query scale).
+    fn project_qkv(&self, i: usize, layer: &Layer, ws: &mut Workspace, with_q: bool) {
+        let c = &self.t.cfg;
+        let (p, rows) = (&self.prep.layers[i], self.rows);
+        let a = &layer.attn;
+        let eps = c.rms_norm_eps as f32;
+        ops::rms_norm(&ws.x, &p.attn_norm, eps, &mut ws.h);
+        let q = with_q.then_some((&a.q, &p.q_bias, &mut ws.q));
+        for (l, bias, y) in q
+            .into_iter()
+            .chain([(&a.k, &p.k_bias, &mut ws.k), (&a.v, &p.v_bias, &mut ws.v)])
+        {
+            matmul(l, &ws.h, rows, y);
+            if let Some(bias) = bias {
+                ops::add_bias(y, bias);
+            }
+        }
+        let (cos, sin) = match &self.prep.local_rope {
+            Some((cos, sin)) if self.t.uses_local_rope(i) => (cos, sin),
+            _ => (&self.prep.cos, &self.prep.sin),
+        };
+        let hd = c.head_dim;
+        if let Some(g) = &p.gemma {
+            if with_q {
+                ops::rms_norm_in_place(&mut ws.q, &g.q_norm, eps);
+            }
+            ops::rms_norm_in_place(&mut ws.k, &g.k_norm, eps);
+        }
+        if with_q {
+            ops::rope(&mut ws.q, self.positions, hd, c.rope_layout, cos, sin);
+        }
+        ops::rope(&mut ws.k, self.positions, hd, c.rope_layout, cos, sin);
+    }
+
+    /// Only layer `i`'s K/V, appended to `store` (nothing without a state).
+    fn write_kv(
+        &self,
+        i: usize,
+        layer: &Layer,
+        ws: &mut Workspace,
+        store: Option<&mut KvStore>,
+    ) -> Result<()> {
+        let Some(store) = store else {
+            return Ok(());
+        };
+        self.project_qkv(i, layer, ws, false);
+        let c = &self.t.cfg;
+        store.append_rows(&ws.k, &ws.v, self.positions, c.n_kv_heads, c.head_dim)
     }
 
     /// An attention answer the lean path does not compute (subsets, K/V
