@@ -338,8 +338,9 @@ fn smollm2_a_verify_of_k_plus_one_rows_gives_each_row_the_decode_logits() {
     }
 }
 
-/// Answers a row subset for attention and a neuron subset for the MLP of
-/// one layer (run through candle inside the lean pass), full elsewhere.
+/// Answers a head subset for attention and a neuron subset for the MLP of
+/// one layer (run through candle inside the lean pass), K/V only for
+/// another (computed on the lean path), full elsewhere.
 struct Subsets;
 
 impl LayerPolicy for Subsets {
