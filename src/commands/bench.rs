@@ -104,15 +104,11 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
         }
         None => cli::load_model_for(margs, load)?,
     };
-    let (plan, file) = cli::load_plan_honouring(
-        pargs,
-        &model,
-        &[
-            crate::surgery::replace::REPLACE_SECTION,
-            ROUTING_SECTION,
-            crate::plan::HEAL_SECTION,
-        ],
-    )?;
+    let honoured: Vec<&str> = STATIC_SECTIONS
+        .into_iter()
+        .chain([ROUTING_SECTION])
+        .collect();
+    let (plan, file) = cli::load_plan_honouring(pargs, &model, &honoured)?;
     let run = args.weights.run_options(&model, true)?;
     if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::bench_routed(&model, &plan, section, &routers, &args, run);
