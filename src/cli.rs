@@ -319,8 +319,22 @@ pub struct SearchArgs {
 #[derive(Args, Debug)]
 pub struct CompareArgs {
     /// Block counts to compare: `1..8` or `8` (the same).
-    #[arg(long)]
-    pub blocks: String,
+    #[arg(long, required_unless_present_any = ["routing", "replace"])]
+    pub blocks: Option<String>,
+    /// Routed plans (`scalpel route`) to put next to Hopscotch and the
+    /// training-free selections at the same realised compute: each plan's
+    /// executed fraction is measured on every set, and the static plans
+    /// with the nearest numbers of skipped blocks are measured beside it.
+    #[arg(long, num_args = 1.., conflicts_with = "blocks", value_name = "PLAN")]
+    pub routing: Vec<PathBuf>,
+    /// Replaced plans (`scalpel replace`): for each one's layers, keep vs
+    /// skip vs skip with fitted scales vs heal (the --heal plans removing
+    /// the same layers) vs replace, on the same held-out sets.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["blocks", "routing"], value_name = "PLAN")]
+    pub replace: Vec<PathBuf>,
+    /// Healed plans (`scalpel heal`) to put beside the --replace plan of the same layers.
+    #[arg(long, num_args = 1.., requires = "replace", value_name = "PLAN")]
+    pub heal: Vec<PathBuf>,
     /// A search plan from `scalpel search --blocks K` (K at least the largest k) to reuse instead of searching.
     #[arg(long)]
     pub search_plan: Option<PathBuf>,

@@ -18,12 +18,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that take no global --plan / --skip (each has its own way
+/// to name plans, or none), by name.
+fn ignores_plan(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Info => "info",
+        Command::Fetch(_) => "fetch",
+        Command::Report(_) => "report",
+        Command::Search(_) => "search",
+        Command::Compare(_) => "compare",
+        Command::Route(_) => "route",
+        _ => return None,
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     let using = match cli.command {
         Some(Command::Eval(_)) => ThreadUse::AcrossSequences,
         _ => ThreadUse::WithinOps,
     };
     setup::init_threads(cli.model.threads, using)?;
+    if let Some(command) = cli.command.as_ref().and_then(ignores_plan) {
+        if cli.plan.source().is_given() {
+            anyhow::bail!(
+                "`{command}` does not run under --plan / --skip (it would report numbers for the \
+                 model without them); {}",
+                match command {
+                    "route" => "give the static plan to route on as --base-plan",
+                    "report" => "list the plans to report with --plans",
+                    "compare" => "give routed or replaced plans with --routing / --replace",
+                    _ => "drop --plan / --skip",
+                }
+            );
+        }
+    }
     match cli.command {
         Some(Command::Eval(args)) => commands::eval::run(&cli.model, &cli.plan, args),
         Some(Command::Generate(args)) => commands::generate::run(&cli.model, &cli.plan, args),

@@ -6,7 +6,6 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use scalpel::eval::data::DEFAULT_EVAL_TEXT;
 use scalpel::model::kv::{KeptKeys, KvPolicy};
 use scalpel::model::{Model, Pass, RunOptions, SeqState};
@@ -20,13 +19,6 @@ const CANDLE: RunOptions = RunOptions {
 const PROMPT: usize = 200;
 const STEPS: usize = 4;
 
-fn input(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
 fn text(model: &Model) -> Vec<u32> {
     let ids = model.codec().unwrap().encode(DEFAULT_EVAL_TEXT).unwrap();
     ids[..PROMPT + STEPS].to_vec()
@@ -37,7 +29,7 @@ fn prefilled(model: &Model, prompt: &[u32]) -> SeqState {
     let mut state = t.new_state(prompt.len() + STEPS);
     let plan = Plan::base();
     t.forward_hidden(
-        &input(prompt),
+        &common::batch_of_one(prompt),
         &mut Pass::plan(&plan, CANDLE).with_state(&mut state),
     )
     .unwrap();
@@ -71,7 +63,9 @@ fn decode(
             p.begin_pass(1);
             pass = pass.with_probe(p);
         }
-        let h = t.forward_hidden(&input(&[tok]), &mut pass).unwrap();
+        let h = t
+            .forward_hidden(&common::batch_of_one(&[tok]), &mut pass)
+            .unwrap();
         let logits = t.logits(&h.squeeze(1).unwrap(), run).unwrap();
         out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         if let Some(p) = &mut policy {

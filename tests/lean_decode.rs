@@ -25,13 +25,6 @@ const CANDLE: RunOptions = RunOptions {
     ..RunOptions::QUANTIZED
 };
 
-fn input(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
 fn to_vec(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -47,7 +40,9 @@ fn step(
 ) -> Vec<f32> {
     let t = &model.transformer;
     let mut pass = Pass::plan(plan, run).with_policy(policy).with_state(state);
-    let h = t.forward_hidden(&input(ids), &mut pass).unwrap();
+    let h = t
+        .forward_hidden(&common::batch_of_one(ids), &mut pass)
+        .unwrap();
     to_vec(&t.logits(&h, run).unwrap())
 }
 
@@ -210,7 +205,10 @@ fn smollm2_greedy_tokens_match_the_candle_path_up_to_a_near_tie() {
         let mut history = prompt.clone();
         history.extend_from_slice(&lean[..same]);
         let h = t
-            .forward_hidden(&input(&history), &mut Pass::plan(&plan, RunOptions::FAST))
+            .forward_hidden(
+                &common::batch_of_one(&history),
+                &mut Pass::plan(&plan, RunOptions::FAST),
+            )
             .unwrap();
         let f32 = to_vec(&t.logits(&h, RunOptions::FAST).unwrap());
         let last = &f32[f32.len() - model.cfg().vocab_size..];
@@ -231,7 +229,7 @@ fn smollm2_prefill_without_state_matches_f32() {
     let ids = reference_prompt();
     let logits = |run| {
         let h = t
-            .forward_hidden(&input(&ids), &mut Pass::plan(&plan, run))
+            .forward_hidden(&common::batch_of_one(&ids), &mut Pass::plan(&plan, run))
             .unwrap();
         to_vec(&t.logits(&h, run).unwrap())
     };

@@ -647,3 +647,125 @@ fn bench_times_a_replaced_plan_against_a_skip_plan_in_one_run() {
         assert!(r["decode_tokens_per_sec"]["median"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn compare_replace_measures_keep_skip_fit_and_replace_on_the_same_layers() {
+    use scalpel::surgery::compare::EvalSet;
+    use scalpel::surgery::objective::{measure, BaseStates, TrainingData};
+    use scalpel::surgery::recovery::{
+        fitted, kv_bytes_per_token, measure_variant, removed_attention, skipped_instead, Variant,
+    };
+    let model = tiny();
+    let never = AtomicBool::new(false);
+    let layers = [1usize, 3];
+    let plan = replaced(&model, &Plan::base(), &layers);
+    assert_eq!(removed_attention(&plan), layers);
+    let skip = skipped_instead(&plan);
+    assert_eq!(skip, Plan::with_skips(layers.map(BlockId::attn)));
+    assert!(skip.replace.is_none());
+
+    let train = common::random_set(&model, 31, 6, 16);
+    let validation = common::random_set(&model, 32, 2, 16);
+    let heldout = common::random_set(&model, 33, 3, 16);
+    let (tb, vb) = (
+        BaseStates::compute(&model, &train, &never).unwrap(),
+        BaseStates::compute(&model, &validation, &never).unwrap(),
+    );
+    let data = TrainingData {
+        train: &train,
+        train_base: &tb,
+        validation: &validation,
+        validation_base: &vb,
+    };
+    let fit = fitted(&model, &skip, &data, &quick(3, 1e-2), &never).unwrap();
+    assert!(fit.scales.is_some() && fit.skip == skip.skip);
+    // The fit keeps its best validation epoch, the unfitted start included.
+    let on_validation = |p: &Plan| {
+        measure(&model, &validation, &vb, p, &never)
+            .unwrap()
+            .kl_to_base
+    };
+    assert!(on_validation(&fit) < on_validation(&skip));
+
+    let evals = [EvalSet {
+        name: "heldout".into(),
+        base: BaseStates::compute(&model, &heldout, &never).unwrap(),
+        data: &heldout,
+    }];
+    let row = |name: &str, plan: &Plan| {
+        let v = Variant {
+            name: name.into(),
+            plan: plan.clone(),
+        };
+        measure_variant(&model, &layers, &v, &evals, &never).unwrap()
+    };
+    let keep = row("keep", &Plan::base());
+    let skipped = row("skip", &skip);
+    let replaced_row = row("replace", &plan);
+    assert_eq!(keep.reports["heldout"].kl_to_base, 0.0);
+    assert_eq!(
+        skipped.reports["heldout"].kl_to_base,
+        measure(&model, &heldout, &evals[0].base, &skip, &never)
+            .unwrap()
+            .kl_to_base
+    );
+    assert!(replaced_row.reports["heldout"].kl_to_base > 0.0);
+
+    // The KV bytes per token are what a prefill's state holds: the two
+    // kept layers' keys and values, the mixers' constant state beside them.
+    let tokens = 40;
+    let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 13 + 7) % 500).collect();
+    let t = &model.transformer;
+    let mut state = t.new_state(0);
+    t.forward_hidden(
+        &common::batch_of_one(&ids),
+        &mut Pass::plan(&plan, RunOptions::FAST).with_state(&mut state),
+    )
+    .unwrap();
+    assert_eq!(
+        state.bytes(),
+        tokens * replaced_row.kv_bytes_per_token + replaced_row.state_bytes_per_sequence
+    );
+    assert_eq!(
+        replaced_row.state_bytes_per_sequence,
+        2 * Dims::of(model.cfg()).state_bytes()
+    );
+    assert_eq!(skipped.kv_bytes_per_token, replaced_row.kv_bytes_per_token);
+    assert_eq!(skipped.state_bytes_per_sequence, 0);
+    assert_eq!(keep.kv_bytes_per_token, 2 * replaced_row.kv_bytes_per_token);
+    assert_eq!(
+        kv_bytes_per_token(&model, &Plan::base()),
+        keep.kv_bytes_per_token
+    );
+}
+
+#[test]
+fn compare_replace_refuses_plans_it_cannot_compare() {
+    use assert_cmd::Command;
+    use predicates::str::contains;
+    let model = tiny();
+    let dir = common::scratch_dir();
+    let replaced_path = dir.path().join("replaced.json");
+    let params = replace::init_params(&model, &[1]).unwrap();
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    replace::save(&mut pf, &replaced_path, &[1], &params).unwrap();
+    pf.save(&replaced_path).unwrap();
+    let skip_path = dir.path().join("skip.json");
+    PlanFile::new(model.identity.clone(), Plan::with_skips([BlockId::attn(2)]))
+        .save(&skip_path)
+        .unwrap();
+    let run = |args: &[&str]| {
+        let mut c = Command::cargo_bin("scalpel").unwrap();
+        c.arg("--model")
+            .arg(common::tiny_dir("llama"))
+            .arg("compare");
+        c.args(args);
+        c.assert().failure()
+    };
+    let (replaced, skip) = (replaced_path.to_str().unwrap(), skip_path.to_str().unwrap());
+    run(&["--replace", skip]).stderr(contains("not a replaced plan"));
+    run(&["--heal", skip]).stderr(contains("--replace"));
+    run(&["--replace", replaced, "--heal", skip]).stderr(contains("not a healed plan"));
+    run(&["--replace", replaced, "--blocks", "2"]).stderr(contains("cannot be used with"));
+    run(&["--routing", replaced]).stderr(contains("`replace` section"));
+}

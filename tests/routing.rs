@@ -16,12 +16,12 @@ use scalpel::model::routing::{
     RoutingSection, ROUTERS_ARTIFACT,
 };
 use scalpel::model::{LocalModel, Model, Pass, Resolved, RunOptions};
-use scalpel::plan::{BlockId, BlockKind, Plan, PlanFile};
-use scalpel::surgery::objective::{forward_full, scored_rows, BaseStates};
+use scalpel::plan::{BlockId, BlockKind, LayerScales, Plan, PlanFile};
+use scalpel::surgery::objective::{forward_full, scored_rows, BaseStates, TrainingData};
 use scalpel::surgery::routing::gate::{GateMode, GateProbe};
 use scalpel::surgery::routing::measure::{measure_set, Routed};
 use scalpel::surgery::routing::{
-    params_of, routed_blocks, sequence_objective, train_routers, RouteData, RouteOptions,
+    params_of, routed_blocks, sequence_objective, train_routers, RouteOptions,
 };
 
 fn all_blocks(model: &Model, on: RouteOn) -> Vec<BlockId> {
@@ -357,7 +357,7 @@ fn training_holds_the_capacity_and_round_trips_through_a_plan_file() {
     let never = AtomicBool::new(false);
     let tb = BaseStates::compute(&model, &train, &never).unwrap();
     let vb = BaseStates::compute(&model, &validation, &never).unwrap();
-    let data = RouteData {
+    let data = TrainingData {
         train: &train,
         train_base: &tb,
         validation: &validation,
@@ -435,7 +435,7 @@ fn bad_input_is_refused_with_a_clear_message() {
     let set = common::random_set(&model, 13, 2, 10);
     let never = AtomicBool::new(false);
     let base = BaseStates::compute(&model, &set, &never).unwrap();
-    let data = RouteData {
+    let data = TrainingData {
         train: &set,
         train_base: &base,
         validation: &set,
@@ -642,4 +642,95 @@ fn a_routed_draft_speculates_the_full_models_greedy_output() {
             );
         }
     }
+}
+
+#[test]
+fn compare_puts_a_routed_plan_beside_the_static_plan_of_equal_compute() {
+    use scalpel::surgery::compare::{compare, CompareInputs, EvalSet, ROUTING_METHODS};
+    use scalpel::surgery::hopscotch::SearchStep;
+    use scalpel::surgery::importance::compute_importance;
+    use scalpel::surgery::routing::compare::{
+        at_equal_compute, bracketing_ks, measure_routed, static_executed,
+    };
+
+    let model = common::load_tiny("llama");
+    let n = model.n_layers();
+    let data = common::random_set(&model, 21, 3, 16);
+    let never = AtomicBool::new(false);
+    let evals = vec![EvalSet {
+        name: "heldout".into(),
+        base: BaseStates::compute(&model, &data, &never).unwrap(),
+        data: &data,
+    }];
+    // Routers on every attention block: the last one skipped by every
+    // token, the others run by every token. That is the compute, and the
+    // output, of the static plan that skips the last attention block.
+    let chosen = BlockId::attn(n - 1);
+    let h = model.cfg().hidden_size;
+    let mut routers =
+        Routers::constant(&all_blocks(&model, RouteOn::Attn), h, 100.0, &Device::Cpu).unwrap();
+    routers.by_block.insert(
+        chosen,
+        Router {
+            w: Tensor::zeros(h, DType::F32, &Device::Cpu).unwrap(),
+            b: Tensor::new(&[-100f32], &Device::Cpu).unwrap(),
+        },
+    );
+    let base = Plan::base();
+    let routed = Routed {
+        plan: &base,
+        routers: &routers,
+        kv: KvPolicy::Write,
+        threshold: 0.0,
+    };
+    let row = measure_routed(&model, "routed.json", &routed, &evals, &never).unwrap();
+    let rep = &row.reports["heldout"];
+    assert_eq!(rep.executed_fraction, static_executed(1, n));
+    assert_eq!(bracketing_ks(rep.executed_fraction, n), vec![1]);
+    assert!(rep.kl_to_base > 0.0, "skipping a block changes the output");
+
+    // The static side: a one-step search trace that chose the same block.
+    let steps = vec![SearchStep {
+        step: 1,
+        chosen,
+        loss: 0.0,
+        scales: vec![LayerScales::default(); n],
+        candidates: vec![],
+        seconds: 0.0,
+        screen_seconds: 0.0,
+        refit_seconds: 0.0,
+    }];
+    let importance = compute_importance(&model, &data, &never, |_, _| {}).unwrap();
+    let inputs = CompareInputs {
+        importance: &importance,
+        steps: &steps,
+        ks: vec![1],
+        methods: &ROUTING_METHODS,
+        fit: scalpel::surgery::fit::FitOptions {
+            epochs: 1,
+            ..Default::default()
+        },
+        seed: 3,
+    };
+    let rows = compare(&model, &data, &data, &evals, &inputs, &never, |_, _| {}).unwrap();
+    assert_eq!(rows.len(), ROUTING_METHODS.len(), "every method at k = 1");
+    let unfitted = at_equal_compute(std::slice::from_ref(&row), &rows, "hopscotch", None, n);
+    assert_eq!(unfitted.len(), 1);
+    let e = &unfitted[0];
+    assert_eq!(e.between_k, vec![1]);
+    assert_eq!(
+        e.static_kl, rep.kl_to_base,
+        "the same plan, routed and static, measures the same"
+    );
+    assert_eq!(e.kl_change, 0.0);
+    // The fitted row is another plan (scales fitted), compared alike.
+    let fitted = at_equal_compute(
+        std::slice::from_ref(&row),
+        &rows,
+        "hopscotch",
+        Some(scalpel::surgery::objective::LossKind::Kl),
+        n,
+    );
+    assert_eq!(fitted.len(), 1);
+    assert_ne!(fitted[0].static_kl, rep.kl_to_base);
 }

@@ -56,6 +56,27 @@ fn bad_inputs_give_one_clear_error() {
         .assert()
         .failure()
         .stderr(contains("belongs to other"));
+    // Commands that take no --plan / --skip refuse them instead of
+    // reporting numbers for the model without them.
+    for (args, hint) in [
+        (&["compare", "--blocks", "2"][..], "--routing / --replace"),
+        (
+            &["search", "--blocks", "2", "--out", "s.json"][..],
+            "drop --plan",
+        ),
+        (
+            &["route", "--capacity", "0.8", "--out", "r.json"][..],
+            "--base-plan",
+        ),
+    ] {
+        scalpel()
+            .args(["--skip", "attn.3"])
+            .args(args)
+            .assert()
+            .failure()
+            .stderr(contains("does not run under --plan / --skip"))
+            .stderr(contains(hint));
+    }
     // Resume without a checkpoint.
     scalpel()
         .args(["search", "--blocks", "2", "--resume"])

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod compare;
+pub mod compare_replace;
 pub mod eval;
 pub mod export;
 pub mod fetch;

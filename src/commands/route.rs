@@ -18,9 +18,10 @@ use crate::model::{Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
 use crate::progress;
 use crate::surgery::objective::BaseStates;
+use crate::surgery::objective::TrainingData;
 use crate::surgery::routing::measure::{evaluate_text, measure_set, Routed};
 use crate::surgery::routing::speed::SpeedEntry;
-use crate::surgery::routing::{train_routers, RouteData, RouteEvent, RouteOptions};
+use crate::surgery::routing::{train_routers, RouteEvent, RouteOptions};
 use crate::surgery::unless_cancelled;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +125,7 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
         opts.epochs,
         opts.penalty
     );
-    let data = RouteData {
+    let data = TrainingData {
         train: &train,
         train_base: &train_base,
         validation: &validation,

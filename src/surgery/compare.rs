@@ -58,17 +58,37 @@ pub const METHODS: [(&str, Fitting); 8] = [
     ("random", Fitting::None),
 ];
 
+/// What the routing comparison measures at each k: the Hopscotch and
+/// block-influence selections with and without a fit, and random.
+pub const ROUTING_METHODS: [(&str, Fitting); 5] = [
+    ("hopscotch", Fitting::Default),
+    ("hopscotch", Fitting::None),
+    ("block-influence", Fitting::Default),
+    ("block-influence", Fitting::None),
+    ("random", Fitting::None),
+];
+
 /// What `compare` needs besides the model and the data.
 pub struct CompareInputs<'a> {
     pub importance: &'a Importance,
-    /// The search trace (at least `max_k` steps); step k's prefix is the k-block selection.
+    /// The search trace (at least max(`ks`) steps); step k's prefix is the k-block selection.
     pub steps: &'a [SearchStep],
-    pub max_k: usize,
+    /// The numbers of skipped attention blocks to measure, ascending.
+    pub ks: Vec<usize>,
+    pub methods: &'a [(&'a str, Fitting)],
     pub fit: FitOptions,
     pub seed: u64,
 }
 
-/// Measures every method at k = 1..=max_k. `progress(done, total)` counts plans.
+impl CompareInputs<'_> {
+    /// The plans `compare` measures (for progress bars).
+    pub fn plan_count(&self) -> usize {
+        self.ks.len() * self.methods.len()
+    }
+}
+
+/// Measures every method at every k of `inputs.ks`. `progress(done, total)`
+/// counts plans.
 pub fn compare(
     model: &Model,
     calib: &TokenSet,
@@ -78,11 +98,18 @@ pub fn compare(
     cancel: &AtomicBool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<CompareRow>> {
-    if inputs.steps.len() < inputs.max_k {
+    let max_k = inputs.ks.iter().copied().max().unwrap_or(0);
+    if inputs.ks.contains(&0) || max_k > model.n_layers() {
         bail!(
-            "the search trace has {} steps, fewer than --blocks {}",
-            inputs.steps.len(),
-            inputs.max_k
+            "block counts must be within 1..={}, got {:?}",
+            model.n_layers(),
+            inputs.ks
+        );
+    }
+    if inputs.steps.len() < max_k {
+        bail!(
+            "the search trace has {} steps, fewer than the {max_k} blocks compared",
+            inputs.steps.len()
         );
     }
     let loss = inputs.fit.loss;
@@ -95,11 +122,16 @@ pub fn compare(
         .ranked(BlockKind::Attn, |b| b.block_influence);
     let mut rng = rand::rngs::StdRng::seed_from_u64(inputs.seed);
     let mut layers: Vec<usize> = (0..model.n_layers()).collect();
-    let total = inputs.max_k * METHODS.len();
+    let total = inputs.plan_count();
     let mut rows = Vec::with_capacity(total);
-    for k in 1..=inputs.max_k {
+    for k in 1..=max_k {
+        // One shuffle per k whether or not k is measured, so a k's random
+        // selection does not depend on which others are.
         layers.shuffle(&mut rng);
-        for (method, fitting) in METHODS {
+        if !inputs.ks.contains(&k) {
+            continue;
+        }
+        for &(method, fitting) in inputs.methods {
             let blocks: Vec<BlockId> = match method {
                 "hopscotch" => inputs.steps[..k].iter().map(|s| s.chosen).collect(),
                 "delta-loss" => by_dloss[..k].to_vec(),

@@ -7,6 +7,7 @@ pub mod heal;
 pub mod hopscotch;
 pub mod importance;
 pub mod objective;
+pub mod recovery;
 pub mod replace;
 pub mod routing;
 pub mod sparsity;

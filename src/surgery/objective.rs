@@ -342,6 +342,15 @@ pub fn mean_loss_with(
     Ok(kind.mean(&scores))
 }
 
+/// The calibration split a training job reads (the part it trains on and
+/// the part that picks its best epoch), with the base model's states.
+pub struct TrainingData<'a> {
+    pub train: &'a TokenSet,
+    pub train_base: &'a BaseStates,
+    pub validation: &'a TokenSet,
+    pub validation_base: &'a BaseStates,
+}
+
 /// A plan's quality on a set: perplexity of the set's tokens, KL(base ‖ plan)
 /// and top-1 agreement with the base model, over the scored tokens.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

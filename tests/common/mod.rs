@@ -62,6 +62,14 @@ pub fn smollm2() -> &'static Model {
     })
 }
 
+/// `ids` as a batch of one sequence, on the CPU.
+pub fn batch_of_one(ids: &[u32]) -> candle_core::Tensor {
+    candle_core::Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

@@ -15,7 +15,7 @@ use crate::eval::score::{score_rows, Reference, Scores};
 use crate::model::routing::{slot, KvPolicy, RouterPolicy, Routers, RoutingSection};
 use crate::model::{Model, Pass, RunOptions};
 use crate::plan::Plan;
-use crate::surgery::objective::{input_ids, score_sequence, BaseStates};
+use crate::surgery::objective::{input_ids, score_sequence, BaseStates, SetReport};
 
 /// How a routed plan runs: the static plan under it, the routers and how
 /// their decisions are taken.
@@ -65,6 +65,18 @@ pub struct RoutedReport {
     /// Executed share of each block, attn.0, mlp.0, attn.1, …
     pub per_block: Vec<f64>,
     pub seconds: f64,
+}
+
+impl RoutedReport {
+    /// The quality numbers, as a static plan's are reported.
+    pub fn quality(&self) -> SetReport {
+        SetReport {
+            perplexity: self.perplexity,
+            kl_to_base: self.kl_to_base,
+            top1_agreement: self.top1_agreement,
+            scored_tokens: self.scored_tokens,
+        }
+    }
 }
 
 fn report(scores: &Scores, policy: &RouterPolicy, routers: &Routers, seconds: f64) -> RoutedReport {

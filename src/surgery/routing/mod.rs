@@ -7,6 +7,7 @@
 //! included) is kept. Finally the decision threshold is calibrated on the
 //! training sequences so the executed share there is the capacity.
 
+pub mod compare;
 pub mod gate;
 pub mod measure;
 pub mod speed;
@@ -24,14 +25,13 @@ use serde::{Deserialize, Serialize};
 
 use self::gate::{GateMode, GateProbe};
 use self::measure::{measure_set, Routed, RoutedReport};
-use crate::eval::data::TokenSet;
 use crate::model::routing::{
     bias_name, check_capacity, weight_name, KvPolicy, RouteOn, Router, Routers,
 };
 use crate::model::{Model, ParamValues, Pass, RunOptions, TrainableParams};
 use crate::plan::{BlockId, Plan};
 use crate::surgery::fit::{grads_finite, new_adam, MAX_LR_CUTS};
-use crate::surgery::objective::{input_ids, sequence_loss, BaseStates, LossKind};
+use crate::surgery::objective::{input_ids, sequence_loss, BaseStates, LossKind, TrainingData};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteOptions {
@@ -175,14 +175,6 @@ enum Epoch {
     Cancelled,
 }
 
-/// The data and base states training reads.
-pub struct RouteData<'a> {
-    pub train: &'a TokenSet,
-    pub train_base: &'a BaseStates,
-    pub validation: &'a TokenSet,
-    pub validation_base: &'a BaseStates,
-}
-
 /// Progress of training, for a bar or a log line.
 pub enum RouteEvent<'a> {
     /// Sequence `done` of `total` in epoch `epoch`, with its loss terms.
@@ -203,7 +195,7 @@ pub enum RouteEvent<'a> {
 pub fn train_routers(
     model: &Model,
     plan: &Plan,
-    data: &RouteData,
+    data: &TrainingData,
     opts: &RouteOptions,
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(RouteEvent),
@@ -235,7 +227,7 @@ pub fn train_routers(
     let calibration_base = BaseStates {
         hidden: data.train_base.hidden[..calibration_set.sequences.len()].to_vec(),
     };
-    let calibration = RouteData {
+    let calibration = TrainingData {
         train: &calibration_set,
         train_base: &calibration_base,
         ..*data
@@ -435,7 +427,7 @@ pub fn calibrate_threshold(
     plan: &Plan,
     routers: &Routers,
     opts: &RouteOptions,
-    data: &RouteData,
+    data: &TrainingData,
     cancel: &AtomicBool,
 ) -> Result<(f32, RoutedReport)> {
     let measure = |threshold: f32| {
