@@ -381,13 +381,14 @@ fn quest_decode_gathering_the_pages_equals_masking_them() {
     assert!(common::max_abs_diff(&gathered, &masked) < 1e-4);
 }
 
-fn eval_opts(recall: bool) -> KvEvalOptions {
+fn eval_opts(recall: bool) -> KvEvalOptions<'static> {
     KvEvalOptions {
         context: 96,
         chunk: 20,
         recall,
         run: FAST,
         parallel_windows: false,
+        cancel: None,
     }
 }
 

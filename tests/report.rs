@@ -488,6 +488,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
             recall: false,
             run: scalpel::model::RunOptions::FAST,
             parallel_windows: false,
+            cancel: None,
         },
         |_, _| {},
     )

@@ -244,7 +244,7 @@ fn the_long_context_job_measures_what_eval_kv_measures() {
         plan: Plan::base(),
         context: 512,
     };
-    let row = job.measure(model, |_, _| {}).unwrap();
+    let row = job.measure(model, None, |_, _| {}).unwrap();
     let mut ids = model.codec().unwrap().encode(DEFAULT_EVAL_TEXT).unwrap();
     ids.truncate(512);
     let opts = KvEvalOptions {
@@ -253,6 +253,7 @@ fn the_long_context_job_measures_what_eval_kv_measures() {
         recall: true,
         run: RunOptions::FAST,
         parallel_windows: false,
+        cancel: None,
     };
     let want = evaluate_kv_under(model, &ids, &Plan::base(), &[spec], opts, |_, _| {}).unwrap();
     assert_eq!(row.perplexity, want.rows[0].perplexity);
@@ -261,4 +262,10 @@ fn the_long_context_job_measures_what_eval_kv_measures() {
     assert_eq!(row.full_perplexity, want.full_perplexity);
     assert!(row.kl > 0.0 && row.recall.unwrap() < 1.0, "{row:?}");
     assert_eq!(row.scored_from, 128);
+
+    // A cancel stops it between prefill chunks (a long context is one
+    // window), instead of running to the end.
+    let cancelled = std::sync::atomic::AtomicBool::new(true);
+    let err = job.measure(model, Some(&cancelled), |_, _| {}).unwrap_err();
+    assert_eq!(err.to_string(), "cancelled");
 }

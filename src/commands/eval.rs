@@ -190,6 +190,7 @@ fn run_kv(
         recall: !args.no_recall,
         run,
         parallel_windows: true,
+        cancel: None,
     };
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
     if args.decode_speed > 0 {

@@ -8,6 +8,7 @@
 //! layers, heads and queries). Decode speed is measured separately
 //! (`decode_speed`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -22,7 +23,7 @@ use crate::model::{Model, Pass, Probe, RunOptions, SeqState};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
-pub struct KvEvalOptions {
+pub struct KvEvalOptions<'a> {
     pub context: usize,
     /// Prefill chunk: the policy acts after every chunk.
     pub chunk: usize,
@@ -31,6 +32,9 @@ pub struct KvEvalOptions {
     pub recall: bool,
     pub run: RunOptions,
     pub parallel_windows: bool,
+    /// Checked between prefill chunks: set, the evaluation stops with an
+    /// error (a long context is one window of many chunks).
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,7 +82,7 @@ pub fn evaluate_kv(
     model: &Model,
     ids: &[u32],
     specs: &[KvSpec],
-    opts: KvEvalOptions,
+    opts: KvEvalOptions<'_>,
     progress: impl FnMut(usize, usize),
 ) -> Result<KvEvalReport> {
     evaluate_kv_under(model, ids, &Plan::base(), specs, opts, progress)
@@ -92,7 +96,7 @@ pub fn evaluate_kv_under(
     ids: &[u32],
     plan: &Plan,
     specs: &[KvSpec],
-    opts: KvEvalOptions,
+    opts: KvEvalOptions<'_>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<KvEvalReport> {
     model.check_plan(plan)?;
@@ -206,7 +210,7 @@ fn window_sums(
     window: &[u32],
     plan: &Plan,
     specs: &[KvSpec],
-    opts: KvEvalOptions,
+    opts: KvEvalOptions<'_>,
     scored_from: usize,
 ) -> Result<(Scores, usize, Vec<PolicySums>)> {
     let t = &model.transformer;
@@ -223,6 +227,9 @@ fn window_sums(
     let mut sums = vec![PolicySums::default(); specs.len()];
     let mut full = Scores::default();
     for (ci, chunk) in window.chunks(opts.chunk).enumerate() {
+        if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            bail!("cancelled");
+        }
         let start = ci * opts.chunk;
         let len = chunk.len();
         // Rows scored: positions ≥ scored_from that have a next token.

@@ -36,6 +36,7 @@ pub fn kv_quality(
         recall: false,
         run,
         parallel_windows: false,
+        cancel: None,
     };
     let r = kv::evaluate_kv(model, ids, std::slice::from_ref(spec), opts, |_, _| {})?;
     let row = &r.rows[0];

@@ -5,6 +5,8 @@
 //! measurement of the policy against the full cache (`eval --kv` on the
 //! first `LONG_CONTEXT` tokens of the built-in text, in the background).
 
+use std::sync::atomic::AtomicBool;
+
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
@@ -428,7 +430,12 @@ pub struct KvLongJob {
 }
 
 impl KvLongJob {
-    pub fn measure(&self, model: &Model, progress: impl FnMut(usize, usize)) -> Result<LongRow> {
+    pub fn measure(
+        &self,
+        model: &Model,
+        cancel: Option<&AtomicBool>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<LongRow> {
         let mut ids = model.codec()?.encode(DEFAULT_EVAL_TEXT)?;
         let context = self.context.min(model.transformer.max_positions());
         ids.truncate(context);
@@ -439,6 +446,7 @@ impl KvLongJob {
             recall: true,
             run: RunOptions::FAST,
             parallel_windows: false,
+            cancel,
         };
         let report = evaluate_kv_under(
             model,
@@ -473,8 +481,8 @@ impl Job for KvLongJob {
                 self.spec, self.context
             ),
         });
-        match self.measure(cx.model, |_, _| {}) {
-            // The measurement has no cancel point; a cancelled one is dropped.
+        match self.measure(cx.model, Some(cx.cancel()), |_, _| {}) {
+            // Stopped between chunks, or finished after the cancel: dropped.
             _ if cx.cancelled() => cx.send(Update::JobCancelled),
             Ok(row) => {
                 let done = format!(
