@@ -513,3 +513,112 @@ fn a_global_split_drops_the_lowest_units_across_layers() {
     assert_eq!(p.neurons, vec![vec![2], vec![1]]);
     assert!("model-wide".parse::<Split>().is_err());
 }
+
+/// Attention 0's output before its residual add, from a full base pass.
+struct FirstAttention(Option<Tensor>);
+
+impl Probe for FirstAttention {
+    fn block_output(
+        &mut self,
+        block: scalpel::plan::BlockId,
+        _input: &Tensor,
+        output: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if block == scalpel::plan::BlockId::attn(0) {
+            self.0 = Some(output.clone());
+        }
+        Ok(None)
+    }
+}
+
+#[test]
+fn the_shadow_predictor_reads_attention_0_and_predicts_per_prompt_scores() {
+    use scalpel::surgery::sparsity::predictor::{
+        features, rank_agreement, LinearFit, Predictor, NEURON_GROUP,
+    };
+    let model = common::load_tiny("llama");
+    let ids = ids_of("llama", 12);
+    // The cheap pass (every later block skipped, the prefix only) reads
+    // what a full pass computes at that position.
+    let mut probe = FirstAttention(None);
+    model
+        .transformer
+        .forward_hidden(
+            &tensor(&ids),
+            &mut Pass::plan(&Plan::base(), FAST).with_probe(&mut probe),
+        )
+        .unwrap();
+    let full = probe.0.unwrap();
+    for position in [0, 5, 11] {
+        let want = to_vec(&full.narrow(1, position, 1).unwrap());
+        let got = features(&model, &ids, position).unwrap();
+        assert!(
+            common::max_abs_diff(&got, &want) < 1e-5,
+            "position {position}"
+        );
+    }
+
+    // Trained on per-sequence scores of prompt/answer sequences.
+    let set = common::random_set(&model, 41, 12, 20);
+    let mut calib = set.clone();
+    for s in &mut calib.sequences {
+        s.scored_from = 8;
+    }
+    let never = AtomicBool::new(false);
+    let statics = sequence_scores(&model, &calib.sequences[0], &Plan::base())
+        .unwrap()
+        .0;
+    let (predictor, fit) =
+        Predictor::train(&model, &calib, &statics, LinearFit::default(), &never).unwrap();
+    assert!(fit.validation_mse <= fit.validation_mse_of_mean);
+    assert!(fit.train_mse.is_finite());
+    let cfg = model.cfg();
+    let groups = cfg.intermediate_size.div_ceil(NEURON_GROUP);
+    assert_eq!(
+        predictor.map.parameters(),
+        (cfg.hidden_size + 1) * cfg.n_layers * (cfg.n_heads + groups)
+    );
+    let seq = &calib.sequences[3];
+    let predicted = predictor.scores(&model, &seq.ids, 7).unwrap();
+    assert_eq!(predicted.heads.len(), cfg.n_layers);
+    assert!(predicted.heads.iter().all(|l| l.len() == cfg.n_heads));
+    assert!(predicted
+        .neurons
+        .iter()
+        .all(|l| l.len() == cfg.intermediate_size));
+    assert!(predicted
+        .heads
+        .iter()
+        .chain(&predicted.neurons)
+        .flatten()
+        .all(|s| s.is_finite() && *s > 0.0));
+    // A mask from the predicted scores drops what the level asks.
+    let mask = UnitMask::from_scores(&predicted, 0.5).unwrap();
+    let (h, n) = mask.dropped_fractions(cfg);
+    assert!((h - 0.5).abs() < 0.1 && (n - 0.5).abs() < 0.1, "{h} {n}");
+    // A perfect prediction agrees with itself.
+    let (rh, rn) = rank_agreement(&predicted, &predicted);
+    assert!((rh - 1.0).abs() < 1e-12 && (rn - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn the_shadow_method_is_compared_not_written_as_a_plan() {
+    let out = assert_cmd::Command::cargo_bin("scalpel")
+        .unwrap()
+        .arg("--model")
+        .arg(common::tiny_dir("llama"))
+        .args([
+            "sparsify", "--method", "shadow", "--level", "0.4", "--out", "x.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sparsify --compare"), "{err}");
+    let section = serde_json::json!({
+        "method": "shadow", "level": 0.4, "split": "per-layer",
+        "shape": {"n_layers": 4, "n_heads": 4, "intermediate_size": 128, "hidden_size": 64}
+    });
+    let err = check_section(&section).unwrap_err().to_string();
+    assert!(err.contains("not written as a plan"), "{err}");
+}

@@ -136,6 +136,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         .context("give --level P (e.g. --level 0.4), or --compare LEVELS")?;
     check_level(level)?;
     let method: Method = args.method.parse()?;
+    if method == Method::Shadow {
+        bail!(
+            "--method shadow: {}",
+            crate::surgery::sparsity::SHADOW_NOT_A_PLAN
+        );
+    }
     let split: Split = args.split.parse()?;
     let out = args.out.clone().context(
         "give --out plan.json to write the plan (or --compare LEVELS to compare methods)",
@@ -159,6 +165,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             None,
         ),
         Method::Oracle => (None, None),
+        Method::Shadow => unreachable!("refused above"),
         Method::Magnitude | Method::Static => {
             let calib = calib.as_ref().expect("calibration data");
             let (s, _) = calibration_scores(&model, calib, &cancel, |_, _| {})?;

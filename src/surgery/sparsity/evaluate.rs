@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use super::activation::{thresholds, ActivationSamples, ChannelProbe, ColumnNorms, Criterion};
 use super::masks::{MaskPolicy, UnitMask};
+use super::predictor::{
+    rank_agreement, window_prefix_end, FitReport, LinearFit, Predictor, NEURON_GROUP, PREFIX_TOKENS,
+};
 use super::scores::{calibration_scores, sequence_scores, UnitScores};
 use super::{Method, Sparsifier, Split};
 use crate::eval::data::{Sequence, TokenSet};
@@ -210,6 +213,81 @@ pub struct CompareRow {
 pub struct Comparison {
     pub base: SparseQuality,
     pub rows: Vec<CompareRow>,
+    pub predictor: PredictorReport,
+}
+
+/// How the ShadowLLM predictor was trained and how well its per-window
+/// scores rank the units as the windows' own (oracle) scores do.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictorReport {
+    pub parameters: usize,
+    /// The model's projection and embedding weights (norms left out).
+    pub model_parameters: usize,
+    pub fit: FitReport,
+    /// Mean over held-out windows of Spearman's ρ against the oracle scores,
+    /// over every query head / every neuron group.
+    pub heads_rho: f64,
+    pub neuron_groups_rho: f64,
+    /// The same for the static (calibration) scores: what a predictor must beat.
+    pub static_heads_rho: f64,
+    pub static_neuron_groups_rho: f64,
+    pub prefix_tokens: usize,
+    pub neuron_group: usize,
+}
+
+/// Trains the predictor on `calib` and predicts every held-out window's
+/// scores from its prefix; the report compares them with the oracle's.
+fn predicted_scores(
+    model: &Model,
+    calib: &TokenSet,
+    held: &HeldOut,
+    static_scores: &UnitScores,
+    oracle: &[UnitScores],
+    cancel: &AtomicBool,
+) -> Result<(Vec<UnitScores>, PredictorReport)> {
+    let (predictor, fit) =
+        Predictor::train(model, calib, static_scores, LinearFit::default(), cancel)?;
+    let predicted: Vec<UnitScores> = held
+        .windows
+        .iter()
+        .map(|w| predictor.scores(model, w, window_prefix_end(w)))
+        .collect::<Result<_>>()?;
+    let mean = |pairs: Vec<(f64, f64)>| {
+        let n = pairs.len() as f64;
+        let (a, b) = pairs
+            .iter()
+            .fold((0.0, 0.0), |(x, y), (p, q)| (x + p, y + q));
+        (a / n, b / n)
+    };
+    let (heads_rho, neuron_groups_rho) = mean(
+        predicted
+            .iter()
+            .zip(oracle)
+            .map(|(p, o)| rank_agreement(p, o))
+            .collect(),
+    );
+    let (static_heads_rho, static_neuron_groups_rho) = mean(
+        oracle
+            .iter()
+            .map(|o| rank_agreement(static_scores, o))
+            .collect(),
+    );
+    let report = PredictorReport {
+        parameters: predictor.map.parameters(),
+        model_parameters: {
+            let cfg = model.cfg();
+            let (attn, mlp) = cfg.block_params();
+            cfg.n_layers * (attn + mlp) + cfg.vocab_size * cfg.hidden_size
+        },
+        fit,
+        heads_rho,
+        neuron_groups_rho,
+        static_heads_rho,
+        static_neuron_groups_rho,
+        prefix_tokens: PREFIX_TOKENS,
+        neuron_group: NEURON_GROUP,
+    };
+    Ok((predicted, report))
 }
 
 /// What `compare` compares.
@@ -248,6 +326,19 @@ pub fn compare(
     let wina = thresholds(&samples, Some(&norms), Criterion::Wina, levels)?;
     log("scoring each held-out window on its own text (oracle)");
     let oracle = Arc::new(oracle_scores(model, held, &plan)?);
+    log("training the ShadowLLM predictor on the calibration sequences' own scores");
+    let (predicted, predictor) =
+        predicted_scores(model, calib, held, &scores.plainact, &oracle, cancel)?;
+    let predicted = Arc::new(predicted);
+    log(&format!(
+        "  {} parameters; validation error {:.3} (1 = every unit its mean); Spearman ρ with the oracle: heads {:.3} (static {:.3}), neuron groups {:.3} (static {:.3})",
+        predictor.parameters,
+        predictor.fit.validation_mse / predictor.fit.validation_mse_of_mean,
+        predictor.heads_rho,
+        predictor.static_heads_rho,
+        predictor.neuron_groups_rho,
+        predictor.static_neuron_groups_rho
+    ));
     let cfg = model.cfg();
     let base = evaluate(model, &plan, &Sparsifier::Dense, held, run, false, cancel)?;
     log(&format!("  base model: perplexity {:.3}", base.perplexity));
@@ -274,18 +365,23 @@ pub fn compare(
                     let f = m.weight_fraction_dropped(cfg);
                     (Sparsifier::Mask(m), f)
                 }
-                Method::Oracle => {
+                Method::Oracle | Method::Shadow => {
+                    let per_window = if method == Method::Oracle {
+                        &oracle
+                    } else {
+                        &predicted
+                    };
                     // Per-layer counts are the same for every window; a
                     // global split's vary: the mean over windows.
-                    let f = oracle
+                    let f = per_window
                         .iter()
                         .map(|s| Ok(from(s)?.weight_fraction_dropped(cfg)))
                         .sum::<Result<f64>>()?
-                        / oracle.len() as f64;
+                        / per_window.len() as f64;
                     let sp = Sparsifier::Oracle {
                         level,
                         split,
-                        cached: Some(oracle.clone()),
+                        cached: Some(per_window.clone()),
                     };
                     (sp, f)
                 }
@@ -323,5 +419,9 @@ pub fn compare(
             });
         }
     }
-    Ok(Comparison { base, rows })
+    Ok(Comparison {
+        base,
+        rows,
+        predictor,
+    })
 }

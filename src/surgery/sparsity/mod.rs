@@ -14,6 +14,7 @@
 pub mod activation;
 pub mod evaluate;
 pub mod masks;
+pub mod predictor;
 pub mod scores;
 pub mod speed;
 
@@ -28,6 +29,11 @@ use crate::model::{Model, ModelConfig};
 pub use activation::{ChannelThresholds, ColumnNorms, Criterion};
 pub use masks::{check_level, MaskPolicy, Split, UnitMask};
 pub use scores::UnitScores;
+
+/// Why `shadow` writes no plan yet.
+pub const SHADOW_NOT_A_PLAN: &str = "the ShadowLLM predictor is measured by `scalpel sparsify \
+     --compare LEVELS` (its masks per held-out window, its rank agreement with the oracle); it \
+     is not written as a plan yet";
 
 /// The name of the plan section.
 pub const SPARSITY_SECTION: &str = "sparsity";
@@ -45,6 +51,9 @@ pub enum Method {
     /// Lowest plainact score on the evaluated text itself: an upper bound
     /// (it reads the targets), not a deployable method.
     Oracle,
+    /// Lowest score predicted per prompt from the layer-0 attention output
+    /// (ShadowLLM's predictor, `predictor`).
+    Shadow,
     /// Per-token |x| thresholds on every projection input.
     Teal,
     /// Per-token |x|·‖W col‖ thresholds on every projection input.
@@ -52,10 +61,11 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::Random,
         Method::Magnitude,
         Method::Static,
+        Method::Shadow,
         Method::Oracle,
         Method::Teal,
         Method::Wina,
@@ -67,6 +77,7 @@ impl Method {
             Method::Magnitude => "magnitude",
             Method::Static => "static",
             Method::Oracle => "oracle",
+            Method::Shadow => "shadow",
             Method::Teal => "teal",
             Method::Wina => "wina",
         }
@@ -103,7 +114,7 @@ impl FromStr for Method {
             .with_context(|| {
                 let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
                 format!(
-                    "unknown sparsity method `{s}`: expected one of {} (the ShadowLLM predictor is not built yet)",
+                    "unknown sparsity method `{s}`: expected one of {}",
                     names.join(", ")
                 )
             })
@@ -156,6 +167,9 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
         "expected {\"method\", \"level\", \"split\", \"shape\", and \"mask\" or \"thresholds\"}, as `scalpel sparsify` writes it",
     )?;
     check_level(s.level)?;
+    if s.method == Method::Shadow {
+        bail!("{SHADOW_NOT_A_PLAN}");
+    }
     if s.method.executed() {
         s.split.parse::<Split>()?;
     }
@@ -230,8 +244,9 @@ pub enum Sparsifier {
     Dense,
     /// One head/neuron mask for every input (executed).
     Mask(UnitMask),
-    /// Each window's own plainact scores at `level` (executed); `cached`:
-    /// those scores computed already, one per window.
+    /// Per-window scores at `level` (executed): each window's own plainact
+    /// scores (the oracle), or `cached` ones computed already, one per
+    /// window (the oracle's, or the predictor's).
     Oracle {
         level: f64,
         split: Split,
