@@ -112,6 +112,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
                 "base": cmp.base,
                 "split": split.name(),
                 "rows": cmp.rows,
+                "predictor": cmp.predictor,
                 "decode_speed": speed,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -125,6 +126,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
                 split.name()
             );
             print_table(&cmp.rows, cmp.base.perplexity);
+            let p = &cmp.predictor;
+            println!(
+                "shadow: a linear predictor of {} parameters ({:.2}% of the model's {}) from the layer-0 attention output at the prompt's last token (a held-out window's token {}); per window, Spearman ρ with the window's own scores: heads {:.3}, neuron groups of {} {:.3} (the static scores: {:.3}, {:.3}); validation error {:.3} of predicting the mean",
+                p.parameters,
+                100.0 * p.parameters as f64 / p.model_parameters as f64,
+                p.model_parameters,
+                p.prefix_tokens,
+                p.heads_rho,
+                p.neuron_group,
+                p.neuron_groups_rho,
+                p.static_heads_rho,
+                p.static_neuron_groups_rho,
+                p.fit.validation_mse / p.fit.validation_mse_of_mean
+            );
             if let Some(s) = speed {
                 print_speed(&s);
             }
