@@ -26,6 +26,17 @@ pub struct EvalSet<'a> {
     pub base: BaseStates,
 }
 
+/// `measure` on every set, by set name.
+pub fn per_set<T>(
+    evals: &[EvalSet],
+    mut measure: impl FnMut(&EvalSet) -> Result<T>,
+) -> Result<BTreeMap<String, T>> {
+    evals
+        .iter()
+        .map(|e| Ok((e.name.clone(), measure(e)?)))
+        .collect()
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CompareRow {
     pub k: usize,
@@ -165,13 +176,7 @@ pub fn compare(
                 )?
                 .plan;
             }
-            let mut reports = BTreeMap::new();
-            for e in evals {
-                reports.insert(
-                    e.name.clone(),
-                    measure(model, e.data, &e.base, &plan, cancel)?,
-                );
-            }
+            let reports = per_set(evals, |e| measure(model, e.data, &e.base, &plan, cancel))?;
             rows.push(CompareRow {
                 k,
                 method: method.into(),

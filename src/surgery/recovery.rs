@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::compare::EvalSet;
+use super::compare::{per_set, EvalSet};
 use super::fit::{fit_with_states, FitOptions};
 use super::objective::{measure, SetReport, TrainingData};
 use crate::model::mixer::Dims;
@@ -84,13 +84,9 @@ pub fn measure_variant(
     evals: &[EvalSet],
     cancel: &AtomicBool,
 ) -> Result<RecoveryRow> {
-    let mut reports = BTreeMap::new();
-    for e in evals {
-        reports.insert(
-            e.name.clone(),
-            measure(model, e.data, &e.base, &variant.plan, cancel)?,
-        );
-    }
+    let reports = per_set(evals, |e| {
+        measure(model, e.data, &e.base, &variant.plan, cancel)
+    })?;
     Ok(RecoveryRow {
         layers: layers.to_vec(),
         variant: variant.name.clone(),

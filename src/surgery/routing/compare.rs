@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::measure::{measure_set, Routed, RoutedReport};
 use crate::model::Model;
-use crate::surgery::compare::{CompareRow, EvalSet};
+use crate::surgery::compare::{per_set, CompareRow, EvalSet};
 use crate::surgery::objective::LossKind;
 
 /// A routed plan measured on every evaluation set, by set name.
@@ -29,13 +29,9 @@ pub fn measure_routed(
     evals: &[EvalSet],
     cancel: &AtomicBool,
 ) -> Result<RoutedRow> {
-    let mut reports = BTreeMap::new();
-    for e in evals {
-        reports.insert(
-            e.name.clone(),
-            measure_set(model, e.data, &e.base, routed, cancel)?,
-        );
-    }
+    let reports = per_set(evals, |e| {
+        measure_set(model, e.data, &e.base, routed, cancel)
+    })?;
     Ok(RoutedRow {
         plan: name.into(),
         reports,
