@@ -259,6 +259,7 @@ fn bad_input_is_refused_before_any_measurement() {
                     .unwrap(),
                 ),
                 thresholds: None,
+                artifact: None,
             },
         )
         .unwrap();
@@ -398,6 +399,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
             shape,
             mask: Some(UnitMask::from_scores(&UnitScores::random(model, 7), 0.25).unwrap()),
             thresholds: None,
+            artifact: None,
         },
     );
     let teal = with_section(
@@ -415,6 +417,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
                 level: 0.3,
                 layers: vec![[0.05; 7]; model.n_layers()],
             }),
+            artifact: None,
         },
     );
     // Routers on every attention block with random weights and no bias:

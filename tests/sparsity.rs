@@ -372,6 +372,7 @@ fn level_zero_is_the_base_model_exactly() {
         shape: Shape::of(model.cfg()),
         mask: Some(UnitMask::from_scores(&UnitScores::random(&model, 1), 0.0).unwrap()),
         thresholds: None,
+        artifact: None,
     };
     assert!(matches!(
         section.sparsifier(&model).unwrap(),
@@ -423,6 +424,7 @@ fn bad_levels_and_other_models_sections_are_refused() {
         shape: Shape::of(model.cfg()),
         mask: Some(UnitMask::from_scores(&UnitScores::random(&model, 1), 0.25).unwrap()),
         thresholds: None,
+        artifact: None,
     };
     assert!(section.sparsifier(&model).is_ok());
     section.shape.n_heads += 1;
@@ -450,8 +452,8 @@ fn bad_levels_and_other_models_sections_are_refused() {
         "shape": {"n_layers": 4, "n_heads": 4, "intermediate_size": 128, "hidden_size": 64}});
     let e = format!("{:#}", check_section(&v).unwrap_err());
     assert!(e.contains("outside [0, 1)"), "{e}");
-    let e = "shadow".parse::<Method>().unwrap_err().to_string();
-    assert!(e.contains("expected one of"), "{e}");
+    let e = "shadowllm".parse::<Method>().unwrap_err().to_string();
+    assert!(e.contains("expected one of") && e.contains("shadow"), "{e}");
 }
 
 #[test]
@@ -467,6 +469,7 @@ fn a_sparsity_section_round_trips_through_a_plan_file() {
         shape: Shape::of(model.cfg()),
         mask: Some(mask.clone()),
         thresholds: None,
+        artifact: None,
     };
     let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
     pf.sections.set(SPARSITY_SECTION, &section).unwrap();
@@ -602,23 +605,96 @@ fn the_shadow_predictor_reads_attention_0_and_predicts_per_prompt_scores() {
 }
 
 #[test]
-fn the_shadow_method_is_compared_not_written_as_a_plan() {
-    let out = assert_cmd::Command::cargo_bin("scalpel")
+fn a_shadow_plan_round_trips_its_predictor_and_eval_runs_it() {
+    use scalpel::model::TrainableParams;
+    use scalpel::plan::PlanFile;
+    use scalpel::surgery::sparsity::predictor::{LinearFit, Predictor, PREDICTOR_ARTIFACT};
+    let model = common::load_tiny("llama");
+    let never = AtomicBool::new(false);
+    let mut calib = common::random_set(&model, 43, 8, 20);
+    for s in &mut calib.sequences {
+        s.scored_from = 8;
+    }
+    let statics = sequence_scores(&model, &calib.sequences[0], &Plan::base())
         .unwrap()
-        .arg("--model")
-        .arg(common::tiny_dir("llama"))
-        .args([
-            "sparsify", "--method", "shadow", "--level", "0.4", "--out", "x.json",
-        ])
-        .output()
+        .0;
+    let opts = LinearFit {
+        l2: 0.0,
+        ..LinearFit::default()
+    };
+    let (predictor, _) = Predictor::train(&model, &calib, &statics, opts, &never).unwrap();
+
+    let dir = common::scratch_dir();
+    let path = dir.path().join("shadow.json");
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    let mut params = TrainableParams::new();
+    for (name, t) in predictor.tensors().unwrap() {
+        params.insert(&name, &t).unwrap();
+    }
+    params
+        .save_artifact(&mut pf, &path, PREDICTOR_ARTIFACT, "test predictor")
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("sparsify --compare"), "{err}");
-    let section = serde_json::json!({
-        "method": "shadow", "level": 0.4, "split": "per-layer",
-        "shape": {"n_layers": 4, "n_heads": 4, "intermediate_size": 128, "hidden_size": 64}
-    });
-    let err = check_section(&section).unwrap_err().to_string();
-    assert!(err.contains("not written as a plan"), "{err}");
+    let section = SparsitySection {
+        method: Method::Shadow,
+        level: 0.5,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: None,
+        thresholds: None,
+        artifact: Some(PREDICTOR_ARTIFACT.into()),
+    };
+    pf.sections.set("sparsity", &section).unwrap();
+    pf.save(&path).unwrap();
+
+    let back = PlanFile::load(&path).unwrap();
+    let read: SparsitySection = back.sections.get("sparsity").unwrap().unwrap();
+    let loaded = read.sparsifier_in(&back, &model).unwrap();
+    let Sparsifier::Predicted {
+        predictor: reloaded,
+        ..
+    } = &loaded
+    else {
+        panic!("a shadow section runs the predictor");
+    };
+    let ids = &calib.sequences[2].ids;
+    assert_eq!(
+        reloaded.scores(&model, ids, 9).unwrap(),
+        predictor.scores(&model, ids, 9).unwrap(),
+        "the reloaded predictor predicts the same scores"
+    );
+    // Evaluated per window: the same numbers as the in-memory predictor,
+    // and not the dense model's.
+    let text = &common::random_set(&model, 44, 1, 40).sequences[0].ids;
+    let held = HeldOut::new(&model, text, 20, 2).unwrap();
+    let eval =
+        |sp: &Sparsifier| evaluate(&model, &Plan::base(), sp, &held, FAST, false, &never).unwrap();
+    let in_memory = Sparsifier::Predicted {
+        predictor: std::sync::Arc::new(predictor),
+        level: 0.5,
+        split: "per-layer".parse().unwrap(),
+    };
+    assert_eq!(eval(&loaded).kl_to_base, eval(&in_memory).kl_to_base);
+    assert!(eval(&loaded).kl_to_base > 0.0);
+    // Without its plan file the section cannot run, and says where it can.
+    let e = read.sparsifier(&model).err().unwrap().to_string();
+    assert!(e.contains("scalpel eval --plan"), "{e}");
+
+    // A predictor trained for another model is refused naming the tensor.
+    let other = common::load_tiny("gemma3");
+    let e = format!(
+        "{:#}",
+        SparsitySection {
+            shape: Shape::of(other.cfg()),
+            ..read.clone()
+        }
+        .sparsifier_in(&back, &other)
+        .err()
+        .unwrap()
+    );
+    assert!(e.contains("shadow.") && e.contains("another model"), "{e}");
+    // The section's check: shadow needs its artifact, the others none.
+    let mut v = serde_json::to_value(&read).unwrap();
+    v.as_object_mut().unwrap().remove("artifact");
+    let e = check_section(&v).unwrap_err().to_string();
+    assert!(e.contains("predictor artifact"), "{e}");
 }

@@ -12,7 +12,9 @@ use crate::model::{Model, RunOptions};
 use crate::plan::{KvSection, Plan, HEAL_SECTION, KV_SECTION};
 use crate::progress;
 use crate::surgery::replace::REPLACE_SECTION;
-use crate::surgery::sparsity::{self, evaluate::HeldOut, SparsitySection, SPARSITY_SECTION};
+use crate::surgery::sparsity::{
+    self, evaluate::HeldOut, Sparsifier, SparsitySection, SPARSITY_SECTION,
+};
 
 pub use crate::eval::data::DEFAULT_EVAL_TEXT;
 
@@ -63,7 +65,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         if specs.is_some() {
             bail!("a sparsity plan is not combined with a KV budget policy yet: drop --kv");
         }
-        return run_sparse(&model, &plan, &section, &ids, &args, run);
+        let file = file.as_ref().expect("a section comes from a plan file");
+        let sp = section.sparsifier_in(file, &model)?;
+        return run_sparse(&model, &plan, &section, &sp, &ids, &args, run);
     }
     if let Some(specs) = specs {
         return run_kv(&model, &plan, &ids, &specs, &args, run);
@@ -129,14 +133,14 @@ fn run_sparse(
     model: &Model,
     plan: &Plan,
     section: &SparsitySection,
+    sp: &Sparsifier,
     ids: &[u32],
     args: &EvalArgs,
     run: RunOptions,
 ) -> Result<()> {
-    let sp = section.sparsifier(model)?;
     let held = HeldOut::new(model, ids, args.window, usize::MAX)?;
     let cancel = AtomicBool::new(false);
-    let q = sparsity::evaluate::evaluate(model, plan, &sp, &held, run, true, &cancel)?;
+    let q = sparsity::evaluate::evaluate(model, plan, sp, &held, run, true, &cancel)?;
     let what = format!(
         "{} at level {} ({}; {})",
         section.method,

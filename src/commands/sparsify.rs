@@ -10,9 +10,14 @@ use clap::Args;
 use super::surgery_common as common;
 use crate::cli::{self, DataArgs};
 use crate::eval::data::DEFAULT_EVAL_TEXT;
+use crate::model::TrainableParams;
 use crate::plan::PlanFile;
+use crate::progress;
 use crate::surgery::sparsity::activation::{thresholds, ActivationSamples, ColumnNorms};
 use crate::surgery::sparsity::evaluate::{compare, CompareOptions, CompareRow, HeldOut};
+use crate::surgery::sparsity::predictor::{
+    LinearFit, Predictor, PREDICTOR_ARTIFACT, PREFIX_TOKENS,
+};
 use crate::surgery::sparsity::scores::{calibration_scores, UnitScores};
 use crate::surgery::sparsity::speed::{decode_speed, SpeedOptions, SpeedRow};
 use crate::surgery::sparsity::{
@@ -151,12 +156,6 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         .context("give --level P (e.g. --level 0.4), or --compare LEVELS")?;
     check_level(level)?;
     let method: Method = args.method.parse()?;
-    if method == Method::Shadow {
-        bail!(
-            "--method shadow: {}",
-            crate::surgery::sparsity::SHADOW_NOT_A_PLAN
-        );
-    }
     let split: Split = args.split.parse()?;
     let out = args.out.clone().context(
         "give --out plan.json to write the plan (or --compare LEVELS to compare methods)",
@@ -179,8 +178,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             )?),
             None,
         ),
-        Method::Oracle => (None, None),
-        Method::Shadow => unreachable!("refused above"),
+        Method::Oracle | Method::Shadow => (None, None),
         Method::Magnitude | Method::Static => {
             let calib = calib.as_ref().expect("calibration data");
             let (s, _) = calibration_scores(&model, calib, &cancel, |_, _| {})?;
@@ -203,6 +201,23 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             (None, t.into_iter().next())
         }
     };
+    let predictor = if method == Method::Shadow {
+        let calib = calib.as_ref().expect("calibration data");
+        let (s, _) = calibration_scores(&model, calib, &cancel, |_, _| {})?;
+        let sp = progress::spinner("training the ShadowLLM predictor on the calibration sequences");
+        let trained = Predictor::train(&model, calib, &s.plainact, LinearFit::default(), &cancel);
+        sp.finish_and_clear();
+        let (p, fit) = trained?;
+        eprintln!(
+            "scalpel: predictor of {} parameters; validation error {:.3} of predicting every unit's mean (step {})",
+            p.map.parameters(),
+            fit.validation_mse / fit.validation_mse_of_mean,
+            fit.best_step
+        );
+        Some(p)
+    } else {
+        None
+    };
     let section = SparsitySection {
         method,
         level,
@@ -215,10 +230,23 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         shape: Shape::of(cfg),
         mask,
         thresholds: thresh,
+        artifact: predictor.as_ref().map(|_| PREDICTOR_ARTIFACT.into()),
     };
     let mut pf = file.unwrap_or_else(|| PlanFile::new(model.identity.clone(), plan.clone()));
     if pf.sections.names().any(|n| n != SPARSITY_SECTION) {
         bail!("the --plan already has other sections; sparsity combines with block skips only");
+    }
+    if let Some(p) = &predictor {
+        let mut params = TrainableParams::new();
+        for (name, t) in p.tensors()? {
+            params.insert(&name, &t)?;
+        }
+        params.save_artifact(
+            &mut pf,
+            &out,
+            PREDICTOR_ARTIFACT,
+            "ShadowLLM predictor: layer-0 attention output -> ln plainact of heads and neuron groups (surgery::sparsity::predictor), f32",
+        )?;
     }
     pf.sections.set(SPARSITY_SECTION, &section)?;
     pf.save(&out)?;
@@ -233,6 +261,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
                 m.weight_fraction_dropped(cfg) * 100.0
             );
         }
+        None if method == Method::Shadow => eprintln!(
+            "scalpel: shadow at {level}: each evaluated window's mask is predicted from its first {PREFIX_TOKENS} tokens (executed with sliced weights)"
+        ),
         None if method == Method::Oracle => eprintln!(
             "scalpel: oracle at {level}: each evaluated window is scored on its own text (an upper bound that reads the targets)"
         ),

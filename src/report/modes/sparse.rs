@@ -17,6 +17,7 @@ use crate::model::{Model, Pass, RunOptions, SeqState};
 use crate::plan::Plan;
 use crate::surgery::sparsity::activation::ChannelProbe;
 use crate::surgery::sparsity::evaluate::{self as sparse_eval, HeldOut};
+use crate::surgery::sparsity::predictor::window_prefix_end;
 use crate::surgery::sparsity::scores::sequence_scores;
 use crate::surgery::sparsity::speed::SPEED_RUN;
 use crate::surgery::sparsity::{MaskPolicy, Sparsifier, SparsitySection, UnitMask};
@@ -41,6 +42,17 @@ fn sparse_mask(
                 scored_from: 1,
             };
             let scores = sequence_scores(model, &seq, plan)?.0;
+            Some(UnitMask::with_split(&scores, *level, *split)?)
+        }
+        Sparsifier::Predicted {
+            predictor,
+            level,
+            split,
+        } => {
+            let cfg = model.cfg();
+            let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
+            let w = windows(ids, window, bos).swap_remove(0);
+            let scores = predictor.scores(model, &w, window_prefix_end(&w))?;
             Some(UnitMask::with_split(&scores, *level, *split)?)
         }
         Sparsifier::Dense | Sparsifier::Channels { .. } => None,

@@ -118,6 +118,16 @@ fn window_scores(
             let policy = MaskPolicy::new(plan, &mask, cfg)?;
             t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
         }
+        Sparsifier::Predicted {
+            predictor,
+            level,
+            split,
+        } => {
+            let scores = predictor.scores(model, w, window_prefix_end(w))?;
+            let mask = UnitMask::with_split(&scores, *level, *split)?;
+            let policy = MaskPolicy::new(plan, &mask, cfg)?;
+            t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
+        }
         Sparsifier::Channels { thresholds, norms } => {
             let mut probe = ChannelProbe::new(model, thresholds, norms.as_deref())?;
             let h = t.forward_hidden(&input, &mut Pass::plan(plan, run).with_probe(&mut probe))?;

@@ -30,11 +30,6 @@ pub use activation::{ChannelThresholds, ColumnNorms, Criterion};
 pub use masks::{check_level, MaskPolicy, Split, UnitMask};
 pub use scores::UnitScores;
 
-/// Why `shadow` writes no plan yet.
-pub const SHADOW_NOT_A_PLAN: &str = "the ShadowLLM predictor is measured by `scalpel sparsify \
-     --compare LEVELS` (its masks per held-out window, its rank agreement with the oracle); it \
-     is not written as a plan yet";
-
 /// The name of the plan section.
 pub const SPARSITY_SECTION: &str = "sparsity";
 
@@ -159,6 +154,9 @@ pub struct SparsitySection {
     pub mask: Option<UnitMask>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thresholds: Option<ChannelThresholds>,
+    /// `shadow`: the artifact holding the predictor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
 }
 
 /// Checks a section's JSON when a plan is read.
@@ -167,8 +165,11 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
         "expected {\"method\", \"level\", \"split\", \"shape\", and \"mask\" or \"thresholds\"}, as `scalpel sparsify` writes it",
     )?;
     check_level(s.level)?;
-    if s.method == Method::Shadow {
-        bail!("{SHADOW_NOT_A_PLAN}");
+    if (s.method == Method::Shadow) != s.artifact.is_some() {
+        bail!(
+            "method {} needs the predictor artifact exactly when it is `shadow`",
+            s.method
+        );
     }
     if s.method.executed() {
         s.split.parse::<Split>()?;
@@ -197,25 +198,15 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
 impl SparsitySection {
     /// What this section executes on `model`; refuses another model's shapes.
     pub fn sparsifier(&self, model: &Model) -> Result<Sparsifier> {
-        check_level(self.level)?;
-        let have = Shape::of(model.cfg());
-        if self.shape != have {
-            bail!(
-                "the plan's sparsity section was made for a model of {} layers, {} heads, {} neurons, hidden {}; this model has {} layers, {} heads, {} neurons, hidden {}: run `scalpel sparsify` on this model",
-                self.shape.n_layers,
-                self.shape.n_heads,
-                self.shape.intermediate_size,
-                self.shape.hidden_size,
-                have.n_layers,
-                have.n_heads,
-                have.intermediate_size,
-                have.hidden_size
-            );
-        }
+        self.check_shape(model)?;
         if self.level == 0.0 {
             return Ok(Sparsifier::Dense);
         }
         Ok(match (self.method, &self.mask, &self.thresholds) {
+            (Method::Shadow, _, _) => bail!(
+                "a shadow plan predicts each prompt's mask with the predictor in its artifact; \
+                 `scalpel eval --plan` runs it (this command does not yet)"
+            ),
             (Method::Oracle, _, _) => Sparsifier::Oracle {
                 level: self.level,
                 split: self.split.parse()?,
@@ -235,6 +226,47 @@ impl SparsitySection {
             (m, None, None) => bail!("sparsity method {m} has neither a mask nor thresholds"),
         })
     }
+
+    /// Refuses a level outside [0, 1) and another model's shapes.
+    fn check_shape(&self, model: &Model) -> Result<()> {
+        check_level(self.level)?;
+        let have = Shape::of(model.cfg());
+        if self.shape != have {
+            bail!(
+                "the plan's sparsity section was made for a model of {} layers, {} heads, {} neurons, hidden {}; this model has {} layers, {} heads, {} neurons, hidden {}: run `scalpel sparsify` on this model",
+                self.shape.n_layers,
+                self.shape.n_heads,
+                self.shape.intermediate_size,
+                self.shape.hidden_size,
+                have.n_layers,
+                have.n_heads,
+                have.intermediate_size,
+                have.hidden_size
+            );
+        }
+        Ok(())
+    }
+}
+
+impl SparsitySection {
+    /// `sparsifier`, with a shadow plan's predictor read from `file`'s
+    /// artifact (hash-checked, shapes checked against `model`).
+    pub fn sparsifier_in(&self, file: &crate::plan::PlanFile, model: &Model) -> Result<Sparsifier> {
+        if self.method != Method::Shadow || self.level == 0.0 {
+            return self.sparsifier(model);
+        }
+        self.check_shape(model)?;
+        let name = self
+            .artifact
+            .as_deref()
+            .context("a shadow section names its artifact")?;
+        let tensors = file.load_artifact(name, model.device())?;
+        Ok(Sparsifier::Predicted {
+            predictor: Arc::new(predictor::Predictor::from_tensors(&tensors, model)?),
+            level: self.level,
+            split: self.split.parse()?,
+        })
+    }
 }
 
 /// What a pass runs beyond the plan's block skips.
@@ -251,6 +283,14 @@ pub enum Sparsifier {
         level: f64,
         split: Split,
         cached: Option<Arc<Vec<UnitScores>>>,
+    },
+    /// Each window's mask from the ShadowLLM predictor's scores at `level`,
+    /// predicted from the window's first `predictor::PREFIX_TOKENS` tokens
+    /// (executed).
+    Predicted {
+        predictor: Arc<predictor::Predictor>,
+        level: f64,
+        split: Split,
     },
     /// Per-token channel thresholds (simulated).
     Channels {

@@ -17,7 +17,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Result};
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::Optimizer;
 use serde::Serialize;
@@ -246,7 +248,11 @@ impl Linear {
     }
 }
 
+/// The artifact holding a shadow plan's predictor.
+pub const PREDICTOR_ARTIFACT: &str = "predictor";
+
 /// The trained predictor and how its neurons share a group's score.
+#[derive(Debug, Clone)]
 pub struct Predictor {
     pub map: Linear,
     /// Each neuron's share of its group in the calibration (static) scores.
@@ -300,12 +306,14 @@ impl Predictor {
                     .chunks(NEURON_GROUP)
                     .flat_map(|g| {
                         let total: f64 = g.iter().sum();
+                        // At f32 precision, as the plan artifact stores them.
                         g.iter().map(move |&s| {
-                            if total > 0.0 {
+                            let share = if total > 0.0 {
                                 s / total
                             } else {
                                 1.0 / g.len() as f64
-                            }
+                            };
+                            f64::from(share as f32)
                         })
                     })
                     .collect()
@@ -318,6 +326,71 @@ impl Predictor {
             groups: groups_per_layer(model),
         };
         Ok((predictor, report))
+    }
+
+    /// The predictor as named f32 tensors (a plan artifact's contents).
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let dev = Device::Cpu;
+        let v = |x: &[f32]| Tensor::new(x, &dev);
+        let shares: Vec<f32> = self.shares.iter().flatten().map(|&s| s as f32).collect();
+        let (l, i) = (self.shares.len(), self.shares[0].len());
+        let m = &self.map;
+        Ok(vec![
+            ("shadow.w".into(), m.w.clone()),
+            ("shadow.b".into(), m.b.clone()),
+            ("shadow.x_mean".into(), v(&m.x_mean)?),
+            ("shadow.x_std".into(), v(&m.x_std)?),
+            ("shadow.y_mean".into(), v(&m.y_mean)?),
+            ("shadow.y_std".into(), v(&m.y_std)?),
+            (
+                "shadow.shares".into(),
+                Tensor::from_vec(shares, (l, i), &dev)?,
+            ),
+        ])
+    }
+
+    /// The predictor in `tensors`, checked against `model`'s shapes.
+    pub fn from_tensors(tensors: &HashMap<String, Tensor>, model: &Model) -> Result<Self> {
+        let cfg = model.cfg();
+        let (d_in, l, h, i) = (
+            cfg.hidden_size,
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.intermediate_size,
+        );
+        let groups = groups_per_layer(model);
+        let d_out = l * (h + groups);
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(name).with_context(|| {
+                format!("the predictor artifact has no `{name}`: it was not written by `scalpel sparsify --method shadow`")
+            })?;
+            if t.dims() != shape {
+                bail!(
+                    "`{name}` has shape {:?}, this model needs {shape:?}: the predictor was trained for another model",
+                    t.dims()
+                );
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+        };
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(get(name, &[n])?.to_vec1()?) };
+        let shares: Vec<Vec<f32>> = get("shadow.shares", &[l, i])?.to_vec2()?;
+        let map = Linear {
+            x_mean: vec("shadow.x_mean", d_in)?,
+            x_std: vec("shadow.x_std", d_in)?,
+            y_mean: vec("shadow.y_mean", d_out)?,
+            y_std: vec("shadow.y_std", d_out)?,
+            w: get("shadow.w", &[d_in, d_out])?,
+            b: get("shadow.b", &[d_out])?,
+        };
+        Ok(Self {
+            map,
+            shares: shares
+                .into_iter()
+                .map(|l| l.into_iter().map(f64::from).collect())
+                .collect(),
+            n_heads: h,
+            groups,
+        })
     }
 
     /// Predicted scores for a sequence whose prompt ends at `position`.
