@@ -572,7 +572,7 @@ fn the_shadow_predictor_reads_attention_0_and_predicts_per_prompt_scores() {
         .unwrap()
         .0;
     let (predictor, fit) =
-        Predictor::train(&model, &calib, &statics, LinearFit::default(), &never).unwrap();
+        Predictor::train(&model, &calib, &statics, &[LinearFit::default()], &never).unwrap();
     assert!(fit.validation_mse <= fit.validation_mse_of_mean);
     assert!(fit.train_mse.is_finite());
     let cfg = model.cfg();
@@ -622,7 +622,7 @@ fn a_shadow_plan_round_trips_its_predictor_and_eval_runs_it() {
         l2: 0.0,
         ..LinearFit::default()
     };
-    let (predictor, _) = Predictor::train(&model, &calib, &statics, opts, &never).unwrap();
+    let (predictor, _) = Predictor::train(&model, &calib, &statics, &[opts], &never).unwrap();
 
     let dir = common::scratch_dir();
     let path = dir.path().join("shadow.json");

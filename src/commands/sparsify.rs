@@ -205,13 +205,15 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
         let calib = calib.as_ref().expect("calibration data");
         let (s, _) = calibration_scores(&model, calib, &cancel, |_, _| {})?;
         let sp = progress::spinner("training the ShadowLLM predictor on the calibration sequences");
-        let trained = Predictor::train(&model, calib, &s.plainact, LinearFit::default(), &cancel);
+        let trained = Predictor::train(&model, calib, &s.plainact, &LinearFit::grid(), &cancel);
         sp.finish_and_clear();
         let (p, fit) = trained?;
         eprintln!(
-            "scalpel: predictor of {} parameters; validation error {:.3} of predicting every unit's mean (step {})",
+            "scalpel: predictor of {} parameters; validation error {:.3} of predicting every unit's mean (lr {}, l2 {}, step {})",
             p.map.parameters(),
             fit.validation_mse / fit.validation_mse_of_mean,
+            fit.settings.lr,
+            fit.settings.l2,
             fit.best_step
         );
         Some(p)

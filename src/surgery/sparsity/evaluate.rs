@@ -256,7 +256,7 @@ fn predicted_scores(
     cancel: &AtomicBool,
 ) -> Result<(Vec<UnitScores>, PredictorReport)> {
     let (predictor, fit) =
-        Predictor::train(model, calib, static_scores, LinearFit::default(), cancel)?;
+        Predictor::train(model, calib, static_scores, &LinearFit::grid(), cancel)?;
     let predicted: Vec<UnitScores> = held
         .windows
         .iter()
@@ -341,9 +341,12 @@ pub fn compare(
         predicted_scores(model, calib, held, &scores.plainact, &oracle, cancel)?;
     let predicted = Arc::new(predicted);
     log(&format!(
-        "  {} parameters; validation error {:.3} (1 = every unit its mean); Spearman ρ with the oracle: heads {:.3} (static {:.3}), neuron groups {:.3} (static {:.3})",
+        "  {} parameters; validation error {:.3} (1 = every unit its mean; lr {}, l2 {}, step {}); Spearman ρ with the oracle: heads {:.3} (static {:.3}), neuron groups {:.3} (static {:.3})",
         predictor.parameters,
         predictor.fit.validation_mse / predictor.fit.validation_mse_of_mean,
+        predictor.fit.settings.lr,
+        predictor.fit.settings.l2,
+        predictor.fit.best_step,
         predictor.heads_rho,
         predictor.static_heads_rho,
         predictor.neuron_groups_rho,

@@ -13,7 +13,8 @@
 //!   (static) share of that group.
 //! - Training: full-batch Adam on the mean squared error plus an L2 penalty
 //!   on the weights, the step with the lowest validation error kept (the
-//!   zero map, which predicts every unit's mean, included).
+//!   zero map, which predicts every unit's mean, included), over a small
+//!   grid of step sizes and penalties (`LinearFit::grid`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -140,9 +141,24 @@ impl Default for LinearFit {
     fn default() -> Self {
         Self {
             steps: 300,
-            lr: 1e-2,
-            l2: 1e-2,
+            lr: 1e-3,
+            l2: 1e2,
         }
+    }
+}
+
+impl LinearFit {
+    /// The settings `Predictor::train` tries by default, the one with the
+    /// lowest validation error kept: a few calibration sequences and
+    /// hundreds of features leave the step size and the shrinkage to the data.
+    pub fn grid() -> Vec<LinearFit> {
+        let mut grid = Vec::new();
+        for lr in [1e-4, 1e-3, 1e-2] {
+            for l2 in [0.0, 1e2, 1e4] {
+                grid.push(LinearFit { steps: 300, lr, l2 });
+            }
+        }
+        grid
     }
 }
 
@@ -156,6 +172,8 @@ pub struct FitReport {
     pub validation_mse_of_mean: f64,
     /// The kept step (0 = the zero map).
     pub best_step: usize,
+    /// The settings of the kept fit.
+    pub settings: LinearFit,
 }
 
 /// A linear map from standardised features to standardised targets.
@@ -223,8 +241,28 @@ impl Linear {
             validation_mse: best.0,
             validation_mse_of_mean: mean_val,
             best_step: best.1,
+            settings: opts,
         };
         Ok((map, report))
+    }
+
+    /// `fit` with each of `grid`'s settings; the lowest validation error wins.
+    pub fn fit_best(
+        train: (&[Vec<f32>], &[Vec<f32>]),
+        validation: (&[Vec<f32>], &[Vec<f32>]),
+        grid: &[LinearFit],
+    ) -> Result<(Self, FitReport)> {
+        let mut best: Option<(Self, FitReport)> = None;
+        for &opts in grid {
+            let fit = Self::fit(train, validation, opts)?;
+            if best
+                .as_ref()
+                .is_none_or(|b| fit.1.validation_mse < b.1.validation_mse)
+            {
+                best = Some(fit);
+            }
+        }
+        best.context("no predictor settings to try")
     }
 
     /// The prediction for `x`, in the targets' own units.
@@ -272,13 +310,14 @@ pub fn window_prefix_end(window: &[u32]) -> usize {
 }
 
 impl Predictor {
-    /// Trains on `calib` (every fourth sequence validates), with neurons
+    /// Trains on `calib` (every fourth sequence validates) with each of
+    /// `grid`'s settings, keeping the best on validation, with neurons
     /// sharing their group's score as in `static_scores`.
     pub fn train(
         model: &Model,
         calib: &TokenSet,
         static_scores: &UnitScores,
-        opts: LinearFit,
+        grid: &[LinearFit],
         cancel: &AtomicBool,
     ) -> Result<(Self, FitReport)> {
         let base = Plan::base();
@@ -297,7 +336,7 @@ impl Predictor {
                 yt.push(y);
             }
         }
-        let (map, report) = Linear::fit((&xt, &yt), (&xv, &yv), opts)?;
+        let (map, report) = Linear::fit_best((&xt, &yt), (&xv, &yv), grid)?;
         let shares = static_scores
             .neurons
             .iter()
