@@ -282,9 +282,12 @@ pub struct SearchArgs {
     /// Speculative: weights used while drafting (auto: quantized when the file is).
     #[arg(long, value_enum, default_value = "auto")]
     pub weights: Weights,
-    /// Speculative: candidates drafted per step, the best by matchness on the calibration text (0: draft all).
+    /// Speculative: candidates drafted per step, the best by the proxy their matchness on the calibration text predicts (0: draft all).
     #[arg(long, default_value_t = 4)]
     pub prescreen: usize,
+    /// Speculative: steps in a row without a new best proxy before stopping (0: stop at the first); the plan is the best prefix of the path.
+    #[arg(long, default_value_t = 0)]
+    pub patience: usize,
     /// Speculative: fit Hopscotch scales for the chosen draft (the --epochs/--lr/--loss fit settings) and draft with and without them.
     #[arg(long = "fit")]
     pub fit_draft: bool,

@@ -432,6 +432,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
             Router {
                 w: Tensor::new(w.as_slice(), model.device()).unwrap(),
                 b: Tensor::new(&[0f32], model.device()).unwrap(),
+                hidden: None,
             },
         );
     }

@@ -215,6 +215,7 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
         verify_cost: 1.0,
         run: RunOptions::FAST,
         prescreen: 0,
+        patience: 0,
     };
     // Without the screen the calibration text is never read.
     let no_text = scalpel::eval::data::TokenSet {
@@ -327,6 +328,7 @@ fn tiny_search_setup(
         verify_cost: 1.0,
         run: RunOptions::FAST,
         prescreen,
+        patience: 0,
     };
     (dir, model, prompts, opts)
 }
@@ -443,9 +445,9 @@ fn counted_search(
 }
 
 #[test]
-fn the_prescreen_drafts_only_the_top_candidates_by_matchness() {
+fn the_prescreen_drafts_only_the_top_candidates_by_predicted_proxy() {
     use scalpel::surgery::speculative_search::{
-        load_draft_search, save_draft_search, MatchReference,
+        load_draft_search, predicted_proxy, save_draft_search, weight_fraction, MatchReference,
     };
 
     let (_dir, model, prompts, opts) = tiny_search_setup(2);
@@ -462,11 +464,20 @@ fn the_prescreen_drafts_only_the_top_candidates_by_matchness() {
         assert_eq!(s.screened_out.len(), remaining - 2);
         let chosen = s.candidates.iter().find(|c| c.block == s.chosen).unwrap();
         let chosen_m = chosen.matchness.unwrap();
+        // Ranked by the proxy the matchness predicts with the block's weights.
+        let predicted = |block: BlockId, m: f64| {
+            let mut trial = plan.clone();
+            trial.skip.insert(block);
+            predicted_proxy(m, 3, weight_fraction(&model, &trial), 1.0)
+        };
         for out in &s.screened_out {
             for c in &s.candidates {
-                assert!(c.matchness.unwrap() >= out.matchness, "step {}", s.step);
+                assert!(
+                    predicted(c.block, c.matchness.unwrap()) >= predicted(out.block, out.matchness),
+                    "step {}",
+                    s.step
+                );
             }
-            assert!(chosen_m >= out.matchness);
         }
         // The recorded matchness is the plan's, computed from scratch.
         let mut trial = plan.clone();
@@ -512,6 +523,69 @@ fn the_prescreen_drafts_only_the_top_candidates_by_matchness() {
         load_draft_search(&model, &serde_json::json!({"k": 3, "prescreen": 0}), &path).unwrap();
     assert_eq!(steps.len(), result.steps.len());
     assert!(steps[0].candidates[0].matchness.is_none());
+}
+
+#[test]
+fn the_screen_predicts_the_proxy_from_matchness_and_weights_read() {
+    use scalpel::surgery::speculative_search::predicted_proxy;
+    // Matchness 1: every drafted token kept, τ = k + 1.
+    assert!((predicted_proxy(1.0, 4, 0.5, 1.0) - 5.0 / 3.0).abs() < 1e-12);
+    // Matchness 0: only the verifier's token, τ = 1.
+    assert!((predicted_proxy(0.0, 4, 0.5, 1.0) - 1.0 / 3.0).abs() < 1e-12);
+    // α = 0.5, k = 2: τ = 1 + 0.5 + 0.25.
+    assert!((predicted_proxy(0.5, 2, 1.0, 1.0) - 1.75 / 3.0).abs() < 1e-12);
+    // A block that saves more weights outranks one with slightly higher matchness.
+    assert!(predicted_proxy(0.90, 4, 0.80, 1.0) > predicted_proxy(0.92, 4, 0.99, 1.0));
+}
+
+#[test]
+fn patience_walks_past_a_step_without_gain_and_keeps_the_best_prefix() {
+    use scalpel::surgery::speculative_search::{
+        best_prefix, save_draft_search, search_draft, SpecSearchOptions,
+    };
+    use std::sync::atomic::AtomicBool;
+
+    let (_dir, model, prompts, opts) = tiny_search_setup(0);
+    let no_text = scalpel::eval::data::TokenSet {
+        source: "none".into(),
+        sequences: vec![],
+    };
+    let cancel = AtomicBool::new(false);
+    let run = |o: &SpecSearchOptions| {
+        search_draft(&model, &prompts, &no_text, o, vec![], &cancel, |_| Ok(())).unwrap()
+    };
+    let greedy = run(&opts);
+    let patient = run(&SpecSearchOptions {
+        max_blocks: 6,
+        patience: 6,
+        ..opts.clone()
+    });
+    // Patience walks to the block limit; the path starts as the greedy one.
+    assert_eq!(patient.steps.len(), 6);
+    for (a, b) in greedy.steps.iter().zip(&patient.steps) {
+        assert_eq!(a.chosen, b.chosen);
+    }
+    let kept = best_prefix(&patient.steps);
+    let best = patient.steps[kept - 1].score.proxy_speedup;
+    assert!(patient.steps.iter().all(|s| s.score.proxy_speedup <= best));
+    assert_eq!(patient.plan.skip.len(), kept);
+    assert!(kept >= greedy.steps.len());
+    if let Some(last) = greedy.steps.last() {
+        assert!(best >= last.score.proxy_speedup);
+    }
+    // The saved plan is the best prefix, every step recorded.
+    let path = _dir.path().join("patient.json");
+    let settings = serde_json::json!({"k": 3});
+    save_draft_search(&model, &patient.steps, &settings, true, &path).unwrap();
+    let pf = model.load_plan(&path).unwrap();
+    assert_eq!(pf.plan.skip, patient.plan.skip);
+    assert_eq!(
+        pf.metrics["speculative_search_steps"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
 }
 
 #[test]

@@ -52,6 +52,7 @@ fn random_routers(model: &Model, plan: &Plan, seed: u64, unrouted: BlockId) -> R
             Router {
                 w: Tensor::new(v.as_slice(), &Device::Cpu).unwrap(),
                 b: Tensor::new(&[0.05f32], &Device::Cpu).unwrap(),
+                hidden: None,
             },
         );
     }
@@ -70,7 +71,7 @@ struct Reference<'a> {
 impl Reference<'_> {
     fn rows(&self, block: BlockId, x: &Tensor) -> Option<Vec<u32>> {
         let r = self.routers.by_block.get(&block)?;
-        let logits: Vec<f32> = router_logits(x, &r.w, &r.b)
+        let logits: Vec<f32> = router_logits(x, r.weights())
             .unwrap()
             .squeeze(0)
             .unwrap()

@@ -12,7 +12,8 @@ use clap::{Args, ValueEnum};
 use super::surgery_common as common;
 use crate::cli::{self, BenchArgs, DataArgs, EvalArgs};
 use crate::model::routing::{
-    check_capacity, save_to_plan, KvPolicy, RouteOn, Routers, RoutingSection, ROUTERS_ARTIFACT,
+    check_capacity, save_to_plan, KvPolicy, RouteOn, RouterKind, Routers, RoutingSection,
+    ROUTERS_ARTIFACT,
 };
 use crate::model::{Model, RunOptions};
 use crate::plan::{Plan, PlanFile};
@@ -56,6 +57,10 @@ pub struct RouteArgs {
     /// Which blocks get routers.
     #[arg(long, value_enum, default_value = "attn")]
     pub on: OnArg,
+    /// The router: linear on the normalised block input (577 parameters per block on SmolLM2),
+    /// or SkipGPT's d → d/4 → 1 MLP with a ReLU (83,233).
+    #[arg(long, value_enum, default_value = "linear")]
+    pub router: RouterKind,
     /// A static plan to route on top of (its skips stay skipped, its scales apply).
     #[arg(long, value_name = "PLAN")]
     pub base_plan: Option<PathBuf>,
@@ -108,6 +113,7 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
             OnArg::Mlp => RouteOn::Mlp,
             OnArg::Both => RouteOn::Both,
         },
+        router: args.router,
         epochs: args.epochs,
         lr: args.lr,
         batch_size: args.batch_size,
@@ -117,7 +123,8 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
         ..RouteOptions::default()
     };
     eprintln!(
-        "scalpel: training routers on {:?} blocks over {} (capacity {}, lr {}, {} epochs, penalty {})",
+        "scalpel: training {:?} routers on {:?} blocks over {} (capacity {}, lr {}, {} epochs, penalty {})",
+        opts.router,
         opts.on,
         plan.describe(),
         opts.capacity,

@@ -138,6 +138,7 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         verify_cost: args.verify_cost,
         run,
         prescreen: args.prescreen,
+        patience: args.patience,
     };
     // The built-in calibration prompts answered by the base model (as the
     // Hopscotch search fits on): the matchness screen's text and the fit's data.

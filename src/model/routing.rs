@@ -2,9 +2,11 @@
 //! residual stream entering the block and decides, per token, whether the
 //! block runs (SkipGPT / Router-Tuning, retrofitted on frozen weights).
 //!
-//! A router is linear on the RMS-normalised input: `logit = w·x/rms(x) + b`
-//! (normalised because SmolLM2's residual stream grows by orders of
-//! magnitude across layers). A token runs the block when its logit exceeds
+//! A router reads the RMS-normalised input x̂ = x/rms(x) (normalised because
+//! SmolLM2's residual stream grows by orders of magnitude across layers):
+//! linear, `logit = w·x̂ + b`, or SkipGPT's small MLP, `logit =
+//! w·relu(W₁x̂ + b₁) + b` with W₁ of d/4 × d (SkipGPT's two softmax outputs
+//! decide by their difference, which is this one logit). A token runs the block when its logit exceeds
 //! the plan's threshold. The decision is carried out for real: prefill
 //! gathers the routed rows (`AttnExec::Rows` / `MlpExec::Rows`), a decode
 //! step runs or skips the block. A token that skips attention either still
@@ -19,7 +21,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::params::ParamValues;
+use super::params::{ParamValues, SeededRng};
 use super::pass::{AttnExec, LayerPolicy, MlpExec};
 use super::Model;
 use crate::plan::{BlockId, BlockKind, Plan, PlanFile};
@@ -110,11 +112,91 @@ pub fn bias_name(block: BlockId) -> String {
     format!("router.{block}.b")
 }
 
-/// One block's router: weight (hidden) and bias (1).
+pub fn hidden_weight_name(block: BlockId) -> String {
+    format!("router.{block}.w1")
+}
+
+pub fn hidden_bias_name(block: BlockId) -> String {
+    format!("router.{block}.b1")
+}
+
+/// The router's form: `route --router linear|mlp`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterKind {
+    /// `w·x̂ + b`: hidden + 1 parameters per block.
+    #[default]
+    Linear,
+    /// SkipGPT's d → d/4 → 1 with a ReLU: d²/4 + d/2 + 1 parameters per block.
+    Mlp,
+}
+
+impl RouterKind {
+    /// The hidden layer's width for a model of `hidden` (None: linear).
+    pub fn width(self, hidden: usize) -> Option<usize> {
+        match self {
+            RouterKind::Linear => None,
+            RouterKind::Mlp => Some((hidden / 4).max(1)),
+        }
+    }
+}
+
+/// One block's router: output weight (hidden, or the hidden layer's width)
+/// and bias (1), after an optional hidden layer.
 #[derive(Debug, Clone)]
 pub struct Router {
     pub w: Tensor,
     pub b: Tensor,
+    pub hidden: Option<RouterHidden>,
+}
+
+/// A router's hidden layer: weight (width, hidden) and bias (width), ReLU.
+#[derive(Debug, Clone)]
+pub struct RouterHidden {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Router {
+    /// The router's tensors by reference, for `router_logits`.
+    pub fn weights(&self) -> RouterWeights<'_> {
+        RouterWeights {
+            w: &self.w,
+            b: &self.b,
+            hidden: self.hidden.as_ref().map(|h| (&h.w, &h.b)),
+        }
+    }
+
+    pub fn kind(&self) -> RouterKind {
+        match self.hidden {
+            Some(_) => RouterKind::Mlp,
+            None => RouterKind::Linear,
+        }
+    }
+
+    /// A bound on |logit| for any input (|x̂| = √hidden): the threshold
+    /// calibration's bracket.
+    pub fn logit_bound(&self, hidden: usize) -> Result<f32> {
+        let norm =
+            |t: &Tensor| -> Result<f32> { t.sqr()?.sum_all()?.to_scalar::<f32>().map(f32::sqrt) };
+        let input = (hidden as f32).sqrt();
+        let b = self.b.flatten_all()?.to_vec1::<f32>()?[0].abs();
+        let feature = match &self.hidden {
+            // |relu(W₁x̂ + b₁)| ≤ ‖W₁‖_F |x̂| + |b₁|.
+            Some(h) => norm(&h.w)? * input + norm(&h.b)?,
+            None => input,
+        };
+        Ok(b + norm(&self.w)? * feature)
+    }
+}
+
+/// A router's tensors as `router_logits` takes them (`Var`s in training).
+#[derive(Clone, Copy)]
+pub struct RouterWeights<'a> {
+    pub w: &'a Tensor,
+    pub b: &'a Tensor,
+    /// The hidden layer's (weight, bias), for an MLP router.
+    pub hidden: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// Every routed block's router.
@@ -124,16 +206,47 @@ pub struct Routers {
 }
 
 impl Routers {
-    /// Routers for `blocks` that start at weight 0 and bias `bias` (every
-    /// token executes with probability sigmoid(bias) in training).
+    /// Linear routers for `blocks` that start at weight 0 and bias `bias`
+    /// (every token executes with probability sigmoid(bias) in training).
     pub fn constant(blocks: &[BlockId], hidden: usize, bias: f32, device: &Device) -> Result<Self> {
+        Self::initial(blocks, RouterKind::Linear, hidden, bias, 0, device)
+    }
+
+    /// Routers of `kind` whose output weight starts at 0 and bias at `bias`
+    /// (so every token first executes with probability sigmoid(bias)); an
+    /// MLP router's hidden layer starts at He-scaled Gaussian weights from
+    /// `seed` and zero bias, so the output weight gets a gradient at once.
+    pub fn initial(
+        blocks: &[BlockId],
+        kind: RouterKind,
+        hidden: usize,
+        bias: f32,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = SeededRng::new(seed);
         let mut by_block = BTreeMap::new();
         for &b in blocks {
+            let (width, hidden_layer) = match kind.width(hidden) {
+                None => (hidden, None),
+                Some(m) => {
+                    let std = (2.0 / hidden as f64).sqrt();
+                    let w: Vec<f32> = (0..m * hidden)
+                        .map(|_| (std * rng.normal()) as f32)
+                        .collect();
+                    let h = RouterHidden {
+                        w: Tensor::from_vec(w, (m, hidden), device)?,
+                        b: Tensor::zeros(m, DType::F32, device)?,
+                    };
+                    (m, Some(h))
+                }
+            };
             by_block.insert(
                 b,
                 Router {
-                    w: Tensor::zeros(hidden, DType::F32, device)?,
+                    w: Tensor::zeros(width, DType::F32, device)?,
                     b: Tensor::new(&[bias], device)?,
+                    hidden: hidden_layer,
                 },
             );
         }
@@ -163,23 +276,52 @@ impl Routers {
             if by_block.contains_key(&block) {
                 continue;
             }
-            let w = values
-                .get(&weight_name(block))
-                .with_context(|| format!("router artifact: `{block}` has no weight tensor"))?;
-            let b = values
-                .get(&bias_name(block))
-                .with_context(|| format!("router artifact: `{block}` has no bias tensor"))?;
-            if w.dims() != [hidden] || b.dims() != [1] {
+            let get = |name: String, what: &str| {
+                values
+                    .get(&name)
+                    .with_context(|| format!("router artifact: `{block}` has no {what} tensor"))
+            };
+            let (w, b) = (
+                get(weight_name(block), "weight")?,
+                get(bias_name(block), "bias")?,
+            );
+            let hidden_layer = match values.get(&hidden_weight_name(block)) {
+                None => None,
+                Some(w1) => Some((w1, get(hidden_bias_name(block), "hidden bias")?)),
+            };
+            // Linear: w (hidden); MLP: w1 (m, hidden), b1 (m), w (m).
+            let fits = match hidden_layer {
+                None => w.dims() == [hidden],
+                Some((w1, b1)) => {
+                    let m = w1.dim(0).unwrap_or(0);
+                    w1.dims() == [m, hidden] && b1.dims() == [m] && w.dims() == [m]
+                }
+            } && b.dims() == [1];
+            if !fits {
                 bail!(
-                    "router artifact: `{block}` has weight {:?} and bias {:?}; this model needs \
-                     [{hidden}] and [1] (the artifact belongs to another model)",
+                    "router artifact: `{block}` has weight {:?}, bias {:?}{}; this model needs a \
+                     weight of [{hidden}] (linear) or a hidden layer of [m, {hidden}] (MLP), and a \
+                     bias of [1] (the artifact belongs to another model)",
                     w.dims(),
-                    b.dims()
+                    b.dims(),
+                    hidden_layer
+                        .map(|(w1, b1)| format!(", hidden layer {:?} / {:?}", w1.dims(), b1.dims()))
+                        .unwrap_or_default()
                 );
             }
-            let w = w.to_dtype(DType::F32)?;
-            let b = b.to_dtype(DType::F32)?;
-            by_block.insert(block, Router { w, b });
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let router = Router {
+                w: f32(w)?,
+                b: f32(b)?,
+                hidden: match hidden_layer {
+                    Some((w1, b1)) => Some(RouterHidden {
+                        w: f32(w1)?,
+                        b: f32(b1)?,
+                    }),
+                    None => None,
+                },
+            };
+            by_block.insert(block, router);
         }
         if by_block.is_empty() {
             bail!("router artifact holds no router");
@@ -193,6 +335,10 @@ impl Routers {
         for (&block, r) in &self.by_block {
             v.insert(weight_name(block), r.w.detach().copy()?);
             v.insert(bias_name(block), r.b.detach().copy()?);
+            if let Some(h) = &r.hidden {
+                v.insert(hidden_weight_name(block), h.w.detach().copy()?);
+                v.insert(hidden_bias_name(block), h.b.detach().copy()?);
+            }
         }
         Ok(v)
     }
@@ -202,11 +348,15 @@ impl Routers {
 fn router_block_of(name: &str) -> anyhow::Result<BlockId> {
     let inner = name
         .strip_prefix("router.")
-        .and_then(|r| r.strip_suffix(".w").or_else(|| r.strip_suffix(".b")))
+        .and_then(|r| {
+            [".w1", ".b1", ".w", ".b"]
+                .iter()
+                .find_map(|suffix| r.strip_suffix(suffix))
+        })
         .with_context(|| {
             format!(
                 "router artifact: tensor `{name}` is not a router tensor (router.attn.N.w, \
-                 router.attn.N.b, router.mlp.N.w, router.mlp.N.b)"
+                 router.attn.N.b, router.mlp.N.w, router.mlp.N.b, and .w1/.b1 for an MLP router)"
             )
         })?;
     inner
@@ -215,8 +365,8 @@ fn router_block_of(name: &str) -> anyhow::Result<BlockId> {
 }
 
 /// Router logits (batch, tokens), f32 (f64 for an f64 model), of the residual stream `x` (batch,
-/// tokens, hidden). Differentiable in `w` and `b` when they are `Var`s.
-pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// tokens, hidden). Differentiable in the router's tensors when they are `Var`s.
+pub fn router_logits(x: &Tensor, r: RouterWeights<'_>) -> Result<Tensor> {
     let (bs, t, h) = x.dims3()?;
     // f32 at least (f64 models stay f64, for finite-difference checks).
     let dt = if x.dtype() == DType::F64 {
@@ -224,11 +374,18 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         DType::F32
     };
-    let (x, w, b) = (x.to_dtype(dt)?, w.to_dtype(dt)?, b.to_dtype(dt)?);
+    let x = x.to_dtype(dt)?;
     let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + ROUTER_EPS)?.sqrt()?;
-    let xn = x.broadcast_div(&rms)?.reshape((bs * t, h))?;
-    let l = xn.matmul(&w.reshape((h, 1))?)?.reshape((bs, t))?;
-    l.broadcast_add(&b)
+    let mut features = x.broadcast_div(&rms)?.reshape((bs * t, h))?;
+    if let Some((w1, b1)) = r.hidden {
+        let (w1, b1) = (w1.to_dtype(dt)?, b1.to_dtype(dt)?);
+        features = features.matmul(&w1.t()?)?.broadcast_add(&b1)?.relu()?;
+    }
+    let width = features.dim(1)?;
+    let l = features
+        .matmul(&r.w.to_dtype(dt)?.reshape((width, 1))?)?
+        .reshape((bs, t))?;
+    l.broadcast_add(&r.b.to_dtype(dt)?)
 }
 
 /// `router_logits` of one f32 sequence in plain loops: at a decode step
@@ -236,14 +393,31 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 fn plain_router_logits(x: &Tensor, r: &Router) -> Result<Vec<f32>> {
     let h = x.dim(D::Minus1)?;
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let w: Vec<f32> = r.w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let b: f32 = r.b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+    let vec = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+    let w = vec(&r.w)?;
+    let b = vec(&r.b)?[0];
+    let hidden = match &r.hidden {
+        Some(l) => Some((vec(&l.w)?, vec(&l.b)?)),
+        None => None,
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     Ok(xs
         .chunks_exact(h)
         .map(|row| {
             let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let rms = (ms + ROUTER_EPS as f32).sqrt();
-            row.iter().zip(&w).map(|(v, w)| v / rms * w).sum::<f32>() + b
+            let xn: Vec<f32> = row.iter().map(|v| v / rms).collect();
+            match &hidden {
+                None => dot(&xn, &w) + b,
+                Some((w1, b1)) => {
+                    let f: Vec<f32> = w1
+                        .chunks_exact(h)
+                        .zip(b1)
+                        .map(|(wr, bj)| (dot(wr, &xn) + bj).max(0.0))
+                        .collect();
+                    dot(&f, &w) + b
+                }
+            }
         })
         .collect())
 }
@@ -349,7 +523,7 @@ impl<'a> RouterPolicy<'a> {
         let logits = if x.dtype() == DType::F32 {
             plain_router_logits(x, r)?
         } else {
-            router_logits(x, &r.w, &r.b)?.squeeze(0)?.to_vec1()?
+            router_logits(x, r.weights())?.squeeze(0)?.to_vec1()?
         };
         debug_assert_eq!(logits.len(), t);
         Ok(Some(
@@ -423,7 +597,7 @@ pub fn save_to_plan(
         plan_path,
         &section.artifact,
         &routers.values()?,
-        Some("token routers: per routed block, weight (hidden) and bias (1) on the RMS-normalised block input"),
+        Some("token routers: per routed block on the RMS-normalised block input x̂, linear (w: hidden, b: 1; logit w·x̂ + b) or MLP (w1: m × hidden, b1: m, w: m, b: 1; logit w·relu(w1 x̂ + b1) + b)"),
     )?;
     file.sections.set(ROUTING_SECTION, section)
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::fit::{fit_params, FitEpoch, FitOptions, TrainResult};
 use crate::eval::data::TokenSet;
 use crate::model::lowrank::{self, factor_names, PROJECTIONS};
+use crate::model::params::SeededRng;
 use crate::model::{Model, TrainableParams};
 use crate::plan::{BlockId, Plan, PlanFile, PlanTensors};
 
@@ -154,26 +155,6 @@ pub fn parameter_count(model: &Model, pairs: &[(usize, usize)], rank: usize) -> 
         .sum()
 }
 
-/// A small deterministic generator (xorshift64*), so a seed gives one start.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (v >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = self.next_f64().max(1e-300);
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
-
 /// The starting factors: `A` ~ N(0, 1/in) (so `A x` has unit scale on a
 /// normed input), `B` = 0, so the healed plan starts as the plan itself.
 pub fn initial_params(
@@ -183,7 +164,7 @@ pub fn initial_params(
     seed: u64,
     device: &Device,
 ) -> Result<TrainableParams> {
-    let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = SeededRng::new(seed);
     let mut p = TrainableParams::new();
     for &(l, proj) in pairs {
         let (out, inp) = lowrank::projection_shapes(&model.transformer.layers[l])[proj];

@@ -1,7 +1,9 @@
 //! The search for the best self-speculative draft (RAD's step 1, Draft &
 //! Verify's objective): greedy removal of blocks, choosing at each step the
 //! block whose removal gives the highest self-speculative throughput proxy,
-//! stopping when no removal raises it.
+//! stopping when no removal raises it (or, with `patience`, after that many
+//! steps in a row without a new best; the plan is then the best prefix of
+//! the path).
 //!
 //! Every candidate is scored by real drafting: greedy self-speculative
 //! decoding of the calibration prompts with the candidate plan as the
@@ -20,7 +22,10 @@
 //! positions where the model under the candidate plan has the same argmax
 //! as the full model, from one teacher-forced parallel pass per candidate
 //! (the full model's argmaxes computed once per search). Only the top
-//! `prescreen` candidates by matchness are drafted.
+//! `prescreen` candidates are drafted, ranked by the proxy the matchness
+//! predicts (`predicted_proxy`: matchness taken as the acceptance rate,
+//! with the candidate's weight fraction), so a block that saves more
+//! weights can outrank one that costs less acceptance.
 //!
 //! `fit_draft` then fits Hopscotch scales for the chosen skip set and
 //! drafts with and without them: does fitting raise acceptance?
@@ -53,9 +58,38 @@ pub struct SpecSearchOptions {
     /// Assumed cost of one verify pass, in plain decode steps.
     pub verify_cost: f64,
     pub run: RunOptions,
-    /// Candidates drafted per step, the best by matchness (0: draft every
-    /// candidate, no screen; more than the candidates: all of them).
+    /// Candidates drafted per step, the best by matchness-predicted proxy
+    /// (0: draft every candidate, no screen; more than the candidates: all).
     pub prescreen: usize,
+    /// Steps in a row without a new best proxy before the search stops (0:
+    /// stop at the first step that does not raise it).
+    pub patience: usize,
+}
+
+/// The proxy speed-up a draft would give if its acceptance rate were its
+/// matchness α (SWIFT's use of matchness): τ = (1 − α^(k+1)) / (1 − α)
+/// tokens per verify of k drafted tokens (independent acceptances), over
+/// k·c + v.
+pub fn predicted_proxy(matchness: f64, k: usize, weight_fraction: f64, verify_cost: f64) -> f64 {
+    let a = matchness.clamp(0.0, 1.0);
+    let tau = if a >= 1.0 {
+        (k + 1) as f64
+    } else {
+        (1.0 - a.powi(k as i32 + 1)) / (1.0 - a)
+    };
+    tau / (k as f64 * weight_fraction + verify_cost)
+}
+
+/// How many of `steps` the plan keeps: the prefix ending at the highest
+/// proxy (the earliest on a tie); all of them when each step raised it.
+pub fn best_prefix(steps: &[SpecStep]) -> usize {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, s) in steps.iter().enumerate() {
+        if best.is_none_or(|(_, p)| s.score.proxy_speedup > p) {
+            best = Some((i, s.score.proxy_speedup));
+        }
+    }
+    best.map_or(0, |(i, _)| i + 1)
 }
 
 /// What real drafting measured for one plan.
@@ -284,9 +318,13 @@ pub fn search_draft(
     let start = score_draft(model, &Plan::base(), prompts, opts)?;
     let mut steps = resume;
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
-    let mut best = steps
+    let kept = best_prefix(&steps);
+    let mut best = steps[..kept]
         .last()
-        .map_or(start.proxy_speedup, |s| s.score.proxy_speedup);
+        .map_or(start.proxy_speedup, |s| s.score.proxy_speedup)
+        .max(start.proxy_speedup);
+    // Steps since the last new best (a resumed search keeps counting).
+    let mut misses = steps.len() - kept;
     let mut cancelled = false;
     'steps: while steps.len() < opts.max_blocks {
         let step = steps.len() + 1;
@@ -327,16 +365,22 @@ pub fn search_draft(
                     total: remaining.len(),
                     eta_secs: eta_secs(elapsed, i + 1, remaining.len()),
                 })?;
-                scored.push((block, matchness));
+                let c = weight_fraction(model, &trial);
+                let k = opts.draft_len.max();
+                let predicted = predicted_proxy(matchness, k, c, opts.verify_cost);
+                scored.push((block, matchness, predicted));
             }
-            // Stable: equal matchness keeps the layer order.
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+            // Stable: equal predictions keep the layer order.
+            scored.sort_by(|a, b| b.2.total_cmp(&a.2));
             let keep = opts.prescreen.min(scored.len());
             screened_out = scored[keep..]
                 .iter()
-                .map(|&(block, matchness)| ScreenedOut { block, matchness })
+                .map(|&(block, matchness, _)| ScreenedOut { block, matchness })
                 .collect();
-            to_draft = scored[..keep].iter().map(|&(b, m)| (b, Some(m))).collect();
+            to_draft = scored[..keep]
+                .iter()
+                .map(|&(b, m, _)| (b, Some(m)))
+                .collect();
         }
         let t_draft = Instant::now();
         let mut candidates = Vec::new();
@@ -371,10 +415,15 @@ pub fn search_draft(
             break;
         };
         if top.score.proxy_speedup <= best {
-            on_event(&SpecSearchEvent::NoGain { step, best })?;
-            break;
+            if misses >= opts.patience {
+                on_event(&SpecSearchEvent::NoGain { step, best })?;
+                break;
+            }
+            misses += 1;
+        } else {
+            best = top.score.proxy_speedup;
+            misses = 0;
         }
-        best = top.score.proxy_speedup;
         plan.skip.insert(top.block);
         let s = SpecStep {
             step,
@@ -387,6 +436,7 @@ pub fn search_draft(
         steps.push(s.clone());
         on_event(&SpecSearchEvent::StepDone(s))?;
     }
+    let plan = Plan::with_skips(steps[..best_prefix(&steps)].iter().map(|s| s.chosen));
     Ok(SpecSearchResult {
         plan,
         start,
@@ -510,13 +560,14 @@ fn draft_search_file(
     settings: &serde_json::Value,
     complete: bool,
 ) -> Result<PlanFile> {
-    let plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
+    let kept = best_prefix(steps);
+    let plan = Plan::with_skips(steps[..kept].iter().map(|s| s.chosen));
     let mut pf = PlanFile::new(model.identity.clone(), plan);
     pf.metrics.insert(
         "speculative_search_steps".into(),
         serde_json::to_value(steps)?,
     );
-    if let Some(last) = steps.last() {
+    if let Some(last) = steps[..kept].last() {
         pf.metrics.insert(
             "speculative_proxy".into(),
             serde_json::to_value(last.score)?,

@@ -7,7 +7,9 @@ use candle_core::{Result, Tensor, D};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::model::routing::{bias_name, router_logits, weight_name};
+use crate::model::routing::{
+    bias_name, hidden_bias_name, hidden_weight_name, router_logits, weight_name, RouterWeights,
+};
 use crate::model::{Probe, TrainableParams};
 use crate::plan::BlockId;
 
@@ -93,7 +95,19 @@ impl Probe for GateProbe<'_> {
         ) else {
             return Ok(None);
         };
-        let logits = router_logits(input, w.as_tensor(), b.as_tensor())?;
+        let hidden = match (
+            params.var(&hidden_weight_name(block)),
+            params.var(&hidden_bias_name(block)),
+        ) {
+            (Some(w1), Some(b1)) => Some((w1.as_tensor(), b1.as_tensor())),
+            _ => None,
+        };
+        let weights = RouterWeights {
+            w: w.as_tensor(),
+            b: b.as_tensor(),
+            hidden,
+        };
+        let logits = router_logits(input, weights)?;
         let z = match self.logistic_noise(logits.dims2()?, &logits)? {
             Some(n) => (logits + n)?,
             None => logits,

@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use self::gate::{GateMode, GateProbe};
 use self::measure::{measure_set, Routed, RoutedReport};
 use crate::model::routing::{
-    bias_name, check_capacity, weight_name, KvPolicy, RouteOn, Router, Routers,
+    bias_name, check_capacity, hidden_bias_name, hidden_weight_name, weight_name, KvPolicy,
+    RouteOn, Router, RouterKind, Routers,
 };
 use crate::model::{Model, ParamValues, Pass, RunOptions, TrainableParams};
 use crate::plan::{BlockId, Plan};
@@ -38,6 +39,9 @@ pub struct RouteOptions {
     /// Target share of routed token-blocks that execute, in (0, 1].
     pub capacity: f64,
     pub on: RouteOn,
+    /// Linear routers or SkipGPT's d → d/4 → 1 MLP.
+    #[serde(default)]
+    pub router: RouterKind,
     pub epochs: usize,
     pub lr: f64,
     /// Sequences per Adam step.
@@ -56,6 +60,7 @@ impl Default for RouteOptions {
         Self {
             capacity: 0.8,
             on: RouteOn::Attn,
+            router: RouterKind::Linear,
             epochs: 3,
             lr: 2e-2,
             batch_size: 2,
@@ -110,12 +115,20 @@ pub fn routed_blocks(model: &Model, plan: &Plan, on: RouteOn) -> Vec<BlockId> {
         .collect()
 }
 
-/// Trainable routers that start with weight 0 and bias logit(capacity):
-/// every token executes with probability `capacity` in training.
-pub fn initial_params(model: &Model, blocks: &[BlockId], capacity: f64) -> Result<TrainableParams> {
+/// Trainable routers of `kind` that start with output weight 0 and bias
+/// logit(capacity): every token executes with probability `capacity` in
+/// training.
+pub fn initial_params(
+    model: &Model,
+    blocks: &[BlockId],
+    kind: RouterKind,
+    capacity: f64,
+    seed: u64,
+) -> Result<TrainableParams> {
     let c = capacity.clamp(1e-3, 1.0 - 1e-3);
     let bias = (c / (1.0 - c)).ln() as f32;
-    let r = Routers::constant(blocks, model.cfg().hidden_size, bias, model.device())?;
+    let hidden = model.cfg().hidden_size;
+    let r = Routers::initial(blocks, kind, hidden, bias, seed, model.device())?;
     params_of(&r)
 }
 
@@ -125,6 +138,10 @@ pub fn params_of(routers: &Routers) -> Result<TrainableParams> {
     for (&b, r) in &routers.by_block {
         p.insert(&weight_name(b), &r.w)?;
         p.insert(&bias_name(b), &r.b)?;
+        if let Some(h) = &r.hidden {
+            p.insert(&hidden_weight_name(b), &h.w)?;
+            p.insert(&hidden_bias_name(b), &h.b)?;
+        }
     }
     Ok(p)
 }
@@ -215,7 +232,7 @@ pub fn train_routers(
     if blocks.is_empty() {
         bail!("no block left to route: the base plan skips every block --on selects");
     }
-    let params = initial_params(model, &blocks, opts.capacity)?;
+    let params = initial_params(model, &blocks, opts.router, opts.capacity, opts.seed)?;
     let vars = params.vars();
     let mut adam = new_adam(&vars, opts.lr)?;
     let mut lr = opts.lr;
@@ -443,13 +460,7 @@ pub fn calibrate_threshold(
     let span = routers
         .by_block
         .values()
-        .map(|r: &Router| -> Result<f32> {
-            let w: Vec<f32> = r.w.to_vec1()?;
-            let b: Vec<f32> = r.b.to_vec1()?;
-            // |w·x̂| ≤ |w|·|x̂| = |w|·√hidden for an RMS-normalised x̂.
-            let norm = w.iter().map(|v| v * v).sum::<f32>().sqrt();
-            Ok(b[0].abs() + norm * (w.len() as f32).sqrt())
-        })
+        .map(|r: &Router| r.logit_bound(model.cfg().hidden_size))
         .try_fold(0f32, |m, s| s.map(|s| m.max(s)))?
         .min(MAX_THRESHOLD)
         + 1.0;
