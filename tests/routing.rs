@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use scalpel::eval::data::TokenSet;
 use scalpel::model::pass::{LayerPolicy, MlpExec};
 use scalpel::model::routing::{
     check_section, load_from_plan, router_logits, save_to_plan, KvPolicy, RouteOn, Router,
@@ -23,7 +24,8 @@ use scalpel::surgery::objective::{forward_full, scored_rows, BaseStates, Trainin
 use scalpel::surgery::routing::gate::{GateMode, GateProbe};
 use scalpel::surgery::routing::measure::{measure_set, Routed};
 use scalpel::surgery::routing::{
-    params_of, routed_blocks, sequence_objective, train_routers, RouteOptions,
+    params_of, routed_blocks, sequence_objective, train_routers, RouteEvent, RouteOptions,
+    RouteResult,
 };
 
 fn all_blocks(model: &Model, on: RouteOn) -> Vec<BlockId> {
@@ -431,20 +433,40 @@ fn mlp_routers_decide_as_their_logits_and_round_trip_through_a_plan_file() {
     assert!(e.contains("hidden layer"), "{e}");
 }
 
-#[test]
-fn mlp_routers_train_to_the_capacity() {
-    let model = common::load_tiny("llama");
-    let train = common::random_set(&model, 21, 4, 16);
-    let validation = common::random_set(&model, 22, 2, 16);
+/// Routers trained on the tiny Llama over `plan`: random training
+/// (seed `seed`, `n` sequences) and validation sets of 16 tokens; returns
+/// the training set, its base states, the result and the epochs reported.
+fn train_tiny(
+    model: &Model,
+    plan: &Plan,
+    seed: u64,
+    n: usize,
+    opts: &RouteOptions,
+) -> (TokenSet, BaseStates, RouteResult, usize) {
+    let train = common::random_set(model, seed, n, 16);
+    let validation = common::random_set(model, seed + 1, 2, 16);
     let never = AtomicBool::new(false);
-    let tb = BaseStates::compute(&model, &train, &never).unwrap();
-    let vb = BaseStates::compute(&model, &validation, &never).unwrap();
+    let tb = BaseStates::compute(model, &train, &never).unwrap();
+    let vb = BaseStates::compute(model, &validation, &never).unwrap();
     let data = TrainingData {
         train: &train,
         train_base: &tb,
         validation: &validation,
         validation_base: &vb,
     };
+    let mut epochs = 0;
+    let r = train_routers(model, plan, &data, opts, &never, &mut |e| {
+        if let RouteEvent::Epoch(_) = e {
+            epochs += 1;
+        }
+    })
+    .unwrap();
+    (train, tb, r, epochs)
+}
+
+#[test]
+fn mlp_routers_train_to_the_capacity() {
+    let model = common::load_tiny("llama");
     let opts = RouteOptions {
         capacity: 0.6,
         on: RouteOn::Attn,
@@ -454,7 +476,7 @@ fn mlp_routers_train_to_the_capacity() {
         batch_size: 2,
         ..RouteOptions::default()
     };
-    let r = train_routers(&model, &Plan::base(), &data, &opts, &never, &mut |_| {}).unwrap();
+    let (_, _, r, _) = train_tiny(&model, &Plan::base(), 21, 4, &opts);
     assert!(r
         .routers
         .by_block
@@ -535,17 +557,7 @@ fn straight_through_gates_are_hard_forward_and_carry_gradients() {
 #[test]
 fn training_holds_the_capacity_and_round_trips_through_a_plan_file() {
     let model = common::load_tiny("llama");
-    let train = common::random_set(&model, 11, 6, 16);
-    let validation = common::random_set(&model, 12, 2, 16);
     let never = AtomicBool::new(false);
-    let tb = BaseStates::compute(&model, &train, &never).unwrap();
-    let vb = BaseStates::compute(&model, &validation, &never).unwrap();
-    let data = TrainingData {
-        train: &train,
-        train_base: &tb,
-        validation: &validation,
-        validation_base: &vb,
-    };
     let opts = RouteOptions {
         capacity: 0.75,
         on: RouteOn::Both,
@@ -555,13 +567,7 @@ fn training_holds_the_capacity_and_round_trips_through_a_plan_file() {
         ..RouteOptions::default()
     };
     let plan = Plan::with_skips([BlockId::attn(1)]);
-    let mut epochs = 0;
-    let r = train_routers(&model, &plan, &data, &opts, &never, &mut |e| {
-        if let scalpel::surgery::routing::RouteEvent::Epoch(_) = e {
-            epochs += 1;
-        }
-    })
-    .unwrap();
+    let (train, tb, r, epochs) = train_tiny(&model, &plan, 11, 6, &opts);
     assert_eq!(epochs, 3, "epoch 0 and two epochs reported");
     assert!(
         !r.routers.by_block.contains_key(&BlockId::attn(1)),

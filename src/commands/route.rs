@@ -33,6 +33,21 @@ pub enum OnArg {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterArg {
+    Linear,
+    Mlp,
+}
+
+impl From<RouterArg> for RouterKind {
+    fn from(r: RouterArg) -> Self {
+        match r {
+            RouterArg::Linear => RouterKind::Linear,
+            RouterArg::Mlp => RouterKind::Mlp,
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvArg {
     /// A token that skips attention still writes its K/V (as in training).
     Write,
@@ -60,7 +75,7 @@ pub struct RouteArgs {
     /// The router: linear on the normalised block input (577 parameters per block on SmolLM2),
     /// or SkipGPT's d → d/4 → 1 MLP with a ReLU (83,233).
     #[arg(long, value_enum, default_value = "linear")]
-    pub router: RouterKind,
+    pub router: RouterArg,
     /// A static plan to route on top of (its skips stay skipped, its scales apply).
     #[arg(long, value_name = "PLAN")]
     pub base_plan: Option<PathBuf>,
@@ -113,7 +128,7 @@ pub fn run(margs: &cli::ModelArgs, args: RouteArgs) -> Result<()> {
             OnArg::Mlp => RouteOn::Mlp,
             OnArg::Both => RouteOn::Both,
         },
-        router: args.router,
+        router: args.router.into(),
         epochs: args.epochs,
         lr: args.lr,
         batch_size: args.batch_size,

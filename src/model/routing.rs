@@ -120,8 +120,8 @@ pub fn hidden_bias_name(block: BlockId) -> String {
     format!("router.{block}.b1")
 }
 
-/// The router's form: `route --router linear|mlp`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// The router's form (`route --router linear|mlp`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RouterKind {
     /// `w·x̂ + b`: hidden + 1 parameters per block.
