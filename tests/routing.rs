@@ -361,6 +361,30 @@ fn mlp_router_gradients_match_finite_differences() {
     );
 }
 
+/// `plan` with `routers` on both kinds of block (K/V written) saved as a
+/// plan file in a scratch folder: (folder, path, the section written).
+fn save_routed(
+    model: &Model,
+    plan: &Plan,
+    routers: &Routers,
+    capacity: f64,
+    threshold: f32,
+) -> (tempfile::TempDir, std::path::PathBuf, RoutingSection) {
+    let dir = common::scratch_dir();
+    let path = dir.path().join("routed.json");
+    let mut file = PlanFile::new(model.identity.clone(), plan.clone());
+    let section = RoutingSection {
+        artifact: ROUTERS_ARTIFACT.into(),
+        on: RouteOn::Both,
+        capacity,
+        kv: KvPolicy::Write,
+        threshold,
+    };
+    save_to_plan(&mut file, &path, routers, &section).unwrap();
+    file.save(&path).unwrap();
+    (dir, path, section)
+}
+
 #[test]
 fn mlp_routers_decide_as_their_logits_and_round_trip_through_a_plan_file() {
     let model = common::load_tiny("llama");
@@ -396,18 +420,7 @@ fn mlp_routers_decide_as_their_logits_and_round_trip_through_a_plan_file() {
         _ => panic!("a row subset was expected"),
     }
 
-    let dir = common::scratch_dir();
-    let path = dir.path().join("mlp-routed.json");
-    let mut file = PlanFile::new(model.identity.clone(), plan.clone());
-    let section = RoutingSection {
-        artifact: ROUTERS_ARTIFACT.into(),
-        on: RouteOn::Both,
-        capacity: 0.5,
-        kv: KvPolicy::Write,
-        threshold,
-    };
-    save_to_plan(&mut file, &path, &routers, &section).unwrap();
-    file.save(&path).unwrap();
+    let (_dir, path, _) = save_routed(&model, &plan, &routers, 0.5, threshold);
     let (_, loaded) = load_from_plan(&PlanFile::load(&path).unwrap(), &model)
         .unwrap()
         .unwrap();
@@ -581,18 +594,7 @@ fn training_holds_the_capacity_and_round_trips_through_a_plan_file() {
     );
 
     // Save, load, and measure the same numbers.
-    let dir = common::scratch_dir();
-    let path = dir.path().join("routed.json");
-    let mut file = PlanFile::new(model.identity.clone(), plan.clone());
-    let section = RoutingSection {
-        artifact: ROUTERS_ARTIFACT.into(),
-        on: RouteOn::Both,
-        capacity: 0.75,
-        kv: KvPolicy::Write,
-        threshold: r.threshold,
-    };
-    save_to_plan(&mut file, &path, &r.routers, &section).unwrap();
-    file.save(&path).unwrap();
+    let (_dir, path, section) = save_routed(&model, &plan, &r.routers, 0.75, r.threshold);
     let loaded = PlanFile::load(&path).unwrap();
     let (s, routers) = load_from_plan(&loaded, &model).unwrap().unwrap();
     assert_eq!(s, section);

@@ -346,6 +346,7 @@ pub fn search_draft(
                 r => r?,
             };
             let t_screen = Instant::now();
+            let draft_len = opts.draft_len.max();
             let mut scored = Vec::with_capacity(remaining.len());
             for (i, &block) in remaining.iter().enumerate() {
                 if cancel.load(Ordering::Relaxed) {
@@ -366,8 +367,7 @@ pub fn search_draft(
                     eta_secs: eta_secs(elapsed, i + 1, remaining.len()),
                 })?;
                 let c = weight_fraction(model, &trial);
-                let k = opts.draft_len.max();
-                let predicted = predicted_proxy(matchness, k, c, opts.verify_cost);
+                let predicted = predicted_proxy(matchness, draft_len, c, opts.verify_cost);
                 scored.push((block, matchness, predicted));
             }
             // Stable: equal predictions keep the layer order.
