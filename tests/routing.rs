@@ -811,7 +811,7 @@ fn a_routed_draft_speculates_the_full_models_greedy_output() {
         for kv in [KvPolicy::Write, KvPolicy::Gap] {
             let policy = RouterPolicy::new(&plan, &routers, kv, 0.0, model.n_layers());
             for k in [1, 3, 6] {
-                let drafter = Drafter::Routed {
+                let drafter = Drafter::Policy {
                     plan: &plan,
                     policy: &policy,
                 };

@@ -677,7 +677,7 @@ fn a_shadow_plan_round_trips_its_predictor_and_eval_runs_it() {
     assert!(eval(&loaded).kl_to_base > 0.0);
     // Without its plan file the section cannot run, and says where it can.
     let e = read.sparsifier(&model).err().unwrap().to_string();
-    assert!(e.contains("scalpel eval --plan"), "{e}");
+    assert!(e.contains("with its plan file"), "{e}");
 
     // A predictor trained for another model is refused naming the tensor.
     let other = common::load_tiny("gemma3");
@@ -697,4 +697,264 @@ fn a_shadow_plan_round_trips_its_predictor_and_eval_runs_it() {
     v.as_object_mut().unwrap().remove("artifact");
     let e = check_section(&v).unwrap_err().to_string();
     assert!(e.contains("predictor artifact"), "{e}");
+}
+
+/// Greedy tokens after `prompt`, each from a full pass over the sequence so
+/// far (no cache) with `policy` and a fresh probe from `probe` (if any).
+fn greedy_full_passes(
+    model: &Model,
+    prompt: &[u32],
+    n: usize,
+    policy: &dyn scalpel::model::LayerPolicy,
+    mut probe: impl FnMut() -> Option<ChannelProbe<'static>>,
+) -> Vec<u32> {
+    let t = &model.transformer;
+    let plan = Plan::base();
+    let mut ids = prompt.to_vec();
+    for _ in 0..n {
+        let mut p = probe();
+        let mut pass = Pass::plan(&plan, FAST).with_policy(policy);
+        if let Some(p) = p.as_mut() {
+            pass = pass.with_probe(p);
+        }
+        let h = t.forward_hidden(&tensor(&ids), &mut pass).unwrap();
+        let last = h.narrow(1, ids.len() - 1, 1).unwrap();
+        let logits = t.logits(&last, FAST).unwrap();
+        ids.push(
+            logits
+                .flatten_all()
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap(),
+        );
+    }
+    ids[prompt.len()..].to_vec()
+}
+
+fn greedy(n: usize) -> scalpel::eval::generate::GenOptions {
+    scalpel::eval::generate::GenOptions {
+        max_new_tokens: n,
+        temperature: 0.0,
+        seed: 0,
+        stop_at_eos: false,
+        run: FAST,
+    }
+}
+
+/// Generation under a sparse plan decodes through the cache what full
+/// passes compute: a head/neuron mask (sliced weights) and TEAL's channel
+/// thresholds (a probe on every pass), each against the dense output.
+#[test]
+fn generation_under_a_mask_or_channel_thresholds_equals_full_passes() {
+    use scalpel::eval::generate::{generate, generate_with, Hooks};
+    let model = common::load_tiny("llama");
+    let prompt = ids_of("llama", 6);
+    let plan = Plan::base();
+    let n = 10;
+    let dense = generate(&model, &prompt, &plan, greedy(n), |_| Ok(())).unwrap();
+
+    let mask = some_mask(&model, 0.5);
+    let policy = MaskPolicy::new(&plan, &mask, model.cfg()).unwrap();
+    let hooks = Hooks {
+        policy: Some(&policy),
+        probe: None,
+    };
+    let masked = generate_with(&model, &prompt, &plan, hooks, greedy(n), |_| Ok(())).unwrap();
+    assert_eq!(
+        masked.new_tokens,
+        greedy_full_passes(&model, &prompt, n, &policy, || None)
+    );
+    assert_ne!(
+        masked.new_tokens, dense.new_tokens,
+        "the mask changed nothing"
+    );
+
+    // TEAL at 0.5, thresholds calibrated on other text.
+    let calib = common::random_set(&model, 2, 4, 32);
+    let samples = ActivationSamples::collect(&model, &calib, &AtomicBool::new(false)).unwrap();
+    let th: &'static _ = Box::leak(Box::new(
+        thresholds(&samples, None, Criterion::Teal, &[0.5])
+            .unwrap()
+            .remove(0),
+    ));
+    let mut probe = ChannelProbe::new(&model, th, None).unwrap();
+    let hooks = Hooks {
+        policy: None,
+        probe: Some(&mut probe),
+    };
+    let teal = generate_with(&model, &prompt, &plan, hooks, greedy(n), |_| Ok(())).unwrap();
+    let z = probe.zeroed_fraction();
+    assert!((z - 0.5).abs() < 0.15, "zeroed {z}");
+    let full = greedy_full_passes(&model, &prompt, n, &plan, || {
+        Some(ChannelProbe::new(&model, th, None).unwrap())
+    });
+    assert_eq!(teal.new_tokens, full);
+    assert_ne!(teal.new_tokens, dense.new_tokens, "TEAL changed nothing");
+}
+
+/// Writes a random-mask or a TEAL plan for SmolLM2 and returns its path.
+fn smollm2_sparse_plan(dir: &std::path::Path, method: Method, level: f64) -> std::path::PathBuf {
+    use scalpel::plan::PlanFile;
+    let model = common::smollm2();
+    let (mask, thresholds) = match method {
+        Method::Random => (
+            Some(UnitMask::from_scores(&UnitScores::random(model, 5), level).unwrap()),
+            None,
+        ),
+        Method::Teal => {
+            let calib = common::random_set(model, 3, 2, 48);
+            let samples =
+                ActivationSamples::collect(model, &calib, &AtomicBool::new(false)).unwrap();
+            let th = thresholds(&samples, None, Criterion::Teal, &[level]).unwrap();
+            (None, th.into_iter().next())
+        }
+        m => panic!("no test plan for {m}"),
+    };
+    let section = SparsitySection {
+        method,
+        level,
+        split: if method == Method::Teal {
+            "per-projection".into()
+        } else {
+            "per-layer".into()
+        },
+        shape: Shape::of(model.cfg()),
+        mask,
+        thresholds,
+        artifact: None,
+    };
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    pf.sections.set("sparsity", &section).unwrap();
+    let path = dir.join(format!("{method}.json"));
+    pf.save(&path).unwrap();
+    path
+}
+
+fn scalpel_on_smollm2(args: &[&str]) -> std::process::Output {
+    let gguf = common::smollm2_path();
+    std::process::Command::new(env!("CARGO_BIN_EXE_scalpel"))
+        .args(["--offline", "--model", gguf.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `generate`, `speculate` and `bench` take a sparse plan: a mask is
+/// executed (and drafts losslessly), TEAL is labelled simulated and refused
+/// as a draft.
+#[test]
+fn the_decoding_commands_run_a_sparse_plan_and_say_how() {
+    let dir = common::scratch_dir();
+    let random = smollm2_sparse_plan(dir.path(), Method::Random, 0.25);
+    let teal = smollm2_sparse_plan(dir.path(), Method::Teal, 0.4);
+    let plan = |p: &std::path::PathBuf| p.to_str().unwrap().to_string();
+    let gen = |p: &std::path::PathBuf| {
+        json_of(&scalpel_on_smollm2(&[
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "6",
+            "--ignore-eos",
+            "--weights",
+            "f32",
+            "--json",
+            "--plan",
+            &plan(p),
+        ]))
+    };
+    let v = gen(&random);
+    let note = v["sparsity"].as_str().unwrap();
+    assert!(
+        note.starts_with("random sparsity at level 0.25 (executed"),
+        "{note}"
+    );
+    // The command's tokens are the library's decode under the same mask.
+    let model = common::smollm2();
+    let pf = model.load_plan(&random).unwrap();
+    let section: SparsitySection = pf.sections.get("sparsity").unwrap().unwrap();
+    let base = Plan::base();
+    let policy = MaskPolicy::new(&base, section.mask.as_ref().unwrap(), model.cfg()).unwrap();
+    let prompt = model.prompt_ids("The capital of France is", false).unwrap();
+    let got: Vec<u32> = common::json_ints(&v["new_tokens"]);
+    assert_eq!(got, greedy_full_passes(model, &prompt, 6, &policy, || None));
+
+    let v = gen(&teal);
+    let note = v["sparsity"].as_str().unwrap();
+    assert!(note.contains("(simulated"), "{note}");
+    let z = v["channels_zeroed"].as_f64().unwrap();
+    assert!(z > 0.2 && z < 0.6, "zeroed {z}");
+
+    // The mask drafts for the full model: the output is the full model's.
+    let v = json_of(&scalpel_on_smollm2(&[
+        "speculate",
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "12",
+        "--runs",
+        "1",
+        "--weights",
+        "f32",
+        "--json",
+        "--plan",
+        &plan(&random),
+    ]));
+    assert_eq!(v["mismatches"], 0, "{v}");
+    assert!(v["draft_sparsity"][0]
+        .as_str()
+        .unwrap()
+        .contains("executed"));
+    let out = scalpel_on_smollm2(&[
+        "speculate",
+        "--prompt",
+        "hi",
+        "-n",
+        "4",
+        "--plan",
+        &plan(&teal),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TEAL/WINA plan drafts no faster"), "{err}");
+
+    // bench times it against the unmodified model and labels it.
+    let v = json_of(&scalpel_on_smollm2(&[
+        "bench",
+        "--runs",
+        "1",
+        "--prefill",
+        "8",
+        "--decode",
+        "4",
+        "--json",
+        "--plan",
+        &plan(&random),
+    ]));
+    assert_eq!(v["execution"], "executed");
+    assert!(v["decode_speedup"]["median"].as_f64().unwrap() > 0.0);
+    let v = json_of(&scalpel_on_smollm2(&[
+        "bench",
+        "--runs",
+        "1",
+        "--prefill",
+        "8",
+        "--decode",
+        "4",
+        "--json",
+        "--plan",
+        &plan(&teal),
+    ]));
+    assert_eq!(v["execution"], "simulated");
 }

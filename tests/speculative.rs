@@ -261,7 +261,7 @@ fn the_draft_search_raises_the_proxy_at_every_step_and_saves_a_usable_plan() {
     let dir = common::scratch_dir();
     let path = dir.path().join("draft.json");
     let settings = serde_json::json!({"k": 3});
-    save_draft_search(&model, &result.steps, &settings, true, &path).unwrap();
+    save_draft_search(&model, &result.start, &result.steps, &settings, true, &path).unwrap();
     let pf = model.load_plan(&path).unwrap();
     assert_eq!(pf.plan.skip, result.plan.skip);
     let steps = load_draft_search(&model, &settings, &path).unwrap();
@@ -493,7 +493,7 @@ fn the_prescreen_drafts_only_the_top_candidates_by_predicted_proxy() {
     let dir = common::scratch_dir();
     let path = dir.path().join("screened.json");
     let settings = serde_json::json!({"prescreen": 2});
-    save_draft_search(&model, &result.steps, &settings, true, &path).unwrap();
+    save_draft_search(&model, &result.start, &result.steps, &settings, true, &path).unwrap();
     let steps = load_draft_search(&model, &settings, &path).unwrap();
     assert_eq!(
         steps[0].candidates[0].matchness,
@@ -565,18 +565,37 @@ fn patience_walks_past_a_step_without_gain_and_keeps_the_best_prefix() {
     for (a, b) in greedy.steps.iter().zip(&patient.steps) {
         assert_eq!(a.chosen, b.chosen);
     }
-    let kept = best_prefix(&patient.steps);
-    let best = patient.steps[kept - 1].score.proxy_speedup;
-    assert!(patient.steps.iter().all(|s| s.score.proxy_speedup <= best));
+    let proxies: Vec<f64> = patient
+        .steps
+        .iter()
+        .map(|s| s.score.proxy_speedup)
+        .collect();
+    let top = proxies.iter().copied().fold(f64::MIN, f64::max);
+    let first_top = proxies.iter().position(|&p| p == top).unwrap() + 1;
+    // The kept prefix ends at the path's first best step, if it beats the
+    // full model as its own draft; otherwise the plan keeps nothing.
+    let start = patient.start.proxy_speedup;
+    let kept = best_prefix(start, &patient.steps);
+    assert_eq!(kept, if top > start { first_top } else { 0 });
+    assert_eq!(best_prefix(top, &patient.steps), 0);
+    assert_eq!(best_prefix(f64::MIN, &patient.steps), first_top);
     assert_eq!(patient.plan.skip.len(), kept);
     assert!(kept >= greedy.steps.len());
     if let Some(last) = greedy.steps.last() {
-        assert!(best >= last.score.proxy_speedup);
+        assert!(top >= last.score.proxy_speedup);
     }
     // The saved plan is the best prefix, every step recorded.
     let path = _dir.path().join("patient.json");
     let settings = serde_json::json!({"k": 3});
-    save_draft_search(&model, &patient.steps, &settings, true, &path).unwrap();
+    save_draft_search(
+        &model,
+        &patient.start,
+        &patient.steps,
+        &settings,
+        true,
+        &path,
+    )
+    .unwrap();
     let pf = model.load_plan(&path).unwrap();
     assert_eq!(pf.plan.skip, patient.plan.skip);
     assert_eq!(
@@ -661,7 +680,15 @@ fn fitted_draft_scores_are_recorded_and_reproduced_from_the_saved_plan() {
     let dir = common::scratch_dir();
     let path = dir.path().join("fitted.json");
     let settings = serde_json::json!({"prescreen": 2});
-    save_fitted_draft(&model, &result.steps, &settings, &fitted, &path).unwrap();
+    save_fitted_draft(
+        &model,
+        &result.start,
+        &result.steps,
+        &settings,
+        &fitted,
+        &path,
+    )
+    .unwrap();
     // Loaded back: scales (not all 1) in the plan, and drafting with it
     // gives the recorded fitted score.
     let pf = model.load_plan(&path).unwrap();

@@ -6,9 +6,11 @@ use crate::cli::{self, BenchArgs};
 use crate::eval::bench;
 use crate::model::routing::{load_from_given, ROUTING_SECTION};
 use crate::model::{synthetic, Model, RunOptions};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanFile};
 use crate::progress;
+use crate::report::modes::sparse_speeds;
 use crate::surgery::routing::speed::{speed_interleaved, SpeedEntry, SpeedOptions};
+use crate::surgery::sparsity::{SparsitySection, SPARSITY_SECTION};
 
 /// Plan sections `bench` carries out (a routed plan only as `--plan`).
 const STATIC_SECTIONS: [&str; 2] = [
@@ -87,6 +89,92 @@ pub fn interleaved(
     Ok(())
 }
 
+/// A predicted or oracle mask is the one the built-in text's first window
+/// gives (`eval`'s and `report`'s window), so the three agree.
+const SPARSE_MASK_WINDOW: usize = 512;
+
+/// A sparse plan's decode against the unmodified model, both on the f32
+/// candle path its sliced weights run on, interleaved (as `report` times
+/// it): executed for head/neuron masks, simulated for TEAL/WINA.
+fn bench_sparse(
+    model: &Model,
+    plan: &Plan,
+    section: &SparsitySection,
+    file: &PlanFile,
+    args: &BenchArgs,
+) -> Result<()> {
+    if args.weights == cli::Weights::Quantized || args.against.is_some() {
+        bail!(
+            "a sparse plan is timed against the unmodified model on the f32 path its sliced \
+             weights run on: drop --weights quantized and --against"
+        );
+    }
+    let sp = section.sparsifier_in(file, model)?;
+    let ids = model
+        .codec()?
+        .encode(crate::eval::data::DEFAULT_EVAL_TEXT)?;
+    let pb = progress::spinner(&format!("timing {} runs, interleaved", args.runs));
+    let speeds = sparse_speeds(
+        model,
+        &[(plan, section, &sp)],
+        &ids,
+        SPARSE_MASK_WINDOW,
+        args.context,
+        args.decode,
+        args.runs,
+    );
+    pb.finish_and_clear();
+    let speed = speeds?.swap_remove(0);
+    if args.json {
+        let v = serde_json::json!({
+            "plan": plan.describe(),
+            "sparsity": section,
+            "execution": if speed.executed { "executed" } else { "simulated" },
+            "decode_tokens_per_sec": speed.decode,
+            "decode_speedup": speed.decode_speedup,
+            "reference": speed.reference,
+            "threads": rayon::current_num_threads(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let d = &speed.decode;
+    let x = &speed.decode_speedup;
+    println!(
+        "plan {} + {} sparsity at level {} ({}); {} threads; {} runs interleaved (median \
+         [min–max]); {} decode steps after {} prompt tokens (--context)",
+        plan.describe(),
+        section.method,
+        section.level,
+        if speed.executed {
+            "executed"
+        } else {
+            "simulated"
+        },
+        rayon::current_num_threads(),
+        args.runs,
+        args.decode,
+        args.context
+    );
+    println!(
+        "decode {:.1} [{:.1}–{:.1}] tok/s, {:.3}× [{:.3}–{:.3}] {}",
+        d.median,
+        d.min,
+        d.max,
+        x.median,
+        x.min,
+        x.max,
+        speed
+            .reference
+            .as_deref()
+            .unwrap_or("vs the unmodified model")
+    );
+    for (k, v) in &speed.facts {
+        println!("{k}: {v}");
+    }
+    Ok(())
+}
+
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Result<()> {
     if args.runs == 0 || args.prefill < 1 || args.decode < 1 {
         bail!("--runs, --prefill and --decode must be at least 1");
@@ -106,9 +194,14 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: BenchArgs) -> Re
     };
     let honoured: Vec<&str> = STATIC_SECTIONS
         .into_iter()
-        .chain([ROUTING_SECTION])
+        .chain([ROUTING_SECTION, SPARSITY_SECTION])
         .collect();
     let (plan, file) = cli::load_plan_honouring(pargs, &model, &honoured)?;
+    if let Some(file) = &file {
+        if let Some(section) = file.sections.get::<SparsitySection>(SPARSITY_SECTION)? {
+            return bench_sparse(&model, &plan, &section, file, &args);
+        }
+    }
     let run = args.weights.run_options(&model, true)?;
     if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::bench_routed(&model, &plan, section, &routers, &args, run);

@@ -8,10 +8,30 @@ use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
 use crate::model::routing::{load_from_given, ROUTING_SECTION};
-use crate::model::LayerPolicy;
+use crate::model::{LayerPolicy, Probe};
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
 use crate::surgery::routing::measure::Routed;
+use crate::surgery::sparsity::activation::ChannelProbe;
+use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, UnitMask, SPARSITY_SECTION};
+
+/// A sparse plan's mask as a draft for `prompt`; TEAL/WINA drafts are
+/// refused (they mask inputs without skipping work, so cannot pay).
+pub fn draft_mask_for(
+    model: &crate::model::Model,
+    plan: &Plan,
+    sp: &Sparsifier,
+    prompt: &[u32],
+) -> Result<Option<UnitMask>> {
+    if let Sparsifier::Channels { .. } = sp {
+        bail!(
+            "a TEAL/WINA plan drafts no faster than the full model (its zeroed channels are \
+             still multiplied: simulated); draft with a head/neuron mask plan (static, random, \
+             magnitude, shadow) or a skip plan"
+        );
+    }
+    sp.mask_for(model, plan, prompt)
+}
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
@@ -31,12 +51,18 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             crate::surgery::replace::REPLACE_SECTION,
             crate::plan::HEAL_SECTION,
             ROUTING_SECTION,
+            SPARSITY_SECTION,
         ],
     )?;
     // A routed plan: its routers decide per token which blocks run.
     let routing = load_from_given(file.as_ref(), &model)?;
     let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
+    // A sparse plan: a head/neuron mask for this prompt, or channel thresholds.
+    let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
+    if sparse.is_some() && routing.is_some() {
+        bail!("a plan with both routing and sparsity is not run yet: keep one of the two sections");
+    }
     // The draft: a plan, routed or not.
     let draft = match &args.speculative {
         Some(path) => {
@@ -44,19 +70,46 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
                 plan: Some(path.clone()),
                 skip: None,
             };
-            let (plan, file) = setup::load_plan_honouring(&source, &model, &[ROUTING_SECTION])
-                .context("--speculative")?;
+            let (plan, file) =
+                setup::load_plan_honouring(&source, &model, &[ROUTING_SECTION, SPARSITY_SECTION])
+                    .context("--speculative")?;
             let routing = load_from_given(file.as_ref(), &model)?;
-            Some((plan, routing))
+            let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
+            Some((plan, routing, sparse))
         }
         None => None,
     };
-    let draft_routed = draft
-        .as_ref()
-        .and_then(|(plan, routing)| routing.as_ref().map(|r| Routed::of(plan, r)));
-    let draft_policy = draft_routed.as_ref().map(|r| r.policy(&model));
     let codec = model.codec()?;
     let prompt = model.prompt_ids(&args.prompt, args.chat)?;
+    let draft_routed = draft
+        .as_ref()
+        .and_then(|(plan, routing, _)| routing.as_ref().map(|r| Routed::of(plan, r)));
+    let draft_policy = draft_routed.as_ref().map(|r| r.policy(&model));
+    let draft_mask = match &draft {
+        Some((plan, _, Some((_, sp)))) => draft_mask_for(&model, plan, sp, &prompt)?,
+        _ => None,
+    };
+    let draft_mask_policy = match (&draft, &draft_mask) {
+        (Some((plan, _, _)), Some(m)) => Some(MaskPolicy::new(plan, m, model.cfg())?),
+        _ => None,
+    };
+    let mask = match &sparse {
+        Some((_, sp)) => sp.mask_for(&model, &plan, &prompt)?,
+        None => None,
+    };
+    let mask_policy = mask
+        .as_ref()
+        .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
+        .transpose()?;
+    let mut channels = match &sparse {
+        Some((_, Sparsifier::Channels { thresholds, norms })) => {
+            Some(ChannelProbe::new(&model, thresholds, norms.as_deref())?)
+        }
+        _ => None,
+    };
+    let sparse_note = sparse
+        .as_ref()
+        .map(|(s, _)| sparsity::decode_note(s, mask.as_ref(), model.cfg()));
     let run = args.weights.run_options(&model, true)?;
     let opts = generate::GenOptions {
         max_new_tokens: args.max_tokens,
@@ -86,7 +139,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         }
         Ok(())
     };
-    if let Some((draft, _)) = &draft {
+    if let Some((draft, _, draft_sparse)) = &draft {
         let spec = SpecOptions {
             max_new_tokens: opts.max_new_tokens,
             draft_len: args.draft_len,
@@ -96,13 +149,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             seed: opts.seed,
             accept: AcceptRule::SpeculativeSampling,
         };
-        let drafter = match &draft_policy {
-            Some(policy) => Drafter::Routed {
+        let drafter = match (&draft_policy, &draft_mask_policy) {
+            (Some(policy), _) => Drafter::Policy {
                 plan: draft,
                 policy,
             },
-            None => Drafter::SelfPlan(draft),
+            (None, Some(policy)) => Drafter::Policy {
+                plan: draft,
+                policy,
+            },
+            (None, None) => Drafter::SelfPlan(draft),
         };
+        let draft_note = draft_sparse
+            .as_ref()
+            .map(|(s, _)| sparsity::decode_note(s, draft_mask.as_ref(), model.cfg()));
         let report =
             speculative::speculate_with(&model, &prompt, drafter, spec, |tok, _| on_token(tok))?;
         let draft_executed = draft_policy.as_ref().map(|p| p.counts.executed_fraction());
@@ -111,6 +171,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             v["text"] = codec.decode(&report.new_tokens)?.into();
             v["plan"] = Plan::base().describe().into();
             v["draft_plan"] = draft.describe().into();
+            if let Some(note) = &draft_note {
+                v["draft_sparsity"] = note.clone().into();
+            }
             if let Some(f) = draft_executed {
                 v["draft_executed_fraction"] = f.into();
             }
@@ -120,11 +183,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         } else {
             println!();
             eprintln!(
-                "decode {:.1} tok/s ({} tokens), self-speculative with draft {}: α {:.3}, \
+                "decode {:.1} tok/s ({} tokens), self-speculative with draft {}{}: α {:.3}, \
                  τ {:.2} tokens per verify, mean draft {:.2}, weights {}",
                 report.decode_tokens_per_sec,
                 report.new_tokens.len(),
                 draft.describe(),
+                draft_note.map_or(String::new(), |n| format!(" + {n}")),
                 report.acceptance_rate,
                 report.mean_accepted,
                 report.mean_draft_len,
@@ -133,8 +197,16 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         }
         return Ok(());
     }
-    let layer_policy = policy.as_ref().map(|p| p as &dyn LayerPolicy);
-    let report = generate::generate_with(&model, &prompt, &plan, layer_policy, opts, on_token)?;
+    let hooks = generate::Hooks {
+        policy: match (&policy, &mask_policy) {
+            (Some(p), _) => Some(p as &dyn LayerPolicy),
+            (None, Some(p)) => Some(p as &dyn LayerPolicy),
+            (None, None) => None,
+        },
+        probe: channels.as_mut().map(|p| p as &mut dyn Probe),
+    };
+    let report = generate::generate_with(&model, &prompt, &plan, hooks, opts, on_token)?;
+    let zeroed = channels.as_ref().map(ChannelProbe::zeroed_fraction);
     // Blocks executed per token over all blocks, prompt and new tokens.
     let executed = policy.as_ref().map(|p| p.counts.executed_fraction());
     if args.json {
@@ -145,12 +217,24 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             v["executed_fraction"] = f.into();
             v["routing"] = serde_json::to_value(section)?;
         }
+        if let Some(note) = &sparse_note {
+            v["sparsity"] = note.clone().into();
+        }
+        if let Some(z) = zeroed {
+            v["channels_zeroed"] = z.into();
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!();
-        let routed_note = match executed {
-            Some(f) => format!(" + routing (executed {f:.4} of the blocks per token, measured)"),
-            None => String::new(),
+        let routed_note = match (executed, &sparse_note) {
+            (Some(f), _) => {
+                format!(" + routing (executed {f:.4} of the blocks per token, measured)")
+            }
+            (None, Some(n)) => match zeroed {
+                Some(z) => format!(" + {n}: {:.1}% of projection inputs zeroed", 100.0 * z),
+                None => format!(" + {n}"),
+            },
+            (None, None) => String::new(),
         };
         eprintln!(
             "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), weights {}, plan {}{routed_note}",

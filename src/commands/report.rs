@@ -280,7 +280,7 @@ fn bench_settings(entries: &[Entry], runs: usize, speculative: bool, kv_context:
              tokens, against the full cache, {runs} interleaved rounds"
         ));
     }
-    if has(&|m| matches!(m, Mode::Sparse(_))) {
+    if has(&|m| matches!(m, Mode::Sparse(..))) {
         s.push_str(&format!(
             "; sparse plans: {BENCH_DECODE} decode steps after a 16-token prompt on the f32 \
              candle path, against the unmodified model on that path, {runs} interleaved rounds"
@@ -435,11 +435,11 @@ fn reproduce(
                  {BENCH_DECODE}{windows} (3 rounds; the report times {runs})"
             ),
         ],
-        Mode::Sparse(_) => vec![
+        Mode::Sparse(..) => vec![
             format!("scalpel{model} eval{plan}{text}{windows}"),
             format!(
-                "decode speed: timed by `report` only ({BENCH_DECODE} steps after a 16-token \
-                 prompt, f32 path, {runs} runs)"
+                "scalpel{model} bench{plan} --context 16 --decode {BENCH_DECODE} --runs {runs} \
+                 (f32 path)"
             ),
         ],
         Mode::Plain | Mode::Routed(..) => vec![

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::surgery_common as common;
 use crate::cli::{self, SearchArgs, SearchObjective};
@@ -197,6 +197,7 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         eprintln!("scalpel: resuming after {} finished steps", resume.len());
     }
     let mut done = resume.clone();
+    let mut start = None;
     let result = search_draft(&model, &prompt_ids, &screen, &opts, resume, &cancel, |e| {
         match e {
                 SpecSearchEvent::Matchness {
@@ -225,9 +226,17 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
                     score.proxy_speedup,
                     fmt_secs(*eta_secs)
                 ),
+                SpecSearchEvent::Start(score) => {
+                    start = Some(*score);
+                    eprintln!(
+                        "start: the full model as its own draft, proxy {:.3}×",
+                        score.proxy_speedup
+                    )
+                }
                 SpecSearchEvent::StepDone(s) => {
                     done.push(s.clone());
-                    save_draft_search(&model, &done, &settings, false, &args.out)?;
+                    let start = start.context("the search reported a step before its start")?;
+                    save_draft_search(&model, &start, &done, &settings, false, &args.out)?;
                     eprintln!(
                         "step {}: skip {} (proxy {:.3}×, {:.1}s) — saved to {}",
                         s.step,
@@ -245,6 +254,7 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
     })?;
     save_draft_search(
         &model,
+        &result.start,
         &result.steps,
         &settings,
         !result.cancelled,
@@ -285,7 +295,17 @@ fn run_speculative(margs: &cli::ModelArgs, args: SearchArgs) -> Result<()> {
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let last = result.steps.last().map_or(result.start, |s| s.score);
+        // The kept prefix's score: a patient search may end past its best.
+        let kept = result.plan.skip.len();
+        let last = result.steps[..kept]
+            .last()
+            .map_or(result.start, |s| s.score);
+        if kept == 0 {
+            println!(
+                "no draft beat the full model as its own draft (proxy {:.3}×); the saved plan skips nothing",
+                result.start.proxy_speedup
+            );
+        }
         println!("skip      {}", result.plan.describe());
         let line = |label: &str, s: &DraftScore| {
             println!(
@@ -365,7 +385,14 @@ fn fit_the_draft(
     for w in &fitted.warnings {
         eprintln!("scalpel: warning: {w}");
     }
-    save_fitted_draft(model, &result.steps, settings, &fitted, &args.out)?;
+    save_fitted_draft(
+        model,
+        &result.start,
+        &result.steps,
+        settings,
+        &fitted,
+        &args.out,
+    )?;
     eprintln!(
         "fit: best epoch {}; drafted unfitted α {:.3} τ {:.2} → fitted α {:.3} τ {:.2} — saved to {}",
         fitted.best_epoch,

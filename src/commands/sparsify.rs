@@ -26,7 +26,7 @@ use crate::surgery::sparsity::{
 
 #[derive(Args, Debug)]
 pub struct SparsifyArgs {
-    /// random | magnitude | static (plainact) | oracle | teal | wina.
+    /// random | magnitude | static (plainact) | shadow (its per-prompt predictor) | oracle | teal | wina.
     #[arg(long, default_value = "static")]
     pub method: String,
     /// Fraction dropped, in [0, 1): heads and neurons per layer, or input channels per projection (teal, wina).

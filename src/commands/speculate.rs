@@ -17,6 +17,7 @@ use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
 use crate::surgery::routing::measure::Routed;
+use crate::surgery::sparsity::{self, MaskPolicy, SPARSITY_SECTION};
 
 /// What one prompt measured (medians over the runs).
 #[derive(Debug, Serialize)]
@@ -75,19 +76,18 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     // Bytes bound tokens; the draft and the verifier each hold a sequence.
     let context = longest + args.max_tokens + args.draft_len.max() + 64;
     let model = cli::load_model_for(margs, args.weights.load_options(context, 2))?;
-    let (plan, file) = cli::load_plan_honouring(pargs, &model, &[ROUTING_SECTION])?;
+    let (plan, file) =
+        cli::load_plan_honouring(pargs, &model, &[ROUTING_SECTION, SPARSITY_SECTION])?;
     // A routed plan drafts with its routers deciding per token which blocks run.
     let routing = load_from_given(file.as_ref(), &model)?;
     let routed = routing.as_ref().map(|r| Routed::of(&plan, r));
     let policy = routed.as_ref().map(|r| r.policy(&model));
-    let drafter = match &policy {
-        Some(p) => Drafter::Routed {
-            plan: &plan,
-            policy: p,
-        },
-        None => Drafter::SelfPlan(&plan),
-    };
-    if plan.skip.is_empty() && policy.is_none() {
+    // A sparse plan drafts with its head/neuron mask for each prompt.
+    let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
+    if sparse.is_some() && routing.is_some() {
+        bail!("a plan with both routing and sparsity is not run yet: keep one of the two sections");
+    }
+    if plan.skip.is_empty() && policy.is_none() && sparse.is_none() {
         eprintln!("scalpel: note: the plan skips nothing, so the draft is the full model");
     }
     let n_blocks = 2 * model.n_layers();
@@ -103,7 +103,31 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let pb = progress::bar(prompts.len() * args.runs, "runs");
     let mut results = Vec::new();
     let mut last_tokens = Vec::new();
+    let mut sparse_notes = Vec::new();
     for (prompt, text) in prompts.iter().zip(&texts) {
+        let mask = match &sparse {
+            Some((section, sp)) => {
+                let mask = super::generate::draft_mask_for(&model, &plan, sp, prompt)?;
+                sparse_notes.push(sparsity::decode_note(section, mask.as_ref(), model.cfg()));
+                mask
+            }
+            None => None,
+        };
+        let mask_policy = mask
+            .as_ref()
+            .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
+            .transpose()?;
+        let drafter = match (&policy, &mask_policy) {
+            (Some(p), _) => Drafter::Policy {
+                plan: &plan,
+                policy: p,
+            },
+            (None, Some(p)) => Drafter::Policy {
+                plan: &plan,
+                policy: p,
+            },
+            (None, None) => Drafter::SelfPlan(&plan),
+        };
         let (r, tokens) = measure_prompt(&model, prompt, drafter, run, &args, || pb.inc(1))?;
         last_tokens = tokens;
         results.push(PromptResult {
@@ -126,7 +150,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
             section.capacity,
             100.0 * f
         ),
-        _ => plan.describe(),
+        _ => match sparse_notes.first() {
+            // The mask is per prompt for shadow/oracle plans: the first's.
+            Some(note) if sparse_notes.len() == 1 => format!("{} + {note}", plan.describe()),
+            Some(note) => format!("{} + {note} (first prompt's mask)", plan.describe()),
+            None => plan.describe(),
+        },
     };
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
@@ -137,6 +166,9 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
         v["kinds"] = by_kind.into();
         v["prompts"] = serde_json::to_value(&results)?;
         v["plan"] = plan.describe().into();
+        if !sparse_notes.is_empty() {
+            v["draft_sparsity"] = serde_json::to_value(&sparse_notes)?;
+        }
         if let (Some(f), Some((section, _))) = (draft_executed, &routing) {
             v["draft_executed_fraction"] = f.into();
             v["routing"] = serde_json::to_value(section)?;

@@ -9,7 +9,7 @@ use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::model::{LayerPolicy, Model, Pass, RunOptions, SeqState};
+use crate::model::{LayerPolicy, Model, Pass, Probe, RunOptions, SeqState};
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy)]
@@ -41,19 +41,30 @@ pub fn generate(
     opts: GenOptions,
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenReport> {
-    generate_with(model, prompt, plan, None, opts, on_token)
+    generate_with(model, prompt, plan, Hooks::default(), opts, on_token)
 }
 
-/// `generate` with a layer policy deciding what runs instead of `plan`'s
-/// own skips (a routed plan's routers: per token, in prefill and decode).
+/// What decides a generation's passes besides the plan's own skips.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Decides what runs instead of the plan (a routed plan's routers, per
+    /// token; a sparse plan's head/neuron mask).
+    pub policy: Option<&'a dyn LayerPolicy>,
+    /// Sees and may change every projection's input (TEAL/WINA's channel
+    /// thresholds).
+    pub probe: Option<&'a mut dyn Probe>,
+}
+
+/// `generate` with `hooks` in every pass, prefill and decode.
 pub fn generate_with(
     model: &Model,
     prompt: &[u32],
     plan: &Plan,
-    policy: Option<&dyn LayerPolicy>,
+    hooks: Hooks<'_>,
     opts: GenOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenReport> {
+    let Hooks { policy, mut probe } = hooks;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -76,8 +87,13 @@ pub fn generate_with(
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let prefill_run = opts.run.for_prefill(prompt.len());
-    let step_with = |input: &Tensor, state: &mut SeqState, run, sampler: &mut Sampler| {
-        step(model, input, state, plan, policy, run, sampler)
+    let mut step_with = |input: &Tensor, state: &mut SeqState, run, sampler: &mut Sampler| {
+        let hooks = Hooks {
+            policy,
+            // Reborrowed per step (the cast shortens the object's lifetime).
+            probe: probe.as_mut().map(|p| &mut **p as &mut dyn Probe),
+        };
+        step(model, input, state, plan, hooks, run, sampler)
     };
     let mut next = step_with(&input, &mut state, prefill_run, &mut sampler)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
@@ -188,14 +204,17 @@ fn step(
     input: &Tensor,
     state: &mut SeqState,
     plan: &Plan,
-    policy: Option<&dyn LayerPolicy>,
+    hooks: Hooks<'_>,
     run: RunOptions,
     sampler: &mut Sampler,
 ) -> Result<u32> {
     let t = input.dim(1)?;
     let mut pass = Pass::plan(plan, run).with_state(state);
-    if let Some(policy) = policy {
+    if let Some(policy) = hooks.policy {
         pass = pass.with_policy(policy);
+    }
+    if let Some(probe) = hooks.probe {
+        pass = pass.with_probe(probe);
     }
     let hidden = model.transformer.forward_hidden(input, &mut pass)?;
     let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;

@@ -40,9 +40,10 @@ use crate::plan::Plan;
 pub enum Drafter<'a> {
     /// The same weights under a plan.
     SelfPlan(&'a Plan),
-    /// The same weights under a plan whose routers decide, per drafted
-    /// token, which blocks run (`policy` is the plan's router policy).
-    Routed {
+    /// The same weights under a plan with a layer policy deciding what
+    /// runs: a routed plan's routers (per drafted token), a sparse plan's
+    /// head/neuron mask (per prompt).
+    Policy {
         plan: &'a Plan,
         policy: &'a dyn LayerPolicy,
     },
@@ -215,7 +216,7 @@ pub fn speculate_with(
         bail!("the prompt is empty");
     }
     opts.draft_len.validate()?;
-    if let Drafter::SelfPlan(plan) | Drafter::Routed { plan, .. } = drafter {
+    if let Drafter::SelfPlan(plan) | Drafter::Policy { plan, .. } = drafter {
         model.check_plan(plan)?;
     }
     let k_max = opts.draft_len.max();
@@ -263,10 +264,10 @@ pub fn speculate_with(
         let budget = k_max.min(opts.max_new_tokens - out.len());
         let td = Instant::now();
         let draft = match drafter {
-            Drafter::SelfPlan(plan) | Drafter::Routed { plan, .. } => {
+            Drafter::SelfPlan(plan) | Drafter::Policy { plan, .. } => {
                 let stop_below = matches!(opts.draft_len, DraftLen::Auto { .. }).then_some(gamma);
                 let policy = match drafter {
-                    Drafter::Routed { policy, .. } => Some(policy),
+                    Drafter::Policy { policy, .. } => Some(policy),
                     _ => None,
                 };
                 let d = draft_with_plan(

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -388,38 +389,54 @@ pub fn router_logits(x: &Tensor, r: RouterWeights<'_>) -> Result<Tensor> {
     l.broadcast_add(&r.b.to_dtype(dt)?)
 }
 
-/// `router_logits` of one f32 sequence in plain loops: at a decode step
-/// its five candle ops per routed block cost more than the block skips.
-fn plain_router_logits(x: &Tensor, r: &Router) -> Result<Vec<f32>> {
-    let h = x.dim(D::Minus1)?;
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let vec = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
-    let w = vec(&r.w)?;
-    let b = vec(&r.b)?[0];
-    let hidden = match &r.hidden {
-        Some(l) => Some((vec(&l.w)?, vec(&l.b)?)),
-        None => None,
-    };
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    Ok(xs
-        .chunks_exact(h)
-        .map(|row| {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let rms = (ms + ROUTER_EPS as f32).sqrt();
-            let xn: Vec<f32> = row.iter().map(|v| v / rms).collect();
-            match &hidden {
-                None => dot(&xn, &w) + b,
-                Some((w1, b1)) => {
-                    let f: Vec<f32> = w1
-                        .chunks_exact(h)
-                        .zip(b1)
-                        .map(|(wr, bj)| (dot(wr, &xn) + bj).max(0.0))
-                        .collect();
-                    dot(&f, &w) + b
-                }
-            }
+/// A router's weights as plain vectors, for `router_logits` of one f32
+/// sequence in plain loops: at a decode step its five candle ops per routed
+/// block cost more than the block skips. Built once per policy (an MLP
+/// router holds ~83k floats on SmolLM2: too many to copy per token).
+struct PlainRouter {
+    w: Vec<f32>,
+    b: f32,
+    hidden: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl PlainRouter {
+    fn new(r: &Router) -> Result<Self> {
+        let vec =
+            |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+        Ok(Self {
+            w: vec(&r.w)?,
+            b: vec(&r.b)?[0],
+            hidden: match &r.hidden {
+                Some(l) => Some((vec(&l.w)?, vec(&l.b)?)),
+                None => None,
+            },
         })
-        .collect())
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let h = x.dim(D::Minus1)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        Ok(xs
+            .chunks_exact(h)
+            .map(|row| {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let rms = (ms + ROUTER_EPS as f32).sqrt();
+                let xn: Vec<f32> = row.iter().map(|v| v / rms).collect();
+                match &self.hidden {
+                    None => dot(&xn, &self.w) + self.b,
+                    Some((w1, b1)) => {
+                        let f: Vec<f32> = w1
+                            .chunks_exact(h)
+                            .zip(b1)
+                            .map(|(wr, bj)| (dot(wr, &xn) + bj).max(0.0))
+                            .collect();
+                        dot(&f, &self.w) + self.b
+                    }
+                }
+            })
+            .collect())
+    }
 }
 
 /// Executed and total token-blocks counted by a policy, per block.
@@ -488,6 +505,7 @@ pub struct RouterPolicy<'a> {
     pub kv: KvPolicy,
     pub threshold: f32,
     pub counts: ExecCounts,
+    plain: Mutex<BTreeMap<BlockId, Arc<PlainRouter>>>,
 }
 
 impl<'a> RouterPolicy<'a> {
@@ -504,7 +522,19 @@ impl<'a> RouterPolicy<'a> {
             kv,
             threshold,
             counts: ExecCounts::new(2 * n_layers),
+            plain: Mutex::default(),
         }
+    }
+
+    /// `block`'s router as plain vectors, converted on first use.
+    fn plain_router(&self, block: BlockId, r: &Router) -> Result<Arc<PlainRouter>> {
+        let lock = || self.plain.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = lock().get(&block) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(PlainRouter::new(r)?);
+        lock().insert(block, p.clone());
+        Ok(p)
     }
 
     /// The rows (token indices) of `x` that run `block`; `None` when the
@@ -521,7 +551,7 @@ impl<'a> RouterPolicy<'a> {
             );
         }
         let logits = if x.dtype() == DType::F32 {
-            plain_router_logits(x, r)?
+            self.plain_router(block, r)?.logits(x)?
         } else {
             router_logits(x, r.weights())?.squeeze(0)?.to_vec1()?
         };

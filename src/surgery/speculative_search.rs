@@ -81,15 +81,17 @@ pub fn predicted_proxy(matchness: f64, k: usize, weight_fraction: f64, verify_co
 }
 
 /// How many of `steps` the plan keeps: the prefix ending at the highest
-/// proxy (the earliest on a tie); all of them when each step raised it.
-pub fn best_prefix(steps: &[SpecStep]) -> usize {
-    let mut best: Option<(usize, f64)> = None;
+/// proxy (the earliest on a tie), none when no prefix beats `start` (the
+/// full model as its own draft) — a patient search may walk a path that
+/// never pays.
+pub fn best_prefix(start: f64, steps: &[SpecStep]) -> usize {
+    let mut best = (0, start);
     for (i, s) in steps.iter().enumerate() {
-        if best.is_none_or(|(_, p)| s.score.proxy_speedup > p) {
-            best = Some((i, s.score.proxy_speedup));
+        if s.score.proxy_speedup > best.1 {
+            best = (i + 1, s.score.proxy_speedup);
         }
     }
-    best.map_or(0, |(i, _)| i + 1)
+    best.0
 }
 
 /// What real drafting measured for one plan.
@@ -154,6 +156,8 @@ pub enum SpecSearchEvent {
         total: usize,
         eta_secs: f64,
     },
+    /// The full model scored as its own draft, before the first step.
+    Start(DraftScore),
     StepDone(SpecStep),
     /// No removal raised the proxy above `best` (the search ends).
     NoGain {
@@ -316,13 +320,13 @@ pub fn search_draft(
         _ => Some(MatchReference::compute(model, calib)?),
     };
     let start = score_draft(model, &Plan::base(), prompts, opts)?;
+    on_event(&SpecSearchEvent::Start(start))?;
     let mut steps = resume;
     let mut plan = Plan::with_skips(steps.iter().map(|s| s.chosen));
-    let kept = best_prefix(&steps);
+    let kept = best_prefix(start.proxy_speedup, &steps);
     let mut best = steps[..kept]
         .last()
-        .map_or(start.proxy_speedup, |s| s.score.proxy_speedup)
-        .max(start.proxy_speedup);
+        .map_or(start.proxy_speedup, |s| s.score.proxy_speedup);
     // Steps since the last new best (a resumed search keeps counting).
     let mut misses = steps.len() - kept;
     let mut cancelled = false;
@@ -436,7 +440,8 @@ pub fn search_draft(
         steps.push(s.clone());
         on_event(&SpecSearchEvent::StepDone(s))?;
     }
-    let plan = Plan::with_skips(steps[..best_prefix(&steps)].iter().map(|s| s.chosen));
+    let kept = best_prefix(start.proxy_speedup, &steps);
+    let plan = Plan::with_skips(steps[..kept].iter().map(|s| s.chosen));
     Ok(SpecSearchResult {
         plan,
         start,
@@ -516,24 +521,26 @@ pub fn fit_draft(
 /// steps and settings recorded so `--resume` can continue it.
 pub fn save_draft_search(
     model: &Model,
+    start: &DraftScore,
     steps: &[SpecStep],
     settings: &serde_json::Value,
     complete: bool,
     path: &Path,
 ) -> Result<()> {
-    draft_search_file(model, steps, settings, complete)?.save(path)
+    draft_search_file(model, start, steps, settings, complete)?.save(path)
 }
 
 /// The finished search with its fitted draft: the plan carries the fitted
 /// scales (as `fit` writes them), the metrics both drafts' scores.
 pub fn save_fitted_draft(
     model: &Model,
+    start: &DraftScore,
     steps: &[SpecStep],
     settings: &serde_json::Value,
     fit: &DraftFit,
     path: &Path,
 ) -> Result<()> {
-    let mut pf = draft_search_file(model, steps, settings, true)?;
+    let mut pf = draft_search_file(model, start, steps, settings, true)?;
     if pf.plan.skip != fit.plan.skip {
         bail!("the fitted draft skips other blocks than the search chose");
     }
@@ -556,17 +563,20 @@ pub fn save_fitted_draft(
 
 fn draft_search_file(
     model: &Model,
+    start: &DraftScore,
     steps: &[SpecStep],
     settings: &serde_json::Value,
     complete: bool,
 ) -> Result<PlanFile> {
-    let kept = best_prefix(steps);
+    let kept = best_prefix(start.proxy_speedup, steps);
     let plan = Plan::with_skips(steps[..kept].iter().map(|s| s.chosen));
     let mut pf = PlanFile::new(model.identity.clone(), plan);
     pf.metrics.insert(
         "speculative_search_steps".into(),
         serde_json::to_value(steps)?,
     );
+    pf.metrics
+        .insert("speculative_start".into(), serde_json::to_value(start)?);
     if let Some(last) = steps[..kept].last() {
         pf.metrics.insert(
             "speculative_proxy".into(),

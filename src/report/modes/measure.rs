@@ -18,7 +18,7 @@ use crate::model::{Model, RunOptions};
 use crate::plan::Plan;
 use crate::progress;
 use crate::surgery::routing::speed::SpeedOptions;
-use crate::surgery::sparsity::SparsitySection;
+use crate::surgery::sparsity::{Sparsifier, SparsitySection};
 
 /// A plan's quality with its mode applied (`is_base`: the unmodified
 /// model's own row, not compared with itself).
@@ -36,7 +36,7 @@ pub fn quality(
     match mode {
         Mode::Plain => plain_quality(model, plan, is_base, ids, window, run),
         Mode::Kv(spec) => kv_quality(model, ids, spec, kv_context, run),
-        Mode::Sparse(section) => sparse_quality(model, plan, section, ids, window, run),
+        Mode::Sparse(section, sp) => sparse_quality(model, plan, section, sp, ids, window, run),
         Mode::Routed(section, routers) => {
             routed_quality(model, plan, section, routers, ids, window, run)
         }
@@ -130,12 +130,12 @@ pub fn speeds(
             out[i] = Some(s);
         }
     }
-    let sparse = pick(&|m| matches!(m, Mode::Sparse(_)));
+    let sparse = pick(&|m| matches!(m, Mode::Sparse(..)));
     if !sparse.is_empty() {
-        let plans: Vec<(&Plan, &SparsitySection)> = sparse
+        let plans: Vec<(&Plan, &SparsitySection, &Sparsifier)> = sparse
             .iter()
             .map(|&i| match entries[i].1 {
-                Mode::Sparse(s) => (entries[i].0, s),
+                Mode::Sparse(s, sp) => (entries[i].0, s, sp),
                 _ => unreachable!("picked sparse plans"),
             })
             .collect();

@@ -33,7 +33,7 @@ use crate::model::kv::KvSpec;
 use crate::model::routing::{load_from_plan, Routers, RoutingSection};
 use crate::model::Model;
 use crate::plan::{KvSection, Plan, PlanFile, KV_SECTION};
-use crate::surgery::sparsity::{SparsitySection, SPARSITY_SECTION};
+use crate::surgery::sparsity::{Sparsifier, SparsitySection, SPARSITY_SECTION};
 
 /// What a plan computes besides its skips and scales.
 pub enum Mode {
@@ -41,7 +41,8 @@ pub enum Mode {
     /// with the other such plans.
     Plain,
     Kv(KvSpec),
-    Sparse(SparsitySection),
+    /// The section and what it runs (a shadow plan's predictor loaded).
+    Sparse(SparsitySection, Sparsifier),
     Routed(RoutingSection, Routers),
 }
 
@@ -72,8 +73,8 @@ impl Mode {
             return Ok(Mode::Kv(kv.spec()?));
         }
         if let Some(s) = sparse {
-            s.sparsifier(model)?;
-            return Ok(Mode::Sparse(s));
+            let sp = s.sparsifier_in(pf, model)?;
+            return Ok(Mode::Sparse(s, sp));
         }
         if let Some((s, r)) = routed {
             return Ok(Mode::Routed(s, r));
@@ -86,7 +87,7 @@ impl Mode {
         match self {
             Mode::Plain => None,
             Mode::Kv(_) => Some("KV budget"),
-            Mode::Sparse(_) => Some("sparsity"),
+            Mode::Sparse(..) => Some("sparsity"),
             Mode::Routed(..) => Some("token routing"),
         }
     }

@@ -11,19 +11,16 @@ use candle_core::{Tensor, D};
 
 use super::{fact, Quality, Speed};
 use crate::eval::bench::{ratio, Stat};
-use crate::eval::data::Sequence;
 use crate::eval::perplexity::windows;
 use crate::model::{Model, Pass, RunOptions, SeqState};
 use crate::plan::Plan;
 use crate::surgery::sparsity::activation::ChannelProbe;
 use crate::surgery::sparsity::evaluate::{self as sparse_eval, HeldOut};
-use crate::surgery::sparsity::predictor::window_prefix_end;
-use crate::surgery::sparsity::scores::sequence_scores;
 use crate::surgery::sparsity::speed::SPEED_RUN;
 use crate::surgery::sparsity::{MaskPolicy, Sparsifier, SparsitySection, UnitMask};
 
-/// The head/neuron mask a sparse plan runs (for the oracle: the one its
-/// scores on the first window give); `None` for TEAL/WINA and level 0.
+/// The head/neuron mask a sparse plan runs here: the one it gives the
+/// first window (the predictor's and the oracle's depend on the text).
 fn sparse_mask(
     model: &Model,
     plan: &Plan,
@@ -31,32 +28,10 @@ fn sparse_mask(
     ids: &[u32],
     window: usize,
 ) -> Result<Option<UnitMask>> {
-    Ok(match sp {
-        Sparsifier::Mask(m) => Some(m.clone()),
-        Sparsifier::Oracle { level, split, .. } => {
-            let cfg = model.cfg();
-            let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
-            let w = windows(ids, window, bos).swap_remove(0);
-            let seq = Sequence {
-                ids: w,
-                scored_from: 1,
-            };
-            let scores = sequence_scores(model, &seq, plan)?.0;
-            Some(UnitMask::with_split(&scores, *level, *split)?)
-        }
-        Sparsifier::Predicted {
-            predictor,
-            level,
-            split,
-        } => {
-            let cfg = model.cfg();
-            let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
-            let w = windows(ids, window, bos).swap_remove(0);
-            let scores = predictor.scores(model, &w, window_prefix_end(&w))?;
-            Some(UnitMask::with_split(&scores, *level, *split)?)
-        }
-        Sparsifier::Dense | Sparsifier::Channels { .. } => None,
-    })
+    let cfg = model.cfg();
+    let bos = if cfg.add_bos { cfg.bos_token_id } else { None };
+    let first = windows(ids, window, bos).swap_remove(0);
+    sp.mask_for(model, plan, &first)
 }
 
 /// A sparse plan's quality, as `eval --plan` measures it.
@@ -64,13 +39,13 @@ pub fn sparse_quality(
     model: &Model,
     plan: &Plan,
     section: &SparsitySection,
+    sp: &Sparsifier,
     ids: &[u32],
     window: usize,
     run: RunOptions,
 ) -> Result<Quality> {
-    let sp = section.sparsifier(model)?;
     let held = HeldOut::new(model, ids, window, usize::MAX)?;
-    let q = sparse_eval::evaluate(model, plan, &sp, &held, run, false, &AtomicBool::new(false))?;
+    let q = sparse_eval::evaluate(model, plan, sp, &held, run, false, &AtomicBool::new(false))?;
     let cfg = model.cfg();
     let total = 2 * model.n_layers();
     let kept = (total - plan.skip.len()) as f64;
@@ -91,7 +66,7 @@ pub fn sparse_quality(
         ),
     )];
     let share = match (
-        sparse_mask(model, plan, &sp, ids, window)?,
+        sparse_mask(model, plan, sp, ids, window)?,
         q.channels_zeroed,
     ) {
         (Some(mask), _) => {
@@ -201,7 +176,7 @@ fn time_sparse_decode(
 /// in turn per round, after a warm-up each.
 pub fn sparse_speeds(
     model: &Model,
-    plans: &[(&Plan, &SparsitySection)],
+    plans: &[(&Plan, &SparsitySection, &Sparsifier)],
     ids: &[u32],
     window: usize,
     prompt_tokens: usize,
@@ -211,17 +186,12 @@ pub fn sparse_speeds(
     let prompt = &ids[..prompt_tokens.min(ids.len()).max(1)];
     let cfg = model.cfg();
     let base = Plan::base();
-    let sparsifiers: Vec<Sparsifier> = plans
-        .iter()
-        .map(|(_, s)| s.sparsifier(model))
-        .collect::<Result<_>>()?;
     let masks: Vec<Option<UnitMask>> = plans
         .iter()
-        .zip(&sparsifiers)
-        .map(|((p, _), sp)| sparse_mask(model, p, sp, ids, window))
+        .map(|(p, _, sp)| sparse_mask(model, p, sp, ids, window))
         .collect::<Result<_>>()?;
     let mut runners: Vec<(&Plan, SparseRun)> = vec![(&base, SparseRun::Dense)];
-    for (((plan, _), sp), mask) in plans.iter().zip(&sparsifiers).zip(&masks) {
+    for ((plan, _, sp), mask) in plans.iter().zip(&masks) {
         let how = match (mask, sp) {
             (Some(m), _) => SparseRun::Mask(MaskPolicy::new(plan, m, cfg)?),
             (None, Sparsifier::Channels { .. }) => SparseRun::Channels(sp),
@@ -245,7 +215,7 @@ pub fn sparse_speeds(
     Ok(plans
         .iter()
         .zip(stats.into_iter().skip(1))
-        .map(|((_, s), decode)| {
+        .map(|((_, s, _), decode)| {
             let executed = s.method.executed();
             Speed {
                 prefill: None,

@@ -94,45 +94,28 @@ fn window_scores(
     let cfg = model.cfg();
     let mut channels = None;
     let h = match sp {
-        Sparsifier::Dense => t.forward_hidden(&input, &mut Pass::plan(plan, run))?,
-        Sparsifier::Mask(mask) => {
-            let policy = MaskPolicy::new(plan, mask, cfg)?;
-            t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
-        }
-        Sparsifier::Oracle {
-            level,
-            split,
-            cached,
-        } => {
-            let scores = match cached {
-                Some(c) => c[wi].clone(),
-                None => {
-                    let seq = Sequence {
-                        ids: w.clone(),
-                        scored_from: 1,
-                    };
-                    sequence_scores(model, &seq, plan)?.0
-                }
-            };
-            let mask = UnitMask::with_split(&scores, *level, *split)?;
-            let policy = MaskPolicy::new(plan, &mask, cfg)?;
-            t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
-        }
-        Sparsifier::Predicted {
-            predictor,
-            level,
-            split,
-        } => {
-            let scores = predictor.scores(model, w, window_prefix_end(w))?;
-            let mask = UnitMask::with_split(&scores, *level, *split)?;
-            let policy = MaskPolicy::new(plan, &mask, cfg)?;
-            t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
-        }
         Sparsifier::Channels { thresholds, norms } => {
             let mut probe = ChannelProbe::new(model, thresholds, norms.as_deref())?;
             let h = t.forward_hidden(&input, &mut Pass::plan(plan, run).with_probe(&mut probe))?;
             channels = Some((probe.seen.iter().sum(), probe.kept.iter().sum()));
             h
+        }
+        _ => {
+            let mask = match sp {
+                Sparsifier::Oracle {
+                    level,
+                    split,
+                    cached: Some(c),
+                } => Some(UnitMask::with_split(&c[wi], *level, *split)?),
+                _ => sp.mask_for(model, plan, w)?,
+            };
+            match mask {
+                Some(mask) => {
+                    let policy = MaskPolicy::new(plan, &mask, cfg)?;
+                    t.forward_hidden(&input, &mut Pass::plan(plan, run).with_policy(&policy))?
+                }
+                None => t.forward_hidden(&input, &mut Pass::plan(plan, run))?,
+            }
         }
     }
     .squeeze(0)?;

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::eval::data::Sequence;
 use crate::model::{Model, ModelConfig};
+use crate::plan::{Plan, PlanFile};
 pub use activation::{ChannelThresholds, ColumnNorms, Criterion};
 pub use masks::{check_level, MaskPolicy, Split, UnitMask};
 pub use scores::UnitScores;
@@ -204,8 +206,8 @@ impl SparsitySection {
         }
         Ok(match (self.method, &self.mask, &self.thresholds) {
             (Method::Shadow, _, _) => bail!(
-                "a shadow plan predicts each prompt's mask with the predictor in its artifact; \
-                 `scalpel eval --plan` runs it (this command does not yet)"
+                "a shadow plan predicts each prompt's mask with the predictor in its artifact: \
+                 read the section with its plan file (`sparsifier_in`)"
             ),
             (Method::Oracle, _, _) => Sparsifier::Oracle {
                 level: self.level,
@@ -265,6 +267,83 @@ impl SparsitySection {
             predictor: Arc::new(predictor::Predictor::from_tensors(&tensors, model)?),
             level: self.level,
             split: self.split.parse()?,
+        })
+    }
+}
+
+/// A plan file's sparsity section and what it runs on `model` (a shadow
+/// plan's predictor loaded), if it has one.
+pub fn load_from_given(
+    file: Option<&PlanFile>,
+    model: &Model,
+) -> Result<Option<(SparsitySection, Sparsifier)>> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let Some(section) = file.sections.get::<SparsitySection>(SPARSITY_SECTION)? else {
+        return Ok(None);
+    };
+    let sp = section.sparsifier_in(file, model)?;
+    Ok(Some((section, sp)))
+}
+
+/// What a sparse plan drops while decoding one prompt, in words (executed
+/// or simulated), for the commands that decode.
+pub fn decode_note(
+    section: &SparsitySection,
+    mask: Option<&UnitMask>,
+    cfg: &ModelConfig,
+) -> String {
+    match mask {
+        Some(m) => {
+            let (heads, neurons) = m.dropped_fractions(cfg);
+            format!(
+                "{} sparsity at level {} (executed: {:.1}% of query heads and {:.1}% of MLP \
+                 neurons not computed, on sliced f32 weights)",
+                section.method,
+                section.level,
+                100.0 * heads,
+                100.0 * neurons
+            )
+        }
+        None if section.method.executed() => format!("{} sparsity at level 0", section.method),
+        None => format!(
+            "{} sparsity at level {} (simulated: projection inputs zeroed per token, every \
+             weight still read)",
+            section.method, section.level
+        ),
+    }
+}
+
+impl Sparsifier {
+    /// The head/neuron mask this runs on the text `ids` — the predictor's
+    /// from its first tokens, the oracle's from its own plainact scores (it
+    /// reads the text's targets: an upper bound) — or `None` where no head
+    /// or neuron is dropped (level 0; TEAL/WINA zero channels per token).
+    pub fn mask_for(&self, model: &Model, plan: &Plan, ids: &[u32]) -> Result<Option<UnitMask>> {
+        Ok(match self {
+            Sparsifier::Dense | Sparsifier::Channels { .. } => None,
+            Sparsifier::Mask(m) => Some(m.clone()),
+            Sparsifier::Oracle { level, split, .. } => {
+                if ids.len() < 2 {
+                    bail!("the oracle scores a text of at least two tokens");
+                }
+                let seq = Sequence {
+                    ids: ids.to_vec(),
+                    scored_from: 1,
+                };
+                let scores = scores::sequence_scores(model, &seq, plan)?.0;
+                Some(UnitMask::with_split(&scores, *level, *split)?)
+            }
+            Sparsifier::Predicted {
+                predictor,
+                level,
+                split,
+            } => {
+                let end = predictor::window_prefix_end(ids);
+                let scores = predictor.scores(model, ids, end)?;
+                Some(UnitMask::with_split(&scores, *level, *split)?)
+            }
         })
     }
 }
