@@ -12,11 +12,11 @@ use crate::model::{LayerPolicy, Probe};
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
 use crate::surgery::routing::measure::Routed;
-use crate::surgery::sparsity::activation::ChannelProbe;
+use crate::surgery::sparsity::activation::{ChannelProbe, ColumnWeights};
 use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, UnitMask, SPARSITY_SECTION};
 
 /// A sparse plan's mask as a draft for `prompt`; TEAL/WINA drafts are
-/// refused (they mask inputs without skipping work, so cannot pay).
+/// refused (the draft loop takes no probe yet).
 pub fn draft_mask_for(
     model: &crate::model::Model,
     plan: &Plan,
@@ -25,8 +25,8 @@ pub fn draft_mask_for(
 ) -> Result<Option<UnitMask>> {
     if let Sparsifier::Channels { .. } = sp {
         bail!(
-            "a TEAL/WINA plan drafts no faster than the full model (its zeroed channels are \
-             still multiplied: simulated); draft with a head/neuron mask plan (static, random, \
+            "a TEAL/WINA plan cannot draft yet (the draft loop runs a layer policy, not the \
+             per-token channel probe); draft with a head/neuron mask plan (static, random, \
              magnitude, shadow) or a skip plan"
         );
     }
@@ -101,10 +101,15 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         .as_ref()
         .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
         .transpose()?;
-    let mut channels = match &sparse {
-        Some((_, Sparsifier::Channels { thresholds, norms })) => {
-            Some(ChannelProbe::new(&model, thresholds, norms.as_deref())?)
-        }
+    // TEAL/WINA executed at each decode step (a column-major copy).
+    let columns = match &sparse {
+        Some((_, Sparsifier::Channels { .. })) => Some(ColumnWeights::of(&model)?),
+        _ => None,
+    };
+    let mut channels = match (&sparse, &columns) {
+        (Some((_, Sparsifier::Channels { thresholds, norms })), Some(columns)) => Some(
+            ChannelProbe::executed(&model, thresholds, norms.as_deref(), columns)?,
+        ),
         _ => None,
     };
     let sparse_note = sparse

@@ -1,4 +1,5 @@
-//! Quantized matrix kernels for the lean decode path.
+//! Quantized matrix kernels for the lean decode path, and the f32
+//! matrix–vector product that skips zero inputs (`sparse_input`).
 //!
 //! The weights stay in the file's own blocks (never widened); each call quantizes the activation
 //! rows once to 8-bit blocks and takes integer dot products (AVX-512 VNNI or AVX2, detected at
@@ -9,11 +10,12 @@ mod formats;
 pub mod pool;
 pub mod quant;
 mod scalar;
+pub mod sparse_input;
 mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use pool::{pool, Pool};
+pub use pool::{pool, Pool, Shared};
 pub use quant::QWeight;
 
 use std::sync::OnceLock;

@@ -5,6 +5,8 @@
 //! (the next matmul usually follows within microseconds), then park on a condvar so an idle pool
 //! never competes with candle's rayon pool for the two cores.
 
+use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -200,5 +202,37 @@ fn worker(st: &State) {
             run_tasks(st, tasks, f);
         }
         st.ctrl.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A slice that pool tasks write in disjoint ranges.
+pub struct Shared<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _slice: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks only reach the data through `range`, whose callers write
+// disjoint ranges (each task its own).
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    pub fn new(s: &'a mut [f32]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _slice: PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No two live results may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: Range<usize>) -> &mut [f32] {
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "shared range out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start)
     }
 }

@@ -194,7 +194,8 @@ pub trait Probe {
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    /// Whether to hand `layer`'s projection inputs to `projection_input`.
+    /// Whether to hand `layer`'s projection inputs to `project` and
+    /// `projection_input`.
     fn wants_projection_inputs(&self, _layer: usize) -> bool {
         false
     }
@@ -208,6 +209,20 @@ pub trait Probe {
         &mut self,
         _layer: usize,
         _proj: Projection,
+        _x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Computes `proj`'s product W·x for its input `x` itself (the caller
+    /// adds the bias), instead of `projection_input` and the matmul, or
+    /// `None` to leave both to them; `dims` is the weight's (out, in), which
+    /// a head or neuron subset narrows. TEAL/WINA's executed kernel reads
+    /// here only the weight columns of the channels it keeps.
+    fn project(
+        &mut self,
+        _layer: usize,
+        _proj: Projection,
+        _dims: (usize, usize),
         _x: &Tensor,
     ) -> Result<Option<Tensor>> {
         Ok(None)

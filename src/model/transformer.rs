@@ -666,19 +666,30 @@ impl Transformer {
         let (kv_in, kv_positions) = pick(kv_rows)?;
         let tk = kv_positions.len();
         let layer = call.layer;
-        let k_in = projection_input(probe.as_deref_mut(), layer, Projection::K, &kv_in)?;
-        let v_in = projection_input(probe.as_deref_mut(), layer, Projection::V, &kv_in)?;
-        let k = attn.k.forward(&k_in, run)?.reshape((b, tk, nkv, hd))?;
+        let k = project(
+            probe.as_deref_mut(),
+            layer,
+            Projection::K,
+            &attn.k,
+            &kv_in,
+            run,
+        )?
+        .reshape((b, tk, nkv, hd))?;
         let k = match call.norms {
             Some(n) => rms_norm(&k, &n.k_norm, cfg.rms_norm_eps, run.mode)?,
             None => k,
         }
         .transpose(1, 2)?;
-        let v = attn
-            .v
-            .forward(&v_in, run)?
-            .reshape((b, tk, nkv, hd))?
-            .transpose(1, 2)?;
+        let v = project(
+            probe.as_deref_mut(),
+            layer,
+            Projection::V,
+            &attn.v,
+            &kv_in,
+            run,
+        )?
+        .reshape((b, tk, nkv, hd))?
+        .transpose(1, 2)?;
         let k = self.rope(&k.contiguous()?, &kv_positions, call.layer, run.mode)?;
         let v = v.contiguous()?;
         let (keys, values, key_positions) = match store {
@@ -697,7 +708,6 @@ impl Transformer {
 
         // Queries: every head, or the policy's subset (sliced weights).
         let (q_in, q_positions) = pick(query_rows)?;
-        let q_in = projection_input(probe.as_deref_mut(), layer, Projection::Q, &q_in)?;
         let tq = q_positions.len();
         let heads: Vec<u32> = match call.exec {
             AttnExec::Heads(h) => h.clone(),
@@ -708,7 +718,14 @@ impl Transformer {
         }
         let all_heads = heads.len() == nh;
         let (q, keys, values, o) = if all_heads {
-            let q = attn.q.forward(&q_in, run)?;
+            let q = project(
+                probe.as_deref_mut(),
+                layer,
+                Projection::Q,
+                &attn.q,
+                &q_in,
+                run,
+            )?;
             (q, keys, values, None)
         } else {
             let dev = x.device();
@@ -717,7 +734,14 @@ impl Transformer {
             let q_lin = self.sliced.get((layer, Projection::Q, dims.clone()), || {
                 attn.q.rows(&index()?)
             })?;
-            let q = q_lin.forward(&q_in, run)?;
+            let q = project(
+                probe.as_deref_mut(),
+                layer,
+                Projection::Q,
+                &q_lin,
+                &q_in,
+                run,
+            )?;
             // Each selected head reads its own KV head.
             let group = (nh / nkv) as u32;
             let kv_of: Vec<u32> = heads.iter().map(|&h| h / group).collect();
@@ -779,11 +803,8 @@ impl Transformer {
             }
             _ => y,
         };
-        let y = projection_input(probe, layer, Projection::O, &y)?;
-        let out = match &o {
-            Some(o) => o.forward(&y, run)?,
-            None => attn.o.forward(&y, run)?,
-        };
+        let o_lin = o.as_deref().unwrap_or(&attn.o);
+        let out = project(probe, layer, Projection::O, o_lin, &y, run)?;
         if tq == t {
             return Ok(Some(out));
         }
@@ -954,19 +975,33 @@ enum Activation {
     GeluTanh,
 }
 
-/// `x` as a probe that watches `layer`'s projection inputs returns it.
-fn projection_input(
+/// `lin` applied to `x` as a probe that watches `layer`'s projection inputs
+/// wants it: the probe's own product (TEAL/WINA executed), `lin` on the
+/// input it returns (zeroed channels), or `lin` on `x`.
+fn project(
     probe: Option<&mut (dyn Probe + '_)>,
     layer: usize,
     proj: Projection,
+    lin: &Linear,
     x: &Tensor,
+    run: RunOptions,
 ) -> Result<Tensor> {
-    match probe {
-        Some(p) if p.wants_projection_inputs(layer) => Ok(p
-            .projection_input(layer, proj, x)?
-            .unwrap_or_else(|| x.clone())),
-        _ => Ok(x.clone()),
+    let Some(p) = probe.filter(|p| p.wants_projection_inputs(layer)) else {
+        return lin.forward(x, run);
+    };
+    // The probe's own product skips what a low-rank correction would add.
+    if lin.lora.is_none() {
+        if let Some(y) = p.project(layer, proj, (lin.out_dim(), lin.in_dim()), x)? {
+            return match &lin.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
     }
+    let x = p
+        .projection_input(layer, proj, x)?
+        .unwrap_or_else(|| x.clone());
+    lin.forward(&x, run)
 }
 
 /// The MLP block over normed input `x` (b, t, hidden) as `exec` says.
@@ -984,23 +1019,23 @@ fn mlp_probed<'p>(
     probe: Option<(&mut (dyn Probe + 'p), usize)>,
 ) -> Result<Tensor> {
     let probe = std::cell::RefCell::new(probe);
-    let seen = |proj: Projection, x: &Tensor| -> Result<Tensor> {
+    let seen = |proj: Projection, lin: &Linear, x: &Tensor| -> Result<Tensor> {
         let mut p = probe.borrow_mut();
         match p.as_mut() {
-            Some((p, layer)) => projection_input(Some(&mut **p), *layer, proj, x),
-            None => Ok(x.clone()),
+            Some((p, layer)) => project(Some(&mut **p), *layer, proj, lin, x, run),
+            None => lin.forward(x, run),
         }
     };
     let dense = |m: &Mlp, x: &Tensor| -> Result<Tensor> {
-        let gate = m.gate.forward(&seen(Projection::Gate, x)?, run)?;
-        let up = m.up.forward(&seen(Projection::Up, x)?, run)?;
+        let gate = seen(Projection::Gate, &m.gate, x)?;
+        let up = seen(Projection::Up, &m.up, x)?;
         let act = match (act, run.mode) {
             (Activation::Silu, Mode::Fast) => fused::silu_mul(&gate, &up)?,
             (Activation::Silu, Mode::Differentiable) => (gate.silu()? * up)?,
             // candle's `gelu` is the tanh approximation (`gelu_erf` is exact).
             (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
         };
-        m.down.forward(&seen(Projection::Down, &act)?, run)
+        seen(Projection::Down, &m.down, &act)
     };
     match exec {
         MlpExec::Skip => candle_core::bail!("a skipped MLP block is not computed"),

@@ -3,9 +3,7 @@
 //! how many rows a pass carries (a decode step and a speculative verify
 //! compute each row alike).
 
-use std::marker::PhantomData;
-use std::ops::Range;
-
+pub use crate::kernels::Shared;
 use crate::model::config::RopeLayout;
 use crate::model::fused::exp_in_place;
 
@@ -205,38 +203,6 @@ pub fn softmax_in_place(s: &mut [f32]) {
     let sum: f64 = s.iter().map(|&v| f64::from(v)).sum();
     let inv = (1.0 / sum) as f32;
     s.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// A slice that pool tasks write in disjoint ranges.
-pub struct Shared<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _slice: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: tasks only reach the data through `range`, whose callers write
-// disjoint ranges (each task its own).
-unsafe impl Sync for Shared<'_> {}
-
-impl<'a> Shared<'a> {
-    pub fn new(s: &'a mut [f32]) -> Self {
-        Self {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-            _slice: PhantomData,
-        }
-    }
-
-    /// # Safety
-    /// No two live results may overlap.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn range(&self, r: Range<usize>) -> &mut [f32] {
-        assert!(
-            r.start <= r.end && r.end <= self.len,
-            "shared range out of bounds"
-        );
-        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start)
-    }
 }
 
 #[cfg(test)]

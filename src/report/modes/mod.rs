@@ -5,8 +5,7 @@
 //!   `decode_speed` (the full cache and the policies, interleaved);
 //! - contextual sparsity: `eval`'s sparse evaluation; decode timed here on
 //!   the f32 candle path the sliced weights run on, against the unmodified
-//!   model on that path (TEAL/WINA are simulated: the zeroed channels are
-//!   still multiplied);
+//!   model on that path (TEAL/WINA executed by the sparse-input kernel);
 //! - token routing: `eval`'s routed evaluation (the realised compute) and
 //!   `bench`'s routed timing on real text;
 //! - any plan as the draft of lossless self-speculative decoding:

@@ -7,8 +7,12 @@
 //! - WINA: score |x_i|·‖W[:, i]‖₂ (the column norm of the projection's
 //!   weight), thresholds likewise from the calibration distribution.
 //!
-//! Simulated: the zeroed channels are masked, the matmul still reads every
-//! weight column (no sparse kernel yet), so this changes quality, not speed.
+//! Simulated (`ChannelProbe::new`): the zeroed channels are masked and the
+//! matmul still reads every weight column, which changes quality, not
+//! speed. Executed (`ChannelProbe::executed`): at a one-row decode step the
+//! probe computes each projection itself with `kernels::sparse_input` on a
+//! column-major f32 copy of the weights (`ColumnWeights`), reading only
+//! the kept channels' columns; rows of a prefill are still masked.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,6 +21,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::data::TokenSet;
+use crate::kernels::sparse_input::ColumnMajor;
 use crate::model::{Model, Pass, Probe, Projection, RunOptions};
 use crate::plan::Plan;
 use crate::surgery::objective::input_ids;
@@ -216,11 +221,78 @@ pub fn thresholds(
     Ok(out)
 }
 
+/// Every projection's weight stored by input channel, and its column norms
+/// (WINA's, as `ColumnNorms` computes them), `[layer][projection]`: what
+/// the executed kernel reads.
+pub struct ColumnWeights(Vec<[(ColumnMajor, Vec<f32>); 7]>);
+
+impl ColumnWeights {
+    /// The f32 bytes a copy for `model` takes.
+    pub fn bytes_for(model: &Model) -> u64 {
+        let t = &model.transformer;
+        t.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.attn, &l.mlp);
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                    .map(|lin| (lin.out_dim() * lin.in_dim() * 4) as u64)
+            })
+            .sum()
+    }
+
+    /// A copy of `model`'s projection weights, refused (with the sizes)
+    /// where it does not fit in the memory available.
+    pub fn of(model: &Model) -> Result<Self> {
+        let need = Self::bytes_for(model);
+        if let Some(avail) = crate::model::memory::available()? {
+            if need > avail.bytes {
+                bail!(
+                    "executed TEAL/WINA keeps a column-major f32 copy of the projections, {} here, \
+                     and {} is available ({}): run it simulated (`eval`), or on a smaller model",
+                    crate::model::memory::gib(need),
+                    crate::model::memory::gib(avail.bytes),
+                    avail.source
+                );
+            }
+        }
+        let norms = ColumnNorms::of(model)?;
+        let layers = model
+            .transformer
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (a, m) = (&l.attn, &l.mlp);
+                let lin = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
+                let cols: Vec<(ColumnMajor, Vec<f32>)> = lin
+                    .iter()
+                    .zip(Projection::ALL)
+                    .map(|(lin, p)| {
+                        let w = lin.dense_weight()?.to_dtype(DType::F32)?;
+                        let (rows, cols) = w.dims2()?;
+                        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                        let n: Vec<f32> = norms.get(i, p).to_dtype(DType::F32)?.to_vec1()?;
+                        Ok((ColumnMajor::from_row_major(&data, rows, cols), n))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(cols.try_into().ok().expect("seven projections"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self(layers))
+    }
+
+    fn get(&self, layer: usize, p: Projection) -> &(ColumnMajor, Vec<f32>) {
+        &self.0[layer][p.index()]
+    }
+}
+
 /// Zeroes, per token, the input channels scoring under the threshold, and
 /// counts how many it kept.
 pub struct ChannelProbe<'a> {
     thresholds: &'a ChannelThresholds,
     norms: Option<&'a ColumnNorms>,
+    /// Set: one-row products run the sparse-input kernel on these.
+    columns: Option<&'a ColumnWeights>,
     /// Channels seen and kept, per projection (`Projection::ALL` order).
     pub seen: [u64; 7],
     pub kept: [u64; 7],
@@ -245,8 +317,27 @@ impl<'a> ChannelProbe<'a> {
         Ok(Self {
             thresholds,
             norms,
+            columns: None,
             seen: [0; 7],
             kept: [0; 7],
+        })
+    }
+
+    /// The same decisions, executed at one-row steps: each projection reads
+    /// only its kept channels' weight columns in `columns` (WINA's norms
+    /// come from there too).
+    pub fn executed(
+        model: &Model,
+        thresholds: &'a ChannelThresholds,
+        norms: Option<&'a ColumnNorms>,
+        columns: &'a ColumnWeights,
+    ) -> Result<Self> {
+        if columns.0.len() != model.n_layers() {
+            bail!("column weights for another model");
+        }
+        Ok(Self {
+            columns: Some(columns),
+            ..Self::new(model, thresholds, norms)?
         })
     }
 
@@ -260,6 +351,41 @@ impl<'a> ChannelProbe<'a> {
 impl Probe for ChannelProbe<'_> {
     fn wants_projection_inputs(&self, _layer: usize) -> bool {
         true
+    }
+
+    fn project(
+        &mut self,
+        layer: usize,
+        proj: Projection,
+        dims: (usize, usize),
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(columns) = self.columns else {
+            return Ok(None);
+        };
+        let (w, norms) = columns.get(layer, proj);
+        // One row of the full projection (not a head or neuron subset).
+        let one_row = x.elem_count() == w.cols() && x.dim(candle_core::D::Minus1)? == w.cols();
+        if dims != (w.rows(), w.cols()) || !one_row || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let thr = self.thresholds.layers[layer][proj.index()];
+        let wina = self.thresholds.criterion == Criterion::Wina;
+        let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        for (v, n) in xs.iter_mut().zip(norms) {
+            // The simulated path's test, |x| (· ‖W col‖) ≥ threshold.
+            let score = if wina { v.abs() * n } else { v.abs() };
+            if score < thr {
+                *v = 0.0;
+            }
+        }
+        let mut y = vec![0f32; w.rows()];
+        let kept = w.matvec(&xs, &mut y);
+        self.seen[proj.index()] += xs.len() as u64;
+        self.kept[proj.index()] += kept as u64;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("a row") = w.rows();
+        Tensor::from_vec(y, shape, x.device()).map(Some)
     }
 
     fn projection_input(

@@ -6,7 +6,8 @@
 //! - `masks`: masks at a level and the policy that executes them (sliced
 //!   weights: executed);
 //! - `activation`: TEAL / WINA thresholds and the probe that applies them
-//!   (masked inputs: simulated);
+//!   (masked inputs in multi-row passes; executed at one-row decode steps
+//!   by `kernels::sparse_input`);
 //! - `evaluate`: held-out perplexity, KL and top-1 under any of them, and
 //!   the comparison over levels;
 //! - the `sparsity` plan section (`SparsitySection`) that `eval` carries out.
@@ -308,8 +309,8 @@ pub fn decode_note(
         }
         None if section.method.executed() => format!("{} sparsity at level 0", section.method),
         None => format!(
-            "{} sparsity at level {} (simulated: projection inputs zeroed per token, every \
-             weight still read)",
+            "{} sparsity at level {} (executed at decode: each projection reads only its kept \
+             input channels' columns of a column-major f32 copy; the prompt's rows masked)",
             section.method, section.level
         ),
     }
@@ -371,7 +372,8 @@ pub enum Sparsifier {
         level: f64,
         split: Split,
     },
-    /// Per-token channel thresholds (simulated).
+    /// Per-token channel thresholds (a probe: masked, or executed at decode
+    /// with `ChannelProbe::executed`).
     Channels {
         thresholds: ChannelThresholds,
         norms: Option<Arc<ColumnNorms>>,
