@@ -386,7 +386,7 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         },
     );
     // `sparsify --method random --level 0.25`'s mask (executed), and TEAL
-    // thresholds (simulated).
+    // thresholds (executed at decode).
     let shape = Shape::of(model.cfg());
     let sparse = with_section(
         "random25.json",
@@ -521,7 +521,8 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         "KV prefill is not timed"
     );
 
-    // Sparsity: method and level; the mask executed, TEAL simulated.
+    // Sparsity: method and level; the mask executed, TEAL executed at decode
+    // by the sparse-input kernel.
     let sp = facts_of(&html, "random25");
     assert!(sp.contains("sparsity: random at level 0.25"), "{sp}");
     assert!(number_after(sp, "dropped: ") > 20.0, "{sp}");
@@ -536,8 +537,8 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
     let zeroed = number_after(tf, "channels zeroed: ");
     assert!(zeroed > 1.0 && zeroed < 99.0, "{tf}");
     assert!(
-        col("teal", 12).starts_with("simulated"),
-        "{}",
+        col("teal", 12).starts_with("executed") && tf.contains("sparse_input"),
+        "{} | {tf}",
         col("teal", 12)
     );
     assert!(kl("teal") > 0.0);
@@ -570,8 +571,8 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         "{df}"
     );
 
-    // One colour and legend entry per method in every chart; the simulated
-    // TEAL point hollow.
+    // One colour and legend entry per method in every chart; every point
+    // filled (all executed; `report/charts.rs` tests the hollow ones).
     for stem in ["quality-vs-blocks", "speed-vs-blocks", "quality-vs-speed"] {
         let svg = std::fs::read_to_string(dir.join(format!("modes-{stem}.svg"))).unwrap();
         for m in ["base", "by hand", "KV budget", "sparsity", "token routing"] {
@@ -579,12 +580,12 @@ fn plans_of_every_mode_are_measured_with_their_mode_and_name_its_facts() {
         }
         assert_eq!(svg.matches("<circle").count(), 6 + 5, "{stem}");
         assert!(
-            svg.split("<circle").skip(1).any(|c| c
+            !svg.split("<circle").skip(1).any(|c| c
                 .split("/>")
                 .next()
                 .unwrap()
                 .contains("fill=\"none\"")),
-            "{stem}: a hollow (simulated) point"
+            "{stem}: no hollow (simulated) point"
         );
     }
     for name in ["kv", "random25", "teal", "routed"] {

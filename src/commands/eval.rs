@@ -146,7 +146,7 @@ fn run_sparse(
         section.method,
         section.level,
         section.method.unit(),
-        if section.method.executed() {
+        if section.method.drops_units() {
             "executed: sliced weights"
         } else {
             "simulated: masked inputs"

@@ -12,26 +12,8 @@ use crate::model::{LayerPolicy, Probe};
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
 use crate::surgery::routing::measure::Routed;
-use crate::surgery::sparsity::activation::{ChannelProbe, ColumnWeights};
-use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, UnitMask, SPARSITY_SECTION};
-
-/// A sparse plan's mask as a draft for `prompt`; TEAL/WINA drafts are
-/// refused (the draft loop takes no probe yet).
-pub fn draft_mask_for(
-    model: &crate::model::Model,
-    plan: &Plan,
-    sp: &Sparsifier,
-    prompt: &[u32],
-) -> Result<Option<UnitMask>> {
-    if let Sparsifier::Channels { .. } = sp {
-        bail!(
-            "a TEAL/WINA plan cannot draft yet (the draft loop runs a layer policy, not the \
-             per-token channel probe); draft with a head/neuron mask plan (static, random, \
-             magnitude, shadow) or a skip plan"
-        );
-    }
-    sp.mask_for(model, plan, prompt)
-}
+use crate::surgery::sparsity::activation::{ChannelProbe, ColumnWeights, ExecutedChannels};
+use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, SPARSITY_SECTION};
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
@@ -86,9 +68,24 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         .and_then(|(plan, routing, _)| routing.as_ref().map(|r| Routed::of(plan, r)));
     let draft_policy = draft_routed.as_ref().map(|r| r.policy(&model));
     let draft_mask = match &draft {
-        Some((plan, _, Some((_, sp)))) => draft_mask_for(&model, plan, sp, &prompt)?,
+        Some((plan, _, Some((_, sp)))) => sp.mask_for(&model, plan, &prompt)?,
         _ => None,
     };
+    // A TEAL/WINA draft: its channel probe, executed, in every draft pass.
+    let draft_thresholds = match &draft {
+        Some((_, _, Some((_, Sparsifier::Channels { thresholds, norms })))) => {
+            Some((thresholds, norms.as_deref(), ColumnWeights::of(&model)?))
+        }
+        _ => None,
+    };
+    let draft_channels = draft_thresholds
+        .as_ref()
+        .map(|(thresholds, norms, columns)| ExecutedChannels {
+            model: &model,
+            thresholds,
+            norms: *norms,
+            columns,
+        });
     let draft_mask_policy = match (&draft, &draft_mask) {
         (Some((plan, _, _)), Some(m)) => Some(MaskPolicy::new(plan, m, model.cfg())?),
         _ => None,
@@ -154,16 +151,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             seed: opts.seed,
             accept: AcceptRule::SpeculativeSampling,
         };
-        let drafter = match (&draft_policy, &draft_mask_policy) {
-            (Some(policy), _) => Drafter::Policy {
+        let drafter = match (&draft_policy, &draft_mask_policy, &draft_channels) {
+            (Some(policy), _, _) => Drafter::Policy {
                 plan: draft,
                 policy,
             },
-            (None, Some(policy)) => Drafter::Policy {
+            (None, Some(policy), _) => Drafter::Policy {
                 plan: draft,
                 policy,
             },
-            (None, None) => Drafter::SelfPlan(draft),
+            (None, None, Some(probes)) => Drafter::Probed {
+                plan: draft,
+                probes,
+            },
+            (None, None, None) => Drafter::SelfPlan(draft),
         };
         let draft_note = draft_sparse
             .as_ref()

@@ -47,7 +47,7 @@ pub struct SparsifyArgs {
     /// Held-out windows scored.
     #[arg(long, default_value_t = 8)]
     pub windows: usize,
-    /// Also time decode (tokens) of the static mask against dense at each level (candle f32 path, interleaved).
+    /// Also time decode (tokens) of the static mask and of TEAL (executed, sparse-input kernel) against dense at each level (candle f32 path, interleaved).
     #[arg(long, default_value_t = 0)]
     pub bench: usize,
     /// Heads/neurons: per-layer (every layer drops the level) or global (the lowest across layers).
@@ -106,7 +106,13 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
                 decode_tokens: args.bench,
                 ..SpeedOptions::default()
             };
-            Some(decode_speed(&model, &scores.plainact, &levels, &opts)?)
+            Some(decode_speed(
+                &model,
+                &scores.plainact,
+                &levels,
+                &cmp.teal,
+                &opts,
+            )?)
         } else {
             None
         };
@@ -223,7 +229,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
     let section = SparsitySection {
         method,
         level,
-        split: if method.executed() {
+        split: if method.drops_units() {
             split.name()
         } else {
             "per-projection"
@@ -284,7 +290,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
 fn print_table(rows: &[CompareRow], base_perplexity: f64) {
     println!(
         "{:<10} {:>5} {:>10} {:>8} {:>8} {:>7} {:>8} {:>9}",
-        "method", "level", "perplexity", "Δ", "KL", "top-1", "skipped", "execution"
+        "method", "level", "perplexity", "Δ", "KL", "top-1", "skipped", "drops"
     );
     for r in rows {
         println!(
@@ -296,13 +302,16 @@ fn print_table(rows: &[CompareRow], base_perplexity: f64) {
             r.quality.kl_to_base,
             r.quality.top1_agreement * 100.0,
             r.weights_skipped * 100.0,
-            r.execution
+            r.drops
         );
     }
 }
 
 fn print_speed(rows: &[SpeedRow]) {
-    println!("decode, candle path, f32 weights, interleaved in this run (static plainact masks):");
+    println!(
+        "decode, candle path, f32 weights, interleaved in this run (static plainact masks; TEAL \
+         by the sparse-input kernel):"
+    );
     for r in rows {
         println!(
             "  {:<14} {:>7.1} tok/s  {:>5.2}x  {}",

@@ -17,7 +17,8 @@ use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
 use crate::surgery::routing::measure::Routed;
-use crate::surgery::sparsity::{self, MaskPolicy, SPARSITY_SECTION};
+use crate::surgery::sparsity::activation::{ColumnWeights, ExecutedChannels};
+use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, SPARSITY_SECTION};
 
 /// What one prompt measured (medians over the runs).
 #[derive(Debug, Serialize)]
@@ -103,11 +104,26 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let pb = progress::bar(prompts.len() * args.runs, "runs");
     let mut results = Vec::new();
     let mut last_tokens = Vec::new();
+    // A TEAL/WINA draft: its channel probe, executed, in every draft pass.
+    let thresholds = match &sparse {
+        Some((_, Sparsifier::Channels { thresholds, norms })) => {
+            Some((thresholds, norms.as_deref(), ColumnWeights::of(&model)?))
+        }
+        _ => None,
+    };
+    let channels = thresholds
+        .as_ref()
+        .map(|(thresholds, norms, columns)| ExecutedChannels {
+            model: &model,
+            thresholds,
+            norms: *norms,
+            columns,
+        });
     let mut sparse_notes = Vec::new();
     for (prompt, text) in prompts.iter().zip(&texts) {
         let mask = match &sparse {
             Some((section, sp)) => {
-                let mask = super::generate::draft_mask_for(&model, &plan, sp, prompt)?;
+                let mask = sp.mask_for(&model, &plan, prompt)?;
                 sparse_notes.push(sparsity::decode_note(section, mask.as_ref(), model.cfg()));
                 mask
             }
@@ -117,16 +133,20 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
             .as_ref()
             .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
             .transpose()?;
-        let drafter = match (&policy, &mask_policy) {
-            (Some(p), _) => Drafter::Policy {
+        let drafter = match (&policy, &mask_policy, &channels) {
+            (Some(p), _, _) => Drafter::Policy {
                 plan: &plan,
                 policy: p,
             },
-            (None, Some(p)) => Drafter::Policy {
+            (None, Some(p), _) => Drafter::Policy {
                 plan: &plan,
                 policy: p,
             },
-            (None, None) => Drafter::SelfPlan(&plan),
+            (None, None, Some(probes)) => Drafter::Probed {
+                plan: &plan,
+                probes,
+            },
+            (None, None, None) => Drafter::SelfPlan(&plan),
         };
         let (r, tokens) = measure_prompt(&model, prompt, drafter, run, &args, || pb.inc(1))?;
         last_tokens = tokens;

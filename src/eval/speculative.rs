@@ -32,7 +32,7 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use super::generate::Sampler;
-use crate::model::{LayerPolicy, Model, Pass, RunOptions, SeqState};
+use crate::model::{LayerPolicy, Model, Pass, ProbeSource, RunOptions, SeqState};
 use crate::plan::Plan;
 
 /// Where draft tokens come from.
@@ -46,6 +46,12 @@ pub enum Drafter<'a> {
     Policy {
         plan: &'a Plan,
         policy: &'a dyn LayerPolicy,
+    },
+    /// The same weights under a plan with a fresh probe in every draft
+    /// pass: TEAL/WINA's per-token channel thresholds, executed.
+    Probed {
+        plan: &'a Plan,
+        probes: &'a dyn ProbeSource,
     },
     /// An n-gram match in the prompt and the output so far (longest n first).
     PromptLookup { max_ngram: usize },
@@ -216,7 +222,9 @@ pub fn speculate_with(
         bail!("the prompt is empty");
     }
     opts.draft_len.validate()?;
-    if let Drafter::SelfPlan(plan) | Drafter::Policy { plan, .. } = drafter {
+    if let Drafter::SelfPlan(plan) | Drafter::Policy { plan, .. } | Drafter::Probed { plan, .. } =
+        drafter
+    {
         model.check_plan(plan)?;
     }
     let k_max = opts.draft_len.max();
@@ -238,7 +246,7 @@ pub fn speculate_with(
     let logits = rows_logits(
         model,
         prompt,
-        (&full, None),
+        (&full, None, None),
         opts.run.for_prefill(prompt.len()),
         &mut state,
         true,
@@ -264,16 +272,19 @@ pub fn speculate_with(
         let budget = k_max.min(opts.max_new_tokens - out.len());
         let td = Instant::now();
         let draft = match drafter {
-            Drafter::SelfPlan(plan) | Drafter::Policy { plan, .. } => {
+            Drafter::SelfPlan(plan)
+            | Drafter::Policy { plan, .. }
+            | Drafter::Probed { plan, .. } => {
                 let stop_below = matches!(opts.draft_len, DraftLen::Auto { .. }).then_some(gamma);
-                let policy = match drafter {
-                    Drafter::Policy { policy, .. } => Some(policy),
-                    _ => None,
+                let (policy, probes) = match drafter {
+                    Drafter::Policy { policy, .. } => (Some(policy), None),
+                    Drafter::Probed { probes, .. } => (None, Some(probes)),
+                    _ => (None, None),
                 };
                 let d = draft_with_plan(
                     model,
                     next,
-                    (plan, policy),
+                    (plan, policy, probes),
                     budget,
                     stop_below,
                     opts.run,
@@ -292,7 +303,14 @@ pub fn speculate_with(
         let tv = Instant::now();
         let mut rows = vec![next];
         rows.extend_from_slice(&draft.tokens);
-        let logits = rows_logits(model, &rows, (&full, None), opts.run, &mut state, false)?;
+        let logits = rows_logits(
+            model,
+            &rows,
+            (&full, None, None),
+            opts.run,
+            &mut state,
+            false,
+        )?;
         let (n, following) = if sampler.is_greedy() {
             accept_greedy(&draft.tokens, &logits)?
         } else {
@@ -416,24 +434,33 @@ fn accept_sampled(
     Ok((n, sampler.sample_from(&p[n])?))
 }
 
-/// What a pass runs under: a plan and, for a routed plan, its router policy.
-type DraftPass<'a> = (&'a Plan, Option<&'a dyn LayerPolicy>);
+/// What a pass runs under: a plan, a routed plan's router policy (or a
+/// sparse plan's mask) and a source of probes (TEAL/WINA).
+type DraftPass<'a> = (
+    &'a Plan,
+    Option<&'a dyn LayerPolicy>,
+    Option<&'a dyn ProbeSource>,
+);
 
 /// Runs `ids` after what `state` holds under `plan`: the logits after each
 /// row, (rows, vocab) (`last_only`: after the last row only, (1, vocab)).
 fn rows_logits(
     model: &Model,
     ids: &[u32],
-    (plan, policy): DraftPass,
+    (plan, policy, probes): DraftPass,
     run: RunOptions,
     state: &mut SeqState,
     last_only: bool,
 ) -> Result<Tensor> {
     let t = &model.transformer;
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let mut probe = probes.map(|p| p.fresh()).transpose()?;
     let mut pass = Pass::plan(plan, run).with_state(state);
     if let Some(policy) = policy {
         pass = pass.with_policy(policy);
+    }
+    if let Some(p) = probe.as_mut() {
+        pass = pass.with_probe(&mut **p);
     }
     let mut h = t.forward_hidden(&input, &mut pass)?.squeeze(0)?;
     if last_only {

@@ -27,7 +27,8 @@ pub use config::{Arch, ModelConfig};
 pub use memory::LoadOptions;
 pub use params::{ParamValues, ParamsOver, TrainableParams};
 pub use pass::{
-    AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, Projection, Residual, TensorScales,
+    AttnExec, LayerPolicy, MlpExec, ParamSource, Pass, Probe, ProbeSource, Projection, Residual,
+    TensorScales,
 };
 pub use source::{LocalModel, Resolved};
 pub use state::SeqState;

@@ -50,7 +50,7 @@ pub fn sparse_quality(
     let cfg = model.cfg();
     let total = 2 * model.n_layers();
     let kept = (total - plan.skip.len()) as f64;
-    let executed = section.method.executed();
+    let executed = section.method.drops_units();
     let mut facts = vec![fact(
         "sparsity",
         format!(
@@ -243,7 +243,7 @@ pub fn sparse_speeds(
         .map(|((_, s, _), decode)| {
             // Both kinds are executed at decode: sliced weights, or the
             // sparse-input kernel on a column-major copy.
-            let how = if s.method.executed() {
+            let how = if s.method.drops_units() {
                 "the sliced weights are f32 copies"
             } else {
                 "each projection reads only its kept input channels' columns of a column-major \

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::data::TokenSet;
 use crate::kernels::sparse_input::ColumnMajor;
-use crate::model::{Model, Pass, Probe, Projection, RunOptions};
+use crate::model::{Model, Pass, Probe, ProbeSource, Projection, RunOptions};
 use crate::plan::Plan;
 use crate::surgery::objective::input_ids;
 
@@ -283,6 +283,22 @@ impl ColumnWeights {
 
     fn get(&self, layer: usize, p: Projection) -> &(ColumnMajor, Vec<f32>) {
         &self.0[layer][p.index()]
+    }
+}
+
+/// A fresh executed `ChannelProbe` for every pass (a TEAL/WINA draft).
+pub struct ExecutedChannels<'a> {
+    pub model: &'a Model,
+    pub thresholds: &'a ChannelThresholds,
+    pub norms: Option<&'a ColumnNorms>,
+    pub columns: &'a ColumnWeights,
+}
+
+impl ProbeSource for ExecutedChannels<'_> {
+    fn fresh(&self) -> candle_core::Result<Box<dyn Probe + '_>> {
+        let p = ChannelProbe::executed(self.model, self.thresholds, self.norms, self.columns)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        Ok(Box::new(p))
     }
 }
 

@@ -11,7 +11,9 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::activation::{thresholds, ActivationSamples, ChannelProbe, ColumnNorms, Criterion};
+use super::activation::{
+    thresholds, ActivationSamples, ChannelProbe, ChannelThresholds, ColumnNorms, Criterion,
+};
 use super::masks::{MaskPolicy, UnitMask};
 use super::predictor::{
     rank_agreement, window_prefix_end, FitReport, LinearFit, Predictor, NEURON_GROUP, PREFIX_TOKENS,
@@ -192,8 +194,10 @@ pub fn evaluate(
 pub struct CompareRow {
     pub method: Method,
     pub level: f64,
-    /// "executed" (sliced weights) or "simulated" (masked inputs).
-    pub execution: &'static str,
+    /// "units" (heads and neurons, sliced weights) or "channels" (input
+    /// channels per token; executed at decode by the sparse-input kernel,
+    /// masked in these multi-row windows: the same decisions).
+    pub drops: &'static str,
     /// Fraction of the layers' projection weights a token does not need
     /// (heads/neurons: from the mask; teal/wina: the zeroed channel fraction).
     pub weights_skipped: f64,
@@ -207,6 +211,8 @@ pub struct Comparison {
     pub base: SparseQuality,
     pub rows: Vec<CompareRow>,
     pub predictor: PredictorReport,
+    /// TEAL's thresholds at each level (for timing them).
+    pub teal: Vec<ChannelThresholds>,
 }
 
 /// How the ShadowLLM predictor was trained and how well its per-window
@@ -405,10 +411,10 @@ pub fn compare(
             rows.push(CompareRow {
                 method,
                 level,
-                execution: if method.executed() {
-                    "executed"
+                drops: if method.drops_units() {
+                    "units"
                 } else {
-                    "simulated"
+                    "channels"
                 },
                 weights_skipped,
                 quality,
@@ -419,5 +425,6 @@ pub fn compare(
         base,
         rows,
         predictor,
+        teal,
     })
 }

@@ -81,15 +81,16 @@ impl Method {
         }
     }
 
-    /// Whether the dropped work is really skipped (sliced weights) rather
-    /// than masked.
-    pub fn executed(self) -> bool {
+    /// Whether it drops whole heads and neurons (sliced weights) rather
+    /// than input channels per token (TEAL, WINA: executed at decode by the
+    /// sparse-input kernel, masked in multi-row passes).
+    pub fn drops_units(self) -> bool {
         !matches!(self, Method::Teal | Method::Wina)
     }
 
     /// What the level counts.
     pub fn unit(self) -> &'static str {
-        if self.executed() {
+        if self.drops_units() {
             "query heads and MLP neurons per layer"
         } else {
             "input channels of every projection, per token"
@@ -174,7 +175,7 @@ pub fn check_section(value: &serde_json::Value) -> Result<()> {
             s.method
         );
     }
-    if s.method.executed() {
+    if s.method.drops_units() {
         s.split.parse::<Split>()?;
     }
     let needs_mask = matches!(
@@ -307,7 +308,7 @@ pub fn decode_note(
                 100.0 * neurons
             )
         }
-        None if section.method.executed() => format!("{} sparsity at level 0", section.method),
+        None if section.method.drops_units() => format!("{} sparsity at level 0", section.method),
         None => format!(
             "{} sparsity at level {} (executed at decode: each projection reads only its kept \
              input channels' columns of a column-major f32 copy; the prompt's rows masked)",

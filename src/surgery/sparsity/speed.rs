@@ -1,8 +1,10 @@
-//! Decode speed of static head/neuron masks against the dense model, on the
-//! same path (candle ops, f32 weights: the sliced weights are f32 copies),
-//! interleaved round by round in one run. Executed: the masked decode
-//! multiplies only the kept heads' q rows / o columns and the kept neurons'
-//! gate/up rows and down columns (sliced once, then reused every step).
+//! Decode speed of static head/neuron masks and of TEAL against the dense
+//! model, on the same path (candle ops, f32 weights: the sliced weights are
+//! f32 copies), interleaved round by round in one run. Executed: the masked
+//! decode multiplies only the kept heads' q rows / o columns and the kept
+//! neurons' gate/up rows and down columns (sliced once, then reused every
+//! step); TEAL's reads only the kept input channels' columns of each
+//! projection (`kernels::sparse_input` on a column-major copy).
 
 use std::time::Instant;
 
@@ -10,6 +12,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 use serde::Serialize;
 
+use super::activation::{ChannelProbe, ChannelThresholds, ColumnWeights};
 use super::masks::{MaskPolicy, UnitMask};
 use super::scores::UnitScores;
 use crate::eval::bench::Stat;
@@ -36,7 +39,7 @@ impl Default for SpeedOptions {
 /// One configuration's decode speed.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpeedRow {
-    /// "dense" or "static p=0.40".
+    /// "dense", "static p=0.40" or "teal p=0.40".
     pub label: String,
     pub level: f64,
     /// "baseline" (dense) or "executed".
@@ -53,16 +56,30 @@ pub const SPEED_RUN: RunOptions = RunOptions {
     lean: false,
 };
 
-/// Seconds to decode `opts.decode_tokens` greedy tokens after the prompt.
-fn time_decode(model: &Model, policy: &dyn LayerPolicy, prompt: &[u32], n: usize) -> Result<f64> {
+/// What a timed decode runs besides the plan.
+struct Timed<'a> {
+    policy: &'a dyn LayerPolicy,
+    /// TEAL, executed.
+    channels: Option<(&'a ChannelThresholds, &'a ColumnWeights)>,
+}
+
+/// Seconds to decode `n` greedy tokens after the prompt.
+fn time_decode(model: &Model, how: &Timed, prompt: &[u32], n: usize) -> Result<f64> {
     let t = &model.transformer;
     let plan = Plan::base();
     let mut state = t.new_state(prompt.len() + n + 1);
     let step = |ids: &[u32], state: &mut _| -> Result<u32> {
         let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+        let mut probe = match how.channels {
+            Some((th, columns)) => Some(ChannelProbe::executed(model, th, None, columns)?),
+            None => None,
+        };
         let mut pass = Pass::plan(&plan, SPEED_RUN)
-            .with_policy(policy)
+            .with_policy(how.policy)
             .with_state(state);
+        if let Some(p) = probe.as_mut() {
+            pass = pass.with_probe(p);
+        }
         let h = t.forward_hidden(&input, &mut pass)?;
         let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
         let logits = t.logits(&last, SPEED_RUN)?;
@@ -76,12 +93,14 @@ fn time_decode(model: &Model, policy: &dyn LayerPolicy, prompt: &[u32], n: usize
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// Dense and the static mask from `scores` at each level, timed in turn
-/// each round (after one warm-up each, which also slices the weights).
+/// Dense, the static mask from `scores` at each level and TEAL at each of
+/// `teal`'s thresholds, timed in turn each round (after one warm-up each,
+/// which also slices the weights).
 pub fn decode_speed(
     model: &Model,
     scores: &UnitScores,
     levels: &[f64],
+    teal: &[ChannelThresholds],
     opts: &SpeedOptions,
 ) -> Result<Vec<SpeedRow>> {
     let cfg = model.cfg();
@@ -94,19 +113,46 @@ pub fn decode_speed(
         .iter()
         .map(|&l| UnitMask::from_scores(scores, l))
         .collect::<Result<_>>()?;
-    let mut policies: Vec<Box<dyn LayerPolicy + '_>> = vec![Box::new(plan.clone())];
-    for m in &masks {
-        policies.push(Box::new(MaskPolicy::new(&plan, m, cfg)?));
+    let mask_policies: Vec<MaskPolicy> = masks
+        .iter()
+        .map(|m| MaskPolicy::new(&plan, m, cfg))
+        .collect::<Result<_>>()?;
+    let columns = (!teal.is_empty())
+        .then(|| ColumnWeights::of(model))
+        .transpose()?;
+    let mut timed = vec![(
+        "dense".to_string(),
+        0.0,
+        Timed {
+            policy: &plan,
+            channels: None,
+        },
+    )];
+    for (p, &level) in mask_policies.iter().zip(levels) {
+        let how = Timed {
+            policy: p,
+            channels: None,
+        };
+        timed.push((format!("static p={level:.2}"), level, how));
     }
-    let mut runs = vec![Vec::new(); policies.len()];
-    for p in &policies {
-        time_decode(model, p.as_ref(), prompt, opts.decode_tokens.min(4))?;
+    if let Some(columns) = &columns {
+        for th in teal {
+            let how = Timed {
+                policy: &plan,
+                channels: Some((th, columns)),
+            };
+            timed.push((format!("teal p={:.2}", th.level), th.level, how));
+        }
+    }
+    let mut runs = vec![Vec::new(); timed.len()];
+    for (_, _, how) in &timed {
+        time_decode(model, how, prompt, opts.decode_tokens.min(4))?;
     }
     for _ in 0..opts.runs.max(1) {
-        for (p, r) in policies.iter().zip(runs.iter_mut()) {
+        for ((_, _, how), r) in timed.iter().zip(runs.iter_mut()) {
             // The slice cache holds about one mask: warm this one first.
-            time_decode(model, p.as_ref(), prompt, 1)?;
-            let s = time_decode(model, p.as_ref(), prompt, opts.decode_tokens)?;
+            time_decode(model, how, prompt, 1)?;
+            let s = time_decode(model, how, prompt, opts.decode_tokens)?;
             r.push(opts.decode_tokens as f64 / s);
         }
     }
@@ -114,20 +160,14 @@ pub fn decode_speed(
     let base = stats[0].median;
     Ok(stats
         .into_iter()
+        .zip(timed)
         .enumerate()
-        .map(|(i, s)| {
-            let level = if i == 0 { 0.0 } else { levels[i - 1] };
-            SpeedRow {
-                label: if i == 0 {
-                    "dense".into()
-                } else {
-                    format!("static p={level:.2}")
-                },
-                level,
-                execution: if i == 0 { "baseline" } else { "executed" },
-                speedup: s.median / base,
-                decode_tokens_per_sec: s,
-            }
+        .map(|(i, (s, (label, level, _)))| SpeedRow {
+            label,
+            level,
+            execution: if i == 0 { "baseline" } else { "executed" },
+            speedup: s.median / base,
+            decode_tokens_per_sec: s,
         })
         .collect())
 }
