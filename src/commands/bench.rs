@@ -95,7 +95,8 @@ const SPARSE_MASK_WINDOW: usize = 512;
 
 /// A sparse plan's decode against the unmodified model, both on the f32
 /// candle path its sliced weights run on, interleaved (as `report` times
-/// it): executed for head/neuron masks, simulated for TEAL/WINA.
+/// it): executed, by sliced weights for head/neuron masks and by the
+/// sparse-input kernel for TEAL/WINA.
 fn bench_sparse(
     model: &Model,
     plan: &Plan,

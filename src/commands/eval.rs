@@ -149,7 +149,7 @@ fn run_sparse(
         if section.method.drops_units() {
             "executed: sliced weights"
         } else {
-            "simulated: masked inputs"
+            "masked in these windows; decode runs the sparse-input kernel"
         }
     );
     if args.json {

@@ -276,7 +276,7 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SparsifyArgs) ->
             "scalpel: oracle at {level}: each evaluated window is scored on its own text (an upper bound that reads the targets)"
         ),
         None => eprintln!(
-            "scalpel: {method} at {level}: per-token thresholds on all seven projection inputs (simulated: masked, not faster)"
+            "scalpel: {method} at {level}: per-token thresholds on all seven projection inputs (executed at decode by the sparse-input kernel; masked in multi-row passes)"
         ),
     }
     eprintln!(

@@ -171,8 +171,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
             100.0 * f
         ),
         _ => match sparse_notes.first() {
-            // The mask is per prompt for shadow/oracle plans: the first's.
-            Some(note) if sparse_notes.len() == 1 => format!("{} + {note}", plan.describe()),
+            // Shadow/oracle masks differ per prompt: the first one's.
+            Some(note) if sparse_notes.iter().all(|n| n == note) => {
+                format!("{} + {note}", plan.describe())
+            }
             Some(note) => format!("{} + {note} (first prompt's mask)", plan.describe()),
             None => plan.describe(),
         },
