@@ -896,40 +896,30 @@ fn the_decoding_commands_run_a_sparse_plan_and_say_how() {
     assert!(z > 0.2 && z < 0.6, "zeroed {z}");
 
     // The mask drafts for the full model: the output is the full model's.
-    let v = json_of(&scalpel_on_smollm2(&[
-        "speculate",
-        "--prompt",
-        "The capital of France is",
-        "-n",
-        "12",
-        "--runs",
-        "1",
-        "--weights",
-        "f32",
-        "--json",
-        "--plan",
-        &plan(&random),
-    ]));
+    let speculate = |p: &std::path::PathBuf| {
+        json_of(&scalpel_on_smollm2(&[
+            "speculate",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "12",
+            "--runs",
+            "1",
+            "--weights",
+            "f32",
+            "--json",
+            "--plan",
+            &plan(p),
+        ]))
+    };
+    let v = speculate(&random);
     assert_eq!(v["mismatches"], 0, "{v}");
     assert!(v["draft_sparsity"][0]
         .as_str()
         .unwrap()
         .contains("executed"));
     // So does TEAL, its channel probe executed in every draft pass.
-    let v = json_of(&scalpel_on_smollm2(&[
-        "speculate",
-        "--prompt",
-        "The capital of France is",
-        "-n",
-        "12",
-        "--runs",
-        "1",
-        "--weights",
-        "f32",
-        "--json",
-        "--plan",
-        &plan(&teal),
-    ]));
+    let v = speculate(&teal);
     assert_eq!(v["mismatches"], 0, "{v}");
     let note = v["draft_sparsity"][0].as_str().unwrap();
     assert!(

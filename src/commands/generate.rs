@@ -72,20 +72,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         _ => None,
     };
     // A TEAL/WINA draft: its channel probe, executed, in every draft pass.
-    let draft_thresholds = match &draft {
-        Some((_, _, Some((_, Sparsifier::Channels { thresholds, norms })))) => {
-            Some((thresholds, norms.as_deref(), ColumnWeights::of(&model)?))
-        }
+    let draft_channels = match &draft {
+        Some((_, _, Some((_, sp)))) => ExecutedChannels::of(&model, sp)?,
         _ => None,
     };
-    let draft_channels = draft_thresholds
-        .as_ref()
-        .map(|(thresholds, norms, columns)| ExecutedChannels {
-            model: &model,
-            thresholds,
-            norms: *norms,
-            columns,
-        });
     let draft_mask_policy = match (&draft, &draft_mask) {
         (Some((plan, _, _)), Some(m)) => Some(MaskPolicy::new(plan, m, model.cfg())?),
         _ => None,

@@ -17,8 +17,8 @@ use crate::model::Model;
 use crate::plan::Plan;
 use crate::progress;
 use crate::surgery::routing::measure::Routed;
-use crate::surgery::sparsity::activation::{ColumnWeights, ExecutedChannels};
-use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, SPARSITY_SECTION};
+use crate::surgery::sparsity::activation::ExecutedChannels;
+use crate::surgery::sparsity::{self, MaskPolicy, SPARSITY_SECTION};
 
 /// What one prompt measured (medians over the runs).
 #[derive(Debug, Serialize)]
@@ -105,20 +105,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let mut results = Vec::new();
     let mut last_tokens = Vec::new();
     // A TEAL/WINA draft: its channel probe, executed, in every draft pass.
-    let thresholds = match &sparse {
-        Some((_, Sparsifier::Channels { thresholds, norms })) => {
-            Some((thresholds, norms.as_deref(), ColumnWeights::of(&model)?))
-        }
-        _ => None,
+    let channels = match &sparse {
+        Some((_, sp)) => ExecutedChannels::of(&model, sp)?,
+        None => None,
     };
-    let channels = thresholds
-        .as_ref()
-        .map(|(thresholds, norms, columns)| ExecutedChannels {
-            model: &model,
-            thresholds,
-            norms: *norms,
-            columns,
-        });
     let mut sparse_notes = Vec::new();
     for (prompt, text) in prompts.iter().zip(&texts) {
         let mask = match &sparse {

@@ -20,6 +20,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::Sparsifier;
 use crate::eval::data::TokenSet;
 use crate::kernels::sparse_input::ColumnMajor;
 use crate::model::{Model, Pass, Probe, ProbeSource, Projection, RunOptions};
@@ -286,17 +287,33 @@ impl ColumnWeights {
     }
 }
 
-/// A fresh executed `ChannelProbe` for every pass (a TEAL/WINA draft).
+/// A fresh executed `ChannelProbe` for every pass (a TEAL/WINA draft),
+/// with the column-major copy it reads.
 pub struct ExecutedChannels<'a> {
-    pub model: &'a Model,
-    pub thresholds: &'a ChannelThresholds,
-    pub norms: Option<&'a ColumnNorms>,
-    pub columns: &'a ColumnWeights,
+    model: &'a Model,
+    thresholds: &'a ChannelThresholds,
+    norms: Option<&'a ColumnNorms>,
+    columns: ColumnWeights,
+}
+
+impl<'a> ExecutedChannels<'a> {
+    /// For a TEAL/WINA sparsifier; `None` for any other.
+    pub fn of(model: &'a Model, sp: &'a Sparsifier) -> Result<Option<Self>> {
+        let Sparsifier::Channels { thresholds, norms } = sp else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            model,
+            thresholds,
+            norms: norms.as_deref(),
+            columns: ColumnWeights::of(model)?,
+        }))
+    }
 }
 
 impl ProbeSource for ExecutedChannels<'_> {
     fn fresh(&self) -> candle_core::Result<Box<dyn Probe + '_>> {
-        let p = ChannelProbe::executed(self.model, self.thresholds, self.norms, self.columns)
+        let p = ChannelProbe::executed(self.model, self.thresholds, self.norms, &self.columns)
             .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         Ok(Box::new(p))
     }
