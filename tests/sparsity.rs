@@ -1016,3 +1016,27 @@ fn executed_channel_sparsity_equals_the_masked_decode() {
         assert!(z > 0.3 && z < 0.7, "{crit:?}: zeroed {z}");
     }
 }
+
+/// `sparsify --compare --bench` times the static masks and TEAL (executed,
+/// the sparse-input kernel) against dense in the same rounds, one row each.
+#[test]
+fn the_compare_bench_times_static_masks_and_teal_beside_dense() {
+    use scalpel::surgery::sparsity::speed::{decode_speed, SpeedOptions};
+    let model = common::smollm2();
+    let calib = common::random_set(model, 3, 2, 48);
+    let samples = ActivationSamples::collect(model, &calib, &AtomicBool::new(false)).unwrap();
+    let teal = thresholds(&samples, None, Criterion::Teal, &[0.5]).unwrap();
+    let opts = SpeedOptions {
+        prompt_tokens: 8,
+        decode_tokens: 2,
+        runs: 1,
+    };
+    let scores = UnitScores::random(model, 1);
+    let rows = decode_speed(model, &scores, &[0.5], &teal, &opts).unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["dense", "static p=0.50", "teal p=0.50"]);
+    assert_eq!(rows[0].execution, "baseline");
+    assert!(rows[1..].iter().all(|r| r.execution == "executed"));
+    assert_eq!(rows[0].speedup, 1.0);
+    assert!(rows.iter().all(|r| r.decode_tokens_per_sec.median > 0.0));
+}
