@@ -973,7 +973,7 @@ fn executed_channel_sparsity_equals_the_masked_decode() {
     let calib = common::random_set(&model, 2, 4, 32);
     let samples = ActivationSamples::collect(&model, &calib, &AtomicBool::new(false)).unwrap();
     let norms = scalpel::surgery::sparsity::ColumnNorms::of(&model).unwrap();
-    let columns = ColumnWeights::of(&model).unwrap();
+    let columns = ColumnWeights::of(&model, Some(&norms)).unwrap();
     let prompt = ids_of("llama", 6);
     let steps = 8;
     for crit in [Criterion::Teal, Criterion::Wina] {
@@ -1039,4 +1039,43 @@ fn the_compare_bench_times_static_masks_and_teal_beside_dense() {
     assert!(rows[1..].iter().all(|r| r.execution == "executed"));
     assert_eq!(rows[0].speedup, 1.0);
     assert!(rows.iter().all(|r| r.decode_tokens_per_sec.median > 0.0));
+}
+
+/// No pass runs routing and sparsity together: a plan with both sections is
+/// refused by the loader every decoding command and `eval` use, rather than
+/// run with one of them dropped.
+#[test]
+fn a_plan_with_both_routing_and_sparsity_is_refused() {
+    use scalpel::model::routing::{KvPolicy, RouteOn, RoutingSection, ROUTING_SECTION};
+    use scalpel::plan::PlanFile;
+    let model = common::load_tiny("llama");
+    let mut pf = PlanFile::new(model.identity.clone(), Plan::base());
+    let section = SparsitySection {
+        method: Method::Random,
+        level: 0.25,
+        split: "per-layer".into(),
+        shape: Shape::of(model.cfg()),
+        mask: Some(some_mask(&model, 0.25)),
+        thresholds: None,
+        artifact: None,
+    };
+    pf.sections.set("sparsity", &section).unwrap();
+    assert!(
+        scalpel::surgery::sparsity::load_from_given(Some(&pf), &model)
+            .unwrap()
+            .is_some()
+    );
+    let routing = RoutingSection {
+        artifact: "routers".into(),
+        on: RouteOn::Attn,
+        capacity: 0.8,
+        kv: KvPolicy::Write,
+        threshold: 0.0,
+    };
+    pf.sections.set(ROUTING_SECTION, &routing).unwrap();
+    let e = scalpel::surgery::sparsity::load_from_given(Some(&pf), &model)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("both routing and sparsity"), "{e}");
 }

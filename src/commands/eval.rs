@@ -45,6 +45,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
     )?;
     let ids = model.codec()?.encode(&text)?;
     let run = args.weights.run_options(&model, false)?;
+    // Before the routers: a plan with both sections is refused, not run routed.
+    let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
     if let Some((section, routers)) = load_from_given(file.as_ref(), &model)? {
         return super::route::eval_routed(&model, &plan, &ids, section, &routers, &args, run);
     }
@@ -57,16 +59,10 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: EvalArgs) -> Res
         (None, Some(s)) => Some(vec![s.spec()?]),
         (None, None) => None,
     };
-    let sparsity = match &file {
-        Some(f) => f.sections.get::<SparsitySection>(SPARSITY_SECTION)?,
-        None => None,
-    };
-    if let Some(section) = sparsity {
+    if let Some((section, sp)) = sparse {
         if specs.is_some() {
             bail!("a sparsity plan is not combined with a KV budget policy yet: drop --kv");
         }
-        let file = file.as_ref().expect("a section comes from a plan file");
-        let sp = section.sparsifier_in(file, &model)?;
         return run_sparse(&model, &plan, &section, &sp, &ids, &args, run);
     }
     if let Some(specs) = specs {

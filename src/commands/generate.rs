@@ -8,12 +8,12 @@ use crate::cli::{self, GenerateArgs};
 use crate::eval::generate;
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions};
 use crate::model::routing::{load_from_given, ROUTING_SECTION};
-use crate::model::{LayerPolicy, Probe};
+use crate::model::{LayerPolicy, Probe, ProbeSource};
 use crate::plan::Plan;
 use crate::setup::{self, PlanSource};
 use crate::surgery::routing::measure::Routed;
-use crate::surgery::sparsity::activation::{ChannelProbe, ColumnWeights, ExecutedChannels};
-use crate::surgery::sparsity::{self, MaskPolicy, Sparsifier, SPARSITY_SECTION};
+use crate::surgery::sparsity::activation::{ChannelProbe, ExecutedChannels};
+use crate::surgery::sparsity::{self, MaskPolicy, SPARSITY_SECTION};
 
 pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) -> Result<()> {
     if args.speculative.is_some() && (pargs.plan.is_some() || pargs.skip.is_some()) {
@@ -42,9 +42,6 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
     let policy = routed.as_ref().map(|r| r.policy(&model));
     // A sparse plan: a head/neuron mask for this prompt, or channel thresholds.
     let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
-    if sparse.is_some() && routing.is_some() {
-        bail!("a plan with both routing and sparsity is not run yet: keep one of the two sections");
-    }
     // The draft: a plan, routed or not.
     let draft = match &args.speculative {
         Some(path) => {
@@ -89,16 +86,14 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
         .transpose()?;
     // TEAL/WINA executed at each decode step (a column-major copy).
-    let columns = match &sparse {
-        Some((_, Sparsifier::Channels { .. })) => Some(ColumnWeights::of(&model)?),
-        _ => None,
+    let executed_channels = match &sparse {
+        Some((_, sp)) => ExecutedChannels::of(&model, sp)?,
+        None => None,
     };
-    let mut channels = match (&sparse, &columns) {
-        (Some((_, Sparsifier::Channels { thresholds, norms })), Some(columns)) => Some(
-            ChannelProbe::executed(&model, thresholds, norms.as_deref(), columns)?,
-        ),
-        _ => None,
-    };
+    let mut channels = executed_channels
+        .as_ref()
+        .map(ExecutedChannels::probe)
+        .transpose()?;
     let sparse_note = sparse
         .as_ref()
         .map(|(s, _)| sparsity::decode_note(s, mask.as_ref(), model.cfg()));
@@ -141,21 +136,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
             seed: opts.seed,
             accept: AcceptRule::SpeculativeSampling,
         };
-        let drafter = match (&draft_policy, &draft_mask_policy, &draft_channels) {
-            (Some(policy), _, _) => Drafter::Policy {
-                plan: draft,
-                policy,
-            },
-            (None, Some(policy), _) => Drafter::Policy {
-                plan: draft,
-                policy,
-            },
-            (None, None, Some(probes)) => Drafter::Probed {
-                plan: draft,
-                probes,
-            },
-            (None, None, None) => Drafter::SelfPlan(draft),
-        };
+        let policy = draft_policy.as_ref().map(|p| p as &dyn LayerPolicy);
+        let drafter = Drafter::under(
+            draft,
+            policy.or(draft_mask_policy.as_ref().map(|p| p as &dyn LayerPolicy)),
+            draft_channels.as_ref().map(|c| c as &dyn ProbeSource),
+        );
         let draft_note = draft_sparse
             .as_ref()
             .map(|(s, _)| sparsity::decode_note(s, draft_mask.as_ref(), model.cfg()));
@@ -194,11 +180,8 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: GenerateArgs) ->
         return Ok(());
     }
     let hooks = generate::Hooks {
-        policy: match (&policy, &mask_policy) {
-            (Some(p), _) => Some(p as &dyn LayerPolicy),
-            (None, Some(p)) => Some(p as &dyn LayerPolicy),
-            (None, None) => None,
-        },
+        policy: (policy.as_ref().map(|p| p as &dyn LayerPolicy))
+            .or(mask_policy.as_ref().map(|p| p as &dyn LayerPolicy)),
         probe: channels.as_mut().map(|p| p as &mut dyn Probe),
     };
     let report = generate::generate_with(&model, &prompt, &plan, hooks, opts, on_token)?;

@@ -13,7 +13,7 @@ use crate::eval::generate::{self, GenOptions};
 use crate::eval::prompt_sets::{self, Prompt};
 use crate::eval::speculative::{self, AcceptRule, Drafter, SpecOptions, SpecReport};
 use crate::model::routing::{load_from_given, ROUTING_SECTION};
-use crate::model::Model;
+use crate::model::{LayerPolicy, Model, ProbeSource};
 use crate::plan::Plan;
 use crate::progress;
 use crate::surgery::routing::measure::Routed;
@@ -85,9 +85,6 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
     let policy = routed.as_ref().map(|r| r.policy(&model));
     // A sparse plan drafts with its head/neuron mask for each prompt.
     let sparse = sparsity::load_from_given(file.as_ref(), &model)?;
-    if sparse.is_some() && routing.is_some() {
-        bail!("a plan with both routing and sparsity is not run yet: keep one of the two sections");
-    }
     if plan.skip.is_empty() && policy.is_none() && sparse.is_none() {
         eprintln!("scalpel: note: the plan skips nothing, so the draft is the full model");
     }
@@ -123,21 +120,12 @@ pub fn run(margs: &cli::ModelArgs, pargs: &cli::PlanArgs, args: SpeculateArgs) -
             .as_ref()
             .map(|m| MaskPolicy::new(&plan, m, model.cfg()))
             .transpose()?;
-        let drafter = match (&policy, &mask_policy, &channels) {
-            (Some(p), _, _) => Drafter::Policy {
-                plan: &plan,
-                policy: p,
-            },
-            (None, Some(p), _) => Drafter::Policy {
-                plan: &plan,
-                policy: p,
-            },
-            (None, None, Some(probes)) => Drafter::Probed {
-                plan: &plan,
-                probes,
-            },
-            (None, None, None) => Drafter::SelfPlan(&plan),
-        };
+        let drafter = Drafter::under(
+            &plan,
+            (policy.as_ref().map(|p| p as &dyn LayerPolicy))
+                .or(mask_policy.as_ref().map(|p| p as &dyn LayerPolicy)),
+            channels.as_ref().map(|c| c as &dyn ProbeSource),
+        );
         let (r, tokens) = measure_prompt(&model, prompt, drafter, run, &args, || pb.inc(1))?;
         last_tokens = tokens;
         results.push(PromptResult {

@@ -57,6 +57,22 @@ pub enum Drafter<'a> {
     PromptLookup { max_ngram: usize },
 }
 
+impl<'a> Drafter<'a> {
+    /// The same weights under `plan`, with `policy` (it wins) or a probe
+    /// from `probes` in every draft pass, if given.
+    pub fn under(
+        plan: &'a Plan,
+        policy: Option<&'a dyn LayerPolicy>,
+        probes: Option<&'a dyn ProbeSource>,
+    ) -> Self {
+        match (policy, probes) {
+            (Some(policy), _) => Drafter::Policy { plan, policy },
+            (None, Some(probes)) => Drafter::Probed { plan, probes },
+            (None, None) => Drafter::SelfPlan(plan),
+        }
+    }
+}
+
 /// The most tokens drafted per verify.
 pub const MAX_DRAFT_LEN: usize = 16;
 

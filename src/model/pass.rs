@@ -157,13 +157,13 @@ impl ParamSource for TensorScales<'_> {
     }
 }
 
-/// Sees what a pass computes. Every method has a default that ignores it.
 /// Makes a fresh probe for each pass that wants one (a draft's per-token
 /// channel thresholds, run at every drafted token).
 pub trait ProbeSource: Sync {
     fn fresh(&self) -> Result<Box<dyn Probe + '_>>;
 }
 
+/// Sees what a pass computes. Every method has a default that ignores it.
 pub trait Probe {
     /// A computed block's input and output residual streams.
     fn block(&mut self, _block: BlockId, _input: &Tensor, _output: &Tensor) -> Result<()> {

@@ -186,6 +186,12 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// The seven projections, in `Projection::ALL` order.
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    }
+
     /// The gated MLP's activation: GELU (tanh) for Gemma 3's layers, SiLU
     /// for the Llama family.
     fn activation(&self) -> Activation {
@@ -393,9 +399,7 @@ impl Transformer {
             .layers
             .iter()
             .map(|l| {
-                let a = &l.attn;
-                let m = &l.mlp;
-                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                l.projections()
                     .iter()
                     .map(|lin| lin.weight_bytes())
                     .sum::<usize>()

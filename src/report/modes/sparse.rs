@@ -50,7 +50,7 @@ pub fn sparse_quality(
     let cfg = model.cfg();
     let total = 2 * model.n_layers();
     let kept = (total - plan.skip.len()) as f64;
-    let executed = section.method.drops_units();
+    let units = section.method.drops_units();
     let mut facts = vec![fact(
         "sparsity",
         format!(
@@ -59,7 +59,7 @@ pub fn sparse_quality(
             section.level,
             section.method.unit(),
             section.split,
-            if executed {
+            if units {
                 "executed: sliced weights"
             } else {
                 "executed at decode by the sparse-input kernel; quality windows masked, the same \
@@ -109,7 +109,7 @@ pub fn sparse_quality(
             "{} sparsity at level {:.2} ({})",
             section.method,
             section.level,
-            if executed {
+            if units {
                 "executed"
             } else {
                 "executed at decode"
@@ -208,7 +208,13 @@ pub fn sparse_speeds(
     let any_channels = plans
         .iter()
         .any(|(_, _, sp)| matches!(sp, Sparsifier::Channels { .. }));
-    let columns = any_channels.then(|| ColumnWeights::of(model)).transpose()?;
+    let wina_norms = plans.iter().find_map(|(_, _, sp)| match sp {
+        Sparsifier::Channels { norms, .. } => norms.as_deref(),
+        _ => None,
+    });
+    let columns = any_channels
+        .then(|| ColumnWeights::of(model, wina_norms))
+        .transpose()?;
     let mut runners: Vec<(&Plan, SparseRun)> = vec![(&base, SparseRun::Dense)];
     for ((plan, _, sp), mask) in plans.iter().zip(&masks) {
         let how = match (mask, sp, &columns) {

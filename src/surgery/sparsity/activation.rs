@@ -136,9 +136,8 @@ impl ColumnNorms {
             .layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.attn, &l.mlp);
-                let lin = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
-                let norms: Vec<Tensor> = lin
+                let norms: Vec<Tensor> = l
+                    .projections()
                     .iter()
                     .map(|lin| {
                         let w = lin.dense_weight()?.to_dtype(DType::F32)?;
@@ -222,10 +221,15 @@ pub fn thresholds(
     Ok(out)
 }
 
-/// Every projection's weight stored by input channel, and its column norms
-/// (WINA's, as `ColumnNorms` computes them), `[layer][projection]`: what
-/// the executed kernel reads.
-pub struct ColumnWeights(Vec<[(ColumnMajor, Vec<f32>); 7]>);
+/// Every projection's weight stored by input channel, `[layer][projection]`,
+/// and WINA's column norms as plain vectors (when made with them): what the
+/// executed kernel reads.
+pub struct ColumnWeights {
+    layers: Vec<[ColumnMajor; 7]>,
+    /// `norms`' values, so the executed path keeps exactly the channels the
+    /// masked one does.
+    norms: Option<Vec<[Vec<f32>; 7]>>,
+}
 
 impl ColumnWeights {
     /// The f32 bytes a copy for `model` takes.
@@ -234,16 +238,16 @@ impl ColumnWeights {
         t.layers
             .iter()
             .flat_map(|l| {
-                let (a, m) = (&l.attn, &l.mlp);
-                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                l.projections()
                     .map(|lin| (lin.out_dim() * lin.in_dim() * 4) as u64)
             })
             .sum()
     }
 
-    /// A copy of `model`'s projection weights, refused (with the sizes)
-    /// where it does not fit in the memory available.
-    pub fn of(model: &Model) -> Result<Self> {
+    /// A copy of `model`'s projection weights (with WINA's `norms`, if
+    /// given), refused (with the sizes) where it does not fit in the
+    /// memory available.
+    pub fn of(model: &Model, norms: Option<&ColumnNorms>) -> Result<Self> {
         let need = Self::bytes_for(model);
         if let Some(avail) = crate::model::memory::available()? {
             if need > avail.bytes {
@@ -256,34 +260,38 @@ impl ColumnWeights {
                 );
             }
         }
-        let norms = ColumnNorms::of(model)?;
         let layers = model
             .transformer
             .layers
             .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let (a, m) = (&l.attn, &l.mlp);
-                let lin = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
-                let cols: Vec<(ColumnMajor, Vec<f32>)> = lin
+            .map(|l| {
+                let cols: Vec<ColumnMajor> = l
+                    .projections()
                     .iter()
-                    .zip(Projection::ALL)
-                    .map(|(lin, p)| {
+                    .map(|lin| {
                         let w = lin.dense_weight()?.to_dtype(DType::F32)?;
                         let (rows, cols) = w.dims2()?;
                         let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                        let n: Vec<f32> = norms.get(i, p).to_dtype(DType::F32)?.to_vec1()?;
-                        Ok((ColumnMajor::from_row_major(&data, rows, cols), n))
+                        Ok(ColumnMajor::from_row_major(&data, rows, cols))
                     })
                     .collect::<Result<_>>()?;
                 Ok(cols.try_into().ok().expect("seven projections"))
             })
             .collect::<Result<_>>()?;
-        Ok(Self(layers))
-    }
-
-    fn get(&self, layer: usize, p: Projection) -> &(ColumnMajor, Vec<f32>) {
-        &self.0[layer][p.index()]
+        let norms = norms
+            .map(|n| {
+                n.0.iter()
+                    .map(|layer| {
+                        let v: Vec<Vec<f32>> = layer
+                            .iter()
+                            .map(|t| t.to_dtype(DType::F32)?.to_vec1())
+                            .collect::<candle_core::Result<_>>()?;
+                        Ok(v.try_into().expect("seven projections"))
+                    })
+                    .collect::<Result<_>>()
+            })
+            .transpose()?;
+        Ok(Self { layers, norms })
     }
 }
 
@@ -306,14 +314,20 @@ impl<'a> ExecutedChannels<'a> {
             model,
             thresholds,
             norms: norms.as_deref(),
-            columns: ColumnWeights::of(model)?,
+            columns: ColumnWeights::of(model, norms.as_deref())?,
         }))
+    }
+
+    /// A fresh probe, kept concrete (for its counts).
+    pub fn probe(&self) -> Result<ChannelProbe<'_>> {
+        ChannelProbe::executed(self.model, self.thresholds, self.norms, &self.columns)
     }
 }
 
 impl ProbeSource for ExecutedChannels<'_> {
     fn fresh(&self) -> candle_core::Result<Box<dyn Probe + '_>> {
-        let p = ChannelProbe::executed(self.model, self.thresholds, self.norms, &self.columns)
+        let p = self
+            .probe()
             .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         Ok(Box::new(p))
     }
@@ -358,15 +372,18 @@ impl<'a> ChannelProbe<'a> {
 
     /// The same decisions, executed at one-row steps: each projection reads
     /// only its kept channels' weight columns in `columns` (WINA's norms
-    /// come from there too).
+    /// come from there too, made from `norms`).
     pub fn executed(
         model: &Model,
         thresholds: &'a ChannelThresholds,
         norms: Option<&'a ColumnNorms>,
         columns: &'a ColumnWeights,
     ) -> Result<Self> {
-        if columns.0.len() != model.n_layers() {
+        if columns.layers.len() != model.n_layers() {
             bail!("column weights for another model");
+        }
+        if thresholds.criterion == Criterion::Wina && columns.norms.is_none() {
+            bail!("executed WINA needs column weights made with the column norms");
         }
         Ok(Self {
             columns: Some(columns),
@@ -396,18 +413,22 @@ impl Probe for ChannelProbe<'_> {
         let Some(columns) = self.columns else {
             return Ok(None);
         };
-        let (w, norms) = columns.get(layer, proj);
+        let w = &columns.layers[layer][proj.index()];
         // One row of the full projection (not a head or neuron subset).
         let one_row = x.elem_count() == w.cols() && x.dim(candle_core::D::Minus1)? == w.cols();
         if dims != (w.rows(), w.cols()) || !one_row || x.dtype() != DType::F32 {
             return Ok(None);
         }
         let thr = self.thresholds.layers[layer][proj.index()];
-        let wina = self.thresholds.criterion == Criterion::Wina;
+        // WINA's norms (`executed` checked they are there).
+        let norms = match self.thresholds.criterion {
+            Criterion::Wina => columns.norms.as_ref().map(|n| &n[layer][proj.index()]),
+            Criterion::Teal => None,
+        };
         let mut xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        for (v, n) in xs.iter_mut().zip(norms) {
-            // The simulated path's test, |x| (· ‖W col‖) ≥ threshold.
-            let score = if wina { v.abs() * n } else { v.abs() };
+        for (i, v) in xs.iter_mut().enumerate() {
+            // The masked path's test, |x| (· ‖W col‖) ≥ threshold.
+            let score = norms.map_or(v.abs(), |n| v.abs() * n[i]);
             if score < thr {
                 *v = 0.0;
             }

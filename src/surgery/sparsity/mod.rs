@@ -274,7 +274,8 @@ impl SparsitySection {
 }
 
 /// A plan file's sparsity section and what it runs on `model` (a shadow
-/// plan's predictor loaded), if it has one.
+/// plan's predictor loaded), if it has one; refuses one that also routes
+/// (no pass runs both).
 pub fn load_from_given(
     file: Option<&PlanFile>,
     model: &Model,
@@ -285,6 +286,13 @@ pub fn load_from_given(
     let Some(section) = file.sections.get::<SparsitySection>(SPARSITY_SECTION)? else {
         return Ok(None);
     };
+    if file
+        .sections
+        .names()
+        .any(|n| n == crate::model::routing::ROUTING_SECTION)
+    {
+        bail!("a plan with both routing and sparsity is not run yet: keep one of the two sections");
+    }
     let sp = section.sparsifier_in(file, model)?;
     Ok(Some((section, sp)))
 }

@@ -118,7 +118,7 @@ pub fn decode_speed(
         .map(|m| MaskPolicy::new(&plan, m, cfg))
         .collect::<Result<_>>()?;
     let columns = (!teal.is_empty())
-        .then(|| ColumnWeights::of(model))
+        .then(|| ColumnWeights::of(model, None))
         .transpose()?;
     let mut timed = vec![(
         "dense".to_string(),
